@@ -1,0 +1,87 @@
+"""What input discovery hands to the workflows: one record per usable input.
+
+Discovery (``bids_qmri.bids.discovery``) fills these from pybids, with sidecar inheritance
+already applied to ``metadata``. Times are in seconds, angles in degrees, as in BIDS sidecars.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class BSSFPInput:
+    """Phase-cycled bSSFP: one complex 4D series (last axis = phase cycles) as a file pair."""
+
+    acq: str | None
+    part_files: dict[str, Path]  # {"mag": p, "phase": p} or {"real": p, "imag": p}
+    repetition_time: float  # s (RepetitionTimeExcitation)
+    echo_time: float  # s
+    flip_angle: float  # deg
+    phase_increments: list[float]  # deg, one per volume
+    metadata: dict = field(default_factory=dict)  # full inherited sidecar of the first part
+
+    @property
+    def n_cycles(self) -> int:
+        return len(self.phase_increments)
+
+
+@dataclass
+class B1Input:
+    """A B1 map in one of its three BIDS forms; ``kind`` is the BIDS suffix."""
+
+    kind: str  # "TB1map" | "TB1TFL" | "TB1DAM"
+    files: dict[str, Path]  # TB1map: {"map": p}; TB1TFL: {"anat": p, "famp": p}; TB1DAM: {"flip1": p, "flip2": p}
+    metadata: dict[str, dict] = field(default_factory=dict)  # same keys as files
+
+
+@dataclass
+class SeriesInput:
+    """A multi-file series such as IRT1 (inv-<i>) or MESE (echo-<i>), sorted by ``values``."""
+
+    kind: str  # "IRT1" | "MESE"
+    acq: str | None
+    files: list[Path]
+    values: list[float]  # InversionTime or EchoTime per file, s
+    metadata: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class FingerprintInput:
+    """MRF or hybrid-state qMT: frames (part pair) or SVD coefficients plus a basis TSV."""
+
+    kind: str  # "MRF" | "qMT"
+    acq: str | None
+    part_files: dict[str, Path]
+    basis_file: Path | None
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class SkippedInput:
+    path: str
+    reason: str  # one line: what is wrong and what to do
+
+
+@dataclass
+class SessionInputs:
+    """Everything usable for one participant and session (``session`` is None without sessions)."""
+
+    subject: str  # label without "sub-"
+    session: str | None  # label without "ses-"
+    bssfp: list[BSSFPInput] = field(default_factory=list)
+    b1: list[B1Input] = field(default_factory=list)
+    t1w: list[Path] = field(default_factory=list)
+    mrf: list[FingerprintInput] = field(default_factory=list)
+    qmt: list[FingerprintInput] = field(default_factory=list)
+    irt1: list[SeriesInput] = field(default_factory=list)
+    mese: list[SeriesInput] = field(default_factory=list)
+    skipped: list[SkippedInput] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+    def is_empty(self) -> bool:
+        return not (self.bssfp or self.t1w or self.mrf or self.qmt or self.irt1 or self.mese)

@@ -1,0 +1,1 @@
+"""bids_qmri.group"""
