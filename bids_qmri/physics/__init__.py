@@ -9,3 +9,6 @@ from bids_qmri.physics.bssfp import (  # noqa: E402,F401
     remove_receiver_phase,
     seed_protocol,
 )
+from bids_qmri.physics.mprage import default_mprage_protocol, mprage_signal  # noqa: F401
+from bids_qmri.physics.noise import add_complex_noise, add_rician_noise, noise_sigma  # noqa: F401
+from bids_qmri.physics.relaxation import inversion_recovery, t2_decay  # noqa: F401
