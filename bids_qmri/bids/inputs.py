@@ -78,6 +78,11 @@ class SessionInputs:
     irt1: list[SeriesInput] = field(default_factory=list)
     mese: list[SeriesInput] = field(default_factory=list)
     skipped: list[SkippedInput] = field(default_factory=list)
+    # Files found but of a kind this version does not process (e.g. MEGRE, TB1AFI): listed, not
+    # validated, never an error.
+    unprocessed: list[SkippedInput] = field(default_factory=list)
+    # One-line notes for the plan and the report (e.g. default PhaseIncrements were used).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> str:
