@@ -12,3 +12,4 @@ from bids_qmri.physics.bssfp import (  # noqa: E402,F401
 from bids_qmri.physics.mprage import default_mprage_protocol, mprage_signal  # noqa: F401
 from bids_qmri.physics.noise import add_complex_noise, add_rician_noise, noise_sigma  # noqa: F401
 from bids_qmri.physics.relaxation import inversion_recovery, t2_decay  # noqa: F401
+from bids_qmri.physics.epg import default_fisp_schedule, fisp_mrf  # noqa: F401
