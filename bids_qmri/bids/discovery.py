@@ -126,6 +126,17 @@ def build_layout(bids_dir):
         raise UsageError(f"cannot index {bids_dir} with pybids: {str(exc).splitlines()[0]}") from exc
 
 
+def check_participants(bids_dir, labels) -> None:
+    """Fail early (before validation and indexing) on participant labels with no sub-<label>/."""
+    available = sorted(p.name[4:] for p in Path(bids_dir).glob("sub-*") if p.is_dir())
+    wanted = [str(p).removeprefix("sub-") for p in labels]
+    unknown = [p for p in wanted if p not in available]
+    if unknown:
+        shown = ", ".join(available[:20]) + (" …" if len(available) > 20 else "")
+        raise UsageError(
+            f"participant label(s) not found in {bids_dir}: {', '.join(unknown)} (available: {shown})")
+
+
 def select_subjects(layout, config) -> list[str]:
     available = sorted(layout.get_subjects())
     if not available:

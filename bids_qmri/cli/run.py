@@ -1,0 +1,461 @@
+"""``bids_qmri BIDS_DIR OUTPUT_DIR {participant,group}``: the BIDS-App entry point (SPEC §2).
+
+Thin: parse and check the command line into a ``Config``, then discovery, the participant
+workflows (nipype) and the reports, or the group level. User errors end with one line
+``bids_qmri: error: ...`` and an exit code from ``bids_qmri.errors``; anything else is a bug and
+gets a crash report file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import os
+import platform
+import re
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+# No telemetry, ever: nipype's version check must be off before nipype is imported.
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+
+from .. import __version__  # noqa: E402
+from ..config import ALL_METHODS, DEFAULT_METHODS, Config, default_model_dir  # noqa: E402
+from ..errors import (  # noqa: E402
+    EXIT_INTERNAL, EXIT_OK, BidsQmriError, InputError, UsageError, WorkflowError,
+)
+
+LOGGER = logging.getLogger("bids_qmri.cli")
+PROG = "bids_qmri"
+_LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    methods_help = "; ".join(f"{k}: {','.join(v)}" for k, v in ALL_METHODS.items())
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Quantitative MRI maps (pc-bSSFP relaxometry, anatomy, ROI statistics) from a "
+                    "BIDS dataset, written as BIDS derivatives.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("bids_dir", type=Path, help="the root of the input BIDS dataset")
+    p.add_argument("output_dir", type=Path, help="where the derivatives go (outside the BIDS dataset)")
+    p.add_argument("analysis_level", choices=["participant", "group"],
+                   help="'participant': maps, ROI tables and reports per participant; "
+                        "'group': cohort tables and report from existing participant outputs")
+    g = p.add_argument_group("selecting inputs")
+    g.add_argument("--participant-label", "--participant_label", nargs="+", default=[], metavar="LABEL",
+                   help="participants to process (with or without 'sub-'); default: all")
+    g.add_argument("--session-label", nargs="+", default=[], metavar="LABEL",
+                   help="sessions to process (with or without 'ses-'); default: all")
+    g.add_argument("--bids-filter-file", type=Path, metavar="FILE",
+                   help="JSON {kind: {entity: value}} to select inputs; kinds: "
+                        "bssfp, b1, t1w, mrf, qmt, irt1, mese")
+    g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
+                   help="do not run bids-validator-deno on the input")
+    g = p.add_argument_group("processing")
+    g.add_argument("--methods", nargs="+", default=None, metavar="MODALITY:M1,M2",
+                   help=f"mapping methods per modality, e.g. 'bssfp:miracle,pinn' (available: {methods_help}); "
+                        "default: all")
+    g.add_argument("--atlas", default="AAL",
+                   help="atlas for ROI statistics: a name, or LABELS.nii.gz:TABLE for your own")
+    g.add_argument("--template", default="MNI152NLin2009aSym", help="template space for registration")
+    g.add_argument("--model-dir", type=Path, default=None,
+                   help="cache for models trained on the fly (default: $BIDS_QMRI_MODEL_DIR or "
+                        "~/.cache/bids_qmri/models)")
+    g.add_argument("--b1-prep-angle", type=float, default=80.0, metavar="DEG",
+                   help="nominal preparation flip angle of Siemens tfl_b1_map (TB1TFL): B1 = famp/(10*DEG)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (identical outputs on CPU)")
+    g = p.add_argument_group("resources and execution")
+    g.add_argument("-w", "--work-dir", type=Path, default=None,
+                   help="nipype working directory; a re-run with the same one resumes "
+                        "(default: OUTPUT_DIR/../work)")
+    g.add_argument("--nprocs", "--n-cpus", type=int, default=0, help="processes in parallel (0: all cores)")
+    g.add_argument("--omp-nthreads", type=int, default=0, help="threads per process (0: min(nprocs, 8))")
+    g.add_argument("--mem-gb", "--mem", type=float, default=None, help="memory limit for the scheduler (GB)")
+    g.add_argument("--use-plugin", type=Path, default=None, metavar="FILE",
+                   help="nipype plugin YAML ('plugin: MultiProc|Linear|SLURM|...', 'plugin_args: {...}')")
+    g.add_argument("--stop-on-first-crash", action="store_true",
+                   help="stop at the first unusable input or failed step instead of skipping it")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the discovered inputs and the plan, run nothing")
+    g = p.add_argument_group("other")
+    g.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more messages (-vv: debug) and tracebacks on errors")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# Checks: arguments -> Config
+# --------------------------------------------------------------------------------------------
+def clean_labels(values, prefix: str, what: str) -> list[str]:
+    """Strip ``sub-``/``ses-``; only letters and digits survive (nothing can escape a path)."""
+    out = []
+    for value in values:
+        label = str(value).strip()
+        label = label[len(prefix):] if label.startswith(prefix) else label
+        if not _LABEL_RE.match(label):
+            raise UsageError(f"invalid {what} {value!r}: BIDS labels contain only letters and digits")
+        out.append(label)
+    return list(dict.fromkeys(out))
+
+
+def parse_methods(values) -> dict[str, tuple[str, ...]]:
+    if not values:
+        return dict(DEFAULT_METHODS)
+    chosen: dict[str, tuple[str, ...]] = {}
+    for token in values:
+        for item in filter(None, token.split(";")):
+            modality, sep, names = item.partition(":")
+            modality = modality.strip().lower()
+            if not sep or modality not in ALL_METHODS:
+                raise UsageError(
+                    f"--methods {item!r}: expected MODALITY:METHOD[,METHOD] with MODALITY in "
+                    f"{', '.join(ALL_METHODS)} (e.g. bssfp:miracle,pinn)")
+            wanted = [n.strip().lower() for n in names.split(",") if n.strip()]
+            if wanted == ["all"]:
+                wanted = list(ALL_METHODS[modality])
+            unknown = [n for n in wanted if n not in ALL_METHODS[modality]]
+            if unknown or not wanted:
+                raise UsageError(f"--methods {item!r}: unknown method(s) {', '.join(unknown) or '(none given)'} "
+                                 f"for {modality} (available: {', '.join(ALL_METHODS[modality])})")
+            chosen[modality] = tuple(dict.fromkeys(chosen.get(modality, ()) + tuple(wanted)))
+    # Modalities not named keep no methods: `--methods bssfp:miracle` runs MIRACLE only.
+    return chosen
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    try:
+        path.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def _resolve(path: Path) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(str(path)))).resolve()
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Probe by creating (and removing) a file: catches read-only mounts, not just mode bits."""
+    probe_dir = path
+    while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise UsageError(f"{what} {path}: {probe_dir} exists and is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".bids_qmri-write-test-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise UsageError(f"{what} {path} is not writable ({exc.strerror}): choose a writable directory") from exc
+
+
+def load_plugin(path: Path) -> tuple[str, dict]:
+    import yaml
+
+    try:
+        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"--use-plugin {path} cannot be read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--use-plugin {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(spec, dict) or not isinstance(spec.get("plugin"), str):
+        raise UsageError(f"--use-plugin {path}: expected a mapping with 'plugin: <name>' and optional 'plugin_args'")
+    args = spec.get("plugin_args") or {}
+    if not isinstance(args, dict):
+        raise UsageError(f"--use-plugin {path}: 'plugin_args' must be a mapping")
+    return spec["plugin"], args
+
+
+def build_config(args) -> Config:
+    bids_dir = _resolve(args.bids_dir)
+    output_dir = _resolve(args.output_dir)
+    if not bids_dir.is_dir():
+        raise UsageError(f"BIDS directory {args.bids_dir} does not exist or is not a directory")
+    if output_dir == bids_dir:
+        raise UsageError("OUTPUT_DIR is the BIDS directory: choose a separate directory for the derivatives")
+    if _is_within(output_dir, bids_dir):
+        raise UsageError(f"OUTPUT_DIR {output_dir} is inside the BIDS directory {bids_dir}: "
+                         "choose a directory outside the input dataset")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"OUTPUT_DIR {output_dir} exists and is not a directory")
+    work_dir = _resolve(args.work_dir) if args.work_dir else output_dir.parent / "work"
+    if work_dir == bids_dir or _is_within(work_dir, bids_dir):
+        raise UsageError(f"work directory {work_dir} is inside the BIDS directory {bids_dir}: "
+                         "pass -w/--work-dir outside the input dataset")
+    if work_dir == output_dir or _is_within(work_dir, output_dir):
+        raise UsageError(f"work directory {work_dir} is inside OUTPUT_DIR: pass -w/--work-dir elsewhere")
+    config = Config(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        analysis_level=args.analysis_level,
+        work_dir=work_dir,
+        participant_labels=clean_labels(args.participant_label, "sub-", "participant label"),
+        session_labels=clean_labels(args.session_label, "ses-", "session label"),
+        skip_bids_validation=args.skip_bids_validation,
+        methods=parse_methods(args.methods),
+        atlas=args.atlas,
+        template=args.template,
+        model_dir=_resolve(args.model_dir) if args.model_dir else default_model_dir(),
+        seed=args.seed,
+        dry_run=args.dry_run,
+        stop_on_first_crash=args.stop_on_first_crash,
+        verbose=args.verbose,
+        b1_prep_angle_deg=args.b1_prep_angle,
+    )
+    if args.bids_filter_file is not None:
+        from ..bids.discovery import load_filters
+
+        config.bids_filters = load_filters(args.bids_filter_file)
+    if args.nprocs < 0 or args.omp_nthreads < 0:
+        raise UsageError("--nprocs and --omp-nthreads must be >= 0 (0: automatic)")
+    if args.mem_gb is not None and args.mem_gb <= 0:
+        raise UsageError("--mem-gb must be positive")
+    if not 0 < args.b1_prep_angle <= 180:
+        raise UsageError("--b1-prep-angle must be in (0, 180] degrees")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    config.nprocs = args.nprocs or cores
+    config.omp_nthreads = args.omp_nthreads or min(config.nprocs, 8)
+    config.mem_gb = args.mem_gb
+    if args.use_plugin is not None:
+        config.plugin_file = _resolve(args.use_plugin)
+        load_plugin(config.plugin_file)
+    if ":" in str(args.atlas) or "/" in str(args.atlas):
+        parts = str(args.atlas).split(":")
+        missing = [q for q in parts if q and not Path(q).expanduser().exists()]
+        if len(parts) != 2 or missing:
+            raise UsageError(f"--atlas {args.atlas!r}: expected an atlas name or LABELS.nii.gz:TABLE with both "
+                             f"files present{' (missing: ' + ', '.join(missing) + ')' if missing else ''}")
+    if not args.dry_run:
+        check_writable(output_dir, "OUTPUT_DIR")
+        check_writable(work_dir, "work directory")
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+def plugin_settings(config: Config) -> tuple[str, dict]:
+    """nipype plugin and its arguments: the --use-plugin YAML, else MultiProc from the options."""
+    if config.plugin_file:
+        plugin, args = load_plugin(config.plugin_file)
+    else:
+        plugin, args = "MultiProc", {}
+    if plugin == "MultiProc":
+        args.setdefault("n_procs", config.nprocs)
+        if config.mem_gb:
+            args.setdefault("memory_gb", config.mem_gb)
+        args.setdefault("raise_insufficient", False)
+        args.setdefault("maxtasksperchild", 1)
+    return plugin, args
+
+
+def inputs_record_path(config: Config, subject: str) -> Path:
+    """Where the skipped inputs, notes and unprocessed files of a participant are recorded."""
+    return Path(config.resolved_work_dir()) / "bids_qmri" / f"sub-{subject}_inputs.json"
+
+
+def write_inputs_record(config: Config, subject: str, sessions) -> Path:
+    from ..utils.atomic import write_json_atomic
+
+    record = {
+        "participant_id": f"sub-{subject}",
+        "sessions": [
+            {
+                "session_id": f"ses-{s.session}" if s.session else None,
+                "skipped": [{"path": k.path, "reason": k.reason} for k in s.skipped],
+                "unprocessed": [{"path": k.path, "reason": k.reason} for k in s.unprocessed],
+                "notes": list(s.notes),
+            }
+            for s in sessions
+        ],
+    }
+    return write_json_atomic(inputs_record_path(config, subject), record)
+
+
+def _processable(sess, config) -> bool:
+    return bool(sess.bssfp) and bool(config.methods.get("bssfp"))
+
+
+def _nothing_to_do(sessions, config) -> InputError:
+    found = sorted({kind for s in sessions for kind, items in
+                    (("bSSFP", s.bssfp), ("T1w", s.t1w), ("MRF", s.mrf), ("qMT", s.qmt),
+                     ("IRT1", s.irt1), ("MESE", s.mese)) if items}
+                   | {str(u.reason).split()[1].rstrip(",") for s in sessions for u in s.unprocessed})
+    skipped = [k for s in sessions for k in s.skipped]
+    what = f"found {', '.join(found)} (not processed by this version)" if found else "found no image data"
+    detail = f"; {len(skipped)} input(s) skipped, first: {Path(skipped[0].path).name}: {skipped[0].reason}" \
+        if skipped else ""
+    return InputError(config.bids_dir, f"no processable input (phase-cycled bSSFP) for the selected "
+                      f"participants: {what}{detail}", "see --dry-run for the full list")
+
+
+def run_participant_level(config: Config) -> int:
+    from ..bids.derivatives import init_derivatives
+    from ..bids.discovery import check_bids_dir, check_participants, discover, format_plan
+
+    check_bids_dir(config.bids_dir)
+    check_participants(config.bids_dir, config.participant_labels)
+    if not config.skip_bids_validation and not config.dry_run:
+        from ..bids.validation import validate_input
+
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        validate_input(config.bids_dir, Path(config.resolved_work_dir()) / "logs" / f"bids-validator-{stamp}.json")
+    sessions = discover(config)
+    if config.dry_run:
+        print(format_plan(sessions, config))
+        return EXIT_OK
+    for s in sessions:
+        for k in s.skipped:
+            print(f"{PROG}: skipped {k.path}: {k.reason}", file=sys.stderr)
+    runnable = [s for s in sessions if _processable(s, config)]
+    if not runnable:
+        raise _nothing_to_do(sessions, config)
+    from ..utils.seeding import seed_everything
+
+    seed_everything(config.seed)
+    init_derivatives(config.output_dir, config.bids_dir)
+    subjects = list(dict.fromkeys(s.subject for s in runnable))
+    failures = []
+    for subject in subjects:
+        subject_sessions = [s for s in sessions if s.subject == subject]
+        write_inputs_record(config, subject, subject_sessions)
+        try:
+            run_participant(subject, [s for s in runnable if s.subject == subject], config)
+        except WorkflowError as exc:
+            if config.stop_on_first_crash:
+                raise
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            failures.append(subject)
+            continue
+        write_report(subject, subject_sessions, config)
+    if failures:
+        raise WorkflowError(f"{len(failures)} of {len(subjects)} participant(s) failed: "
+                            f"{', '.join('sub-' + f for f in failures)}; see the crash files named above")
+    return EXIT_OK
+
+
+def run_participant(subject: str, sessions, config: Config) -> None:
+    """Build and run the nipype workflow of one participant (all its sessions)."""
+    import time
+
+    from nipype import config as ncfg
+    from nipype.pipeline import engine as pe
+
+    from ..workflows.base import init_participant_wf
+
+    work_dir = Path(config.resolved_work_dir())
+    crash_dir = work_dir / "logs" / f"sub-{subject}"
+    crash_dir.mkdir(parents=True, exist_ok=True)
+    ncfg.update_config({
+        "logging": {"log_directory": str(work_dir / "logs"), "log_to_file": False},
+        "execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
+                      "stop_on_first_crash": config.stop_on_first_crash,
+                      "remove_unnecessary_outputs": False, "check_version": False},
+        "monitoring": {"enabled": False},
+    })
+    wf = pe.Workflow(name=f"sub_{subject}_wf", base_dir=str(work_dir))
+    for sess in sessions:
+        wf.add_nodes([init_participant_wf(sess, config)])
+    for node in wf._get_all_nodes():
+        node.config = node.config or {}
+        node.config.setdefault("execution", {})["crashdump_dir"] = str(crash_dir)
+    plugin, plugin_args = plugin_settings(config)
+    started = time.time()
+    try:
+        wf.run(plugin=plugin, plugin_args=plugin_args)
+    except Exception as exc:  # nipype raises RuntimeError or the node's exception
+        crashes = sorted(p for p in crash_dir.glob("crash-*") if p.stat().st_mtime >= started - 1)
+        where = f"crash file(s): {', '.join(map(str, crashes[:3]))}" if crashes else f"nipype: {str(exc).splitlines()[0]}"
+        raise WorkflowError(f"sub-{subject}: the workflow failed; {where}") from exc
+
+
+def write_report(subject: str, sessions, config: Config):
+    """The participant's HTML report (bids_qmri.reports); skipped inputs are passed along."""
+    try:
+        from ..reports.participant import write_participant_report
+    except ImportError as exc:
+        LOGGER.warning("participant report not written: %s", exc)
+        return None
+    return write_participant_report(config.output_dir, subject, sessions, config)
+
+
+def run_group_level(config: Config):
+    if not (config.output_dir / "dataset_description.json").is_file():
+        raise UsageError(f"{config.output_dir} holds no bids_qmri outputs: run the participant level first")
+    from ..group import run_group
+
+    return run_group(config)
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+def write_crash_report(config: Config | None, argv, exc: BaseException) -> Path:
+    """Write the traceback and context of an internal error; return the file."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"crash-{stamp}-{os.getpid()}.txt"
+    text = "\n".join([
+        f"{PROG} {__version__} internal error",
+        f"command: {PROG} {' '.join(map(str, argv))}",
+        f"python: {sys.version.split()[0]} on {platform.platform()}",
+        "",
+        "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    ])
+    candidates = []
+    if config is not None:
+        candidates += [Path(config.output_dir) / "logs", Path(config.resolved_work_dir()) / "logs"]
+    candidates.append(Path(tempfile.gettempdir()))
+    from ..utils.atomic import write_text_atomic
+
+    for folder in candidates:
+        try:
+            return write_text_atomic(folder / name, text)
+        except OSError:
+            continue
+    raise exc
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    from ..utils.logs import setup_logging
+
+    setup_logging(args.verbose)
+    config = None
+    try:
+        config = build_config(args)
+        if config.analysis_level == "group":
+            run_group_level(config)
+            return EXIT_OK
+        return run_participant_level(config)
+    except BidsQmriError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; re-run with the same work directory to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: crash report, exit 1
+        report = write_crash_report(config, argv, exc)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{PROG}: internal error ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+              f"crash report: {report} — please report it", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
