@@ -600,6 +600,22 @@ def b1_for(sess: SessionInputs, bssfp: BSSFPInput) -> B1Input | None:
     return sess.b1[0]
 
 
+def _files_cell(paths) -> str:
+    """File names of a group, collapsed to ``..._part-{mag,phase}_bSSFP.nii.gz`` style."""
+    names = [Path(p).name for p in paths]
+    if len(names) < 2:
+        return names[0] if names else ""
+    import os.path
+
+    head = os.path.commonprefix(names)
+    tail = os.path.commonprefix([n[::-1] for n in names])[::-1]
+    head = head[: head.rfind("-") + 1] if "-" in head else head
+    tail = tail[tail.find("_"):] if "_" in tail else tail
+    middles = [n[len(head): len(n) - len(tail)] for n in names]
+    inner = ",".join(middles) if len(middles) <= 6 else f"{middles[0]}..{middles[-1]}"
+    return f"{head}{{{inner}}}{tail}"
+
+
 def _fmt(v, scale=1.0, unit=""):
     return f"{v * scale:.4g}{unit}"
 
@@ -654,7 +670,7 @@ def format_plan(sessions: list[SessionInputs], config) -> str:
             npc = b.n_cycles
             inc = ", ".join(f"{v:g}" for v in b.phase_increments)
             b1 = b1_for(sess, b)
-            rows.append(("bSSFP", b.acq or "-", " + ".join(_rel(p, root) for p in b.part_files.values()),
+            rows.append(("bSSFP", b.acq or "-", _files_cell(b.part_files.values()),
                          f"TR={_fmt(b.repetition_time, 1e3, ' ms')} TE={_fmt(b.echo_time, 1e3, ' ms')} "
                          f"FA={b.flip_angle:g} deg Npc={npc} PhaseIncrements=[{inc}] deg"
                          + (f"; B1 from {b1.kind}" if b1 else "; no B1 map: B1 = 1 assumed")))
@@ -667,18 +683,18 @@ def format_plan(sessions: list[SessionInputs], config) -> str:
             else:
                 units = b1.metadata["map"].get("Units", "ratio (no Units given)")
                 info = f"B1 map, Units {units}"
-            rows.append((b1.kind, "-", " + ".join(_rel(p, root) for p in b1.files.values()), info))
+            rows.append((b1.kind, "-", _files_cell(b1.files.values()), info))
         for i, p in enumerate(sess.t1w):
-            rows.append(("T1w", "-", _rel(p, root), "used for anatomy" if i == 0 and sess.bssfp
+            rows.append(("T1w", "-", Path(p).name, "used for anatomy" if i == 0 and sess.bssfp
                          else "not used (only the first T1w is used)" if sess.bssfp else ""))
         for f in sess.mrf + sess.qmt:
             keys = REQUIRED_METADATA[f.kind]
-            rows.append((f.kind, f.acq or "-", " + ".join(_rel(p, root) for p in f.part_files.values())
-                         + (f" + {_rel(f.basis_file, root)}" if f.basis_file else ""),
+            rows.append((f.kind, f.acq or "-", _files_cell(f.part_files.values())
+                         + (f" + {Path(f.basis_file).name}" if f.basis_file else ""),
                          ", ".join(f"{k}={_short_value(f.metadata.get(k))}" for k in keys)))
         for s in sess.irt1 + sess.mese:
             key = "InversionTime" if s.kind == "IRT1" else "EchoTime"
-            rows.append((s.kind, s.acq or "-", f"{len(s.files)} files ({_rel(s.files[0], root)} ...)",
+            rows.append((s.kind, s.acq or "-", f"{len(s.files)} files: {_files_cell(s.files)}",
                          f"{key} = [{', '.join(f'{v:g}' for v in s.values)}] s"))
         if rows:
             lines += _table(("kind", "acq", "files", "metadata used"), rows, indent=4)
