@@ -1,0 +1,191 @@
+"""Cohort tables built from the collected long ROI table (SPEC §4 group outputs).
+
+Keys: a *measure* is one (suffix, method, acq) of an atlas region; the per-region value of a
+participant/session is the ``mean`` column of its ROI table (the regional mean).
+
+Sessions
+    ``summary``: sessions are averaged per participant first (regional mean and regional SD
+    each averaged over the participant's sessions), so that every participant counts once.
+    ``agreement``: every (participant, session, region) with both methods is one pair; the
+    bootstrap resamples participants with all their sessions and regions, which accounts for
+    sessions of one participant being correlated.
+    ``repeatability``: the repeats are a participant's sessions (ROI tables have no run entity).
+"""
+
+from __future__ import annotations
+
+import zlib
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+
+from . import stats
+
+MEASURE = ["atlas", "region_index", "region", "suffix", "method", "acq", "units"]
+
+SUMMARY_COLUMNS = MEASURE + ["n_participants", "n_sessions", "mean", "sd", "mean_std"]
+AGREEMENT_COLUMNS = [
+    "atlas", "suffix", "acq", "units", "method_a", "method_b", "n_participants", "n_sessions",
+    "n_regions", "n_pairs", "ccc", "ccc_ci_low", "ccc_ci_high", "pearson_r", "mean_diff",
+    "mean_diff_ci_low", "mean_diff_ci_high", "sd_diff", "loa_low", "loa_high", "n_bootstrap",
+    "ci_method",
+]
+REPEATABILITY_COLUMNS = MEASURE + [
+    "n_participants", "n_sessions", "mean", "cv_mean_percent", "cv_rms_percent",
+    "icc_1_1", "icc_2_1",
+]
+CI_METHOD = "percentile, clustered bootstrap over participants"
+
+# Order in which methods are paired (method_a is the earlier one: the conventional fit first,
+# so that mean_diff = a − b reads as "reference minus network"). SPEC §4 method list.
+METHOD_ORDER = (
+    "miracle", "svnn", "pinn", "svnncomplex", "pinncomplex", "dictmatch", "mrfnet",
+    "mprage2mrf", "qmtnls", "qmtnet", "mle", "rim", "resnet",
+)
+
+
+def _method_key(m: str):
+    return (METHOD_ORDER.index(m), m) if m in METHOD_ORDER else (len(METHOD_ORDER), m)
+
+
+def _valid(df: pd.DataFrame) -> pd.DataFrame:
+    return df[np.isfinite(df["mean"].to_numpy(dtype=float))]
+
+
+def per_participant(df: pd.DataFrame) -> pd.DataFrame:
+    """Sessions averaged per participant: one row per participant × region × measure."""
+    d = _valid(df)
+    g = d.groupby(MEASURE + ["participant_id"], dropna=False, sort=True)
+    out = g.agg(mean=("mean", "mean"), std=("std", "mean"), n_sessions=("mean", "size"))
+    return out.reset_index()
+
+
+def summary_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per region × measure: N participants, mean and SD (ddof=1) across participants of the
+    regional mean, and the mean of the regional SD (seed 002 Table 3)."""
+    pp = per_participant(df)
+    if pp.empty:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    g = pp.groupby(MEASURE, dropna=False, sort=True)
+    out = g.agg(
+        n_participants=("participant_id", "nunique"),
+        n_sessions=("n_sessions", "sum"),
+        mean=("mean", "mean"),
+        sd=("mean", lambda v: v.std(ddof=1) if len(v) > 1 else np.nan),
+        mean_std=("std", "mean"),
+    ).reset_index()
+    out = out.sort_values(["suffix", "acq", "method", "region_index"], key=_sort_key,
+                          ignore_index=True)
+    return out[SUMMARY_COLUMNS]
+
+
+def _sort_key(col: pd.Series):
+    if col.name == "method":
+        return col.map(lambda m: _method_key(m)[0])
+    return col
+
+
+def method_pairs(df: pd.DataFrame) -> list[tuple[str, str, str, str, str]]:
+    """(atlas, suffix, acq, method_a, method_b) for every pair of methods mapping one quantity
+    (same suffix, same acquisition) in the table."""
+    pairs = []
+    d = _valid(df)
+    for (atlas, suffix, acq), sub in d.groupby(["atlas", "suffix", "acq"], sort=True):
+        methods = sorted(sub["method"].unique(), key=_method_key)
+        for a, b in combinations(methods, 2):
+            pairs.append((atlas, suffix, acq, a, b))
+    return pairs
+
+
+def paired_values(df: pd.DataFrame, atlas, suffix, acq, method_a, method_b) -> pd.DataFrame:
+    """Rows (participant, session, region) with both methods: columns x (a) and y (b)."""
+    d = _valid(df)
+    d = d[(d["atlas"] == atlas) & (d["suffix"] == suffix) & (d["acq"] == acq)]
+    keys = ["participant_id", "session_id", "region_index", "region"]
+    a = d[d["method"] == method_a][keys + ["mean", "units"]]
+    b = d[d["method"] == method_b][keys + ["mean", "units"]]
+    m = a.merge(b, on=keys, suffixes=("_a", "_b"))
+    return m.rename(columns={"mean_a": "x", "mean_b": "y"}).sort_values(keys, ignore_index=True)
+
+
+def pair_rng(seed: int, *key) -> np.random.Generator:
+    """A generator per method pair: results do not depend on which other pairs exist."""
+    return np.random.default_rng([int(seed), zlib.crc32("|".join(map(str, key)).encode())])
+
+
+def agreement_table(tables: dict[str, pd.DataFrame], *, n_bootstrap: int, seed: int
+                    ) -> pd.DataFrame:
+    """Every method pair of every atlas: Lin's CCC (clustered-bootstrap percentile CI), mean
+    difference a − b with CI, Bland–Altman limits (see ``stats``)."""
+    rows = []
+    for atlas in sorted(tables):
+        df = tables[atlas]
+        for _, suffix, acq, a, b in method_pairs(df):
+            p = paired_values(df, atlas, suffix, acq, a, b)
+            if len(p) < 2:
+                continue
+            res = stats.agreement(
+                p["x"].to_numpy(), p["y"].to_numpy(), p["participant_id"].to_numpy(),
+                n_bootstrap=n_bootstrap, rng=pair_rng(seed, atlas, suffix, acq, a, b))
+            units = sorted(set(p["units_a"]) | set(p["units_b"]))
+            rows.append({
+                "atlas": atlas, "suffix": suffix, "acq": acq, "units": ",".join(units),
+                "method_a": a, "method_b": b,
+                "n_participants": res.n_clusters,
+                "n_sessions": p[["participant_id", "session_id"]].drop_duplicates().shape[0],
+                "n_regions": p["region_index"].nunique(),
+                "n_pairs": res.n_obs,
+                "ccc": res.ccc, "ccc_ci_low": res.ccc_ci_low, "ccc_ci_high": res.ccc_ci_high,
+                "pearson_r": res.pearson_r, "mean_diff": res.mean_diff,
+                "mean_diff_ci_low": res.mean_diff_ci_low,
+                "mean_diff_ci_high": res.mean_diff_ci_high, "sd_diff": res.sd_diff,
+                "loa_low": res.loa_low, "loa_high": res.loa_high,
+                "n_bootstrap": n_bootstrap if res.n_clusters >= 2 else 0,
+                "ci_method": CI_METHOD if res.n_clusters >= 2 else "n/a (fewer than 2 participants)",
+            })
+    return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)
+
+
+def has_repeats(df: pd.DataFrame) -> bool:
+    d = _valid(df)
+    n = d.groupby(MEASURE + ["participant_id"], dropna=False)["session_id"].nunique()
+    return bool((n >= 2).any())
+
+
+def participant_cv(df: pd.DataFrame) -> pd.DataFrame:
+    """Seed 004 Eq. 8 per participant × region × measure over the participant's sessions
+    (participants with ≥ 2 sessions): columns MEASURE + participant_id, n_sessions, cv_percent."""
+    d = _valid(df)
+    g = d.groupby(MEASURE + ["participant_id"], dropna=False, sort=True)["mean"]
+    out = g.agg(n_sessions="size", cv_percent=stats.within_subject_cv).reset_index()
+    return out[out["n_sessions"] >= 2].reset_index(drop=True)
+
+
+def repeatability_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per region × measure over participants with ≥ 2 sessions: mean and root-mean-square of
+    the per-participant CV (seed 004 Eq. 8), ICC(1,1) and ICC(2,1) (``stats``)."""
+    cv = participant_cv(df)
+    if cv.empty:
+        return pd.DataFrame(columns=REPEATABILITY_COLUMNS)
+    cv_by_measure = {k: g["cv_percent"].to_numpy()
+                     for k, g in cv.groupby(MEASURE, dropna=False, sort=True)}
+    d = _valid(df).merge(cv[MEASURE + ["participant_id"]], on=MEASURE + ["participant_id"])
+    rows = []
+    for key, sub in d.groupby(MEASURE, dropna=False, sort=True):
+        c = cv_by_measure[key]
+        finite = np.isfinite(c).any()
+        wide = sub.pivot_table(index="participant_id", columns="session_id", values="mean")
+        rows.append(dict(zip(MEASURE, key)) | {
+            "n_participants": sub["participant_id"].nunique(),
+            "n_sessions": len(sub),
+            "mean": sub["mean"].mean(),
+            "cv_mean_percent": np.nanmean(c) if finite else np.nan,
+            "cv_rms_percent": np.sqrt(np.nanmean(c**2)) if finite else np.nan,
+            "icc_1_1": stats.icc_1_1(sub["mean"].to_numpy(), sub["participant_id"].to_numpy()),
+            # Balanced designs only: every participant has every session.
+            "icc_2_1": stats.icc_2_1(wide.to_numpy()) if not wide.isna().any().any() else np.nan,
+        })
+    out = pd.DataFrame(rows, columns=REPEATABILITY_COLUMNS)
+    return out.sort_values(["suffix", "acq", "method", "region_index"], key=_sort_key,
+                           ignore_index=True)
