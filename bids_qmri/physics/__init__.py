@@ -13,3 +13,5 @@ from bids_qmri.physics.mprage import default_mprage_protocol, mprage_signal  # n
 from bids_qmri.physics.noise import add_complex_noise, add_rician_noise, noise_sigma  # noqa: F401
 from bids_qmri.physics.relaxation import inversion_recovery, t2_decay  # noqa: F401
 from bids_qmri.physics.epg import default_fisp_schedule, fisp_mrf  # noqa: F401
+from bids_qmri.physics.svd import compress, expand, svd_basis  # noqa: F401
+from bids_qmri.physics.crb import crb, crb_weighted_loss, fisher_information  # noqa: F401
