@@ -1,0 +1,242 @@
+"""MIRACLE: motion-insensitive rapid configuration relaxometry (Nguyen & Bieri; SPEC §6).
+
+T1 and T2 from the magnitudes of the SSFP configurations F−1, F0, F1 and B1, by alternating
+golden-section searches (T1 step with T2 fixed, T2 step with T1 fixed) from T1 = 1000 ms until
+neither changes by more than 1e-3 ms (≤ 200 rounds), on [0, 5000] ms.
+
+``miracle`` runs the golden-section search for every voxel at once (torch, float64, chunked);
+``miracle_reference`` is the plain voxel-by-voxel loop of the original implementation, kept as the
+reference for the equivalence test and the benchmark.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["MIRACLE_DEFAULTS", "miracle", "miracle_reference", "t1_cost", "t2_cost"]
+
+log = logging.getLogger("bids_qmri.fitting.miracle")
+
+INV_PHI = (math.sqrt(5) - 1) / 2  # 1/golden ratio
+MIRACLE_DEFAULTS = {
+    "t1_init": 1.0,  # s
+    "bounds": (0.0, 5.0),  # s
+    "tol": 1e-6,  # s (1e-3 ms): golden-section bracket width and convergence criterion
+    "max_rounds": 200,
+}
+
+
+def t1_cost(t1, t2, ratio10, cos_a, tr):
+    """| |F1|/|F0| − (p−r)/q | — the T1 step's objective (T2 fixed)."""
+    return _t1_objective(torch.exp(-tr / t2), ratio10, cos_a, tr)(t1)
+
+
+def t2_cost(t2, t1, ratio_m1, cos_a, tr, te):
+    """| |F−1|/(|F0|−|F1|) − F−1 e^{(TR−TE)/T2} / ((F0−F1) e^{−TE/T2}) | (T1 fixed)."""
+    return _t2_objective(torch.exp(-tr / t1), ratio_m1, cos_a, tr)(t2)
+
+
+def _t1_objective(e2, ratio10, cos_a, tr):
+    # p, q are affine in E1 when T2 is fixed: precompute the coefficients once per step
+    p_a = 1 + e2**2 * cos_a
+    p_b = cos_a + e2**2
+    q_a = e2 * (1 + cos_a)
+
+    def cost(t1):
+        e1 = torch.exp(-tr / t1)
+        p = p_a - e1 * p_b
+        q = q_a * (1 - e1)
+        r = torch.sqrt((p * p - q * q).clamp_min_(0))
+        return torch.nan_to_num_((ratio10 - (p - r) / q).abs_(), nan=math.inf)
+
+    return cost
+
+
+def _t2_objective(e1, ratio_m1, cos_a, tr):
+    # e^{(TR−TE)/T2} / e^{−TE/T2} = 1/E2, so one exponential per evaluation
+    u = 1 - e1 * cos_a
+    v = e1 - cos_a
+    w = (1 - e1) * (1 + cos_a)
+
+    def cost(t2):
+        e2 = torch.exp(-tr / t2)
+        e2sq = e2 * e2
+        p = u - e2sq * v
+        q = e2 * w
+        r = torch.sqrt((p * p - q * q).clamp_min_(0))
+        f0 = 1 - v * (1 - e2sq) / r
+        f0_minus_f1 = f0 * (1 - (p - r) / q)
+        fm1 = 1 - u * (1 - e2sq) / r
+        model = fm1 / (e2 * f0_minus_f1)
+        return torch.nan_to_num_((ratio_m1 - model).abs_(), nan=math.inf)
+
+    return cost
+
+
+def _golden_section(cost, lo: float, hi: float, n: int, tol: float, like: torch.Tensor) -> torch.Tensor:
+    """Minimise ``cost(x)`` (x: [n]) independently per element on [lo, hi] down to width ``tol``."""
+    a = torch.full((n,), lo, dtype=like.dtype)
+    b = torch.full((n,), hi, dtype=like.dtype)
+    c = b - INV_PHI * (b - a)
+    d = a + INV_PHI * (b - a)
+    fc, fd = cost(c), cost(d)
+    # the bracket shrinks by INV_PHI per step, the same for every voxel
+    steps = max(0, math.ceil(math.log(tol / (hi - lo)) / math.log(INV_PHI)))
+    for _ in range(steps):
+        left = fc < fd  # minimum in [a, d]
+        b = torch.where(left, d, b)
+        a = torch.where(left, a, c)
+        new_c = b - INV_PHI * (b - a)
+        new_d = a + INV_PHI * (b - a)
+        # one new evaluation per step: the kept interior point moves, the other is new
+        x_new = torch.where(left, new_c, new_d)
+        f_new = cost(x_new)
+        fd, fc = torch.where(left, fc, f_new), torch.where(left, f_new, fd)
+        d, c = torch.where(left, c, new_d), torch.where(left, new_c, d)
+    return (a + b) / 2
+
+
+def _miracle_chunk(m1, m0, p1, b1, *, tr, flip_rad, t1_init, bounds, tol, max_rounds):
+    ratio10 = p1 / m0
+    ratio_m1 = m1 / (m0 - p1)
+    cos_a = torch.cos(b1 * flip_rad)
+    n = m0.shape[0]
+    t1 = torch.full((n,), t1_init, dtype=m0.dtype)
+    t2 = torch.zeros(n, dtype=m0.dtype)
+    active = torch.arange(n)
+    rounds = torch.zeros(n, dtype=torch.int32)
+    for _ in range(max_rounds):
+        if active.numel() == 0:
+            break
+        idx = active
+        t1_a, ca = t1[idx], cos_a[idx]
+        t2_new = _golden_section(
+            _t2_objective(torch.exp(-tr / t1_a), ratio_m1[idx], ca, tr), *bounds, idx.numel(), tol, m0
+        )
+        t1_new = _golden_section(
+            _t1_objective(torch.exp(-tr / t2_new), ratio10[idx], ca, tr), *bounds, idx.numel(), tol, m0
+        )
+        done = ((t1_new - t1_a).abs() < tol) & ((t2_new - t2[idx]).abs() < tol)
+        t1[idx], t2[idx] = t1_new, t2_new
+        rounds[idx] += 1
+        active = idx[~done]
+    return t1, t2, rounds
+
+
+def miracle(
+    f_mag,
+    b1,
+    *,
+    tr: float,
+    te: float,
+    flip_rad: float,
+    t1_init: float = MIRACLE_DEFAULTS["t1_init"],
+    bounds: tuple[float, float] = MIRACLE_DEFAULTS["bounds"],
+    tol: float = MIRACLE_DEFAULTS["tol"],
+    max_rounds: int = MIRACLE_DEFAULTS["max_rounds"],
+    chunk: int = 262144,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorised MIRACLE over all voxels.
+
+    ``f_mag``: ``[N, 3]`` magnitudes of (F−1, F0, F1) (any common scale); ``b1``: ``[N]``.
+    Returns T1 ``[N]`` (s), T2 ``[N]`` (s) and the number of alternation rounds per voxel.
+    Voxels whose configurations cannot be fitted (zero F0, |F1| ≥ |F0|) come out as NaN.
+    ``te`` is accepted for symmetry with the protocol: in the T2 objective the TE factors
+    cancel (e^{(TR−TE)/T2}/e^{−TE/T2} = 1/E2).
+    """
+    del te
+    f = torch.as_tensor(np.asarray(f_mag), dtype=torch.float64).abs()
+    b1 = torch.as_tensor(np.asarray(b1), dtype=torch.float64).reshape(-1)
+    if f.ndim != 2 or f.shape[1] != 3 or f.shape[0] != b1.shape[0]:
+        raise ValueError(f"expected f_mag [N, 3] and b1 [N], got {tuple(f.shape)} and {tuple(b1.shape)}")
+    t1 = torch.full((f.shape[0],), math.nan, dtype=torch.float64)
+    t2 = torch.full_like(t1, math.nan)
+    rounds = torch.zeros(f.shape[0], dtype=torch.int32)
+    valid = torch.isfinite(f).all(1) & torch.isfinite(b1) & (f[:, 1] > f[:, 2]) & (f[:, 1] > 0)
+    vidx = torch.nonzero(valid).reshape(-1)
+    with torch.no_grad():
+        for start in range(0, vidx.numel(), chunk):
+            sel = vidx[start : start + chunk]
+            a, b, r = _miracle_chunk(
+                f[sel, 0], f[sel, 1], f[sel, 2], b1[sel],
+                tr=tr, flip_rad=flip_rad, t1_init=t1_init, bounds=bounds, tol=tol,
+                max_rounds=max_rounds,
+            )
+            t1[sel], t2[sel], rounds[sel] = a, b, r
+    if int((rounds >= max_rounds).sum()):
+        log.info("MIRACLE: %d voxels stopped at %d rounds", int((rounds >= max_rounds).sum()), max_rounds)
+    return t1.numpy(), t2.numpy(), rounds.numpy()
+
+
+# --- the reference: one voxel at a time, scalar arithmetic (as the original MIRACLE code) ---
+
+
+def _ref_pqr(t1, t2, cos_a, tr):
+    e1, e2 = math.exp(-tr / t1), math.exp(-tr / t2)
+    p = 1 - e1 * cos_a - e2 * e2 * (e1 - cos_a)
+    q = e2 * (1 - e1) * (1 + cos_a)
+    return e1, e2, p, q, math.sqrt(max(p * p - q * q, 0.0))
+
+
+def _ref_cost_t1(t1, t2, ratio10, cos_a, tr):
+    try:
+        _, _, p, q, r = _ref_pqr(t1, t2, cos_a, tr)
+        return abs(ratio10 - (p - r) / q)
+    except (ZeroDivisionError, OverflowError):
+        return math.inf
+
+
+def _ref_cost_t2(t2, t1, ratio_m1, cos_a, tr, te):
+    try:
+        e1, e2, p, q, r = _ref_pqr(t1, t2, cos_a, tr)
+        f0 = 1 - (e1 - cos_a) * (1 - e2 * e2) / r
+        f1 = f0 * (p - r) / q
+        fm1 = 1 - (1 - e1 * cos_a) * (1 - e2 * e2) / r
+        return abs(ratio_m1 - fm1 * math.exp((tr - te) / t2) / ((f0 - f1) * math.exp(-te / t2)))
+    except (ZeroDivisionError, OverflowError):
+        return math.inf
+
+
+def _ref_gss(cost, lo, hi, tol):
+    a, b = lo, hi
+    c, d = b - INV_PHI * (b - a), a + INV_PHI * (b - a)
+    fc, fd = cost(c), cost(d)
+    while b - a > tol:
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - INV_PHI * (b - a)
+            fc = cost(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + INV_PHI * (b - a)
+            fd = cost(d)
+    return (a + b) / 2
+
+
+def miracle_reference(
+    f_mag, b1, *, tr, te, flip_rad, t1_init=1.0, bounds=(0.0, 5.0), tol=1e-6, max_rounds=200
+) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel-by-voxel MIRACLE with scalar golden-section searches (slow; reference only)."""
+    f_mag = np.abs(np.asarray(f_mag, dtype=float))
+    b1 = np.asarray(b1, dtype=float).reshape(-1)
+    t1_out = np.full(len(b1), np.nan)
+    t2_out = np.full(len(b1), np.nan)
+    for i in range(len(b1)):
+        m1, m0, p1 = f_mag[i]
+        if not (np.isfinite(f_mag[i]).all() and np.isfinite(b1[i]) and m0 > p1 and m0 > 0):
+            continue
+        ratio10, ratio_m1, cos_a = p1 / m0, m1 / (m0 - p1), math.cos(b1[i] * flip_rad)
+        t1, t2 = t1_init, 0.0
+        for _ in range(max_rounds):
+            t2_new = _ref_gss(lambda x: _ref_cost_t2(x, t1, ratio_m1, cos_a, tr, te), *bounds, tol)
+            t1_new = _ref_gss(lambda x: _ref_cost_t1(x, t2_new, ratio10, cos_a, tr), *bounds, tol)
+            converged = abs(t1_new - t1) < tol and abs(t2_new - t2) < tol
+            t1, t2 = t1_new, t2_new
+            if converged:
+                break
+        t1_out[i], t2_out[i] = t1, t2
+    return t1_out, t2_out
