@@ -14,4 +14,5 @@ from bids_qmri.physics.noise import add_complex_noise, add_rician_noise, noise_s
 from bids_qmri.physics.relaxation import inversion_recovery, t2_decay  # noqa: F401
 from bids_qmri.physics.epg import default_fisp_schedule, fisp_mrf  # noqa: F401
 from bids_qmri.physics.svd import compress, expand, svd_basis  # noqa: F401
-from bids_qmri.physics.crb import crb, crb_weighted_loss, fisher_information  # noqa: F401
+# `crb` stays the submodule (its function of the same name is `crb.crb`).
+from bids_qmri.physics.crb import crb_weighted_loss, fisher_information  # noqa: F401
