@@ -46,7 +46,8 @@ def bids_examples(shared_dir, tmp_path) -> Path:
 def synth_dataset(tmp_path_factory) -> Path:
     """A small synthetic dataset (2 participants, low resolution) from ``bids_qmri-synth``."""
     out = tmp_path_factory.mktemp("synth") / "bids"
-    cmd = [sys.executable, "-m", "bids_qmri.cli.synth", str(out), "--participants", "2",
+    exe = Path(sys.executable).parent / "bids_qmri-synth"
+    cmd = [str(exe) if exe.exists() else "bids_qmri-synth", str(out), "--participants", "2",
            "--sessions", "1", "--resolution", "4", "--seed", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
