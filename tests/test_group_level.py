@@ -166,9 +166,13 @@ def test_participant_labels_restrict_and_expect(cohort):
     assert set(allrows.participant_id) == {"sub-01"}
 
 
-def test_crash_report_marks_participant_failed(cohort):
+@pytest.mark.parametrize("where", ["output", "work"])
+def test_crash_report_marks_participant_failed(cohort, where):
     cfg, _ = cohort
-    crash = Path(cfg.output_dir) / "sub-04" / "log" / "crash-20261121-sub-04.txt"
+    if where == "output":
+        crash = Path(cfg.output_dir) / "sub-04" / "log" / "crash-20261121-sub-04.txt"
+    else:  # where the participant level points nipype's crash dumps
+        crash = Path(cfg.resolved_work_dir()) / "logs" / "sub-04" / "crash-20261121-node.txt"
     crash.parent.mkdir(parents=True)
     crash.write_text("Traceback ...")
     run_group(cfg)
@@ -176,6 +180,9 @@ def test_crash_report_marks_participant_failed(cohort):
     s4 = st[st.participant_id == "sub-04"]
     assert set(s4.status) == {"failed"}
     assert all(str(crash) in m for m in s4.message)
+    html = (Path(cfg.output_dir) / "group" / "report.html").read_text()
+    failed_para = html[html.index("Failed (crash report"):].split("</p>")[0]
+    assert "sub-04" in failed_para
 
 
 @pytest.mark.parametrize("damage, expect", [
@@ -271,6 +278,18 @@ def test_report_renders_offline_with_figures(cohort):
         f = g / src
         assert f.is_file() and f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(f"figures/{f.name}" for f in (g / "figures").iterdir()) == sorted(p.imgs)
+
+
+def test_group_outputs_keep_a_valid_derivative_dataset(cohort):
+    from helpers import validate_bids
+
+    from bids_qmri.bids.derivatives import init_derivatives
+
+    cfg, _ = cohort
+    init_derivatives(cfg.output_dir, cfg.bids_dir)
+    run_group(cfg)
+    res = validate_bids(cfg.output_dir, derivative=True)
+    assert res.ok, res.summary()
 
 
 def test_rerun_is_reproducible_and_removes_stale_outputs(cohort):

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..bids.derivatives import save_tsv
+from ..utils.atomic import write_text_atomic
 from ..errors import InputError, UsageError
 from .collect import collect
 from .report import write_report
@@ -33,6 +34,27 @@ from .tables import agreement_table, has_repeats, repeatability_table, summary_t
 LOGGER = logging.getLogger("bids_qmri.group")
 
 __all__ = ["run_group"]
+
+
+# bids-validator-deno matches ``group`` but not ``group/`` against the folder itself.
+BIDSIGNORE_RULE = "group"
+
+
+def ensure_bidsignore(output_dir) -> None:
+    """Keep the derivative dataset valid: its ``.bidsignore`` must cover ``group/``.
+
+    Other lines are kept; the file is replaced atomically and only when the rule is missing.
+    """
+    path = Path(output_dir) / ".bidsignore"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        text = ""
+    if BIDSIGNORE_RULE in (ln.strip() for ln in text.splitlines()):
+        return
+    if text and not text.endswith("\n"):
+        text += "\n"
+    write_text_atomic(path, text + "# group-level outputs (bids_qmri group)\n" + BIDSIGNORE_RULE + "\n")
 
 
 def run_group(config) -> list[Path]:
@@ -49,6 +71,7 @@ def run_group(config) -> list[Path]:
         raise UsageError(f"n_bootstrap must be >= 0, got {config.n_bootstrap}")
     coll = collect(config)
     group_dir = output_dir / "group"
+    ensure_bidsignore(output_dir)
     written: list[Path] = []
     written.append(save_tsv(group_dir / "participants_status.tsv", coll.status_frame()))
     if not coll.tables:

@@ -207,14 +207,19 @@ def _expected_sessions(config, subject: str) -> list[str | None]:
     return sorted(sessions) or [None]
 
 
-def crash_reports(output_dir, subject: str) -> list[Path]:
-    """Crash report files of a participant: ``crash*`` under ``sub-X/`` or naming it in ``logs/``."""
+def crash_reports(output_dir, subject: str, work_dir=None) -> list[Path]:
+    """Crash files of a participant: ``crash*`` under ``OUTPUT_DIR/sub-X/``, naming it in
+    ``OUTPUT_DIR/logs/``, or in ``WORK_DIR/logs/sub-X/`` (where the participant level points
+    nipype's crash dumps)."""
     output_dir = Path(output_dir)
     found = [p for p in (output_dir / f"sub-{subject}").rglob("crash*") if p.is_file()]
     logs = output_dir / "logs"
     if logs.is_dir():
         found += [p for p in logs.rglob("crash*") if p.is_file() and f"sub-{subject}" in p.name]
-    return sorted(found)
+    if work_dir is not None:
+        found += [p for p in (Path(work_dir) / "logs" / f"sub-{subject}").glob("crash*")
+                  if p.is_file()]
+    return sorted(found, key=lambda p: (p.stat().st_mtime, str(p)))
 
 
 def collect(config) -> Collection:
@@ -260,7 +265,7 @@ def collect(config) -> Collection:
             frames.setdefault(t.atlas, []).append(df)
             st.atlases.append(t.atlas)
             st.n_rows += len(df)
-        crashes = crash_reports(output_dir, sub)
+        crashes = crash_reports(output_dir, sub, config.resolved_work_dir())
         if st.atlases:
             st.status = "ok"
         elif errors:
