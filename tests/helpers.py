@@ -83,7 +83,8 @@ def save_img(path, data, zooms=(3.0, 3.0, 3.0)) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     affine = np.diag([*zooms, 1.0])
-    affine[:3, 3] = -np.array(data.shape[:3]) * np.array(zooms) / 2
+    shape3 = (tuple(np.shape(data)) + (1, 1, 1))[:3]
+    affine[:3, 3] = -np.array(shape3) * np.array(zooms) / 2
     nb.save(nb.Nifti1Image(np.asarray(data, dtype=np.float32), affine), str(path))
     return path
 

@@ -123,7 +123,7 @@ def build_layout(bids_dir):
         return BIDSLayout(str(bids_dir), validate=False, config=["bids", "derivatives"],
                           derivatives=False)
     except Exception as exc:  # pybids raises many types on broken datasets; keep it one line
-        raise UsageError(f"cannot index {bids_dir} with pybids: {str(exc).splitlines()[0]}") from exc
+        raise UsageError(f"cannot index {bids_dir} with pybids: {str(exc).splitlines()[0]} — fix that file") from exc
 
 
 def check_participants(bids_dir, labels) -> None:
@@ -164,7 +164,7 @@ class _Problems:
         err = InputError(path, problem, fix)
         if self.stop:
             raise err
-        LOGGER.warning("skipping %s", err)
+        LOGGER.info("skipping %s", err)
         self.session.skipped.append(SkippedInput(path=str(path), reason=str(err).split(": ", 1)[1]))
 
 
