@@ -306,3 +306,39 @@ def test_rerun_is_reproducible_and_removes_stale_outputs(cohort):
     run_group(cfg)
     assert not (g / "repeatability.tsv").exists()
     assert not list((g / "figures").glob("*_repeatability.png"))
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.strip()]
+
+
+def test_cli_group_without_tables_fails_with_one_line(tmp_path):
+    from helpers import run_cli
+
+    from bids_qmri.bids.derivatives import init_derivatives
+
+    bids = make_bids(tmp_path / "bids", ["01"])
+    out = init_derivatives(tmp_path / "out", bids)
+    proc = run_cli(bids, out, "group")
+    assert proc.returncode == 3, proc.stderr
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and "no usable ROI table" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_cli_group_malformed_table(cohort):
+    from helpers import run_cli
+
+    from bids_qmri.bids.derivatives import init_derivatives
+
+    cfg, _ = cohort
+    init_derivatives(cfg.output_dir, cfg.bids_dir)
+    bad = Path(cfg.output_dir) / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_atlas-AAL_roistats.tsv"
+    bad.write_text("participant_id\tsession_id\nsub-01\tses-1\n")
+    proc = run_cli(cfg.bids_dir, cfg.output_dir, "group", "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    named = [ln for ln in _error_lines(proc.stderr) if str(bad) in ln]
+    assert len(named) == 1 and "missing column(s)" in named[0] and "Traceback" not in proc.stderr
+    proc = run_cli(cfg.bids_dir, cfg.output_dir, "group", "--stop-on-first-crash")
+    assert proc.returncode == 3
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and str(bad) in lines[0] and "Traceback" not in proc.stderr
