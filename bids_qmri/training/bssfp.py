@@ -200,6 +200,7 @@ class TrainConfig:
     patience: int = 25
     batch_size: int = 128
     lr: float = 2e-4
+    lr_schedule: str = "constant"  # or "cosine": anneal to 0 over max_epochs (short budgets)
     val_fraction: float = 0.1
     snr: float | None = None  # training noise; None = noise-free (the seeds' choice)
     seed: int = 0
@@ -212,6 +213,8 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}; use one of {sorted(METHODS)}")
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown distribution {self.distribution!r}; use one of {sorted(DISTRIBUTIONS)}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; use 'constant' or 'cosine'")
         if self.n_samples < 20 or self.max_epochs < 1 or self.batch_size < 1:
             raise ValueError("need at least 20 samples, 1 epoch and batch size 1")
 
@@ -257,6 +260,10 @@ def train_bssfp_net(
             net = BSSFPNet(kind, parameter_ranges(cfg.distribution, kind, protocol.tr))
         net.set_input_stats(clean[:n_train])
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        sched = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_epochs)
+            if cfg.lr_schedule == "cosine" else None
+        )
 
         best_loss, best_state, best_epoch, stale = math.inf, None, 0, 0
         history = []
@@ -282,6 +289,8 @@ def train_bssfp_net(
                 opt.step()
                 running += loss.detach().item() * len(idx)
                 seen += len(idx)
+            if sched is not None:
+                sched.step()
             net.eval()
             with torch.no_grad():
                 val_loss = float(network_loss(net, val_x, val_y, loss_name, protocol))

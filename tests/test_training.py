@@ -1,0 +1,173 @@
+"""Training from simulation, the PINN loss, reproducibility, the model registry and estimate_bssfp."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bids_qmri.cli.train import main as train_main
+from bids_qmri.fitting.bssfp import estimate_bssfp
+from bids_qmri.models import registry
+from bids_qmri.nets.mlp import BSSFPNet
+from bids_qmri.physics.bssfp import BSSFPModel, BSSFPProtocol, configurations, remove_receiver_phase, seed_protocol
+from bids_qmri.training import bssfp as training
+from bids_qmri.training.bssfp import (
+    TrainConfig,
+    network_loss,
+    parameter_ranges,
+    sample_parameters,
+    simulate_features,
+    train_bssfp_net,
+)
+
+OTHER = BSSFPProtocol.with_default_increments(5.0e-3, 2.5e-3, 20.0, 6)  # not a bundled protocol
+
+
+def test_distributions():
+    g = torch.Generator().manual_seed(0)
+    u = sample_parameters("uniform", 4000, g, tr=4.8e-3, with_b0=True)
+    assert u["T1"].min() >= 0.36 and u["T1"].max() <= 2.08 and u["T2"].min() >= 0.02 and u["T2"].max() <= 0.12
+    assert u["B1"].min() >= 0.7 and u["B1"].max() <= 1.3
+    assert u["B0"].abs().max() < 1 / (2 * 4.8e-3) and u["B0"].abs().max() > 0.9 / (2 * 4.8e-3)
+    e = sample_parameters("uniform_extended", 4000, g, tr=4.8e-3)
+    assert (e["T1"] > e["T2"]).all() and e["T2"].max() > 1.0 and (e["B0"] == 0).all()
+    v = sample_parameters("invivo", 4000, g, tr=4.8e-3)
+    assert v["T1"].min() >= 0.36 and v["T2"].max() <= 0.12
+    # concentrated on tissue: narrower than the uniform distribution over the same range
+    assert v["T1"].std() < 0.7 * u["T1"].std() and v["T2"].std() < 0.7 * u["T2"].std()
+    with pytest.raises(ValueError):
+        sample_parameters("gaussian", 10, g, tr=4.8e-3)
+
+
+@pytest.mark.parametrize("method", ["pinn", "pinncomplex"])
+def test_pinn_loss_is_zero_at_true_parameters(method):
+    kind = training.METHODS[method][0]
+    p = seed_protocol(6)
+    g = torch.Generator().manual_seed(2)
+    par = sample_parameters("uniform", 64, g, tr=p.tr, with_b0=kind == "complex", dtype=torch.float32)
+    x = simulate_features(par, p, kind)
+    target = training._targets(par, kind)
+    net = BSSFPNet(kind, parameter_ranges("uniform", kind, p.tr))
+    net.forward_unit = lambda _x: net.to_unit(target)  # a perfect network
+    assert network_loss(net, x, target, "pinn", p) < 1e-10
+    assert network_loss(net, x, target, "svnn", p) < 1e-10
+    net.forward_unit = lambda _x: net.to_unit(target * torch.tensor([1.1, 0.9, 1.0][: target.shape[1]]))
+    assert network_loss(net, x, target, "pinn", p) > 1e-6
+
+
+def test_simulated_features_use_the_physics():
+    p = seed_protocol(12)
+    par = {k: torch.tensor([v], dtype=torch.float64) for k, v in dict(T1=1.1, T2=0.07, B1=0.9, B0=12.0).items()}
+    x = simulate_features(par, p, "complex")
+    f = BSSFPModel(p).configurations(par["T1"], par["T2"], 1.0, par["B1"], par["B0"])
+    torch.testing.assert_close(x[0, :3], f[0].real)
+    noisy = simulate_features(par, p, "complex", snr=10, generator=torch.Generator().manual_seed(0))
+    assert (noisy - x).abs().max() > 1e-3
+
+
+def _rmse_vs_baseline(net, protocol, kind, n=2000):
+    g = torch.Generator().manual_seed(123)
+    par = sample_parameters("uniform", n, g, tr=protocol.tr, with_b0=kind == "complex")
+    y = net(simulate_features(par, protocol, kind).float()).detach().double()
+    out = []
+    for i, k in enumerate(("T1", "T2")):
+        rmse = torch.sqrt(torch.mean((y[:, i] - par[k]) ** 2))
+        out.append(float(rmse / par[k].std()))  # the baseline (predict the mean) scores 1
+    return out
+
+
+@pytest.mark.parametrize("method", ["svnn", "pinn"])
+def test_tiny_training_beats_trivial_baseline(method):
+    p = seed_protocol(12)
+    cfg = TrainConfig(method=method, n_samples=6000, max_epochs=6, batch_size=64, lr=3e-3, seed=0, progress=False)
+    net, card = train_bssfp_net(p, cfg)
+    rel = _rmse_vs_baseline(net, p, "magnitude")
+    assert rel[0] < 0.5 and rel[1] < 0.5, rel
+    assert card["training"]["epochs_run"] == 6 and math.isfinite(card["validation_loss"])
+    assert card["protocol_key"] == p.key() and card["distribution"] == "uniform"
+
+
+def test_same_seed_same_weights_on_cpu():
+    p = seed_protocol(4)
+    cfg = dict(method="svnncomplex", n_samples=600, max_epochs=2, batch_size=64, progress=False)
+    a, _ = train_bssfp_net(p, TrainConfig(seed=5, **cfg))
+    b, _ = train_bssfp_net(p, TrainConfig(seed=5, **cfg))
+    c, _ = train_bssfp_net(p, TrainConfig(seed=6, **cfg))
+    for (k, va), vb, vc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert not all(torch.equal(va, vc) for va, vc in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_noisy_training_runs():
+    net, card = train_bssfp_net(seed_protocol(12), TrainConfig(method="pinn", n_samples=400, max_epochs=1, snr=25, progress=False))
+    assert card["training"]["snr"] == 25 and math.isfinite(card["validation_loss"])
+
+
+TINY = {"n_samples": 500, "max_epochs": 1, "patience": 1}
+
+
+def test_registry_trains_caches_and_reuses(tmp_path, monkeypatch):
+    net, card = registry.get_model("svnn", OTHER, model_dir=tmp_path, seed=0, train_overrides=TINY)
+    assert card["origin"] == "trained on the fly" and card["reused"] is False
+    stem = registry.model_stem("svnn", OTHER)
+    weights = tmp_path / OTHER.key() / f"{stem}.safetensors"
+    assert weights.is_file() and json.loads(weights.with_suffix(".json").read_text())["sha256"] == registry.sha256_file(weights)
+    assert card["protocol_key"] == OTHER.key() and card["training"]["n_samples"] == 500
+
+    def boom(*a, **k):
+        raise AssertionError("must not retrain a cached model")
+
+    monkeypatch.setattr(registry, "train_bssfp_net", boom)
+    net2, card2 = registry.get_model("svnn", OTHER, model_dir=tmp_path, seed=0)
+    assert card2["reused"] is True
+    x = torch.rand(5, 4)
+    torch.testing.assert_close(net2(x), net(x), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError):
+        registry.get_model("pinn", OTHER, model_dir=tmp_path, allow_training=False)
+    # a tampered weights file is refused with an actionable message
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ValueError, match="checksum"):
+        registry.get_model("svnn", OTHER, model_dir=tmp_path)
+
+
+def _configs(protocol, t1, t2, b1, b0=0.0):
+    s = BSSFPModel(protocol)(torch.tensor(t1), torch.tensor(t2), 2.5, torch.tensor(b1), b0)
+    return configurations(remove_receiver_phase(s), protocol.phase_increments_rad()).numpy()
+
+
+def test_estimate_bssfp_methods(tmp_path, monkeypatch):
+    monkeypatch.setitem(registry.ON_THE_FLY, "pinncomplex", dict(TINY))
+    t1 = np.array([0.8, 1.2, 1.6, 1.0]); t2 = np.array([0.05, 0.06, 0.09, 0.07]); b1 = np.array([1.0, 0.9, 1.1, np.nan])
+    F = _configs(OTHER, t1, t2, np.nan_to_num(b1, nan=1.0))
+    F[3] = np.nan
+    maps, prov = estimate_bssfp("miracle", F, b1, OTHER)
+    assert set(maps) == {"T1map", "T2map"} and maps["T1map"].dtype == np.float32
+    np.testing.assert_allclose(maps["T1map"][:3], t1[:3], rtol=2e-2)
+    np.testing.assert_allclose(maps["T2map"][:3], t2[:3], rtol=2e-2)
+    assert np.isnan(maps["T1map"][3]) and prov["VoxelsWithoutB1"] == 1 and prov["EstimationAlgorithm"] == "miracle"
+    maps, prov = estimate_bssfp("pinncomplex", F, b1, OTHER, model_dir=tmp_path, seed=0)
+    assert set(maps) == {"T1map", "T2map", "fieldmap"} and np.isnan(maps["T2map"][3])
+    assert prov["ModelCard"]["origin"] == "trained on the fly" and "sha256" in prov["ModelCard"]
+    with pytest.raises(ValueError):
+        estimate_bssfp("svnn", F[:, :2], b1, OTHER)
+    with pytest.raises(ValueError):
+        estimate_bssfp("nlls", F, b1, OTHER)
+
+
+def test_train_cli(tmp_path, capsys):
+    sidecar = tmp_path / "bssfp.json"
+    sidecar.write_text(json.dumps({"RepetitionTimeExcitation": 0.005, "EchoTime": 0.0025, "FlipAngle": 20,
+                                   "PhaseIncrements": list(OTHER.phase_increments_deg)}))
+    rc = train_main(["--method", "pinn", "--sidecar", str(sidecar), "--samples", "300", "--epochs", "1",
+                     "--out-dir", str(tmp_path / "out")])
+    assert rc == 0
+    card = json.loads((tmp_path / "out" / f"{registry.model_stem('pinn', OTHER)}.json").read_text())
+    assert card["origin"] == "trained with bids_qmri-train" and card["training"]["max_epochs"] == 1
+    with pytest.raises(SystemExit) as exc:
+        train_main(["--method", "pinn", "--tr", "0.005", "--out-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "give --sidecar" in capsys.readouterr().err
