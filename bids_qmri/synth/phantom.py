@@ -1,0 +1,405 @@
+"""Digital brain phantom: tissue fractions, tissue parameters and field maps per participant.
+
+The anatomy comes from the MNI152 2009 template shipped in nilearn (GM/WM probability maps and
+brain mask, offline). Per participant a global scaling and a small smooth random displacement
+field deform it; CSF is the intracranial hull minus GM and WM; outside the hull a skull (with a
+marrow layer), a scalp fat layer and a skin/muscle layer form a closed head, and an air cavity
+below the orbitofrontal cortex (ethmoid/sphenoid sinus) produces the susceptibility field.
+
+Tissue parameters follow seed 004 Table 1 (T1, T2, PD per tissue); each tissue value is a
+participant offset plus a smooth spatial field, so that over participants and voxels the values
+have the Table 1 mean and standard deviation (half the variance between participants, half
+within). qMT parameters (m0s, T2s, Rx) are literature-like (seed 003 training ranges, Gloor et
+al. 2008). Voxel values are fraction-weighted means of the tissue values.
+
+Everything lives on a *reference grid* in head space (mm, MNI-like RAS orientation). Acquisitions
+see the head through a rigid pose (head mm → scanner mm) and sample these maps with
+:func:`sample_to_grid`. All times in seconds, ΔB0 in Hz, B1 a ratio.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+LOGGER = logging.getLogger("bids_qmri.synth.phantom")
+
+#: Tissue classes of the phantom (label values of ``Phantom.labels``); 1-3 are the SPEC §4 dseg.
+TISSUES = ("GM", "WM", "CSF", "skull", "marrow", "fat", "skin")
+BRAIN_TISSUES = ("GM", "WM", "CSF")
+
+#: Per-tissue (mean, SD) of each parameter, SI units. T1, T2, PD: seed 004 Table 1 (ms → s);
+#: PD SDs not given in the table for tissues other than CSF are 0.05 (our choice). Skull PD is
+#: 0.1 instead of the table's 0.9: cortical bone has an ultra-short T2* and appears dark, which
+#: keeps brain extraction realistic. m0s (semi-solid fraction), T2s (semi-solid T2) and Rx
+#: (exchange rate, 1/s): seed 003 training ranges and Gloor et al. (MRM 2008) brain values.
+TISSUE_PARAMETERS: dict[str, dict[str, tuple[float, float]]] = {
+    "GM": {"T1": (1.400, 0.300), "T2": (0.110, 0.030), "PD": (0.85, 0.05),
+           "m0s": (0.07, 0.02), "T2s": (12e-6, 1e-6), "Rx": (40.0, 8.0)},
+    "WM": {"T1": (0.780, 0.250), "T2": (0.080, 0.020), "PD": (0.65, 0.05),
+           "m0s": (0.16, 0.03), "T2s": (12e-6, 1e-6), "Rx": (45.0, 8.0)},
+    "CSF": {"T1": (3.500, 0.300), "T2": (2.000, 0.300), "PD": (1.00, 0.30),
+            "m0s": (0.0, 0.0), "T2s": (12e-6, 0.0), "Rx": (40.0, 0.0)},
+    "skull": {"T1": (0.400, 0.100), "T2": (0.030, 0.010), "PD": (0.10, 0.05),
+              "m0s": (0.10, 0.02), "T2s": (12e-6, 1e-6), "Rx": (40.0, 8.0)},
+    "marrow": {"T1": (0.580, 0.100), "T2": (0.050, 0.020), "PD": (0.80, 0.05),
+               "m0s": (0.02, 0.01), "T2s": (12e-6, 1e-6), "Rx": (40.0, 8.0)},
+    "fat": {"T1": (0.420, 0.100), "T2": (0.070, 0.020), "PD": (0.90, 0.05),
+            "m0s": (0.02, 0.01), "T2s": (12e-6, 1e-6), "Rx": (40.0, 8.0)},
+    "skin": {"T1": (1.230, 0.300), "T2": (0.050, 0.020), "PD": (0.70, 0.05),
+             "m0s": (0.10, 0.02), "T2s": (12e-6, 1e-6), "Rx": (40.0, 8.0)},
+}
+PARAMETERS = ("T1", "T2", "PD", "m0s", "T2s", "Rx")
+#: Physical bounds applied to every drawn value (truncation is > 3 SD away for brain tissues).
+BOUNDS = {"T1": (0.1, 6.0), "T2": (0.005, 3.0), "PD": (0.01, 2.0), "m0s": (0.0, 0.35),
+          "T2s": (5e-6, 25e-6), "Rx": (1.0, 150.0)}
+#: Share of each tissue's variance that is between participants (the rest is spatial).
+BETWEEN_FRACTION = 0.5
+#: Smoothness (Gaussian SD, mm) of the intra-tissue parameter fields.
+FIELD_SMOOTHNESS_MM = 8.0
+
+# Head layers outside the intracranial hull: (tissue, outer distance in mm).
+HEAD_LAYERS = (("skull", 2.0), ("marrow", 4.0), ("skull", 6.0), ("fat", 10.0), ("skin", 12.0))
+# Air cavity (ethmoid/sphenoid sinus) below the orbitofrontal cortex, template mm, radius mm.
+SINUS_CENTRE_MM = (0.0, 38.0, -39.0)
+SINUS_RADIUS_MM = 13.0
+# Susceptibility difference air − tissue (SI, ppm) and proton frequency at 3 T (Hz).
+DELTA_CHI_AIR = 9.4e-6
+LARMOR_HZ = 127.74e6
+# Head-space point about which participants scale and heads rotate (template mm).
+HEAD_CENTRE_MM = np.array([0.0, -18.0, 10.0])
+MARGIN_MM = 22.0
+
+
+@dataclass
+class Grid:
+    """A voxel grid: ``shape`` and ``affine`` (voxel index → mm)."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @property
+    def zooms(self) -> np.ndarray:
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+    def world(self) -> np.ndarray:
+        """mm coordinates of every voxel centre, ``[3, *shape]``."""
+        idx = np.indices(self.shape, dtype=np.float64).reshape(3, -1)
+        xyz = self.affine[:3, :3] @ idx + self.affine[:3, 3:4]
+        return xyz.reshape(3, *self.shape)
+
+
+@dataclass
+class Phantom:
+    """One participant's tissues and parameters on the reference grid (head space)."""
+
+    grid: Grid
+    fractions: dict[str, np.ndarray]  # tissue -> fraction in [0, 1]
+    params: dict[str, np.ndarray]  # T1, T2 (s), PD, m0s, T2s (s), Rx (1/s)
+    tissue_means: dict[str, dict[str, float]]  # the participant's drawn tissue means
+    air: np.ndarray  # sinus air fraction (drives ΔB0)
+    displacement: np.ndarray  # [3, *shape] mm, head space -> template space (after scaling)
+    scaling: np.ndarray  # [3] global scaling factors
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Hard labels (index into TISSUES + 1; 0 for air) by the largest fraction."""
+        stack = np.stack([self.fractions[t] for t in TISSUES])
+        lab = stack.argmax(axis=0).astype(np.uint8) + 1
+        lab[stack.sum(axis=0) < 0.5] = 0
+        return lab
+
+    @property
+    def head_mask(self) -> np.ndarray:
+        return sum(self.fractions[t] for t in TISSUES) > 0.5
+
+    @property
+    def brain_mask(self) -> np.ndarray:
+        return sum(self.fractions[t] for t in BRAIN_TISSUES) > 0.5
+
+
+@dataclass
+class SessionFields:
+    """Per-session fields in head space on the reference grid."""
+
+    b1: np.ndarray  # transmit scaling (ratio), 0.7-1.3
+    b0_hz: np.ndarray  # off-resonance, Hz
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Template
+
+
+@functools.lru_cache(maxsize=1)
+def _template() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """GM, WM, brain mask (1 mm, float32) and their affine, from nilearn (offline)."""
+    from nilearn import datasets
+
+    gm = datasets.load_mni152_gm_template(resolution=1)
+    wm = datasets.load_mni152_wm_template(resolution=1)
+    mask = datasets.load_mni152_brain_mask(resolution=1)
+    arrs = [np.asarray(img.dataobj, dtype=np.float32) for img in (gm, wm, mask)]
+    return arrs[0], arrs[1], arrs[2], np.asarray(gm.affine, dtype=np.float64)
+
+
+def reference_grid(resolution_mm: float) -> Grid:
+    """Axis-aligned RAS grid covering the template brain plus the head layers and a margin."""
+    _, _, mask, aff = _template()
+    idx = np.argwhere(mask > 0)
+    lo = aff[:3, :3] @ idx.min(axis=0) + aff[:3, 3] - MARGIN_MM
+    hi = aff[:3, :3] @ idx.max(axis=0) + aff[:3, 3] + MARGIN_MM
+    r = float(resolution_mm)
+    shape = tuple(int(math.ceil((h - l) / r)) + 1 for l, h in zip(lo, hi))
+    affine = np.diag([r, r, r, 1.0])
+    affine[:3, 3] = lo
+    return Grid(shape, affine)
+
+
+# --------------------------------------------------------------------------------------------
+# Random smooth fields
+
+
+def smooth_field(rng: np.random.Generator, grid: Grid, smoothness_mm: float) -> np.ndarray:
+    """Zero-mean, unit-SD smooth Gaussian random field on ``grid``.
+
+    Drawn on a coarse grid (spacing smoothness/2) and interpolated, which is much cheaper than
+    filtering at full resolution and equally smooth at this scale.
+    """
+    step = max(smoothness_mm / 2.0, float(grid.zooms.min()))
+    factor = grid.zooms / step
+    coarse_shape = tuple(int(math.ceil(n * f)) + 3 for n, f in zip(grid.shape, factor))
+    noise = rng.standard_normal(coarse_shape)
+    noise = ndimage.gaussian_filter(noise, sigma=smoothness_mm / step, mode="wrap")
+    noise = (noise - noise.mean()) / noise.std()
+    coords = [np.arange(n) * f + 1.0 for n, f in zip(grid.shape, factor)]
+    mesh = np.meshgrid(*coords, indexing="ij")
+    return ndimage.map_coordinates(noise, mesh, order=1, mode="nearest").astype(np.float64)
+
+
+def _low_order_field(rng: np.random.Generator, grid: Grid, centre: np.ndarray, scale_mm: float,
+                     amplitude: float) -> np.ndarray:
+    """Random polynomial (orders 1-2) in normalised head coordinates, peak-to-peak ~amplitude."""
+    xyz = (grid.world() - centre[:, None, None, None]) / scale_mm
+    x, y, z = xyz
+    terms = [x, y, z, x * y, x * z, y * z, x**2 - y**2, 2 * z**2 - x**2 - y**2]
+    coef = rng.normal(0.0, 1.0, len(terms)) / np.sqrt(len(terms))
+    return amplitude * sum(c * t for c, t in zip(coef, terms))
+
+
+# --------------------------------------------------------------------------------------------
+# Anatomy
+
+
+def _deformation(rng: np.random.Generator, grid: Grid, max_displacement_mm: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Global scaling (per axis, ±5 %) and a smooth displacement field (mm) on ``grid``.
+
+    The displacement is a smoothed random field (12 mm Gaussian SD) scaled to the requested
+    maximum; its gradient stays well below 1, so the map is invertible (positive Jacobian).
+    """
+    scaling = 1.0 + rng.uniform(-0.05, 0.05, 3)
+    disp = np.stack([smooth_field(rng, grid, 12.0) for _ in range(3)])
+    peak = np.abs(disp).max()
+    disp *= max_displacement_mm / peak if peak > 0 else 0.0
+    return scaling, disp
+
+
+def template_coordinates(grid: Grid, scaling: np.ndarray, displacement: np.ndarray) -> np.ndarray:
+    """Template mm coordinates of each head-space voxel: centre + (x − centre)/s + u(x)."""
+    xyz = grid.world()
+    c = HEAD_CENTRE_MM[:, None, None, None]
+    return c + (xyz - c) / scaling[:, None, None, None] + displacement
+
+
+@functools.lru_cache(maxsize=2)
+def _template_at(resolution_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The template maps low-pass filtered for sampling at ``resolution_mm`` (anti-aliasing)."""
+    gm, wm, mask, aff = _template()
+    if resolution_mm > 1.0:
+        sigma = math.sqrt(resolution_mm**2 - 1.0) / 2.3548  # FWHM of the coarser voxel
+        gm, wm, mask = (ndimage.gaussian_filter(v, sigma) for v in (gm, wm, mask))
+    return gm, wm, mask, aff
+
+
+def _sample_template(volume: np.ndarray, affine: np.ndarray, coords_mm: np.ndarray) -> np.ndarray:
+    """Trilinear sampling of a template volume at mm coordinates."""
+    inv = np.linalg.inv(affine)
+    shp = coords_mm.shape[1:]
+    pts = inv[:3, :3] @ coords_mm.reshape(3, -1) + inv[:3, 3:4]
+    out = ndimage.map_coordinates(volume, pts, order=1, mode="constant", cval=0.0)
+    return np.clip(out.reshape(shp), 0.0, 1.0)
+
+
+def build_anatomy(grid: Grid, scaling: np.ndarray, displacement: np.ndarray
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Tissue fractions (GM, WM, CSF and head layers) and sinus air on ``grid``."""
+    res = float(grid.zooms.min())
+    gm_t, wm_t, mask_t, aff = _template_at(res)
+    coords = template_coordinates(grid, scaling, displacement)
+    gm = _sample_template(gm_t, aff, coords)
+    wm = _sample_template(wm_t, aff, coords)
+    mask = _sample_template(mask_t, aff, coords)
+    # Intracranial hull: the brain mask closed over sulci (smoothing then threshold), soft edge.
+    hull = ndimage.gaussian_filter(np.maximum(mask, gm + wm), 3.0 / res)
+    hull = np.clip((hull - 0.25) / 0.5, 0.0, 1.0)
+    hull = np.maximum(hull, np.clip(gm + wm, 0.0, 1.0))
+    brain = np.clip(gm + wm, 0.0, 1.0)
+    scale = np.where(gm + wm > 1.0, 1.0 / np.maximum(gm + wm, 1e-6), 1.0)
+    gm, wm = gm * scale, wm * scale
+    csf = np.clip(hull - brain, 0.0, 1.0)
+    # Head layers by distance (mm) from the hull.
+    inside = hull >= 0.5
+    dist = ndimage.distance_transform_edt(~inside, sampling=grid.zooms)
+    outside = 1.0 - np.clip(gm + wm + csf, 0.0, 1.0)
+    fractions = {"GM": gm, "WM": wm, "CSF": csf}
+    for t in ("skull", "marrow", "fat", "skin"):
+        fractions[t] = np.zeros(grid.shape)
+    inner = 0.0
+    for tissue, outer in HEAD_LAYERS:
+        sel = (~inside) & (dist > inner) & (dist <= outer)
+        fractions[tissue][sel] += outside[sel]
+        inner = outer
+    # The first layer also takes the non-brain part of partial-volume voxels inside the hull edge.
+    edge = inside & (outside > 0)
+    fractions["skull"][edge] += outside[edge]
+    # Sinus air cavity: replaces whatever non-brain tissue is there.
+    world = grid.world()
+    c = HEAD_CENTRE_MM
+    centre = c + (np.asarray(SINUS_CENTRE_MM) - c) * scaling
+    r = np.sqrt(((world - centre[:, None, None, None]) ** 2).sum(axis=0))
+    air = np.clip((SINUS_RADIUS_MM - r) / res + 0.5, 0.0, 1.0)
+    air *= 1.0 - np.clip(gm + wm + csf, 0.0, 1.0)
+    for t in ("skull", "marrow", "fat", "skin"):
+        fractions[t] = np.clip(fractions[t] - air, 0.0, 1.0)
+    return {k: v.astype(np.float32) for k, v in fractions.items()}, air.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters
+
+
+def draw_tissue_parameters(rng: np.random.Generator, grid: Grid,
+                           fractions: dict[str, np.ndarray]
+                           ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
+    """Parameter maps (fraction-weighted tissue values) and the participant's tissue means.
+
+    Tissue value at x = μ + σ (√b · z + √(1−b) · F(x)), z ~ N(0,1) per participant, F a smooth
+    unit field, b = BETWEEN_FRACTION; truncated to ``BOUNDS`` and T2 < 0.9·T1.
+    """
+    total = sum(fractions[t] for t in TISSUES).astype(np.float64)
+    weight = np.where(total > 1e-6, 1.0 / np.maximum(total, 1e-6), 0.0)
+    maps = {p: np.zeros(grid.shape) for p in PARAMETERS}
+    means: dict[str, dict[str, float]] = {}
+    a, b = math.sqrt(BETWEEN_FRACTION), math.sqrt(1.0 - BETWEEN_FRACTION)
+    for tissue in TISSUES:
+        f = fractions[tissue].astype(np.float64)
+        means[tissue] = {}
+        values = {}
+        for p in PARAMETERS:
+            mu, sd = TISSUE_PARAMETERS[tissue][p]
+            offset = mu + sd * a * rng.standard_normal()
+            spatial = smooth_field(rng, grid, FIELD_SMOOTHNESS_MM)
+            values[p] = np.clip(offset + sd * b * spatial, *BOUNDS[p])
+            means[tissue][p] = float(offset)
+        values["T2"] = np.minimum(values["T2"], 0.9 * values["T1"])
+        for p in PARAMETERS:
+            maps[p] += f * values[p]
+    for p in PARAMETERS:
+        maps[p] *= weight
+    # PD is a proton density: partial volume with air lowers it (no renormalisation).
+    maps["PD"] *= np.clip(total, 0.0, 1.0)
+    return {k: v.astype(np.float32) for k, v in maps.items()}, means
+
+
+def make_phantom(rng: np.random.Generator, resolution_mm: float = 2.0,
+                 max_displacement_mm: float = 3.0) -> Phantom:
+    """One participant's phantom on the reference grid at ``resolution_mm``."""
+    grid = reference_grid(resolution_mm)
+    scaling, disp = _deformation(rng, grid, max_displacement_mm)
+    fractions, air = build_anatomy(grid, scaling, disp)
+    params, means = draw_tissue_parameters(rng, grid, fractions)
+    return Phantom(grid, fractions, params, means, air, disp.astype(np.float32), scaling)
+
+
+# --------------------------------------------------------------------------------------------
+# Fields
+
+
+def b0_from_susceptibility(air: np.ndarray, grid: Grid, b0_field_hz: float = LARMOR_HZ
+                           ) -> np.ndarray:
+    """ΔB0 (Hz) of the air cavities by the k-space dipole kernel D(k) = 1/3 − kz²/|k|².
+
+    Air outside the head is treated as shimmed away; the cavity field is what shimming cannot
+    remove (orbitofrontal / inferior temporal off-resonance). B0 is along the z (S-I) axis.
+    """
+    pad = [(n // 2, n // 2) for n in grid.shape]
+    chi = np.pad(air.astype(np.float64) * DELTA_CHI_AIR, pad)
+    k = np.meshgrid(*[np.fft.fftfreq(n, d) for n, d in zip(chi.shape, grid.zooms)],
+                    indexing="ij")
+    k2 = k[0] ** 2 + k[1] ** 2 + k[2] ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kernel = np.where(k2 > 0, 1.0 / 3.0 - k[2] ** 2 / k2, 0.0)
+    field = np.real(np.fft.ifftn(kernel * np.fft.fftn(chi)))
+    sl = tuple(slice(p[0], p[0] + n) for p, n in zip(pad, grid.shape))
+    return field[sl] * b0_field_hz
+
+
+def make_session_fields(rng: np.random.Generator, phantom: Phantom) -> SessionFields:
+    """B1 (centre-bright 3 T pattern, 0.7-1.3) and ΔB0 (sinus field + shim residual) in Hz."""
+    grid = phantom.grid
+    world = grid.world()
+    centre = HEAD_CENTRE_MM + rng.normal(0.0, 8.0, 3)
+    rad2 = (((world - centre[:, None, None, None]) / np.array([85.0, 100.0, 90.0])[:, None, None, None]) ** 2).sum(axis=0)
+    b1 = rng.uniform(1.12, 1.22) - rng.uniform(0.25, 0.35) * rad2
+    b1 = b1 + _low_order_field(rng, grid, HEAD_CENTRE_MM, 80.0, 0.04)
+    b1 = b1 + 0.02 * smooth_field(rng, grid, 25.0)
+    b1 = np.clip(b1, 0.7, 1.3)
+
+    cavity = b0_from_susceptibility(phantom.air, grid) * rng.uniform(0.8, 1.2)
+    brain = phantom.brain_mask
+    # Linear shim over the brain removes the mean and first-order terms of the cavity field.
+    xyz = world[:, brain].T
+    design = np.c_[np.ones(len(xyz)), xyz]
+    coef, *_ = np.linalg.lstsq(design, cavity[brain], rcond=None)
+    cavity = cavity - (coef[0] + np.tensordot(coef[1:], world, axes=1))
+    b0 = cavity + _low_order_field(rng, grid, HEAD_CENTRE_MM, 80.0, 15.0)
+    b0 = np.clip(b0, -300.0, 300.0)
+    return SessionFields(b1=b1.astype(np.float32), b0_hz=b0.astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Poses and resampling
+
+
+def rigid_matrix(rotation_deg, translation_mm, centre_mm=HEAD_CENTRE_MM) -> np.ndarray:
+    """4×4 rigid transform: rotations about x, y, z (deg) about ``centre_mm``, then translation."""
+    ax, ay, az = np.radians(rotation_deg)
+    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
+    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
+    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
+    rot = rz @ ry @ rx
+    c = np.asarray(centre_mm, dtype=np.float64)
+    out = np.eye(4)
+    out[:3, :3] = rot
+    out[:3, 3] = c - rot @ c + np.asarray(translation_mm, dtype=np.float64)
+    return out
+
+
+def sample_to_grid(volume: np.ndarray, source: Grid, target: Grid, pose: np.ndarray | None = None,
+                   order: int = 1, cval: float = 0.0) -> np.ndarray:
+    """Values of a head-space ``volume`` (on ``source``) seen on the scanner grid ``target``.
+
+    ``pose`` maps head mm to scanner mm (identity: no motion). Voxel v of the target sees the
+    head point pose⁻¹ · A_target · v.
+    """
+    pose = np.eye(4) if pose is None else pose
+    m = np.linalg.inv(source.affine) @ np.linalg.inv(pose) @ target.affine
+    return ndimage.affine_transform(np.asarray(volume, dtype=np.float32), m[:3, :3], m[:3, 3],
+                                    output_shape=tuple(target.shape), order=order,
+                                    mode="constant", cval=cval)
