@@ -1,0 +1,1 @@
+"""In-silico experiments that reproduce the seed papers' validations (``bids_qmri-insilico``)."""
