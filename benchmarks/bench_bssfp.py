@@ -81,7 +81,7 @@ def main(argv=None):
         maps_m, prov_m = estimate_bssfp("miracle", F, b1, protocol)
     mir_per_voxel = t_mir.cpu / n
     res["miracle"] = {"cpu_s_per_voxel": mir_per_voxel, "volume_cpu_s": mir_per_voxel * n_volume,
-                      "wall_s_timed": t_mir.wall, "median_rounds": prov_m["Algorithm"]["median_rounds"],
+                      "wall_s_timed": t_mir.wall, "median_rounds": prov_m["settings"]["median_rounds"],
                       "peak_rss_mb": peak_rss_mb()}
 
     k = min(args.loop_voxels, n)

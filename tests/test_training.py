@@ -148,10 +148,11 @@ def test_estimate_bssfp_methods(tmp_path, monkeypatch):
     assert set(maps) == {"T1map", "T2map"} and maps["T1map"].dtype == np.float32
     np.testing.assert_allclose(maps["T1map"][:3], t1[:3], rtol=2e-2)
     np.testing.assert_allclose(maps["T2map"][:3], t2[:3], rtol=2e-2)
-    assert np.isnan(maps["T1map"][3]) and prov["VoxelsWithoutB1"] == 1 and prov["EstimationAlgorithm"] == "miracle"
+    assert np.isnan(maps["T1map"][3]) and prov["voxels_without_b1"] == 1 and prov["method"] == "miracle"
+    assert prov["model_card"] is None and "MIRACLE" in prov["algorithm"] and "Nguyen" in prov["reference"]
     maps, prov = estimate_bssfp("pinncomplex", F, b1, OTHER, model_dir=tmp_path, seed=0)
     assert set(maps) == {"T1map", "T2map", "fieldmap"} and np.isnan(maps["T2map"][3])
-    assert prov["ModelCard"]["origin"] == "trained on the fly" and "sha256" in prov["ModelCard"]
+    assert prov["model_card"]["origin"] == "trained on the fly" and "sha256" in prov["model_card"]
     with pytest.raises(ValueError):
         estimate_bssfp("svnn", F[:, :2], b1, OTHER)
     with pytest.raises(ValueError):

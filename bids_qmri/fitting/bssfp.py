@@ -17,7 +17,7 @@ from bids_qmri.fitting.miracle import MIRACLE_DEFAULTS, miracle
 from bids_qmri.nets.mlp import bssfp_features
 from bids_qmri.physics.bssfp import BSSFPProtocol, normalise_configurations
 
-__all__ = ["BSSFP_METHODS", "REFERENCES", "estimate_bssfp", "predict"]
+__all__ = ["ALGORITHMS", "BSSFP_METHODS", "REFERENCES", "estimate_bssfp", "predict"]
 
 log = logging.getLogger("bids_qmri.fitting.bssfp")
 
@@ -34,6 +34,19 @@ REFERENCES = {
     "pinn": _BIRK,
     "svnncomplex": _BIRK,
     "pinncomplex": _BIRK,
+}
+
+
+ALGORITHMS = {
+    "miracle": "MIRACLE: alternating golden-section searches for T1 and T2 on the magnitudes of the "
+               "SSFP configurations F-1, F0, F1 with B1-scaled flip angle (vectorised over voxels)",
+    "svnn": "SVNN: MLP 4-64-64-2 on |F-1|, |F0|, |F1|, B1 trained on simulated signals with a parameter loss",
+    "pinn": "PINN: MLP 4-64-64-2 on |F-1|, |F0|, |F1|, B1 trained on simulated signals with a "
+            "physics-informed signal loss",
+    "svnncomplex": "SVNN complex: MLP 6-256-256-3 on Re/Im of F-1, F0, F1 and B1 (T1, T2, off-resonance), "
+                   "parameter loss",
+    "pinncomplex": "PINN complex: MLP 6-256-256-3 on Re/Im of F-1, F0, F1 and B1 (T1, T2, off-resonance), "
+                   "physics-informed signal loss",
 }
 
 
@@ -62,7 +75,8 @@ def estimate_bssfp(
     ``F``: complex ``[N, 3]`` configurations (F−1, F0, F1) after receiver-phase removal, not
     normalised. ``b1``: ``[N]`` (1 = nominal; NaN/non-positive values are treated as 1 and counted
     in the provenance). Returns ``({"T1map": s, "T2map": s[, "fieldmap": Hz]}, provenance)``;
-    voxels that cannot be estimated are NaN.
+    voxels that cannot be estimated are NaN. ``provenance`` has ``algorithm`` and ``reference``
+    (text for the sidecar), ``model_card`` (dict for the networks, None for MIRACLE) and counts.
     """
     if method not in BSSFP_METHODS:
         raise ValueError(f"unknown bSSFP method {method!r}; use one of {', '.join(BSSFP_METHODS)}")
@@ -77,11 +91,12 @@ def estimate_bssfp(
         b1 = np.where(bad_b1, 1.0, b1)
     t0 = time.perf_counter()
     provenance: dict = {
-        "EstimationAlgorithm": method,
-        "EstimationReference": REFERENCES[method],
-        "AcquisitionProtocol": protocol.as_dict(),
-        "ProtocolKey": protocol.key(),
-        "VoxelsWithoutB1": int(bad_b1.sum()),
+        "method": method,
+        "algorithm": ALGORITHMS[method],
+        "reference": REFERENCES[method],
+        "model_card": None,
+        "protocol_key": protocol.key(),
+        "voxels_without_b1": int(bad_b1.sum()),
     }
     f = normalise_configurations(torch.as_tensor(F).to(torch.complex128))
     ok = torch.isfinite(f.real).all(1) & torch.isfinite(f.imag).all(1) & (f.abs().sum(1) > 0)
@@ -92,13 +107,11 @@ def estimate_bssfp(
             f.abs().numpy(), b1, tr=protocol.tr, te=protocol.te, flip_rad=protocol.flip_rad
         )
         maps = {"T1map": t1, "T2map": t2}
-        provenance["Algorithm"] = {
-            "name": "MIRACLE",
-            "implementation": "golden-section search vectorised over voxels (torch, float64)",
+        provenance["settings"] = {
             **{k: list(v) if isinstance(v, tuple) else v for k, v in MIRACLE_DEFAULTS.items()},
             "units": "s",
             "median_rounds": float(np.median(rounds)) if n else 0.0,
-            "max_rounds_reached": int((rounds >= MIRACLE_DEFAULTS["max_rounds"]).sum()),
+            "voxels_at_max_rounds": int((rounds >= MIRACLE_DEFAULTS["max_rounds"]).sum()),
         }
     else:
         from bids_qmri.models.registry import get_model
@@ -111,12 +124,12 @@ def estimate_bssfp(
         maps = {"T1map": y[:, 0], "T2map": y[:, 1]}
         if net.kind == "complex":
             maps["fieldmap"] = y[:, 2]
-        provenance["ModelCard"] = {k: v for k, v in card.items() if k != "history"}
+        provenance["model_card"] = {k: v for k, v in card.items() if k != "history"}
         lo, hi = card["b1_range"]
         outside = int(((b1 < lo) | (b1 > hi)).sum())
         if outside:
-            provenance["VoxelsOutsideTrainedB1Range"] = outside
+            provenance["voxels_outside_trained_b1_range"] = outside
     maps = {k: np.asarray(v, dtype=np.float32) for k, v in maps.items()}
-    provenance["ElapsedSeconds"] = round(time.perf_counter() - t0, 3)
-    provenance["VoxelsEstimated"] = int(np.isfinite(maps["T1map"]).sum())
+    provenance["elapsed_s"] = round(time.perf_counter() - t0, 3)
+    provenance["voxels_estimated"] = int(np.isfinite(maps["T1map"]).sum())
     return maps, provenance
