@@ -288,12 +288,14 @@ def _processable(sess, config) -> bool:
 
 
 def _nothing_to_do(sessions, config) -> InputError:
-    found = sorted({kind for s in sessions for kind, items in
-                    (("bSSFP", s.bssfp), ("T1w", s.t1w), ("MRF", s.mrf), ("qMT", s.qmt),
-                     ("IRT1", s.irt1), ("MESE", s.mese)) if items}
-                   | {str(u.reason).split()[1].rstrip(",") for s in sessions for u in s.unprocessed})
+    found = set()
+    for s in sessions:
+        found |= {kind for kind, items in (("T1w", s.t1w), ("MRF", s.mrf), ("qMT", s.qmt),
+                                           ("IRT1", s.irt1), ("MESE", s.mese)) if items}
+        found |= {b.kind for b in s.b1}
+        found |= {Path(u.path).name.split("_")[-1].split(".")[0] for u in s.unprocessed}
     skipped = [k for s in sessions for k in s.skipped]
-    what = f"found {', '.join(found)} (not processed by this version)" if found else "found no image data"
+    what = f"found {', '.join(sorted(found))} (not processed by this version)" if found else "found no image data"
     detail = f"; {len(skipped)} input(s) skipped, first: {Path(skipped[0].path).name}: {skipped[0].reason}" \
         if skipped else ""
     return InputError(config.bids_dir, f"no processable input (phase-cycled bSSFP) for the selected "

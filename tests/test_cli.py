@@ -1,0 +1,164 @@
+"""The BIDS-App command line: options into Config, checks, levels, orchestration, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import bids_qmri
+from bids_qmri.cli import run as cli
+from bids_qmri.config import ALL_METHODS, DEFAULT_METHODS
+from bids_qmri.errors import EXIT_FAILED, EXIT_INPUT, EXIT_OK, EXIT_USAGE, UsageError, WorkflowError
+from helpers import make_bssfp_dataset, run_cli, tree
+
+
+def _config(argv):
+    return cli.build_config(cli.build_parser().parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return make_bssfp_dataset(tmp_path / "bids", subjects=("01", "02"), b1=None, t1w=False)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"bids_qmri {bids_qmri.__version__}"
+
+
+def test_options_into_config(tiny, tmp_path):
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: Linear\nplugin_args: {}\n")
+    filt = tmp_path / "f.json"
+    filt.write_text(json.dumps({"bssfp": {"acquisition": "pc4"}}))
+    c = _config([tiny, tmp_path / "out", "participant", "--participant-label", "sub-01", "02",
+                 "--session-label", "ses-1", "--bids-filter-file", filt, "-w", tmp_path / "w",
+                 "--nprocs", "3", "--mem-gb", "2.5", "--use-plugin", plugin, "--methods", "bssfp:miracle,pinn",
+                 "--atlas", "HarvardOxford", "--template", "MNI152NLin2009aSym", "--model-dir", tmp_path / "m",
+                 "--seed", "7", "--stop-on-first-crash", "--b1-prep-angle", "90", "--skip-bids-validation", "-vv"])
+    assert c.participant_labels == ["01", "02"] and c.session_labels == ["1"]
+    assert c.bids_filters == {"bssfp": {"acquisition": "pc4"}}
+    assert c.work_dir == (tmp_path / "w").resolve() and c.output_dir == (tmp_path / "out").resolve()
+    assert (c.nprocs, c.omp_nthreads, c.mem_gb) == (3, 3, 2.5)
+    assert c.methods == {"bssfp": ("miracle", "pinn")}
+    assert (c.atlas, c.seed, c.stop_on_first_crash, c.b1_prep_angle_deg) == ("HarvardOxford", 7, True, 90.0)
+    assert c.model_dir == (tmp_path / "m").resolve() and c.verbose == 2 and c.skip_bids_validation
+    assert cli.plugin_settings(c) == ("Linear", {})
+
+
+def test_defaults(tiny, tmp_path):
+    c = _config([tiny, tmp_path / "out", "participant"])
+    assert c.methods == DEFAULT_METHODS
+    assert c.work_dir == (tmp_path / "work").resolve()
+    assert c.nprocs >= 1 and c.omp_nthreads == min(c.nprocs, 8)
+    plugin, args = cli.plugin_settings(c)
+    assert plugin == "MultiProc" and args["n_procs"] == c.nprocs
+
+
+def test_methods_parsing():
+    assert cli.parse_methods(["bssfp:all"]) == {"bssfp": ALL_METHODS["bssfp"]}
+    assert cli.parse_methods(["bssfp:miracle", "bssfp:svnn,miracle"]) == {"bssfp": ("miracle", "svnn")}
+    for bad in (["bssfp"], ["mrf:dictmatch,nope"], ["bssfp:"], ["bssfp:miracle,foo"]):
+        with pytest.raises(UsageError):
+            cli.parse_methods(bad)
+
+
+@pytest.mark.parametrize("label", ["..", "../01", "01/..", "sub-", "a b", "01;rm", "ü"])
+def test_hostile_labels_are_rejected(label):
+    with pytest.raises(UsageError, match="only letters and digits"):
+        cli.clean_labels([label], "sub-", "participant label")
+
+
+def test_multiproc_plugin_args_from_options(tiny, tmp_path):
+    plugin = tmp_path / "p.yml"
+    plugin.write_text("plugin: MultiProc\nplugin_args:\n  n_procs: 5\n")
+    c = _config([tiny, tmp_path / "out", "participant", "--use-plugin", plugin, "--mem-gb", "4"])
+    assert cli.plugin_settings(c)[1] == {"n_procs": 5, "memory_gb": 4.0, "raise_insufficient": False,
+                                         "maxtasksperchild": 1}
+
+
+def test_group_level_calls_run_group_lazily(tiny, tmp_path, monkeypatch):
+    import bids_qmri.group as group
+
+    calls = []
+    monkeypatch.setattr(group, "run_group", lambda config: calls.append(config) or [])
+    out = tmp_path / "out"
+    assert cli.main([str(tiny), str(out), "group"]) == EXIT_USAGE  # nothing to collect yet
+    out.mkdir()
+    (out / "dataset_description.json").write_text("{}")
+    assert cli.main([str(tiny), str(out), "group", "--seed", "3"]) == EXIT_OK
+    assert len(calls) == 1 and calls[0].analysis_level == "group" and calls[0].seed == 3
+
+
+def test_participant_level_orchestration(tmp_path, monkeypatch):
+    """Discovery → derivatives root → one workflow per participant → inputs record → report."""
+    root = make_bssfp_dataset(tmp_path / "bids", subjects=("01", "02"), b1=None, t1w=False)
+    (root / "sub-02" / "anat" / "sub-02_acq-pc4_part-phase_bSSFP.nii.gz").write_bytes(b"")
+    ran, reports = [], []
+    monkeypatch.setattr(cli, "run_participant", lambda s, sessions, c: ran.append((s, sessions)))
+    import bids_qmri.reports as reports_pkg
+
+    class FakeReports:  # the report module is someone else's; record the call only
+        @staticmethod
+        def write_participant_report(output_dir, subject, sessions, config):
+            reports.append((output_dir, subject, [s.key for s in sessions]))
+            return Path(output_dir) / f"sub-{subject}.html"
+
+    monkeypatch.setitem(__import__("sys").modules, "bids_qmri.reports.participant", FakeReports)
+    monkeypatch.setattr(reports_pkg, "participant", FakeReports, raising=False)
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc = cli.main([str(root), str(out), "participant", "-w", str(work), "--skip-bids-validation"])
+    assert rc == EXIT_OK
+    assert [s for s, _ in ran] == ["01"]  # sub-02's only input is unusable
+    assert reports == [(out.resolve(), "01", ["sub-01"])]
+    assert json.loads((out / "dataset_description.json").read_text())["DatasetType"] == "derivative"
+    record = json.loads((work / "bids_qmri" / "sub-01_inputs.json").read_text())
+    assert record["participant_id"] == "sub-01" and record["sessions"][0]["skipped"] == []
+
+
+def test_workflow_failure_exit_code_and_continue(tmp_path, monkeypatch, capsys):
+    root = make_bssfp_dataset(tmp_path / "bids", subjects=("01", "02"), b1=None, t1w=False)
+    done = []
+
+    def fake(subject, sessions, config):
+        if subject == "01":
+            raise WorkflowError("sub-01: the workflow failed; crash file(s): x")
+        done.append(subject)
+
+    monkeypatch.setattr(cli, "run_participant", fake)
+    monkeypatch.setattr(cli, "write_report", lambda *a: None)
+    rc = cli.main([str(root), str(tmp_path / "out"), "participant", "--skip-bids-validation",
+                   "-w", str(tmp_path / "w")])
+    assert rc == EXIT_FAILED and done == ["02"]
+    err = capsys.readouterr().err
+    assert "bids_qmri: error: 1 of 2 participant(s) failed: sub-01" in err
+
+
+@pytest.mark.parametrize("name", ["qmri_irt1", "qmri_mese", "qmri_tb1tfl", "qmri_vfa", "qmri_megre"])
+def test_examples_run_ends_cleanly_with_nothing_to_process(bids_examples, tmp_path, name):
+    out = tmp_path / "out"
+    proc = run_cli(bids_examples / name, out, "participant", "--skip-bids-validation", "-w", tmp_path / "w")
+    assert proc.returncode == EXIT_INPUT, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("bids_qmri: error:")]
+    assert "no processable input" in line and "not processed by this version" in line
+    assert tree(out) == []
+
+
+def test_invalid_input_dataset_reports_where_the_full_report_is(bids_examples, tmp_path):
+    proc = run_cli(bids_examples / "qmri_irt1", tmp_path / "out", "participant", "-w", tmp_path / "w")
+    assert proc.returncode == EXIT_USAGE
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("bids_qmri: error:")]
+    assert "EMPTY_FILE" in line
+    report = Path(line.split("full report: ")[1].split(" — ")[0])
+    assert report.parent == (tmp_path / "w" / "logs").resolve()
+    assert json.loads(report.read_text())["issues"]["issues"]
+
+
+def test_raises_usage_error_on_missing_bids_dir(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        _config([tmp_path / "nope", tmp_path / "out", "participant"])
