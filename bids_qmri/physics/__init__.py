@@ -16,3 +16,4 @@ from bids_qmri.physics.epg import default_fisp_schedule, fisp_mrf  # noqa: F401
 from bids_qmri.physics.svd import compress, expand, svd_basis  # noqa: F401
 # `crb` stays the submodule (its function of the same name is `crb.crb`).
 from bids_qmri.physics.crb import crb_weighted_loss, fisher_information  # noqa: F401
+from bids_qmri.physics.qmt import default_qmt_schedule, hybrid_state_signal, saturation_rate  # noqa: F401

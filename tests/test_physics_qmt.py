@@ -1,0 +1,172 @@
+"""qMT two-pool model: matrix exponentials vs scipy ODE integration, lineshape vs frequency domain."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import quad, solve_ivp
+
+from bids_qmri.physics import crb, qmt
+
+D = torch.float64
+
+
+def short_schedule(n=40):
+    s = qmt.default_qmt_schedule()
+    idx = torch.linspace(0, s["flip_rad"].numel() - 1, n).round().long()
+    return dict(flip_rad=s["flip_rad"][idx], pulse_dur=s["pulse_dur"][idx], tr=s["tr"], inversion_dur=s["inversion_dur"])
+
+
+# ---- lineshape: time-domain quadrature vs the frequency-domain definition -------------------
+
+
+def lineshape_G(omega, t2s, kind):
+    """Henkelman lineshapes G(ω) (normalised ∫ G dω = 1), written in the frequency domain."""
+    if kind == "lorentzian":
+        return t2s / math.pi / (1 + (omega * t2s) ** 2)
+    if kind == "gaussian":
+        return t2s / math.sqrt(2 * math.pi) * math.exp(-0.5 * (omega * t2s) ** 2)
+    u0 = 1 / math.sqrt(3)
+    f = lambda u: math.sqrt(2 / math.pi) * t2s / abs(3 * u * u - 1) * math.exp(-2 * (omega * t2s / (3 * u * u - 1)) ** 2)  # noqa: E731
+    return quad(f, 0, u0, limit=200)[0] + quad(f, u0, 1, limit=200)[0]
+
+
+def rrf_frequency_domain(omega1, tau, t2s, b0, kind):
+    """ω1² (τ/2) ∫ G(ω) sinc²((ω + Δω)τ/2) dω: the lineshape weighted by the pulse power spectrum."""
+    dw = 2 * math.pi * b0
+
+    def integrand(w):
+        x = (w + dw) * tau / 2
+        sinc2 = 1.0 if x == 0 else (math.sin(x) / x) ** 2
+        return lineshape_G(w, t2s, kind) * sinc2
+
+    # split where the integrand changes scale: the pulse spectrum (~1/τ) and the line (~1/T2s)
+    edges = sorted({-50 / t2s, -10 / t2s, -200 / tau - dw, -dw, 0.0, 200 / tau - dw, 10 / t2s, 50 / t2s})
+    total = sum(quad(integrand, a, b, limit=500, epsrel=1e-10)[0] for a, b in zip(edges[:-1], edges[1:]))
+    return omega1**2 * tau / 2 * total
+
+
+@pytest.mark.parametrize("kind", qmt.LINESHAPES)
+@pytest.mark.parametrize("tau,t2s,b0", [(0.3e-3, 12e-6, 0.0), (1.0e-3, 8e-6, 150.0), (0.1e-3, 20e-6, -60.0)])
+def test_saturation_rate_equals_frequency_domain_integral(kind, tau, t2s, b0):
+    omega1 = 2000.0
+    ref = rrf_frequency_domain(omega1, tau, t2s, b0, kind)
+    got = qmt.saturation_rate(torch.tensor(omega1, dtype=D), torch.tensor(tau, dtype=D),
+                              torch.tensor(t2s, dtype=D), torch.tensor(b0, dtype=D), kind).item()
+    assert got == pytest.approx(ref, rel=2e-4)
+
+
+def test_long_pulse_limit_is_henkelman_rate():
+    # τ ≫ T2s: Rrf → π ω1² G(Δω) (Lorentzian, analytic), relative error O(T2s/τ)
+    omega1, t2s, b0 = 1000.0, 10e-6, 2000.0
+    got = qmt.saturation_rate(torch.tensor(omega1, dtype=D), torch.tensor(1.0, dtype=D),
+                              torch.tensor(t2s, dtype=D), torch.tensor(b0, dtype=D), "lorentzian").item()
+    assert got == pytest.approx(math.pi * omega1**2 * lineshape_G(2 * math.pi * b0, t2s, "lorentzian"), rel=1e-4)
+
+
+def test_superlorentzian_fid_table():
+    # g(0) = 1, magic-angle tail √(2π/3)/x, and a direct quadrature at x = 7
+    x = torch.tensor([1e-4, 7.0, 3e5, 1e7], dtype=D)
+    g = qmt._superlorentzian_fid(x)
+    direct = quad(lambda u: math.exp(-((3 * u * u - 1) ** 2) * 49 / 8), 0, 1, points=[1 / math.sqrt(3)], epsrel=1e-12)[0]
+    assert g[0].item() == pytest.approx(1.0, abs=1e-8)
+    assert g[1].item() == pytest.approx(direct, rel=1e-7)
+    assert (g[2:] * x[2:]).numpy() == pytest.approx([math.sqrt(2 * math.pi / 3)] * 2, rel=1e-4)
+
+
+# ---- propagation: matrix exponential vs explicit ODE integration ----------------------------
+
+
+def bloch_mcconnell_ode(p, sched, x0, lineshape):
+    """Integrate one cycle of the same train with solve_ivp; RHS from the cross product."""
+    m0s, t1, t2f, t2s, rx, b0, b1 = p
+    m0f = 1 - m0s
+    dw = 2 * math.pi * b0
+
+    def rhs_factory(wx, rrf):
+        def rhs(_, y):
+            m = y[:3]
+            dm = np.cross(m, [wx, 0.0, dw])  # γ M × B, γB = (ω1, 0, Δω)
+            dm = dm + np.array([-m[0] / t2f, -m[1] / t2f, (m0f - m[2]) / t1 - rx * m0s * m[2] + rx * m0f * y[3]])
+            dzs = (m0s - y[3]) / t1 - rrf * y[3] + rx * m0s * m[2] - rx * m0f * y[3]
+            return np.append(dm, dzs)
+        return rhs
+
+    def run(y, duration, wx=0.0, rrf=0.0):
+        sol = solve_ivp(rhs_factory(wx, rrf), (0, duration), y, method="DOP853", rtol=1e-12, atol=1e-14)
+        return sol.y[:, -1]
+
+    def rate(w1, tau):
+        return qmt.saturation_rate(torch.tensor(w1, dtype=D), torch.tensor(tau, dtype=D),
+                                   torch.tensor(t2s, dtype=D), torch.tensor(b0, dtype=D), lineshape).item()
+
+    y = np.array(x0, dtype=float)
+    tau_inv = sched["inversion_dur"]
+    w1 = b1 * math.pi / tau_inv
+    y = run(y, tau_inv, w1, rate(w1, tau_inv))
+    echoes = []
+    for n, (a, tau) in enumerate(zip(sched["flip_rad"].tolist(), sched["pulse_dur"].tolist())):
+        sign = (-1) ** n
+        w1 = sign * b1 * a / tau
+        y = run(y, tau, w1, rate(w1, tau))
+        y = run(y, (sched["tr"] - tau) / 2)
+        echoes.append(sign * (y[0] + 1j * y[1]))
+        y = run(y, (sched["tr"] - tau) / 2)
+    return np.array(echoes), y
+
+
+@pytest.mark.parametrize("lineshape", ["superlorentzian", "gaussian"])
+@pytest.mark.parametrize("p", [(0.15, 1.1, 0.07, 12e-6, 30.0, 25.0, 0.9), (0.05, 1.9, 0.15, 9e-6, 60.0, -80.0, 1.1)])
+def test_matrix_exponential_equals_ode_and_state_is_fixed_point(p, lineshape):
+    sched = short_schedule(40)
+    sig, x = qmt.hybrid_state_signal(*[torch.tensor(v, dtype=D) for v in p], lineshape=lineshape, return_state=True, **sched)
+    ode_sig, ode_end = bloch_mcconnell_ode(p, sched, x.numpy(), lineshape)
+    np.testing.assert_allclose(sig.numpy(), ode_sig, atol=1e-9)
+    np.testing.assert_allclose(ode_end, x.numpy(), atol=1e-9)  # one more cycle returns to x*
+    # the steady state is not trivial: it differs from thermal equilibrium
+    assert np.abs(x.numpy() - np.array([0, 0, 1 - p[0], p[0]])).max() > 1e-2
+
+
+def test_single_pool_long_constant_train_reaches_bssfp_steady_state():
+    """m0s = 0, very short pulses, constant flip: the end of a 7-s train is analytic bSSFP."""
+    n, alpha, tr, t1, t2 = 2000, math.radians(30), 3.5e-3, 1.0, 0.08
+    sig = qmt.hybrid_state_signal(
+        0.0, t1, t2, 10e-6, 0.0, 0.0, 1.0, flip_rad=torch.full((n,), alpha), pulse_dur=torch.full((n,), 1e-7),
+        tr=tr, inversion_dur=1e-7,
+    )
+    e1, e2 = math.exp(-tr / t1), math.exp(-tr / t2)
+    mss = math.sin(alpha) * (1 - e1) / (1 - (e1 - e2) * math.cos(alpha) - e1 * e2) * math.exp(-tr / 2 / t2)
+    assert abs(sig[-1]).item() == pytest.approx(mss, rel=1e-4)
+
+
+def test_float32_batch_and_default_schedule():
+    s = qmt.default_qmt_schedule()
+    assert s["flip_rad"].numel() == 1142 and s["tr"] == 3.5e-3
+    assert (s["pulse_dur"] < s["tr"]).all()
+    assert (s["flip_rad"] / s["pulse_dur"]).max() < 267.5e6 * 25e-6  # RF amplitude < 25 µT
+    m0s = torch.tensor([[0.0], [0.1], [0.2]])
+    b0 = torch.tensor([0.0, 40.0])
+    s32 = qmt.hybrid_state_signal(m0s, 1.2, 0.08, 12e-6, 30.0, b0, 1.0, **s)
+    assert s32.shape == (3, 2, 1142) and s32.dtype == torch.complex64
+    s64 = qmt.hybrid_state_signal(m0s.double(), 1.2, 0.08, 12e-6, 30.0, b0.double(), 1.0, **s)
+    np.testing.assert_allclose(s32.numpy(), s64.numpy(), atol=2e-5)
+    # more semi-solid pool, more saturation transfer: lower free-pool signal energy
+    energy = s64.abs().pow(2).sum(-1)[:, 0]
+    assert energy[0] > energy[1] > energy[2]
+
+
+def test_gradients_for_all_parameters_and_crb():
+    sched = short_schedule(8)
+    # T2s enters in µs so that gradcheck's finite-difference step (1e-6) is small relative to it
+    params = [torch.tensor([v], dtype=D, requires_grad=True) for v in (0.12, 1.3, 0.09, 11.0, 35.0, 20.0, 0.95)]
+
+    def f(m0s, t1, t2f, t2s_us, rx, b0, b1):
+        return torch.view_as_real(qmt.hybrid_state_signal(m0s, t1, t2f, t2s_us * 1e-6, rx, b0, b1, **sched))
+
+    assert torch.autograd.gradcheck(f, params)
+    # CRB through torch.func (vmap + jacfwd through matrix_exp) is finite and positive
+    theta = torch.tensor([[0.12, 1.3, 0.09, 35.0], [0.2, 0.9, 0.06, 20.0]], dtype=D)
+    model = lambda th: qmt.hybrid_state_signal(th[0], th[1], th[2], 11e-6, th[3], 0.0, 1.0, **short_schedule(60))  # noqa: E731
+    bound = crb.crb(model, theta, 0.01)
+    assert bound.shape == (2, 4) and torch.isfinite(bound).all() and (bound > 0).all()
