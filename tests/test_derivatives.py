@@ -177,3 +177,24 @@ def test_written_derivatives_pass_the_validator(tmp_path):
     # And the .bidsignore is what makes the custom names pass.
     (out / ".bidsignore").unlink()
     assert not validate_bids(out, derivative=True).ok
+
+
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from bids_qmri.utils.atomic import TMP_PREFIX, _owner_tag
+
+    raw = make_bssfp_dataset(tmp_path / "raw", b1=None, t1w=False)
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    host = _owner_tag().split("-")[0]
+    (out / "sub-01" / "anat").mkdir(parents=True)
+    stale = out / "sub-01" / "anat" / f"{TMP_PREFIX}{host}-{dead}-abc.nii.gz"
+    live = out / "sub-01" / "anat" / f"{TMP_PREFIX}{_owner_tag()}def.nii.gz"
+    other_host = out / "sub-01" / "anat" / f"{TMP_PREFIX}otherhost-{dead}-ghi.nii.gz"
+    for p in (stale, live, other_host):
+        p.write_bytes(b"partial")
+    D.init_derivatives(out, raw)
+    assert not stale.exists() and live.exists() and other_host.exists()

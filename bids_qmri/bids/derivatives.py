@@ -19,7 +19,7 @@ import nibabel as nb
 import numpy as np
 
 from .. import CODE_URL, __version__
-from ..utils.atomic import atomic_path, write_json_atomic, write_text_atomic
+from ..utils.atomic import atomic_path, remove_stale_temporaries, write_json_atomic, write_text_atomic
 
 LOGGER = logging.getLogger("bids_qmri.bids.derivatives")
 
@@ -235,6 +235,8 @@ def init_derivatives(output_dir, bids_dir) -> Path:
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temporaries(output_dir):
+        LOGGER.info("removed %s, left by a killed run", stale)
     desc = json.dumps(dataset_description(bids_dir), indent=2) + "\n"
     _write_if_changed(output_dir / "dataset_description.json", desc)
     ignore = bidsignore_text()

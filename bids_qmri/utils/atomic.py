@@ -9,10 +9,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-bids_qmri-"
+
+
+def _owner_tag() -> str:
+    """``<host>-<pid>-`` in temporary names, so stale ones (dead writer) can be recognised."""
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
+    return f"{host}-{os.getpid()}-"
 
 
 @contextlib.contextmanager
@@ -25,7 +32,7 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + _owner_tag(), suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -74,5 +81,30 @@ def _json_default(obj):
 
 
 def leftover_temporaries(root: str | os.PathLike) -> list[Path]:
-    """Temporary files left by writers that were killed (for tests and clean-up)."""
+    """Temporary files of writers, finished or killed (for tests and clean-up)."""
     return sorted(Path(root).rglob(f"{TMP_PREFIX}*"))
+
+
+def remove_stale_temporaries(root: str | os.PathLike) -> list[Path]:
+    """Delete temporaries whose writer (this host, that pid) is gone: what a kill -9 leaves.
+
+    Temporaries of live writers, and of other hosts (shared file systems on a cluster), stay.
+    """
+    host = _owner_tag().split("-", 1)[0]
+    removed = []
+    for tmp in leftover_temporaries(root):
+        parts = tmp.name[len(TMP_PREFIX):].split("-", 2)
+        if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        try:
+            os.kill(pid, 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
