@@ -64,3 +64,17 @@ def test_cli_rejects_bad_numbers(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         insilico_main(["bssfp", str(tmp_path), "--mc", "0"])
     assert exc.value.code == 2 and "--mc" in capsys.readouterr().err
+
+
+def test_onthefly_check_trains_then_reuses(tmp_path, monkeypatch):
+    from bids_qmri.insilico.bssfp import onthefly_check
+    from bids_qmri.models import registry
+    from bids_qmri.physics.bssfp import BSSFPProtocol
+
+    monkeypatch.setitem(registry.ON_THE_FLY, "svnn", {"n_samples": 3000, "max_epochs": 3, "patience": 3, "lr": 3e-3})
+    p = BSSFPProtocol.with_default_increments(5e-3, 2.5e-3, 25.0, 8)
+    first = onthefly_check(p, methods=["svnn"], model_dir=tmp_path, grid_n=8)
+    again = onthefly_check(p, methods=["svnn"], model_dir=tmp_path, grid_n=8)
+    assert not first.reused.any() and again.reused.all()
+    assert (first.cod > 0.5).all()
+    np.testing.assert_array_equal(first.cod.to_numpy(), again.cod.to_numpy())

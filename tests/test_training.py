@@ -172,3 +172,15 @@ def test_train_cli(tmp_path, capsys):
         train_main(["--method", "pinn", "--tr", "0.005", "--out-dir", str(tmp_path)])
     assert exc.value.code == 2
     assert "give --sidecar" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("npc", [12, 6, 4])
+@pytest.mark.parametrize("method", ["svnn", "pinn", "svnncomplex", "pinncomplex"])
+def test_bundled_models_for_the_seed_protocol(method, npc):
+    p = seed_protocol(npc)
+    net, card = registry.get_model(method, p, model_dir=None, allow_training=False)
+    assert card["origin"] == "bundled" and card["protocol_key"] == p.key() and card["method"] == method
+    assert card["training"]["n_samples"] >= 100_000 and card["validation_loss"] < 1e-2
+    # the bundled model beats the trivial baseline by far on fresh noise-free data
+    rel = _rmse_vs_baseline(net, p, net.kind, n=1000)
+    assert rel[0] < 0.2 and rel[1] < 0.2, rel

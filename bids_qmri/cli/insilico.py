@@ -45,6 +45,9 @@ def _add_bssfp(sub):
     p.add_argument("--theta-grid", type=int, default=20, help="T1×T2 grid size per axis in the θ sweep")
     p.add_argument("--model-dir", type=Path, default=None,
                    help="cache for models trained on the fly (only needed off the bundled protocol)")
+    p.add_argument("--onthefly", nargs=4, type=float, metavar=("TR", "TE", "FA", "NPC"), default=None,
+                   help="also train models on the fly for this protocol (s, s, deg, cycles) and report "
+                        "their noise-free CoD (needs --model-dir)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run_bssfp)
 
@@ -56,12 +59,18 @@ def _run_bssfp(args, parser) -> int:
     import torch
 
     from bids_qmri.insilico.bssfp import run_bssfp_insilico
+    from bids_qmri.physics.bssfp import BSSFPProtocol
 
+    otf = None
+    if args.onthefly is not None:
+        tr, te, fa, npc = args.onthefly
+        otf = BSSFPProtocol.with_default_increments(tr, te, fa, int(npc))
     torch.set_num_threads(1)
     written = run_bssfp_insilico(
         args.out_dir, methods=args.methods, snrs=args.snr, n_mc=args.mc, grid_n=args.grid,
         n_invivo=args.invivo, npcs=args.npc, theta_methods=args.theta_methods,
         n_theta=args.theta_points, theta_grid_n=args.theta_grid, model_dir=args.model_dir, seed=args.seed,
+        onthefly_protocol=otf,
     )
     for path in written:
         print(path)
