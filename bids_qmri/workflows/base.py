@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")  # no telemetry, ever
 
+from nipype.interfaces import utility as niu  # noqa: E402
 from nipype.pipeline import engine as pe  # noqa: E402
 
 from ..bids.discovery import b1_for  # noqa: E402
@@ -33,23 +34,33 @@ def participant_wf_name(session_inputs: SessionInputs) -> str:
 def init_participant_wf(session_inputs: SessionInputs, config) -> pe.Workflow:
     """Workflow for one participant and session.
 
-    ``anat_wf`` (T1w preprocessing, tissues, atlas in T1w space) feeds one ``roi_wf`` per bSSFP
-    input; each ``bssfp_<acq>_wf`` maps its series with the matching B1 input (``IntendedFor``,
-    else the session's first B1 map) and hands its reference image and maps to its ``roi_wf``.
+    ``anat_wf`` (T1w preprocessing, tissues, atlas in T1w space; without a T1w it registers the
+    template to the first bSSFP reference image) and one ``bssfp_<acq>_wf`` per bSSFP input, each
+    with its matching B1 input (``IntendedFor``, else the session's first B1 map), feed one
+    ``roi_wf``: reference images and maps of all bSSFP inputs are merged into lists, and the ROI
+    workflow matches each map to its reference image by ``acq``.
     """
     sess = session_inputs
     wf = pe.Workflow(name=participant_wf_name(sess))
     t1w = sess.t1w[0] if sess.t1w else None
     anat_wf = init_anat_wf(t1w, sess.subject, sess.session, config, name="anat_wf")
-    wf.add_nodes([anat_wf])
-    for index, bssfp in enumerate(sess.bssfp):
+    roi_wf = init_roi_wf(sess.subject, sess.session, config, name="roi_wf")
+    n = len(sess.bssfp)
+    merge_ref = pe.Node(niu.Merge(n), name="merge_ref_images")
+    merge_maps = pe.Node(niu.Merge(n), name="merge_maps")
+    wf.connect([
+        (anat_wf, roi_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in ANAT_FIELDS]),
+        (merge_ref, roi_wf, [("out", "inputnode.ref_image")]),
+        (merge_maps, roi_wf, [("out", "inputnode.maps")]),
+    ])
+    for index, bssfp in enumerate(sess.bssfp, start=1):
         tag = bssfp.acq or str(index)
         bssfp_wf = init_bssfp_wf(bssfp, b1_for(sess, bssfp), sess.subject, sess.session, config,
                                  name=f"bssfp_{tag}_wf")
-        roi_wf = init_roi_wf(sess.subject, sess.session, config, name=f"roi_{tag}_wf")
         wf.connect([
-            (anat_wf, roi_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in ANAT_FIELDS]),
-            (bssfp_wf, roi_wf, [("outputnode.ref_image", "inputnode.ref_image"),
-                                ("outputnode.maps", "inputnode.maps")]),
+            (bssfp_wf, merge_ref, [("outputnode.ref_image", f"in{index}")]),
+            (bssfp_wf, merge_maps, [("outputnode.maps", f"in{index}")]),
         ])
+        if t1w is None and index == 1:
+            wf.connect(bssfp_wf, "outputnode.ref_image", anat_wf, "inputnode.ref_image")
     return wf
