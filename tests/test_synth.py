@@ -1,0 +1,341 @@
+"""bids_qmri-synth: phantom, BIDS validity, reproducibility, ground truth consistency.
+
+Independent truths: the BIDS validator, seed 004 Table 1, the physics functions re-applied to the
+written ground truth (one implementation, but the test exercises the whole chain of sampling,
+poses, scaling, file writing), the exact EPG simulation against the dictionary interpolation,
+and the TB1TFL definition famp = 10 × achieved 80° preparation angle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pytest
+import torch
+
+from bids_qmri.physics import bssfp, epg, mprage, relaxation, svd
+from bids_qmri.synth import dataset as ds
+from bids_qmri.synth import phantom as ph
+from helpers import validate_bids
+
+RES = 6.0
+FAST_KINDS = ("bssfp", "tb1tfl", "t1w", "mrf", "irt1", "mese")
+
+
+def _write(path, **kw):
+    opts = dict(participants=1, sessions=2, resolution=RES, seed=3, kinds=FAST_KINDS)
+    opts.update(kw)
+    return ds.write_dataset(path, ds.SynthOptions(**opts), progress=False)
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory):
+    """One participant, two sessions, motion and noise (the realistic case)."""
+    return _write(tmp_path_factory.mktemp("synth") / "noisy")
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """No noise, no motion: the data must equal the physics applied to the ground truth."""
+    return _write(tmp_path_factory.mktemp("synth") / "clean", sessions=0, snr=math.inf, motion=False)
+
+
+def _load(path) -> np.ndarray:
+    return np.asanyarray(nb.load(str(path)).dataobj).astype(np.float64)
+
+
+def _one(root: Path, pattern: str) -> Path:
+    hits = sorted(root.rglob(pattern))
+    assert len(hits) == 1, (pattern, hits)
+    return hits[0]
+
+
+def _gt(root: Path, name: str) -> np.ndarray:
+    return _load(_one(root / "derivatives" / "groundtruth", name))
+
+
+# --------------------------------------------------------------------------------------------
+# BIDS validity and layout
+
+
+def test_raw_dataset_passes_validator(noisy):
+    res = validate_bids(noisy)
+    assert res.ok, res.summary()
+
+
+def test_groundtruth_passes_validator_in_derivative_mode(noisy):
+    res = validate_bids(noisy / "derivatives" / "groundtruth", derivative=True)
+    assert res.ok, res.summary()
+
+
+def test_sidecars_hold_the_required_metadata(noisy):
+    side = lambda p: json.loads(_one(noisy, p).read_text())  # noqa: E731
+    b = side("sub-01_ses-01_acq-pc12_part-mag_bSSFP.json")
+    assert b["RepetitionTimeExcitation"] == 0.0048 and b["EchoTime"] == 0.0024 and b["FlipAngle"] == 15.0
+    np.testing.assert_allclose(b["PhaseIncrements"], [15.0 * (2 * j - 1) for j in range(1, 13)])
+    mrf = side("sub-01_ses-01_acq-fisp_desc-svd_part-real_MRF.json")
+    assert mrf["MRFSequenceType"] == "FISP" and len(mrf["FlipAngle"]) == len(mrf["RepetitionTimeExcitation"])
+    assert 0.0117 <= min(mrf["RepetitionTimeExcitation"]) and max(mrf["RepetitionTimeExcitation"]) <= 0.0143
+    # Series: the time per file, the rest inherited from the top-level sidecar.
+    tis = [json.loads(p.read_text())["InversionTime"] for p in sorted(noisy.rglob("sub-01_ses-01_*_IRT1.json"))]
+    assert tis == list(ds.IRT1_TIS)
+    assert "RepetitionTime" in json.loads((noisy / "acq-se_MESE.json").read_text())
+    t1w = side("sub-01_ses-01_acq-mprage_T1w.json")
+    assert t1w["InversionTime"] == 0.9 and t1w["RepetitionTimePreparation"] == 2.13
+    assert (noisy / ".bidsignore").read_text().count("_bSSFP") == 1
+    gt = json.loads(_one(noisy, "sub-01_ses-01_acq-pc12_T1map.json").read_text())
+    assert gt["Units"] == "s" and gt["ReferenceVolume"] == 6 and len(gt["HeadPose"]) == 4
+
+
+def test_basis_tsv_round_trip(noisy, tmp_path):
+    basis = ds.read_basis_tsv(_one(noisy, "sub-01_ses-01_acq-fisp_desc-svd_MRFbasis.tsv"))
+    assert basis.shape == (ds.MRF_FRAMES, ds.MRF_RANK)
+    np.testing.assert_allclose(basis.mH @ basis, np.eye(ds.MRF_RANK), atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------------
+# Reproducibility and test-retest structure
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_files(tmp_path):
+    kw = dict(sessions=0, kinds=("bssfp", "tb1tfl", "irt1"))
+    a = _digest(_write(tmp_path / "a", **kw))
+    b = _digest(_write(tmp_path / "b", **kw))
+    assert a == b and len(a) > 40
+    c = _digest(_write(tmp_path / "c", seed=4, **kw))
+    assert c["sub-01/anat/sub-01_acq-pc12_part-mag_bSSFP.nii.gz"] != a["sub-01/anat/sub-01_acq-pc12_part-mag_bSSFP.nii.gz"]
+
+
+def test_sessions_share_tissue_parameters_but_not_noise_or_position(noisy):
+    gt = noisy / "derivatives" / "groundtruth" / "sub-01"
+    for name in ("T1map", "T2map", "M0map", "m0smap", "dseg"):
+        a = _load(gt / "ses-01" / "anat" / f"sub-01_ses-01_{name}.nii.gz")
+        b = _load(gt / "ses-02" / "anat" / f"sub-01_ses-02_{name}.nii.gz")
+        np.testing.assert_array_equal(a, b)
+    # B1/B0 fields, head position and noise are new in each session.
+    b1 = [_load(gt / s / "fmap" / f"sub-01_{s}_TB1map.nii.gz") for s in ("ses-01", "ses-02")]
+    assert np.abs(b1[0] - b1[1]).max() > 0.01
+    poses = [json.loads((gt / s / "anat" / f"sub-01_{s}_acq-pc12_T1map.json").read_text())["HeadPose"]
+             for s in ("ses-01", "ses-02")]
+    assert not np.allclose(poses[0], poses[1])
+    mags = [_load(_one(noisy, f"sub-01_{s}_acq-pc12_part-mag_bSSFP.nii.gz")) for s in ("ses-01", "ses-02")]
+    assert not np.allclose(mags[0], mags[1])
+
+
+def test_noise_level_follows_the_seed_snr_definition(noisy):
+    mag = _load(_one(noisy, "sub-01_ses-01_acq-pc12_part-mag_bSSFP.nii.gz"))
+    phase = _load(_one(noisy, "sub-01_ses-01_acq-pc12_part-phase_bSSFP.nii.gz"))
+    pd_ = _gt(noisy, "sub-01_ses-01_acq-pc12_M0map.nii.gz")
+    s = mag * np.exp(1j * phase)
+    background = s[pd_ == 0]  # air: pure complex noise
+    sigma = 0.074 / (math.sqrt(2) * 25.0)
+    assert background.size > 10000
+    np.testing.assert_allclose([background.real.std(), background.imag.std()], sigma, rtol=0.05)
+    assert abs(background.real.mean()) < 5 * sigma / math.sqrt(background.size) + 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Phantom
+
+
+def test_tissue_parameters_match_table1():
+    """Pure-tissue values pooled over many participants: Table 1 means and SDs."""
+    grid = ph.reference_grid(8.0)
+    n_participants = 120
+    for tissue in ("GM", "WM", "CSF", "fat"):
+        fractions = {t: np.zeros(grid.shape, np.float32) for t in ph.TISSUES}
+        fractions[tissue][:] = 1.0
+        values = {p: [] for p in ("T1", "T2", "PD")}
+        for k in range(n_participants):
+            maps, means = ph.draw_tissue_parameters(np.random.default_rng([7, k]), grid, fractions)
+            for p in values:
+                values[p].append(maps[p][::3, ::3, ::3].ravel())
+        for p, v in values.items():
+            v = np.asarray(v)  # [participants, voxels]
+            mu, sd = ph.TISSUE_PARAMETERS[tissue][p]
+            # Participant offsets carry half the variance: SE of the pooled mean ~ sd/sqrt(2N).
+            se = sd / math.sqrt(2 * n_participants)
+            assert abs(v.mean() - mu) < 4 * se + 1e-3 * mu, (tissue, p, v.mean(), mu)
+            assert v.std() == pytest.approx(sd, rel=0.15), (tissue, p)
+
+
+def test_phantom_anatomy_and_fields_are_plausible():
+    p = ph.make_phantom(np.random.default_rng(11), 4.0)
+    f = ph.make_session_fields(np.random.default_rng(12), p)
+    brain = p.brain_mask
+    vol_ml = {t: float(p.fractions[t].sum()) * 64e-3 for t in ("GM", "WM", "CSF")}
+    assert 500 < vol_ml["GM"] < 1300 and 350 < vol_ml["WM"] < 900 and vol_ml["CSF"] > 40
+    assert 0.7 <= f.b1.min() and f.b1.max() <= 1.3 and f.b1[brain].max() > 1.05 and f.b1[brain].min() < 0.95
+    # ΔB0: tens of Hz over most of the brain, a strong orbitofrontal bump above the sinus.
+    b0 = np.abs(f.b0_hz[brain])
+    assert np.median(b0) < 30 and b0.max() > 60
+    world = p.grid.world()[:, brain]
+    frontal_inferior = (world[1] > 10) & (world[2] < -5)
+    assert np.abs(f.b0_hz[brain][frontal_inferior]).max() > 2 * np.percentile(b0[~frontal_inferior], 99)
+    # The head shell surrounds the brain: every brain voxel is away from air.
+    assert p.head_mask.sum() > 1.3 * brain.sum()
+
+
+def test_deformation_is_small_and_invertible():
+    grid = ph.reference_grid(4.0)
+    scaling, disp = ph._deformation(np.random.default_rng(5), grid, 3.0)
+    assert np.abs(disp).max() == pytest.approx(3.0) and np.all(np.abs(scaling - 1) <= 0.05)
+    # Jacobian of x -> x/s + u(x) must stay positive (no folding).
+    grads = [np.gradient(disp[i], *grid.zooms) for i in range(3)]
+    jac = np.empty(grid.shape + (3, 3))
+    for i in range(3):
+        for j in range(3):
+            jac[..., i, j] = (i == j) / scaling[i] + grads[i][j]
+    assert np.linalg.det(jac).min() > 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Ground truth lines up with the data
+
+
+def _tt(a):
+    return torch.from_numpy(np.asarray(a, dtype=np.float64))
+
+
+def test_bssfp_resimulated_from_ground_truth_equals_data(clean):
+    mag = _load(_one(clean, "sub-01_acq-pc12_part-mag_bSSFP.nii.gz"))
+    phase = _load(_one(clean, "sub-01_acq-pc12_part-phase_bSSFP.nii.gz"))
+    side = json.loads(_one(clean, "sub-01_acq-pc12_part-mag_bSSFP.json").read_text())
+    gt = {k: _gt(clean, f"sub-01_acq-pc12_{k}.nii.gz") for k in ("T1map", "T2map", "M0map", "TB1map", "fieldmap")}
+    m = gt["M0map"] > 0.05
+    sim = bssfp.bssfp_signal(*(_tt(gt[k][m]) for k in ("T1map", "T2map", "M0map", "TB1map", "fieldmap")),
+                             tr=side["RepetitionTimeExcitation"], te=side["EchoTime"],
+                             flip_rad=math.radians(side["FlipAngle"]),
+                             phase_increments_rad=torch.tensor(np.radians(side["PhaseIncrements"])))
+    data = torch.from_numpy((mag * np.exp(1j * phase))[m])
+    np.testing.assert_allclose(data.abs().numpy(), sim.abs().numpy(), rtol=2e-4, atol=2e-6)
+    # The data carry a smooth receiver phase; without it they are the same complex signal.
+    a, b = bssfp.remove_receiver_phase(data), bssfp.remove_receiver_phase(sim)
+    assert (a - b).abs().max() < 1e-4
+    assert m.sum() > 1000
+
+
+def test_relaxometry_series_resimulated_from_ground_truth(clean):
+    t1, t2, pd_, b1 = (_gt(clean, f"sub-01_acq-ir_{k}.nii.gz") for k in ("T1map", "T2map", "M0map", "TB1map"))
+    m = pd_ > 0.05
+    ir = np.stack([_load(_one(clean, f"sub-01_acq-ir_inv-{j + 1}_IRT1.nii.gz"))[m] for j in range(6)], -1)
+    expect = relaxation.inversion_recovery(_tt(pd_[m]), 1 - torch.cos(math.pi * _tt(b1[m])), _tt(t1[m]), ds.IRT1_TIS)
+    np.testing.assert_allclose(ir / 1000.0, expect.numpy(), rtol=1e-4, atol=1e-6)
+    t1, t2, pd_ = (_gt(clean, f"sub-01_acq-se_{k}.nii.gz") for k in ("T1map", "T2map", "M0map"))
+    m = pd_ > 0.05
+    se = np.stack([_load(_one(clean, f"sub-01_acq-se_echo-{j + 1}_MESE.nii.gz"))[m] for j in range(6)], -1)
+    a = _tt(pd_[m]) * -torch.expm1(-ds.MESE_TR / _tt(t1[m]))
+    np.testing.assert_allclose(se / 1000.0, relaxation.t2_decay(a, _tt(t2[m]), ds.MESE_TES).numpy(),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_mprage_resimulated_from_ground_truth(clean):
+    t1, pd_, b1 = (_gt(clean, f"sub-01_acq-mprage_{k}.nii.gz") for k in ("T1map", "M0map", "TB1map"))
+    m = pd_ > 0.05
+    img = _load(_one(clean, "sub-01_acq-mprage_T1w.nii.gz"))[m] / 1000.0
+    expect = mprage.mprage_signal(_tt(t1[m]), _tt(pd_[m]), _tt(b1[m]), **mprage.default_mprage_protocol())
+    np.testing.assert_allclose(img, expect.numpy(), rtol=1e-4, atol=1e-6)
+    dseg = _gt(clean, "sub-01_acq-mprage_dseg.nii.gz")[m]
+    means = [img[dseg == k].mean() for k in (1, 2, 3)]
+    assert means[1] > means[0] > means[2]  # T1w contrast: WM > GM > CSF
+
+
+def test_mrf_coefficients_match_exact_epg_on_ground_truth(clean):
+    re = _load(_one(clean, "sub-01_acq-fisp_desc-svd_part-real_MRF.nii.gz"))
+    im = _load(_one(clean, "sub-01_acq-fisp_desc-svd_part-imag_MRF.nii.gz"))
+    basis = ds.read_basis_tsv(_one(clean, "sub-01_acq-fisp_desc-svd_MRFbasis.tsv"))
+    gt = {k: _gt(clean, f"sub-01_acq-fisp_{k}.nii.gz") for k in ("T1map", "T2map", "M0map", "TB1map")}
+    brain = _gt(clean, "sub-01_acq-fisp_desc-brain_mask.nii.gz") > 0
+    idx = np.flatnonzero(brain)[:: max(1, brain.sum() // 150)]
+    coeffs = torch.from_numpy((re + 1j * im).reshape(-1, basis.shape[1])[idx])
+    t1, t2, pd_, b1 = (_tt(gt[k].ravel()[idx]) for k in ("T1map", "T2map", "M0map", "TB1map"))
+    exact = epg.fisp_mrf(t1, t2, b1, **epg.default_fisp_schedule(ds.MRF_FRAMES)) * pd_[:, None]
+    exact_c = svd.compress(exact, basis, real_first=True)
+    data_c = svd.compress(svd.expand(coeffs, basis), basis, real_first=True)  # receiver phase removed
+    rel = (data_c - exact_c).norm(dim=-1) / exact_c.norm(dim=-1)
+    assert float(rel.median()) < 0.005 and float(rel.max()) < 0.03
+
+
+def test_b1_from_tb1tfl_equals_ground_truth(noisy):
+    famp = _load(_one(noisy, "sub-01_ses-01_acq-famp_TB1TFL.nii.gz"))
+    b1 = _gt(noisy, "sub-01_ses-01_acq-tb1tfl_TB1map.nii.gz")
+    side = json.loads(_one(noisy, "sub-01_ses-01_acq-famp_TB1TFL.json").read_text())
+    assert side["FlipAngle"] == 8.0  # the readout angle, not the preparation angle
+    m = famp > 0
+    assert m.sum() > 500
+    np.testing.assert_allclose(famp[m] / 800.0, b1[m], atol=0.5 / 800 + 1e-6)
+
+
+def test_ground_truth_grid_matches_acquisition_grid(noisy):
+    for pattern, gt in (("sub-01_ses-01_acq-pc12_part-mag_bSSFP.nii.gz", "sub-01_ses-01_acq-pc12_T1map.nii.gz"),
+                        ("sub-01_ses-01_acq-famp_TB1TFL.nii.gz", "sub-01_ses-01_acq-tb1tfl_TB1map.nii.gz"),
+                        ("sub-01_ses-01_acq-se_echo-1_MESE.nii.gz", "sub-01_ses-01_acq-se_dseg.nii.gz")):
+        a, b = nb.load(_one(noisy, pattern)), nb.load(_one(noisy, gt))
+        assert a.shape[:3] == b.shape and np.allclose(a.affine, b.affine)
+    # With motion the brain in the data sits where the acquisition-grid ground truth says.
+    mag = _load(_one(noisy, "sub-01_ses-01_acq-pc12_part-mag_bSSFP.nii.gz"))[..., 6]
+    head = _gt(noisy, "sub-01_ses-01_acq-pc12_M0map.nii.gz") > 0.3
+    assert mag[head].mean() > 5 * mag[~head].mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Command line and montage
+
+
+def _cli(*args):
+    exe = Path(sys.executable).parent / "bids_qmri-synth"
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--snr", "-3"], "--snr"),
+    (["--participants", "0"], "--participants"),
+    (["--resolution", "0.1"], "--resolution"),
+    (["--kinds", "dwi"], "--kinds"),
+    (["--npc", "2"], "--npc"),
+])
+def test_cli_bad_arguments_give_one_line_error(tmp_path, args, needle):
+    out = tmp_path / "out"
+    proc = _cli(out, *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_refuses_a_non_empty_output(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    proc = _cli(tmp_path / "out")
+    assert proc.returncode == 2 and "not an empty directory" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+
+
+def test_cli_writes_a_dataset(tmp_path):
+    proc = _cli(tmp_path / "d", "--participants", "1", "--sessions", "0", "--resolution", "8",
+                "--kinds", "bssfp", "tb1tfl", "--npc", "6", "--no-motion", "--seed", "2")
+    assert proc.returncode == 0, proc.stderr
+    mag = nb.load(_one(tmp_path / "d", "sub-01_acq-pc6_part-mag_bSSFP.nii.gz"))
+    assert mag.shape[3] == 6
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_montage_is_written(noisy, tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "phantom_montage.py"
+    out = tmp_path / "montage.png"
+    proc = subprocess.run([sys.executable, str(script), str(out), "--bids", str(noisy)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 50_000
