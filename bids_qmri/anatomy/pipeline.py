@@ -1,0 +1,166 @@
+"""The anatomical steps as file-in/file-out functions (what the workflow nodes call).
+
+T1w -> N4 -> template registration (affine, then SyN inside a first-pass brain mask) ->
+template mask and GM/WM/CSF priors warped to the T1w -> refined brain mask -> Atropos with
+priors -> probseg/dseg; the atlas follows the same transforms (generic-label interpolation).
+When no T1w exists, the template is registered to a modality's reference image instead and the
+warped priors themselves are the tissue probabilities (no Atropos: the contrast is not T1w).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pandas as pd
+
+from . import registration as reg
+from .atlases import resolve_atlas
+from .segmentation import TISSUES, refine_mask, segment_tissues
+from .templates import load_template
+
+LOGGER = logging.getLogger("bids_qmri.anatomy.pipeline")
+
+
+def _save(arr: np.ndarray, ref: nb.spatialimages.SpatialImage, path: Path, dtype=np.float32) -> str:
+    img = nb.Nifti1Image(np.asarray(arr).astype(dtype), ref.affine)
+    img.header.set_xyzt_units("mm")
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nb.save(img, path)
+    return str(path)
+
+
+def _save_ants(img, path: Path) -> str:
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.image_write(str(path)) if hasattr(img, "image_write") else img.to_file(str(path))
+    return str(path)
+
+
+def _reorient(in_file: str | Path, out_file: Path) -> nb.Nifti1Image:
+    """RAS+ copy of the input (4D inputs: first volume), float32, so ANTs sees one convention."""
+    img = nb.load(in_file)
+    if img.ndim > 3:
+        img = img.slicer[..., 0]
+    img = nb.as_closest_canonical(img)
+    data = np.nan_to_num(img.get_fdata(dtype=np.float32))
+    out = nb.Nifti1Image(data, img.affine)
+    out.header.set_xyzt_units("mm")
+    nb.save(out, out_file)
+    return out
+
+
+def bias_correct(in_file: str, out_dir: str | Path, nthreads: int = 1) -> str:
+    """N4 bias-field correction of the T1w (RAS+ float32) -> path."""
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / "t1w_ras.nii.gz"
+    _reorient(in_file, raw)
+    corrected = reg.n4(str(raw), nthreads=nthreads)
+    return _save_ants(corrected, out_dir / "t1w_n4.nii.gz")
+
+
+def template_files(template_name: str, out_dir: str | Path) -> dict[str, str]:
+    """Write the template's T1w, mask and priors as files (ANTs reads files) -> paths."""
+    tpl = load_template(template_name)
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"name": tpl.name, "source": tpl.source}
+    for key, img in [("T1w", tpl.t1w), ("mask", tpl.mask)] + list(tpl.priors.items()):
+        p = out_dir / f"tpl_{key}.nii.gz"
+        nb.save(img, p)
+        paths[key] = str(p)
+    return paths
+
+
+def register_template(fixed: str, template_name: str, out_dir: str | Path, nthreads: int = 1,
+                      seed: int = 0, cross_modal: bool = False) -> dict[str, str]:
+    """Template -> subject registration in two passes -> transforms and the warped template.
+
+    Pass 1 is affine on the whole image; its warped template mask, dilated ~8 mm, restricts
+    pass 2 (affine refinement + SyN) to the head around the brain so that skull and scalp do
+    not pull the brain boundary. ``cross_modal`` (the subject image is not T1-weighted) switches
+    SyN from cross-correlation to mutual information. Returns paths: ``to_native`` (Composite.h5, template -> subject
+    grid), ``to_template`` (InverseComposite.h5), the template files and ``template`` (name).
+    """
+    out_dir = Path(out_dir).absolute()
+    tpl = template_files(template_name, out_dir / "template")
+    # Both passes see the brain-only template; pass 1 needs to get the position and scale.
+    first = reg.register(fixed, tpl["T1w"], out_dir / "affine_", kind="Affine", nthreads=nthreads, seed=seed)
+    mask1 = reg.apply(tpl["mask"], fixed, first["fwd"], interpolator="linear", nthreads=nthreads)
+    fixed_img = nb.load(fixed)
+    zoom = float(min(fixed_img.header.get_zooms()[:3]))
+    from scipy import ndimage
+
+    dil = ndimage.binary_dilation(mask1.numpy() > 0.5, iterations=max(1, int(round(8.0 / zoom))))
+    reg_mask = _save(dil, fixed_img, out_dir / "regmask.nii.gz", np.uint8)
+    # Pass 2 on the masked subject image: the template has no skull, the subject may have one.
+    masked = _save(fixed_img.get_fdata(dtype=np.float32) * dil, fixed_img, out_dir / "fixed_masked.nii.gz")
+    second = reg.register(masked, tpl["T1w"], out_dir / "syn_", kind="SyN", fixed_mask=reg_mask,
+                          initial_transform=first["fwd"][0], nthreads=nthreads, seed=seed,
+                          syn_metric="mattes" if cross_modal else "CC")
+    warped = _save_ants(second["warped"], out_dir / "template_in_native.nii.gz")
+    return dict(tpl, to_native=second["fwd"][0], to_template=second["inv"][0], warped_template=warped,
+                template=tpl["name"])
+
+
+def warp_to_native(moving: str, reference: str, to_native: str, out_file: str | Path, *, labels: bool = False,
+                   nthreads: int = 1) -> str:
+    """Bring a template-space image onto the subject grid (labels: generic-label interpolation)."""
+    interp = "genericLabel" if labels else "linear"
+    out = reg.apply(moving, reference, [to_native], interpolator=interp, nthreads=nthreads)
+    if labels:
+        arr = np.rint(out.numpy()).astype(np.int32)
+        return _save(arr, nb.load(reference), out_file, np.int32)
+    return _save_ants(out, out_file)
+
+
+def segment(t1w: str, regdict: dict, out_dir: str | Path, *, use_atropos: bool = True, nthreads: int = 1,
+            seed: int = 0) -> dict[str, str]:
+    """Brain mask and GM/WM/CSF probabilities on the subject grid -> paths
+    (``mask``, ``GM``, ``WM``, ``CSF``, ``dseg``)."""
+    out_dir = Path(out_dir).absolute()
+    ref = nb.load(t1w)
+    warped = {}
+    for key in ("mask",) + TISSUES:
+        warped[key] = nb.load(warp_to_native(regdict[key], t1w, regdict["to_native"], out_dir / f"prior_{key}.nii.gz",
+                                             nthreads=nthreads)).get_fdata(dtype=np.float32)
+    mask = refine_mask(warped["mask"])
+    mask_path = _save(mask, ref, out_dir / "brain_mask.nii.gz", np.uint8)
+    priors = [_save(np.clip(warped[t], 0, 1) * mask, ref, out_dir / f"mprior_{t}.nii.gz") for t in TISSUES]
+    if use_atropos:
+        probs, dseg = segment_tissues(t1w, mask_path, priors, nthreads=nthreads, seed=seed)
+    else:
+        stack = np.stack([np.clip(warped[t], 0, 1) * mask for t in TISSUES], -1)
+        total = stack.sum(-1, keepdims=True)
+        stack = np.where(total > 0, stack / np.where(total > 0, total, 1), 0)
+        probs = [stack[..., k] for k in range(3)]
+        dseg = np.where(mask, stack.argmax(-1) + 1, 0).astype(np.uint8)
+    out = {"mask": mask_path, "dseg": _save(dseg, ref, out_dir / "dseg.nii.gz", np.uint8)}
+    for t, p in zip(TISSUES, probs):
+        out[t] = _save(p, ref, out_dir / f"probseg_{t}.nii.gz")
+    return out
+
+
+def atlas_to_native(atlas_spec: str, t1w: str, to_native: str, out_dir: str | Path, mask: str | None = None,
+                    nthreads: int = 1) -> dict[str, str]:
+    """The atlas on the subject grid (restricted to the brain mask) and its label table."""
+    atlas = resolve_atlas(atlas_spec)
+    out_dir = Path(out_dir).absolute()
+    labels_path = warp_to_native(str(atlas.labels), t1w, to_native, out_dir / f"atlas-{atlas.name}_dseg.nii.gz",
+                                 labels=True, nthreads=nthreads)
+    if mask is not None:
+        img = nb.load(labels_path)
+        arr = np.asarray(img.dataobj) * (np.asarray(nb.load(mask).dataobj) > 0)
+        labels_path = _save(arr, img, labels_path, np.int32)
+    table_path = out_dir / f"atlas-{atlas.name}_dseg.tsv"
+    atlas.table.to_csv(table_path, sep="\t", index=False)
+    return {"atlas_dseg": labels_path, "atlas_table": str(table_path), "atlas_name": atlas.name,
+            "atlas_description": atlas.description, "atlas_citation": atlas.citation}
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t")
