@@ -3,16 +3,31 @@
 # root file system: every cache points under /tmp (a tmpfs or a volume).
 #
 #   docker build -t bids-qmri .
-#   docker run --rm --read-only --tmpfs /tmp --network none \
-#       -v /data/bids:/data:ro -v /data/out:/out bids-qmri /data /out participant -w /tmp/work
+#   docker run --rm --read-only --tmpfs /tmp:exec --network none -v /data/bids:/data:ro \
+#       -v /data/out:/out -v /scratch/work:/work bids-qmri /data /out participant -w /work
 #
 # BASE_IMAGE: any bookworm image with apt (scripts/ci_container.sh passes one made by debootstrap).
 ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
-FROM ${BASE_IMAGE}
 
-ARG VERSION=0.1.0
-ARG VCS_REF=unknown
-ARG BUILD_DATE=unknown
+# ---- system: Python 3.11 and the atlases ------------------------------------------------------
+FROM ${BASE_IMAGE} AS system
+ENV DEBIAN_FRONTEND=noninteractive \
+    LANG=C.UTF-8 \
+    LC_ALL=C.UTF-8
+# mricron-data ships the AAL / Harvard-Oxford / JHU atlases (/usr/share/mricron/templates).
+RUN apt-get update -q \
+ && apt-get install -y -q --no-install-recommends python3 python3-venv ca-certificates mricron-data \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log
+
+# ---- requirements: the dependency list of pyproject.toml alone, so that the dependency layer
+# below is rebuilt only when the dependencies change (not the version, scripts or metadata).
+FROM system AS requirements
+COPY pyproject.toml /src/pyproject.toml
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" > /requirements.txt
+
+# ---- the app -----------------------------------------------------------------------------------
+FROM system
 # Where the CPU build of torch comes from. Default: PyTorch's CPU index (PyPI's torch wheel pulls
 # several GB of CUDA packages). Offline or air-gapped builds bind-mount a directory of wheels and
 # point PIP_FIND_LINKS at it (buildah build -v /opt/wheels:/wheels:ro --build-arg
@@ -24,28 +39,8 @@ ARG PIP_FIND_LINKS=
 ARG PIP_CERT=
 ARG TORCH_VERSION=2.13.0
 
-LABEL org.opencontainers.image.title="bids_qmri" \
-      org.opencontainers.image.description="BIDS-App for quantitative MRI: pc-bSSFP relaxometry (MIRACLE, SVNN, PINN), anatomy, ROI statistics and cohort reports" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${VCS_REF}" \
-      org.opencontainers.image.created="${BUILD_DATE}" \
-      org.opencontainers.image.source="https://github.com/bids-qmri/bids_qmri" \
-      org.opencontainers.image.url="https://github.com/bids-qmri/bids_qmri" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.vendor="bids_qmri developers"
-
-ENV DEBIAN_FRONTEND=noninteractive \
-    LANG=C.UTF-8 \
-    LC_ALL=C.UTF-8
-
-# mricron-data ships the AAL / Harvard-Oxford / JHU atlases (/usr/share/mricron/templates).
-RUN apt-get update -q \
- && apt-get install -y -q --no-install-recommends python3 python3-venv ca-certificates mricron-data \
- && apt-get clean \
- && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log
-
 # Dependencies first (own layer, reused while only the package source changes).
-COPY pyproject.toml /src/pyproject.toml
+COPY --from=requirements /requirements.txt /opt/requirements.txt
 RUN set -eu; \
     python3 -m venv /opt/venv; \
     export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_INDEX_URL="${PIP_INDEX_URL}"; \
@@ -54,10 +49,8 @@ RUN set -eu; \
     if [ -n "${TORCH_INDEX_URL}" ]; then export PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL}"; fi; \
     /opt/venv/bin/pip install -q --upgrade pip "setuptools>=68" wheel; \
     /opt/venv/bin/pip install -q "torch==${TORCH_VERSION}"; \
-    /opt/venv/bin/python3 -c "import torch, sys; v = torch.__version__; sys.exit(0 if not torch.cuda.is_available() and ('+cpu' in v or torch.version.cuda is None) else f'torch {v} is not the CPU build')"; \
-    /opt/venv/bin/python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt; \
-    /opt/venv/bin/pip install -q -r /tmp/requirements.txt; \
-    rm -f /tmp/requirements.txt
+    /opt/venv/bin/pip install -q -r /opt/requirements.txt; \
+    /opt/venv/bin/python3 -c "import torch, sys; v = torch.__version__; sys.exit(0 if torch.version.cuda is None else f'torch {v} is a CUDA build: use the CPU index or wheel')"
 
 # The package itself (context filtered by .dockerignore: pyproject, README, bids_qmri/).
 COPY . /src
@@ -93,6 +86,22 @@ RUN set -eu; \
     chmod -R a+rX /opt/templateflow; \
     python3 -c "import bids_qmri; print('bids_qmri', bids_qmri.__version__)"; \
     useradd --uid 1000 --user-group --home-dir /home/bidsqmri --create-home --shell /bin/bash bidsqmri
+
+# Last, so that a new date or commit does not invalidate the layers above.
+ARG VERSION=0.1.0
+ARG VCS_REF=unknown
+ARG BUILD_DATE=unknown
+LABEL org.opencontainers.image.title="bids_qmri" \
+      org.opencontainers.image.description="BIDS-App for quantitative MRI: pc-bSSFP relaxometry (MIRACLE, SVNN, PINN), anatomy, ROI statistics and cohort reports" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.created="${BUILD_DATE}" \
+      org.opencontainers.image.source="https://github.com/bids-qmri/bids_qmri" \
+      org.opencontainers.image.url="https://github.com/bids-qmri/bids_qmri" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.vendor="bids_qmri developers"
+# Recorded in the derivatives' dataset_description.json (GeneratedBy[].Container.Tag).
+ENV BIDS_QMRI_CONTAINER_TAG=bids-qmri:${VERSION}
 
 USER bidsqmri
 WORKDIR /tmp

@@ -6,7 +6,7 @@
 #     name the build passes to the Dockerfile's `FROM ${BASE_IMAGE}` (tarball cached between runs);
 #   - image built with `buildah build --isolation chroot` (torch from a local wheel directory when
 #     there is one, else PyTorch's CPU index);
-#   - runs with crun on the image's root file system: read-only root, tmpfs /tmp, no network
+#   - runs with an OCI runtime (runc) on the image's root file system: read-only root, tmpfs /tmp, no network
 #     namespace interfaces but loopback, non-root user of the image, all capabilities dropped,
 #     input data bound read-only;
 #   - bids_qmri-synth (inside the image) -> participant -> group -> bids-validator-deno in
@@ -23,6 +23,7 @@
 #   QMRI_WHEEL_DIR    directory with the torch CPU wheel (default /opt/wheels if it holds one)
 #   QMRI_MIRROR       Debian mirror for debootstrap (default http://deb.debian.org/debian)
 #   QMRI_RUN_ARGS     extra options for the participant run (default: see PARTICIPANT_ARGS below)
+#   QMRI_OCI_RUNTIME  OCI runtime that runs the checks (default runc; crun works on pure cgroup v2)
 #   QMRI_KEEP=1       keep the temporary directory (synthetic data, outputs, logs) for inspection
 #   QMRI_METRICS      file to which image size and cold-start time are written (key=value)
 set -euo pipefail
@@ -39,6 +40,8 @@ CACHE_DIR=${QMRI_CACHE_DIR:-/var/cache/bids_qmri}
 MIRROR=${QMRI_MIRROR:-http://deb.debian.org/debian}
 BASE_TAR=$CACHE_DIR/debian-bookworm-minbase-python3.tar
 METRICS=${QMRI_METRICS:-}
+# OCI runtime for the checks. runc: crun 1.8 refuses hosts with hybrid cgroups (v1 + v2).
+RUNTIME=${QMRI_OCI_RUNTIME:-runc}
 # Small but complete: 1 participant, 1 session, coarse grid; all default methods.
 PARTICIPANT_ARGS=${QMRI_RUN_ARGS:---nprocs 2 --omp-nthreads 1 --seed 1}
 
@@ -46,12 +49,12 @@ T0=$(date +%s)
 log() { printf '==> [%s +%4ss] %s\n' "$(date -u +%H:%M:%S)" "$(( $(date +%s) - T0 ))" "$*"; }
 die() { printf 'ci_container: error: %s\n' "$*" >&2; exit 1; }
 
-[ "$(id -u)" = 0 ] || die "needs root (buildah with chroot isolation, debootstrap, crun); run it as root in CI"
+[ "$(id -u)" = 0 ] || die "needs root (buildah with chroot isolation, debootstrap, an OCI runtime); run it as root in CI"
 
 need_tools() {
   local missing=()
   command -v buildah >/dev/null || missing+=(buildah)
-  command -v crun >/dev/null || missing+=(crun)
+  command -v "$RUNTIME" >/dev/null || missing+=("$RUNTIME")
   command -v debootstrap >/dev/null || missing+=(debootstrap)
   if [ ${#missing[@]} -gt 0 ]; then
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
@@ -64,11 +67,11 @@ need_tools() {
 # ---- cleanup of everything this script mounts, starts or creates ------------------------------
 TMP=$(mktemp -d /var/tmp/bids_qmri-ci.XXXXXX)
 CONTAINERS=()      # buildah working containers
-CRUN_IDS=()        # crun containers
+OCI_IDS=()        # OCI runtime containers
 cleanup() {
   local rc=$?
   set +e
-  for id in "${CRUN_IDS[@]}"; do crun delete -f "$id" >/dev/null 2>&1; done
+  for id in "${OCI_IDS[@]}"; do "$RUNTIME" delete -f "$id" >/dev/null 2>&1; done
   for c in "${CONTAINERS[@]}"; do buildah umount "$c" >/dev/null 2>&1; buildah rm "$c" >/dev/null 2>&1; done
   # debootstrap mounts /proc, /sys... inside its target; an interrupted run can leave them.
   if [ -d "$TMP/rootfs" ]; then
@@ -181,12 +184,13 @@ prepare_rootfs() {
   ctr=$(buildah from --pull=never --quiet "$IMAGE")
   CONTAINERS+=("$ctr")
   ROOTFS=$(buildah mount "$ctr")
-  buildah inspect --type image --format '{{json .OCIv1.Config}}' "$IMAGE" >"$IMAGE_CFG"
+  buildah inspect --type image "$IMAGE" \
+    | python3 -c 'import json, sys; json.dump(json.load(sys.stdin)["OCIv1"]["config"], sys.stdout)' >"$IMAGE_CFG"
 }
 
 # run_image NAME [--bind HOST:CTR[:ro]]... [--entrypoint] -- ARGS...
 # Runs ARGS (after the image's ENTRYPOINT with --entrypoint) in an OCI bundle over the image's
-# root file system with crun. Output goes to the terminal and to $TMP/NAME.log.
+# root file system with the OCI runtime. Output goes to the terminal and to $TMP/NAME.log.
 run_image() {
   local name=$1; shift
   local binds=() use_ep=0
@@ -244,7 +248,6 @@ spec = {
         "env": cfg.get("Env") or ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
         "cwd": cfg.get("WorkingDir") or "/",
         "capabilities": {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},
-        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}],
         "noNewPrivileges": True,
     },
     "root": {"path": rootfs, "readonly": True},
@@ -259,10 +262,10 @@ spec = {
 }
 json.dump(spec, open(out, "w"), indent=1)
 PY
-  CRUN_IDS+=("$id")
+  OCI_IDS+=("$id")
   local rc=0
-  crun run --bundle "$bundle" "$id" </dev/null > >(tee "$TMP/$name.log") 2>&1 || rc=$?
-  crun delete -f "$id" >/dev/null 2>&1 || true
+  "$RUNTIME" run --bundle "$bundle" "$id" </dev/null > >(tee "$TMP/$name.log") 2>&1 || rc=$?
+  "$RUNTIME" delete -f "$id" >/dev/null 2>&1 || true
   return $rc
 }
 

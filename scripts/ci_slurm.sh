@@ -13,7 +13,7 @@
 # Usage: scripts/ci_slurm.sh [harness|cohort|plugin|all]   (default all; needs root)
 # Environment:
 #   QMRI_BIN          directory with bids_qmri, bids_qmri-synth, bids_qmri-slurm (default .venv/bin)
-#   QMRI_SLURM_ARGS   bids_qmri options for the cohort (default: --methods bssfp:miracle,pinn --seed 1)
+#   QMRI_SLURM_ARGS   bids_qmri options for the cohort (default: --methods bssfp:miracle,svnn --seed 1)
 #   QMRI_KEEP=1       keep the temporary directory (configs, logs, data, outputs)
 #   QMRI_TIMEOUT      seconds to wait for the cohort jobs (default 1500)
 set -euo pipefail
@@ -41,7 +41,7 @@ for tool in munged slurmctld slurmd sbatch squeue scontrol sinfo; do
   }
 done
 BIN=${QMRI_BIN:-$REPO/.venv/bin}
-APP_ARGS=${QMRI_SLURM_ARGS:---methods bssfp:miracle,pinn --seed 1}
+APP_ARGS=${QMRI_SLURM_ARGS:---methods bssfp:miracle,svnn --seed 1}
 TIMEOUT=${QMRI_TIMEOUT:-1500}
 
 TMP=$(mktemp -d /var/tmp/bids_qmri-slurm.XXXXXX)
@@ -206,7 +206,7 @@ cohort() {
   ids=$(bash "$d/job.sh" | tee /dev/stderr | tail -n 1)
   read -r aid gid <<<"$ids"
   [ -n "$aid" ] && [ -n "$gid" ] || die "job.sh did not print the job ids"
-  squeue -o '%.12i %.24j %.10T %.10M %R'
+  squeue -o '%i %j %T %M %R'
   wait_jobs "$TIMEOUT" "$aid" "$gid"
   for f in "$d"/work/slurm-logs/*.out; do echo "--- $(basename "$f") (tail)"; tail -n 5 "$f"; done
   expect_completed "$aid" "participant array"
