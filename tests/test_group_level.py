@@ -342,3 +342,38 @@ def test_cli_group_malformed_table(cohort):
     assert proc.returncode == 3
     lines = _error_lines(proc.stderr)
     assert len(lines) == 1 and str(bad) in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_repeatability_matches_direct_computation_unbalanced(tmp_path):
+    """Every repeatability row against numpy / stats on the raw values, with 3 participants ×
+    3 sessions, one participant missing a session (ICC(2,1) undefined) and one with a single
+    session (left out)."""
+    from bids_qmri.group.tables import repeatability_table
+
+    rng = np.random.default_rng(42)
+    frames = []
+    layout = {"01": ["1", "2", "3"], "02": ["1", "2", "3"], "03": ["1", "3"], "04": ["2"]}
+    for sub, sessions in layout.items():
+        effect = rng.normal(0, 0.05)
+        for ses in sessions:
+            frames.append(roi_rows(sub, ses, cohort_values(rng, effect, 0.02)))
+    df = pd.concat(frames, ignore_index=True)
+    # Region 4 of pinn T1: sub-03 misses it entirely -> balanced over 01, 02 only.
+    df = df[~((df.participant_id == "sub-03") & (df.region_index == 4) & (df.method == "pinn")
+              & (df.suffix == "T1map"))]
+    rep = repeatability_table(df)
+    assert len(rep) == len(REGIONS) * 4
+    for r in rep.itertuples():
+        sel = df[(df.suffix == r.suffix) & (df.method == r.method)
+                 & (df.region_index == r.region_index) & (df.participant_id != "sub-04")]
+        groups = [g["mean"].to_numpy() for _, g in sel.groupby("participant_id")]
+        cvs = [np.std(v, ddof=1) / np.mean(v) * 100 for v in groups]
+        assert r.n_participants == len(groups) and r.n_sessions == len(sel)
+        assert r.cv_mean_percent == pytest.approx(np.mean(cvs), rel=1e-9)
+        assert r.cv_rms_percent == pytest.approx(np.sqrt(np.mean(np.square(cvs))), rel=1e-9)
+        assert r.icc_1_1 == pytest.approx(
+            stats.icc_1_1(sel["mean"].to_numpy(), sel["participant_id"].to_numpy()), rel=1e-9)
+        if len(groups) == 3:  # sub-03 lacks ses-2
+            assert np.isnan(r.icc_2_1)
+        else:
+            assert r.icc_2_1 == pytest.approx(stats.icc_2_1(np.vstack(groups)), rel=1e-9)

@@ -135,12 +135,6 @@ def test_strong_within_participant_correlation_widens_clustered_ci():
         r2.mean_diff_ci_high - r2.mean_diff_ci_low)
 
 
-def test_within_subject_cv_matches_numpy():
-    v = np.array([1.02, 0.98, 1.05, 0.97])
-    assert stats.within_subject_cv(v) == pytest.approx(np.std(v, ddof=1) / np.mean(v) * 100)
-    assert np.isnan(stats.within_subject_cv([1.0]))
-
-
 # Shrout & Fleiss (1979), Table 2: 6 targets rated by 4 judges; published ICC(1,1) = .17,
 # ICC(2,1) = .29 from BMS 11.24, WMS 6.26, JMS 32.49, EMS 1.02 (their Table 3).
 SF = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]],
@@ -167,3 +161,4 @@ def test_icc_1_1_unbalanced_hand_computed():
     assert stats.icc_1_1(v, g) == pytest.approx((19.2 - 10 / 3) / (19.2 + 1.4 * 10 / 3))
     assert np.isnan(stats.icc_1_1([1, 2, 3], ["A", "A", "B"]))
     assert np.isnan(stats.icc_2_1([[1.0, 2.0]]))
+    assert np.isnan(stats.icc_2_1([[1.0, 2.0], [3.0, np.nan]]))  # unbalanced

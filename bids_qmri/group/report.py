@@ -31,9 +31,10 @@ def _safe(*parts) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9-]+", "", str(p)) for p in parts if str(p) != "n/a")
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, dpi: int = 100) -> Path:
+    # Constrained layout instead of bbox_inches="tight", which renders a figure twice.
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -47,10 +48,15 @@ def agreement_figure(df: pd.DataFrame, row: pd.Series, path: Path) -> Path:
     """Scatter (identity line) and Bland–Altman plot of one method pair."""
     p = tables.paired_values(df, row["atlas"], row["suffix"], row["acq"], row["method_a"],
                              row["method_b"])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
-    for pid, g in p.groupby("participant_id"):
-        ax1.scatter(g["x"], g["y"], s=12, alpha=0.7, label=pid)
-        ax2.scatter((g["x"] + g["y"]) / 2, g["x"] - g["y"], s=12, alpha=0.7)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.5), layout="constrained")
+    few = p["participant_id"].nunique() <= 12
+    if few:  # a colour per participant, with a legend
+        for pid, g in p.groupby("participant_id"):
+            ax1.scatter(g["x"], g["y"], s=12, alpha=0.7, label=pid)
+            ax2.scatter((g["x"] + g["y"]) / 2, g["x"] - g["y"], s=12, alpha=0.7)
+    else:  # one artist per panel: fast for large cohorts
+        ax1.scatter(p["x"], p["y"], s=6, alpha=0.5)
+        ax2.scatter((p["x"] + p["y"]) / 2, p["x"] - p["y"], s=6, alpha=0.5)
     lo = float(np.nanmin(p[["x", "y"]].to_numpy()))
     hi = float(np.nanmax(p[["x", "y"]].to_numpy()))
     ax1.plot([lo, hi], [lo, hi], "k--", lw=1, label="identity")
@@ -58,7 +64,7 @@ def agreement_figure(df: pd.DataFrame, row: pd.Series, path: Path) -> Path:
     ax1.set_xlabel(f"{row['method_a']} {what}")
     ax1.set_ylabel(f"{row['method_b']} {what}")
     ax1.set_title(f"CCC {row['ccc']:.3f} [{row['ccc_ci_low']:.3f}, {row['ccc_ci_high']:.3f}]")
-    if p["participant_id"].nunique() <= 12:
+    if few:
         ax1.legend(fontsize=7, loc="best")
     ax2.axhline(row["mean_diff"], color="k", lw=1)
     for v in (row["loa_low"], row["loa_high"]):
@@ -75,26 +81,23 @@ def regional_boxplot(pp: pd.DataFrame, atlas, suffix, acq, path: Path) -> Path:
     """Per region, the distribution across participants of the regional mean, per method."""
     sub = pp[(pp["atlas"] == atlas) & (pp["suffix"] == suffix) & (pp["acq"] == acq)]
     methods = sorted(sub["method"].unique(), key=tables._method_key)
-    regions = sub[["region_index", "region"]].drop_duplicates().sort_values("region_index")
+    regions = sub[["region_index", "region"]].drop_duplicates("region_index")
+    regions = regions.sort_values("region_index")
+    row_of = {r: i for i, r in enumerate(regions["region_index"])}
+    values = {k: g.to_numpy() for k, g in sub.groupby(["method", "region_index"])["mean"]}
     n_r, n_m = len(regions), len(methods)
     height = min(60.0, max(3.0, 0.16 * n_r * max(n_m, 2) + 1.0))
-    fig, ax = plt.subplots(figsize=(8, height))
+    fig, ax = plt.subplots(figsize=(8, height), layout="constrained")
     width = 0.8 / n_m
     for j, m in enumerate(methods):
-        data, pos = [], []
-        for i, ridx in enumerate(regions["region_index"]):
-            v = sub[(sub["method"] == m) & (sub["region_index"] == ridx)]["mean"].to_numpy()
-            if v.size:
-                data.append(v)
-                pos.append(i + (j - (n_m - 1) / 2) * width)
-        if not data:
+        keys = [(m, r) for r in regions["region_index"] if (m, r) in values]
+        if not keys:
             continue
-        bp = ax.boxplot(data, positions=pos, widths=width * 0.9, vert=False, patch_artist=True,
-                        manage_ticks=False, flierprops={"markersize": 2})
+        pos = [row_of[r] + (j - (n_m - 1) / 2) * width for _, r in keys]
         color = f"C{j}"
-        for box in bp["boxes"]:
-            box.set_facecolor(color)
-            box.set_alpha(0.6)
+        ax.boxplot([values[k] for k in keys], positions=pos, widths=width * 0.9, vert=False,
+                   patch_artist=True, manage_ticks=False, flierprops={"markersize": 2},
+                   boxprops={"facecolor": color, "alpha": 0.6})
         ax.plot([], [], color=color, lw=6, alpha=0.6, label=m)
     ax.set_yticks(range(n_r))
     ax.set_yticklabels(regions["region"], fontsize=7)
@@ -103,7 +106,8 @@ def regional_boxplot(pp: pd.DataFrame, atlas, suffix, acq, path: Path) -> Path:
     ax.set_xlabel(_label(suffix, acq, units))
     ax.set_title(f"atlas-{atlas}: regional mean across participants")
     ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    # Tall figures (large atlases × many methods) at a lower resolution keep the PNG light.
+    return _save(fig, path, dpi=100 if height <= 20 else 60)
 
 
 def repeatability_figure(cv: pd.DataFrame, atlas, suffix, acq, path: Path) -> Path:
@@ -111,7 +115,7 @@ def repeatability_figure(cv: pd.DataFrame, atlas, suffix, acq, path: Path) -> Pa
     sub = cv[(cv["atlas"] == atlas) & (cv["suffix"] == suffix) & (cv["acq"] == acq)]
     methods = sorted(sub["method"].unique(), key=tables._method_key)
     data = [sub[sub["method"] == m]["cv_percent"].dropna().to_numpy() for m in methods]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(methods) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(methods) + 2), 4.2), layout="constrained")
     ax.boxplot(data, showfliers=False)  # every point is drawn below
     rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
     for j, v in enumerate(data, start=1):

@@ -15,8 +15,8 @@ Agreement (SPEC §4, seed 002 Table 4)
 
 Repeatability (seed 004 Eq. 8)
     ``CV [%] = SD_c(κ̂_c) / mean_c(κ̂_c) × 100`` over the C repeated measurements of one
-    participant (here: the regional means of the C sessions). SD uses ddof=1 (the sample SD of
-    the repeats). ICC(1,1) (one-way random effects, absolute agreement, single measurement,
+    participant (here: the regional means of the C sessions), computed for all participants at
+    once in ``tables.participant_cv``. SD uses ddof=1 (the sample SD of the repeats). ICC(1,1) (one-way random effects, absolute agreement, single measurement,
     Shrout & Fleiss 1979, unbalanced designs via the usual n0 coefficient) and ICC(2,1)
     (two-way random effects, absolute agreement, single measurement; only for balanced designs
     where every participant has the same sessions).
@@ -156,15 +156,6 @@ def agreement(
     )
 
 
-def within_subject_cv(repeats) -> float:
-    """Seed 004 Eq. 8 for one participant: SD (ddof=1) / mean of the repeats, in percent."""
-    r = np.asarray(repeats, dtype=float)
-    if r.size < 2:
-        return float("nan")
-    m = r.mean()
-    return float(r.std(ddof=1) / m * 100.0) if m != 0 else float("nan")
-
-
 def icc_1_1(values, groups) -> float:
     """ICC(1,1): one-way random effects, single measurement (Shrout & Fleiss 1979, case 1).
 
@@ -194,7 +185,8 @@ def icc_1_1(values, groups) -> float:
 def icc_2_1(table) -> float:
     """ICC(2,1): two-way random effects, absolute agreement, single measurement.
 
-    ``table`` is participants × sessions (complete, no NaN). Shrout & Fleiss 1979, case 2:
+    ``table`` is participants × sessions; NaN (not defined here) unless it is complete, i.e.
+    every participant has every session. Shrout & Fleiss 1979, case 2:
     (BMS − EMS) / (BMS + (k−1) EMS + k (JMS − EMS) / n).
     """
     t = np.asarray(table, dtype=float)

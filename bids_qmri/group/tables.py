@@ -72,7 +72,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
         n_participants=("participant_id", "nunique"),
         n_sessions=("n_sessions", "sum"),
         mean=("mean", "mean"),
-        sd=("mean", lambda v: v.std(ddof=1) if len(v) > 1 else np.nan),
+        sd=("mean", "std"),  # ddof=1; NaN for a single participant
         mean_std=("std", "mean"),
     ).reset_index()
     out = out.sort_values(["suffix", "acq", "method", "region_index"], key=_sort_key,
@@ -155,11 +155,24 @@ def has_repeats(df: pd.DataFrame) -> bool:
 
 def participant_cv(df: pd.DataFrame) -> pd.DataFrame:
     """Seed 004 Eq. 8 per participant × region × measure over the participant's sessions
-    (participants with ≥ 2 sessions): columns MEASURE + participant_id, n_sessions, cv_percent."""
+    (participants with ≥ 2 sessions): CV [%] = SD (ddof=1) / mean × 100 of the regional means.
+    Columns MEASURE + participant_id, n_sessions, mean, sd, cv_percent."""
     d = _valid(df)
     g = d.groupby(MEASURE + ["participant_id"], dropna=False, sort=True)["mean"]
-    out = g.agg(n_sessions="size", cv_percent=stats.within_subject_cv).reset_index()
-    return out[out["n_sessions"] >= 2].reset_index(drop=True)
+    out = g.agg(n_sessions="size", mean="mean", sd="std").reset_index()  # pandas std: ddof=1
+    out = out[out["n_sessions"] >= 2].reset_index(drop=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["cv_percent"] = np.where(out["mean"] != 0, out["sd"] / out["mean"] * 100.0, np.nan)
+    return out
+
+
+def _participants_by_sessions(pid, ses, val) -> np.ndarray:
+    """participants × sessions table; NaN where a participant lacks a session (unbalanced)."""
+    p_lab, p_idx = np.unique(pid, return_inverse=True)
+    s_lab, s_idx = np.unique(ses, return_inverse=True)
+    t = np.full((len(p_lab), len(s_lab)), np.nan)
+    t[p_idx, s_idx] = val
+    return t
 
 
 def repeatability_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -175,16 +188,15 @@ def repeatability_table(df: pd.DataFrame) -> pd.DataFrame:
     for key, sub in d.groupby(MEASURE, dropna=False, sort=True):
         c = cv_by_measure[key]
         finite = np.isfinite(c).any()
-        wide = sub.pivot_table(index="participant_id", columns="session_id", values="mean")
+        pid, ses, val = (sub[k].to_numpy() for k in ("participant_id", "session_id", "mean"))
         rows.append(dict(zip(MEASURE, key)) | {
-            "n_participants": sub["participant_id"].nunique(),
+            "n_participants": len(np.unique(pid)),
             "n_sessions": len(sub),
-            "mean": sub["mean"].mean(),
+            "mean": float(val.mean()),
             "cv_mean_percent": np.nanmean(c) if finite else np.nan,
             "cv_rms_percent": np.sqrt(np.nanmean(c**2)) if finite else np.nan,
-            "icc_1_1": stats.icc_1_1(sub["mean"].to_numpy(), sub["participant_id"].to_numpy()),
-            # Balanced designs only: every participant has every session.
-            "icc_2_1": stats.icc_2_1(wide.to_numpy()) if not wide.isna().any().any() else np.nan,
+            "icc_1_1": stats.icc_1_1(val, pid),
+            "icc_2_1": stats.icc_2_1(_participants_by_sessions(pid, ses, val)),
         })
     out = pd.DataFrame(rows, columns=REPEATABILITY_COLUMNS)
     return out.sort_values(["suffix", "acq", "method", "region_index"], key=_sort_key,
