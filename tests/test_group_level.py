@@ -190,7 +190,7 @@ def test_crash_report_marks_participant_failed(cohort, where):
     (lambda df: df.assign(mean=df["mean"].astype(object).where(df.index != 2, "abc")),
      "column 'mean' has non-numeric value 'abc' (data row 3)"),
     (lambda df: df.assign(participant_id="sub-99"), "does not match the file name"),
-    (lambda df: df.iloc[0:0], "no rows"),
+    (lambda df: df.iloc[0:0], "ROI table has no rows"),
 ])
 def test_malformed_table_one_line_error(tmp_path, damage, expect):
     df = roi_rows("01", "1", cohort_values(np.random.default_rng(0), 0.0, 0.0))

@@ -126,7 +126,7 @@ def read_roi_table(path, subject: str | None = None, session: str | None = None,
     if missing:
         raise InputError(path, f"malformed ROI table: missing column(s) {', '.join(missing)}", fix)
     if df.empty:
-        raise InputError(path, "malformed ROI table: no rows", fix)
+        raise InputError(path, "ROI table has no rows (no map was measured for this session)", fix)
     df = df[ROI_COLUMNS + [c for c in df.columns if c not in ROI_COLUMNS]].copy()
     for col in TEXT_COLUMNS:
         df[col] = df[col].str.strip().replace("", NA)

@@ -142,7 +142,9 @@ def agreement_table(tables: dict[str, pd.DataFrame], *, n_bootstrap: int, seed: 
                 "mean_diff_ci_high": res.mean_diff_ci_high, "sd_diff": res.sd_diff,
                 "loa_low": res.loa_low, "loa_high": res.loa_high,
                 "n_bootstrap": n_bootstrap if res.n_clusters >= 2 else 0,
-                "ci_method": CI_METHOD if res.n_clusters >= 2 else "n/a (fewer than 2 participants)",
+                "ci_method": (CI_METHOD if res.n_clusters >= 2 and n_bootstrap > 0
+                              else "n/a (no bootstrap)" if n_bootstrap <= 0
+                              else "n/a (fewer than 2 participants)"),
             })
     return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)
 
