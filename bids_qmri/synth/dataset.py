@@ -36,13 +36,13 @@ import torch
 
 from .. import CODE_URL, __version__
 from ..bids.derivatives import BIDS_VERSION, save_json, save_nifti, save_tsv
-from ..physics import bssfp, epg, mprage, noise, relaxation, svd
+from ..physics import bssfp, epg, mprage, noise, qmt, relaxation, svd
 from ..utils.atomic import write_text_atomic
 from . import phantom as ph
 
 LOGGER = logging.getLogger("bids_qmri.synth.dataset")
 
-ALL_KINDS = ("bssfp", "tb1tfl", "t1w", "mrf", "irt1", "mese")
+ALL_KINDS = ("bssfp", "tb1tfl", "t1w", "mrf", "qmt", "irt1", "mese")
 DEFAULT_KINDS = ALL_KINDS
 
 # Seed protocols (seconds, degrees).
@@ -63,7 +63,7 @@ QMT_RANK = 13
 ACQ_LABELS = {"t1w": "mprage", "tb1tfl": "tb1tfl", "mrf": "fisp", "qmt": "hybrid",
               "irt1": "ir", "mese": "se"}
 #: Voxel size of each kind relative to --resolution (T1w is the finest grid).
-RES_FACTOR = {"bssfp": 1.0, "t1w": 1.0, "tb1tfl": 2.0, "mrf": 1.0, "qmt": 1.0, "irt1": 1.0,
+RES_FACTOR = {"bssfp": 1.0, "t1w": 1.0, "tb1tfl": 2.0, "mrf": 1.0, "qmt": 2.0, "irt1": 1.0,
               "mese": 1.0}
 #: Sub-voxel shift of each kind's grid (fraction of its voxel), so grids do not coincide.
 GRID_SHIFT = {"bssfp": 0.5, "t1w": 0.0, "tb1tfl": 0.25, "mrf": 0.3, "qmt": 0.6, "irt1": 0.4,
@@ -143,6 +143,15 @@ def acquisition_grid(reference: ph.Grid, voxel_mm: float, shift_fraction: float)
     affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
     affine[:3, 3] = lo + shift_fraction * voxel_mm
     return ph.Grid(shape, affine)
+
+
+def axial_slab(grid: ph.Grid, centre_z_mm: float, n_slices: int) -> ph.Grid:
+    """The ``n_slices`` axial slices of ``grid`` centred on ``centre_z_mm``."""
+    k = (centre_z_mm - grid.affine[2, 3]) / grid.affine[2, 2] - (n_slices - 1) / 2
+    k0 = int(np.clip(round(k), 0, grid.shape[2] - n_slices))
+    affine = grid.affine.copy()
+    affine[:3, 3] = grid.affine[:3, :3] @ np.array([0.0, 0.0, k0]) + grid.affine[:3, 3]
+    return ph.Grid((grid.shape[0], grid.shape[1], n_slices), affine)
 
 
 def _random_rigid(rng: np.random.Generator, rot_sd_deg: float, trans_sd_mm: float) -> np.ndarray:
@@ -251,6 +260,68 @@ def mrf_dictionary(n_frames: int = MRF_FRAMES, rank: int = MRF_RANK):
     coeffs = svd.compress(sig.to(torch.complex128), basis, real_first=False)
     axes = (np.log(t1), np.log(t2), b1)
     return axes, coeffs.reshape(len(t1), len(t2), len(b1), rank), basis, schedule
+
+
+def _cache_dir() -> Path:
+    """Where simulated dictionaries are kept between runs ($BIDS_QMRI_SYNTH_CACHE, else XDG cache)."""
+    import os
+
+    env = os.environ.get("BIDS_QMRI_SYNTH_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bids_qmri" / "synth"
+
+
+#: qMT: the hybrid-state model is simulated exactly per voxel (its ΔB0 dependence is too sharp
+#: for a dictionary), which costs ~15 ms per voxel, so the qMT scan is a thin axial slab.
+QMT_SLICES = 4
+QMT_SLAB_CENTRE_Z_MM = 12.0  # through the lateral ventricles / corpus callosum body
+QMT_BASIS_ATOMS = 512
+
+
+def _qmt_signal(p: dict[str, torch.Tensor], schedule: dict, chunk: int = 512) -> torch.Tensor:
+    """Exact hybrid-state fingerprints ``[N, Nt]`` (complex128; simulated in float32 chunks)."""
+    out = []
+    n = p["T1"].shape[0]
+    for lo in range(0, n, chunk):
+        c = {k: v[lo:lo + chunk].float() for k, v in p.items()}
+        out.append(qmt.hybrid_state_signal(c["m0s"], c["T1"], c["T2"], c["T2s"], c["Rx"], c["B0"],
+                                           c["B1"], **schedule).to(torch.complex128))
+        LOGGER.debug("qMT: %d / %d fingerprints", min(lo + chunk, n), n)
+    return torch.cat(out) if out else torch.zeros((0, len(schedule["flip_rad"])), dtype=torch.complex128)
+
+
+@functools.lru_cache(maxsize=1)
+def qmt_basis(rank: int = QMT_RANK) -> tuple[torch.Tensor, dict]:
+    """SVD basis ``[Nt, rank]`` of a random brain-range qMT dictionary (seed 003 distributions),
+    simulated once and cached on disk (it depends only on the schedule)."""
+    import hashlib
+
+    from ..utils.atomic import atomic_path
+
+    schedule = qmt.default_qmt_schedule()
+    key = hashlib.sha256()
+    for v in (schedule["flip_rad"].numpy(), schedule["pulse_dur"].numpy()):
+        key.update(np.ascontiguousarray(v, dtype=np.float64).tobytes())
+    key.update(repr((schedule["tr"], schedule.get("inversion_dur"), rank, QMT_BASIS_ATOMS)).encode())
+    path = _cache_dir() / f"qmt-basis-{key.hexdigest()[:16]}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)["basis"], schedule
+    rng = np.random.default_rng(2023)
+    n = QMT_BASIS_ATOMS
+    t1 = np.exp(rng.uniform(np.log(0.2), np.log(5.0), n))
+    p = {"m0s": rng.uniform(0.0, 0.3, n), "T1": t1,
+         "T2": np.minimum(np.exp(rng.uniform(np.log(0.01), np.log(2.5), n)), 0.9 * t1),
+         "T2s": rng.uniform(8e-6, 16e-6, n), "Rx": rng.uniform(10.0, 80.0, n),
+         "B0": rng.uniform(-300.0, 300.0, n), "B1": rng.uniform(0.7, 1.3, n)}
+    LOGGER.info("simulating the qMT basis dictionary (%d fingerprints, once; cached in %s)", n, path.parent)
+    sig = _qmt_signal({k: torch.from_numpy(v) for k, v in p.items()}, schedule)
+    basis = svd.svd_basis(sig, rank).to(torch.complex128)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save({"basis": basis}, tmp)
+    return basis, schedule
 
 
 def interpolate_coefficients(axes, table: torch.Tensor, points: list[np.ndarray]) -> torch.Tensor:
@@ -414,6 +485,8 @@ class SessionSimulator:
     def _acquisition(self, kind: str, label: str, n_volumes: int) -> Acquisition:
         voxel = self.opt.resolution * RES_FACTOR[kind]
         grid = acquisition_grid(self.phantom.grid, voxel, GRID_SHIFT[kind])
+        if kind == "qmt":
+            grid = axial_slab(grid, QMT_SLAB_CENTRE_Z_MM, QMT_SLICES)
         rng = _rng(self.opt.seed, *self.keys, _PURPOSE["poses"], _PURPOSE[kind] + 1)
         poses = make_poses(rng, self.session_pose, n_volumes, self.opt.motion)
         acq = Acquisition(kind, label, grid, poses, n_volumes // 2)
@@ -568,6 +641,37 @@ class SessionSimulator:
         acq.files.append(_save(d / f"{stem}_part-real_MRF.nii.gz", coeffs.real, acq.grid, side))
         acq.files.append(_save(d / f"{stem}_part-imag_MRF.nii.gz", coeffs.imag, acq.grid, side))
         acq.files.append(write_basis_tsv(d / f"{stem}_MRFbasis.tsv", basis))
+
+    # -- hybrid-state qMT (exact simulation, SVD coefficients) ----------------------------
+    def sim_qmt(self) -> None:
+        acq = self._acquisition("qmt", ACQ_LABELS["qmt"], 1)
+        pose = acq.poses[0]
+        basis, schedule = qmt_basis()
+        p = self.sampler.params(("m0s", "T1", "T2", "T2s", "Rx", "B0", "B1", "PD"), acq.grid, pose)
+        m = p["PD"] > 1e-3
+        inside = {k: v[m] for k, v in p.items()}
+        inside["T1"] = inside["T1"].clamp_min(1e-3)
+        inside["T2"] = torch.minimum(inside["T2"].clamp_min(1e-4), inside["T1"])
+        inside["T2s"] = inside["T2s"].clamp_min(1e-6)
+        fingerprints = _qmt_signal(inside, schedule)
+        coeffs = torch.zeros(acq.grid.shape + (basis.shape[1],), dtype=torch.complex128)
+        coeffs[m] = svd.compress(fingerprints, basis, real_first=False) * inside["PD"][:, None]
+        coeffs = coeffs * receiver_phase(self._rng("rxphase"), acq.grid)[..., None]
+        ref = _brain_reference(coeffs.norm(dim=-1) / math.sqrt(basis.shape[0]),
+                               self._brain(acq.grid, pose))
+        coeffs = add_noise(coeffs, self.opt.snr, self._gen("qmt"), ref)
+        d = _dir(self.root, self.sub, self.ses, "anat")
+        stem = f"{_stem(self.sub, self.ses)}_acq-{acq.label}_desc-svd"
+        side = {**_common_sidecar(), "PulseSequenceType": "hybrid-state qMT (balanced, inversion per cycle)",
+                "FlipAngle": [round(math.degrees(float(a)), 8) for a in schedule["flip_rad"]],
+                "RFPulseDuration": [round(float(t), 10) for t in schedule["pulse_dur"]],
+                "RepetitionTimeExcitation": schedule["tr"],
+                "InversionPulseDuration": schedule.get("inversion_dur", 1e-3),
+                "SVDRank": int(basis.shape[1]),
+                "SVDBasisConvention": "coefficients = frames @ basis (basis TSV: rows = frames)"}
+        acq.files.append(_save(d / f"{stem}_part-real_qMT.nii.gz", coeffs.real, acq.grid, side))
+        acq.files.append(_save(d / f"{stem}_part-imag_qMT.nii.gz", coeffs.imag, acq.grid, side))
+        acq.files.append(write_basis_tsv(d / f"{stem}_qMTbasis.tsv", basis))
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,21 +38,23 @@ BRAIN_TISSUES = ("GM", "WM", "CSF")
 #: 0.1 instead of the table's 0.9: cortical bone has an ultra-short T2* and appears dark, which
 #: keeps brain extraction realistic. m0s (semi-solid fraction), T2s (semi-solid T2) and Rx
 #: (exchange rate, 1/s): seed 003 training ranges and Gloor et al. (MRM 2008) brain values.
+#: T2s (12 µs) and Rx (40 /s) are the same in every tissue: the qMT simulation uses a dictionary
+#: over m0s, T1, T2f, B1 and ΔB0 with these two fixed (see ``synth.dataset``).
 TISSUE_PARAMETERS: dict[str, dict[str, tuple[float, float]]] = {
     "GM": {"T1": (1.400, 0.300), "T2": (0.110, 0.030), "PD": (0.85, 0.05),
-           "m0s": (0.07, 0.02), "T2s": (12e-6, 1e-6), "Rx": (40.0, 8.0)},
+           "m0s": (0.07, 0.02), "T2s": (12e-6, 0.0), "Rx": (40.0, 0.0)},
     "WM": {"T1": (0.780, 0.250), "T2": (0.080, 0.020), "PD": (0.65, 0.05),
-           "m0s": (0.16, 0.03), "T2s": (12e-6, 1e-6), "Rx": (45.0, 8.0)},
+           "m0s": (0.16, 0.03), "T2s": (12e-6, 0.0), "Rx": (40.0, 0.0)},
     "CSF": {"T1": (3.500, 0.300), "T2": (2.000, 0.300), "PD": (1.00, 0.30),
             "m0s": (0.0, 0.0), "T2s": (12e-6, 0.0), "Rx": (40.0, 0.0)},
     "skull": {"T1": (0.400, 0.100), "T2": (0.030, 0.010), "PD": (0.10, 0.05),
-              "m0s": (0.10, 0.02), "T2s": (12e-6, 1e-6), "Rx": (40.0, 8.0)},
+              "m0s": (0.10, 0.02), "T2s": (12e-6, 0.0), "Rx": (40.0, 0.0)},
     "marrow": {"T1": (0.580, 0.100), "T2": (0.050, 0.020), "PD": (0.80, 0.05),
-               "m0s": (0.02, 0.01), "T2s": (12e-6, 1e-6), "Rx": (40.0, 8.0)},
+               "m0s": (0.02, 0.01), "T2s": (12e-6, 0.0), "Rx": (40.0, 0.0)},
     "fat": {"T1": (0.420, 0.100), "T2": (0.070, 0.020), "PD": (0.90, 0.05),
-            "m0s": (0.02, 0.01), "T2s": (12e-6, 1e-6), "Rx": (40.0, 8.0)},
+            "m0s": (0.02, 0.01), "T2s": (12e-6, 0.0), "Rx": (40.0, 0.0)},
     "skin": {"T1": (1.230, 0.300), "T2": (0.050, 0.020), "PD": (0.70, 0.05),
-             "m0s": (0.10, 0.02), "T2s": (12e-6, 1e-6), "Rx": (40.0, 8.0)},
+             "m0s": (0.10, 0.02), "T2s": (12e-6, 0.0), "Rx": (40.0, 0.0)},
 }
 PARAMETERS = ("T1", "T2", "PD", "m0s", "T2s", "Rx")
 #: Physical bounds applied to every drawn value (truncation is > 3 SD away for brain tissues).
