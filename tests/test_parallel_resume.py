@@ -41,6 +41,11 @@ def _maps(out, subject):
 
 def test_two_participants_in_parallel_into_one_output(dataset, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
+    plan = subprocess.run(_command(dataset, out, "participant", "--dry-run", "--methods", "bssfp:miracle"),
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert plan.returncode == 0, plan.stderr
+    planned = [ln.strip() for ln in plan.stdout.splitlines() if ln.startswith("    sub-")]
+    assert len(planned) >= 2 * 17  # 17 per participant, + the HTML report once reports exist
     procs = [subprocess.Popen(_command(dataset, out, "participant", "--participant-label", sub,
                                        "-w", work, "--nprocs", "1", "--methods", "bssfp:miracle"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
@@ -53,6 +58,8 @@ def test_two_participants_in_parallel_into_one_output(dataset, tmp_path):
                                    f"sub-{sub}_acq-pc4_desc-miracle_T2map.nii.gz"]
         record = json.loads((work / "bids_qmri" / f"sub-{sub}_inputs.json").read_text())
         assert record["participant_id"] == f"sub-{sub}"
+    missing = [p for p in planned if not (out / p).is_file()]
+    assert missing == [], "the --dry-run plan promised files that were not written"
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative"
     assert leftover_temporaries(out) == []

@@ -221,6 +221,19 @@ def check_image(path, *, ndim: tuple[int, ...], what: str = "image") -> nb.Nifti
     return img
 
 
+def _check_images(paths: dict, problems, *, ndim, what):
+    """``check_image`` on each file of a group; on the first failure skip it (naming that file)
+    and return None, else return ``{role: image}``."""
+    images = {}
+    for role, path in paths.items():
+        try:
+            images[role] = check_image(path, ndim=ndim, what=what)
+        except BadImage as exc:
+            problems.skip(path, str(exc))
+            return None
+    return images
+
+
 def _one_line(exc) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]
@@ -323,6 +336,8 @@ def collect_session(layout, subject: str, session: str | None, config, filters: 
                     kept("irt1", by_suffix.get("IRT1", [])), problems, "irt1" in kinds)
     _collect_series(sess, "MESE", "echo", "EchoTime", sess.mese,
                     kept("mese", by_suffix.get("MESE", [])), problems, "mese" in kinds)
+    if sess.bssfp and not sess.t1w:
+        sess.notes.append("no T1w: anatomy and atlas are registered to the first bSSFP reference image")
     return sess
 
 
@@ -330,7 +345,9 @@ def _missing_metadata(meta: dict, kind: str) -> list[str]:
     return [k for k in REQUIRED_METADATA.get(kind, ()) if k not in meta]
 
 
-def _collect_bssfp(sess, flist, problems, check_content):
+def _part_pairs(flist, kind, problems):
+    """Group files by entities other than ``part``; yield ``(key, parts, pair, metadata)`` for
+    each complete mag/phase or real/imag pair with its required metadata, skipping the rest."""
     groups = defaultdict(dict)
     for f in flist:
         ent = f.get_entities()
@@ -340,16 +357,21 @@ def _collect_bssfp(sess, flist, problems, check_content):
         names = set(parts)
         if names not in PART_PAIRS:
             have = ", ".join(f"part-{p}" for p in sorted(map(str, names)))
-            problems.skip(first.path, f"bSSFP {_label(key)} has {have}",
+            problems.skip(first.path, f"{kind} {_label(key)} has {have}",
                           "provide a part-mag/part-phase or part-real/part-imag pair")
             continue
         pair = ("mag", "phase") if names == {"mag", "phase"} else ("real", "imag")
         meta = parts[pair[0]].get_metadata()
-        missing = _missing_metadata(meta, "bSSFP")
+        missing = _missing_metadata(meta, kind)
         if missing:
             problems.skip(parts[pair[0]].path, f"missing sidecar metadata {', '.join(missing)}",
-                          "add it to the JSON sidecar (seconds, degrees)")
+                          f"add it to the JSON sidecar ({kind} needs {', '.join(REQUIRED_METADATA[kind])})")
             continue
+        yield key, parts, pair, meta
+
+
+def _collect_bssfp(sess, flist, problems, check_content):
+    for key, parts, pair, meta in _part_pairs(flist, "bSSFP", problems):
         tr, te, fa = (_number(meta, k) for k in REQUIRED_METADATA["bSSFP"])
         if tr is None or te is None or fa is None:
             bad = [k for k in REQUIRED_METADATA["bSSFP"] if _number(meta, k) is None]
@@ -369,19 +391,9 @@ def _collect_bssfp(sess, flist, problems, check_content):
             continue
         n_vol = None
         if check_content:
-            try:
-                imgs = {p: check_image(parts[p].path, ndim=(4,), what="phase-cycled bSSFP series")
-                        for p in pair}
-            except BadImage as exc:
-                # Name the file that failed: re-run the checks one by one.
-                for p in pair:
-                    try:
-                        check_image(parts[p].path, ndim=(4,), what="phase-cycled bSSFP series")
-                    except BadImage as one:
-                        problems.skip(parts[p].path, str(one))
-                        break
-                else:  # pragma: no cover - the pair failed, so one of the files fails
-                    problems.skip(first.path, str(exc))
+            imgs = _check_images({p: parts[p].path for p in pair}, problems, ndim=(4,),
+                                 what="phase-cycled bSSFP series")
+            if imgs is None:
                 continue
             a, b = (imgs[p] for p in pair)
             if a.shape != b.shape:
@@ -459,16 +471,8 @@ def _collect_b1(sess, by_suffix, problems, check_content):
                                   "the double-angle method needs each image's flip angle")
                     continue
             if check_content:
-                try:
-                    imgs = {}
-                    for r in needed:
-                        try:
-                            imgs[r] = check_image(files[r].path, ndim=(3,), what="B1 image")
-                        except BadImage as exc:
-                            raise BadImage(f"{files[r].path}\t{exc}") from exc
-                except BadImage as exc:
-                    path, reason = str(exc).split("\t", 1)
-                    problems.skip(path, reason)
+                imgs = _check_images({r: files[r].path for r in needed}, problems, ndim=(3,), what="B1 image")
+                if imgs is None:
                     continue
                 shapes = {imgs[r].shape for r in needed}
                 if len(shapes) > 1:
@@ -511,25 +515,7 @@ def _find_basis(layout, data_file, kind):
 
 
 def _collect_fingerprint(layout, sess, kind, target, flist, problems, check_content):
-    groups = defaultdict(dict)
-    for f in flist:
-        ent = f.get_entities()
-        groups[_group_key(ent, {"part"})][ent.get("part")] = f
-    for key, parts in sorted(groups.items()):
-        first = sorted(parts.values(), key=lambda f: f.path)[0]
-        names = set(parts)
-        if names not in PART_PAIRS:
-            have = ", ".join(f"part-{p}" for p in sorted(map(str, names)))
-            problems.skip(first.path, f"{kind} {_label(key)} has {have}",
-                          "provide a part-mag/part-phase or part-real/part-imag pair")
-            continue
-        pair = ("mag", "phase") if names == {"mag", "phase"} else ("real", "imag")
-        meta = parts[pair[0]].get_metadata()
-        missing = _missing_metadata(meta, kind)
-        if missing:
-            problems.skip(parts[pair[0]].path, f"missing sidecar metadata {', '.join(missing)}",
-                          f"{kind} needs {', '.join(REQUIRED_METADATA[kind])}")
-            continue
+    for key, parts, pair, meta in _part_pairs(flist, kind, problems):
         basis = None
         if dict(key).get("desc") == "svd":
             basis = _find_basis(layout, parts[pair[0]], kind)
@@ -537,17 +523,9 @@ def _collect_fingerprint(layout, sess, kind, target, flist, problems, check_cont
                 problems.skip(parts[pair[0]].path, f"SVD coefficients without a {kind}basis TSV",
                               f"add ..._desc-svd_{kind}basis.tsv beside the images")
                 continue
-        if check_content:
-            try:
-                for p in pair:
-                    try:
-                        check_image(parts[p].path, ndim=(4,), what=f"{kind} series")
-                    except BadImage as exc:
-                        raise BadImage(f"{parts[p].path}\t{exc}") from exc
-            except BadImage as exc:
-                path, reason = str(exc).split("\t", 1)
-                problems.skip(path, reason)
-                continue
+        if check_content and _check_images({p: parts[p].path for p in pair}, problems, ndim=(4,),
+                                           what=f"{kind} series") is None:
+            continue
         target.append(FingerprintInput(kind=kind, acq=dict(key).get("acquisition"),
                                        part_files={p: Path(parts[p].path) for p in pair},
                                        basis_file=basis, metadata=dict(meta)))
@@ -631,28 +609,51 @@ def planned_outputs(sess: SessionInputs, config) -> list[str]:
     """Derivative files the participant workflow writes for this session (relative paths)."""
     from .derivatives import derivative_path
 
+    if not sess.bssfp:
+        return []
     methods = tuple((config.methods or {}).get("bssfp", ()))
-    out = []
     kw = dict(subject=sess.subject, session=sess.session)
+    atlas = _atlas_label(config.atlas)
+    out = []
     for b in sess.bssfp:
         out.append(derivative_path("", **kw, suffix="bSSFP", acq=b.acq, desc="ref"))
         out.append(derivative_path("", **kw, suffix="mask", acq=b.acq, desc="brain"))
+        out.append(derivative_path("", **kw, suffix="bSSFP", extension=".tsv", acq=b.acq, desc="motion"))
+        if b1_for(sess, b) is not None:
+            out.append(derivative_path("", **kw, datatype="fmap", suffix="TB1map", acq=b.acq, desc="bssfp"))
         for m in methods:
             for suffix in ("T1map", "T2map"):
                 out.append(derivative_path("", **kw, suffix=suffix, acq=b.acq, desc=m))
             if m.endswith("complex"):
                 out.append(derivative_path("", **kw, datatype="fmap", suffix="fieldmap", acq=b.acq, desc=m))
+        if any(m.endswith("complex") for m in methods):
+            out.append(derivative_path("", **kw, datatype="fmap", suffix="magnitude", acq=b.acq))
         out.append(derivative_path("", **kw, suffix="xfm", extension=".mat", acq=b.acq,
                                    from_="bSSFP", to="T1w", mode="image"))
-    if sess.bssfp:
-        if sess.t1w:
-            out.append(derivative_path("", **kw, suffix="mask", desc="brain"))
-            out.append(derivative_path("", **kw, suffix="dseg"))
-            for lab in ("GM", "WM", "CSF"):
-                out.append(derivative_path("", **kw, suffix="probseg", label=lab))
-        atlas = config.atlas if str(config.atlas).isalnum() else "custom"
-        out.append(derivative_path("", **kw, suffix="roistats", extension=".tsv", atlas=atlas))
+    if sess.t1w:
+        out.append(derivative_path("", **kw, suffix="T1w", desc="preproc"))
+    out.append(derivative_path("", **kw, suffix="mask", desc="brain"))
+    out.append(derivative_path("", **kw, suffix="dseg"))
+    for lab in ("GM", "WM", "CSF"):
+        out.append(derivative_path("", **kw, suffix="probseg", label=lab))
+    tpl = "".join(c for c in str(config.template) if c.isalnum())
+    out.append(derivative_path("", **kw, suffix="xfm", extension=".h5", from_="T1w", to=tpl, mode="image"))
+    out.append(derivative_path("", **kw, suffix="xfm", extension=".h5", from_=tpl, to="T1w", mode="image"))
+    out.append(derivative_path("", **kw, suffix="dseg", atlas=atlas))
+    out.append(derivative_path("", **kw, suffix="roistats", extension=".tsv", atlas=atlas))
+    import importlib.util
+
+    if importlib.util.find_spec("bids_qmri.reports.participant") is not None:
+        out.append(f"sub-{sess.subject}.html")
     return [str(p) for p in out]
+
+
+def _atlas_label(spec) -> str:
+    """The atlas entity label: the name, or the label image's stem for LABELS[:TABLE]."""
+    spec = str(spec or "AAL")
+    if ":" in spec or spec.endswith((".nii", ".nii.gz")):
+        spec = Path(spec.split(":")[0]).name.removesuffix(".gz").removesuffix(".nii")
+    return "".join(c for c in spec if c.isalnum()) or "custom"
 
 
 def format_plan(sessions: list[SessionInputs], config) -> str:
@@ -703,6 +704,7 @@ def format_plan(sessions: list[SessionInputs], config) -> str:
         processed = processed_kinds(config)
         if not sess.bssfp:  # B1 and T1w serve the bSSFP mapping only
             processed = processed - {"b1", "t1w"}
+
         idle = sorted({r[0] for r in rows if _kind_key(r[0]) not in processed})
         if idle:
             lines.append(f"  found, not processed by this version: {', '.join(idle)}")

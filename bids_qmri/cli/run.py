@@ -230,12 +230,6 @@ def build_config(args) -> Config:
     if args.use_plugin is not None:
         config.plugin_file = _resolve(args.use_plugin)
         load_plugin(config.plugin_file)
-    if ":" in str(args.atlas) or "/" in str(args.atlas):
-        parts = str(args.atlas).split(":")
-        missing = [q for q in parts if q and not Path(q).expanduser().exists()]
-        if len(parts) != 2 or missing:
-            raise UsageError(f"--atlas {args.atlas!r}: expected an atlas name or LABELS.nii.gz:TABLE with both "
-                             f"files present{' (missing: ' + ', '.join(missing) + ')' if missing else ''}")
     if not args.dry_run:
         check_writable(output_dir, "OUTPUT_DIR")
         check_writable(work_dir, "work directory")
@@ -323,6 +317,9 @@ def run_participant_level(config: Config) -> int:
     runnable = [s for s in sessions if _processable(s, config)]
     if not runnable:
         raise _nothing_to_do(sessions, config)
+    from ..anatomy.atlases import resolve_atlas
+
+    resolve_atlas(config.atlas)  # an unknown or broken --atlas fails now, not hours later
     from ..utils.seeding import seed_everything
 
     seed_everything(config.seed)
