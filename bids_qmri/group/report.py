@@ -101,13 +101,13 @@ def regional_boxplot(pp: pd.DataFrame, atlas, suffix, acq, path: Path) -> Path:
         ax.plot([], [], color=color, lw=6, alpha=0.6, label=m)
     ax.set_yticks(range(n_r))
     ax.set_yticklabels(regions["region"], fontsize=7)
-    ax.invert_yaxis()
+    ax.set_ylim(n_r - 0.5, -0.5)  # first region on top
     units = ",".join(sorted(set(sub["units"])))
     ax.set_xlabel(_label(suffix, acq, units))
     ax.set_title(f"atlas-{atlas}: regional mean across participants")
     ax.legend(fontsize=8, loc="best")
     # Tall figures (large atlases × many methods) at a lower resolution keep the PNG light.
-    return _save(fig, path, dpi=100 if height <= 20 else 60)
+    return _save(fig, path, dpi=100 if height <= 20 else 72)
 
 
 def repeatability_figure(cv: pd.DataFrame, atlas, suffix, acq, path: Path) -> Path:
