@@ -32,7 +32,7 @@ def test_t2_jacobian_and_fisher_analytic():
     torch.testing.assert_close(crb.crb(t2_model, theta, sigma), torch.linalg.inv(j.mT @ j / sigma**2).diagonal(dim1=-2, dim2=-1))
 
 
-@pytest.mark.parametrize("mode", ["forward", "reverse"])
+@pytest.mark.parametrize("mode", ["forward", "reverse", "jvp"])
 def test_ir_fisher_equals_finite_differences(mode):
     theta = torch.tensor([[1.0, 1.9, 0.9], [0.7, 1.7, 1.5], [1.2, 2.0, 0.4]], dtype=torch.float64)
     f = crb.fisher_information(ir_model, theta, 0.01, mode=mode)

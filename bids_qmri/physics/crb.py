@@ -6,6 +6,9 @@ deviation ``σ`` per real channel, the Fisher information is ``F = Re(Jᴴ J)/σ
 ``torch.func.jacfwd`` (few parameters, long signals: forward mode is the cheap direction) and
 vectorised over samples with ``torch.func.vmap``; ``fn`` is written for one sample, which every
 ``bids_qmri.physics`` model supports because they broadcast over leading dims.
+``mode="jvp"`` skips vmap and pushes one tangent per parameter through the whole batch
+(``fn`` must then broadcast over leading dims); it is faster for models with long Python loops
+(EPG, qMT), where vmap's per-operation overhead dominates. ``mode="reverse"`` uses jacrev.
 """
 
 from __future__ import annotations
@@ -13,16 +16,28 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.func import jacfwd, jacrev, vmap
+from torch.func import jacfwd, jacrev, jvp, vmap
 
 __all__ = ["jacobian", "fisher_information", "crb", "crb_weighted_loss"]
 
 
 def jacobian(fn: Callable[[torch.Tensor], torch.Tensor], params: torch.Tensor, *, mode: str = "forward") -> torch.Tensor:
-    """``∂ fn(θ) / ∂θ`` for every sample: params ``[..., P]`` -> ``[..., N, P]`` (complex if fn is)."""
+    """``∂ fn(θ) / ∂θ`` for every sample: params ``[..., P]`` -> ``[..., N, P]`` (complex if fn is).
+
+    ``mode``: ``"forward"`` (vmap + jacfwd), ``"reverse"`` (vmap + jacrev) or ``"jvp"``.
+    """
+    if mode not in ("forward", "reverse", "jvp"):
+        raise ValueError(f"jacobian mode must be 'forward', 'reverse' or 'jvp', got {mode!r}")
     params = torch.as_tensor(params)
     p = params.shape[-1]
     lead = params.shape[:-1]
+    if mode == "jvp":
+        cols = []
+        for k in range(p):
+            tangent = torch.zeros_like(params)
+            tangent[..., k] = 1.0
+            cols.append(jvp(fn, (params,), (tangent,))[1])
+        return torch.stack(cols, dim=-1)
 
     def real_fn(theta):
         s = fn(theta)
