@@ -15,7 +15,6 @@ Run: ``OMP_NUM_THREADS=2 nice -n 10 python benchmarks/bench_physics.py [--batch 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path

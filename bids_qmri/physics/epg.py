@@ -21,7 +21,6 @@ default ``n_states=None`` the simulation is exact and costs ``≈ Nt²/4`` state
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
