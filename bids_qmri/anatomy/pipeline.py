@@ -19,7 +19,7 @@ import pandas as pd
 from . import registration as reg
 from .atlases import resolve_atlas
 from .segmentation import TISSUES, refine_mask, segment_tissues
-from .templates import load_template
+from .templates import head_template, load_template
 
 LOGGER = logging.getLogger("bids_qmri.anatomy.pipeline")
 
@@ -68,7 +68,7 @@ def template_files(template_name: str, out_dir: str | Path) -> dict[str, str]:
     tpl = load_template(template_name)
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"name": tpl.name, "source": tpl.source}
+    paths = {"name": tpl.name, "source": tpl.source, "brain_only": tpl.brain_only}
     for key, img in [("T1w", tpl.t1w), ("mask", tpl.mask)] + list(tpl.priors.items()):
         p = out_dir / f"tpl_{key}.nii.gz"
         nb.save(img, p)
@@ -80,31 +80,39 @@ def register_template(fixed: str, template_name: str, out_dir: str | Path, nthre
                       seed: int = 0, cross_modal: bool = False) -> dict[str, str]:
     """Template -> subject registration in two passes -> transforms and the warped template.
 
-    Pass 1 is affine on the whole image; its warped template mask, dilated ~8 mm, restricts
-    pass 2 (affine refinement + SyN) to the head around the brain so that skull and scalp do
-    not pull the brain boundary. ``cross_modal`` (the subject image is not T1-weighted) switches
-    SyN from cross-correlation to mutual information. Returns paths: ``to_native`` (Composite.h5, template -> subject
-    grid), ``to_template`` (InverseComposite.h5), the template files and ``template`` (name).
+    Pass 1 is affine on the whole head: a head template (the template's own T1w when it has a
+    skull, else Colin27 from mricron-data, which lives in the same MNI space) against the
+    subject's head. Its warped brain mask, dilated by ~4 mm, restricts pass 2 (affine
+    refinement + SyN of the template's brain onto the masked subject image), so that skull and
+    scalp cannot pull the brain boundary. Every stage uses mutual information, which also
+    serves ``cross_modal`` inputs (not T1-weighted, e.g. a bSSFP mean magnitude). Returns
+    paths: ``to_native`` (Composite.h5, resamples template images onto the subject grid),
+    ``to_template`` (InverseComposite.h5), the template files and ``template`` (name).
     """
-    out_dir = Path(out_dir).absolute()
-    tpl = template_files(template_name, out_dir / "template")
-    # Both passes see the brain-only template; pass 1 needs to get the position and scale.
-    first = reg.register(fixed, tpl["T1w"], out_dir / "affine_", kind="Affine", nthreads=nthreads, seed=seed)
-    mask1 = reg.apply(tpl["mask"], fixed, first["fwd"], interpolator="linear", nthreads=nthreads)
-    fixed_img = nb.load(fixed)
-    zoom = float(min(fixed_img.header.get_zooms()[:3]))
     from scipy import ndimage
 
-    dil = ndimage.binary_dilation(mask1.numpy() > 0.5, iterations=max(1, int(round(8.0 / zoom))))
+    out_dir = Path(out_dir).absolute()
+    tpl = template_files(template_name, out_dir / "template")
+    head = head_template() if tpl["brain_only"] else None
+    if head is not None:
+        head_t1, head_brain = str(head[0]), str(head[1])
+    else:
+        if tpl["brain_only"]:
+            LOGGER.warning("no head template (mricron-data ch2.nii.gz) for the initial affine; "
+                           "registering the brain-only template to the head directly")
+        head_t1, head_brain = tpl["T1w"], tpl["mask"]
+    first = reg.register(fixed, head_t1, out_dir / "affine_", kind="Affine", nthreads=nthreads, seed=seed)
+    mask1 = reg.apply(head_brain, fixed, first["fwd"], interpolator="linear", nthreads=nthreads)
+    fixed_img = nb.load(fixed)
+    zoom = float(min(fixed_img.header.get_zooms()[:3]))
+    dil = ndimage.binary_dilation(mask1.numpy() > 0.5, iterations=max(1, int(round(4.0 / zoom))))
     reg_mask = _save(dil, fixed_img, out_dir / "regmask.nii.gz", np.uint8)
-    # Pass 2 on the masked subject image: the template has no skull, the subject may have one.
     masked = _save(fixed_img.get_fdata(dtype=np.float32) * dil, fixed_img, out_dir / "fixed_masked.nii.gz")
     second = reg.register(masked, tpl["T1w"], out_dir / "syn_", kind="SyN", fixed_mask=reg_mask,
-                          initial_transform=first["fwd"][0], nthreads=nthreads, seed=seed,
-                          syn_metric="mattes" if cross_modal else "CC")
+                          initial_transform=first["fwd"][0], nthreads=nthreads, seed=seed)
     warped = _save_ants(second["warped"], out_dir / "template_in_native.nii.gz")
     return dict(tpl, to_native=second["fwd"][0], to_template=second["inv"][0], warped_template=warped,
-                template=tpl["name"])
+                template=tpl["name"], initial_template=head_t1)
 
 
 def warp_to_native(moving: str, reference: str, to_native: str, out_file: str | Path, *, labels: bool = False,
@@ -119,7 +127,7 @@ def warp_to_native(moving: str, reference: str, to_native: str, out_file: str | 
 
 
 def segment(t1w: str, regdict: dict, out_dir: str | Path, *, use_atropos: bool = True, nthreads: int = 1,
-            seed: int = 0) -> dict[str, str]:
+            seed: int = 0, iterations: int = 10) -> dict[str, str]:
     """Brain mask and GM/WM/CSF probabilities on the subject grid -> paths
     (``mask``, ``GM``, ``WM``, ``CSF``, ``dseg``)."""
     out_dir = Path(out_dir).absolute()
@@ -132,7 +140,7 @@ def segment(t1w: str, regdict: dict, out_dir: str | Path, *, use_atropos: bool =
     mask_path = _save(mask, ref, out_dir / "brain_mask.nii.gz", np.uint8)
     priors = [_save(np.clip(warped[t], 0, 1) * mask, ref, out_dir / f"mprior_{t}.nii.gz") for t in TISSUES]
     if use_atropos:
-        probs, dseg = segment_tissues(t1w, mask_path, priors, nthreads=nthreads, seed=seed)
+        probs, dseg = segment_tissues(t1w, mask_path, priors, nthreads=nthreads, seed=seed, iterations=iterations)
     else:
         stack = np.stack([np.clip(warped[t], 0, 1) * mask for t in TISSUES], -1)
         total = stack.sum(-1, keepdims=True)

@@ -70,28 +70,30 @@ def min_spacing(img) -> float:
 def schedules(spacing_mm: float) -> dict:
     """Iteration schedules by resolution: coarse inputs need fewer levels and iterations.
 
-    At >= 2 mm the finest SyN level is cheap, at 1 mm it is skipped (as the antspyx default
-    does) and the coarse levels carry the deformation.
+    The affine stage never runs at full resolution (its finest level has 0 iterations), and at
+    1 mm neither does SyN (as the antspyx default); at >= 2 mm the finest SyN level is cheap.
+    SyN uses mutual information (Mattes): on 2 cores it is 3-4x cheaper than cross-correlation
+    and the priors it warps are refined by Atropos anyway.
     """
     if spacing_mm >= 2.0:
         return dict(
-            aff_iterations=(500, 250, 0),
-            aff_shrink_factors=(2, 1, 1),
-            aff_smoothing_sigmas=(1, 0, 0),
-            reg_iterations=(60, 30, 10),
+            aff_iterations=(200, 100, 0),
+            aff_shrink_factors=(4, 2, 1),
+            aff_smoothing_sigmas=(2, 1, 0),
+            reg_iterations=(40, 20, 10),
             grad_step=0.2,
         )
     return dict(
-        aff_iterations=(1000, 500, 250, 0),
-        aff_shrink_factors=(6, 4, 2, 1),
+        aff_iterations=(500, 250, 100, 0),
+        aff_shrink_factors=(8, 4, 2, 1),
         aff_smoothing_sigmas=(3, 2, 1, 0),
-        reg_iterations=(60, 40, 0),
+        reg_iterations=(50, 30, 0),
         grad_step=0.2,
     )
 
 
 def register(fixed, moving, outprefix: str | Path, *, kind: str = "SyN", fixed_mask=None, initial_transform=None,
-             nthreads: int | None = None, seed: int | None = 0, syn_metric: str = "CC") -> dict:
+             nthreads: int | None = None, seed: int | None = 0, syn_metric: str = "mattes") -> dict:
     """Register ``moving`` onto ``fixed``. ``kind``: "Rigid", "Affine" or "SyN" (affine + SyN).
     ``syn_metric``: "CC" (same contrast) or "mattes" (mutual information, across contrasts).
 
@@ -109,7 +111,7 @@ def register(fixed, moving, outprefix: str | Path, *, kind: str = "SyN", fixed_m
         outprefix=outprefix,
         aff_metric="mattes",
         aff_sampling=32,
-        aff_random_sampling_rate=0.25,
+        aff_random_sampling_rate=0.2,
         aff_iterations=sched["aff_iterations"],
         aff_shrink_factors=sched["aff_shrink_factors"],
         aff_smoothing_sigmas=sched["aff_smoothing_sigmas"],
@@ -150,11 +152,14 @@ def apply(moving, reference, transforms: list[str], *, interpolator: str = "line
 
 
 def n4(image, mask=None, nthreads: int | None = None):
-    """N4 bias-field correction; shrink factor follows the resolution (coarse grids: 2)."""
+    """N4 bias-field correction. The shrink factor keeps the fitted grid near 10^5 voxels: the
+    bias field is smooth (B-spline knots every ~200 mm), so more voxels only cost time."""
+    import math
+
     import ants
 
     img = read(image)
-    shrink = 4 if min(img.spacing) < 1.5 else 2
+    shrink = max(1, min(6, math.ceil((float(np.prod(img.shape)) / 1e5) ** (1 / 3))))
     with itk_threads(nthreads):
         # Without a mask antspyx fits inside ants.get_mask(image) (background excluded).
         return ants.n4_bias_field_correction(

@@ -34,6 +34,20 @@ _NILEARN_FILES = {
 }
 
 
+# A head (skull and scalp kept) and brain-extracted T1w in MNI space for the initial affine
+# when the template itself is brain-only (the nilearn copy): a brain-only template matched to a
+# head by mutual information grows to the scalp. Debian mricron-data ships Colin27 ("ch2").
+MRICRON_HEAD = Path("/usr/share/mricron/templates/ch2.nii.gz")
+MRICRON_HEAD_BRAIN = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
+
+
+def head_template() -> tuple[Path, Path] | None:
+    """(head T1w, brain-extracted T1w) in MNI space for initialisation, or None if absent."""
+    if MRICRON_HEAD.is_file() and MRICRON_HEAD_BRAIN.is_file():
+        return MRICRON_HEAD, MRICRON_HEAD_BRAIN
+    return None
+
+
 @dataclass
 class Template:
     """A template in memory: images share one grid; priors are probabilities in [0, 1]."""
@@ -43,6 +57,7 @@ class Template:
     t1w: nb.Nifti1Image
     mask: nb.Nifti1Image
     priors: dict[str, nb.Nifti1Image]  # "GM", "WM", "CSF"
+    brain_only: bool = False  # the T1w has no skull/scalp (needs a head template to initialise)
 
     @property
     def zooms(self) -> tuple[float, ...]:
@@ -79,6 +94,7 @@ def _nilearn_template() -> Template:
         t1w=_as_float_image(t1, ref),
         mask=_as_float_image(mask, ref),
         priors={"GM": _as_float_image(gm, ref), "WM": _as_float_image(wm, ref), "CSF": _as_float_image(csf, ref)},
+        brain_only=True,
     )
 
 
@@ -112,6 +128,7 @@ def _templateflow_template(name: str, home: Path) -> Template:
             if res and res.group(1) == "1":
                 t1_path = path
                 break
+    brain_only = t1_path is None
     t1_path = t1_path or _find_tf(tpl_dir, name, "_desc-brain_T1w.nii.gz")
     if t1_path is None:
         raise UsageError(
@@ -153,6 +170,7 @@ def _templateflow_template(name: str, home: Path) -> Template:
         t1w=_as_float_image(t1_data, t1),
         mask=_as_float_image(mask, t1),
         priors={k: _as_float_image(np.clip(v, 0, 1), t1) for k, v in resampled.items()},
+        brain_only=brain_only,
     )
 
 

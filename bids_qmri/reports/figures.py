@@ -78,8 +78,7 @@ def montage(path, out_png: Path, *, mask=None, title: str = "", units: str = "",
     shown = np.where(m, data, np.nan) if m is not None else data
     centre = centre_slices(m if m is not None else data != 0)
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), gridspec_kw={"wspace": 0.02})
-    cm = plt.get_cmap(cmap).copy()
-    cm.set_bad("black")
+    cm = plt.get_cmap(cmap).with_extremes(bad="black")
     im = None
     for ax, plane, asp in zip(axes, _planes(shown, centre), _aspects(affine)):
         im = ax.imshow(plane, cmap=cm, vmin=vrange[0], vmax=vrange[1], aspect=asp, interpolation="nearest")

@@ -1,0 +1,191 @@
+"""Anatomical + ROI workflows and the report on a bids_qmri-synth phantom, against its ground truth.
+
+One module-scoped run (low resolution, 2 threads): T1w -> N4 -> template registration ->
+Atropos -> atlas; the ground-truth T1/T2 maps on the bSSFP grid go through the ROI workflow as if
+they were a method's maps, with the bSSFP mean magnitude as their reference image.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SUB = "01"
+ACQ_BSSFP = "pc12"
+RES_MM = 3.0
+
+
+def _gt(bids: Path, name: str) -> Path:
+    return bids / "derivatives" / "groundtruth" / f"sub-{SUB}" / ("fmap" if "fieldmap" in name else "anat") / name
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from nipype.pipeline import engine as pe
+
+    from bids_qmri.bids.derivatives import init_derivatives
+    from bids_qmri.bids.inputs import SessionInputs
+    from bids_qmri.config import Config
+    from bids_qmri.reports.participant import write_participant_report
+    from bids_qmri.synth.dataset import SynthOptions, write_dataset
+    from bids_qmri.workflows.anat import init_anat_wf
+    from bids_qmri.workflows.roi import init_roi_wf
+
+    root = tmp_path_factory.mktemp("anatwf")
+    bids = root / "bids"
+    write_dataset(bids, SynthOptions(participants=1, sessions=0, resolution=RES_MM, seed=2, kinds=("t1w", "bssfp")),
+                  progress=False)
+    out = root / "out"
+    config = Config(bids_dir=bids, output_dir=out, work_dir=root / "work", omp_nthreads=2, nprocs=2, seed=0)
+    init_derivatives(out, bids)
+    t1w = bids / f"sub-{SUB}" / "anat" / f"sub-{SUB}_acq-mprage_T1w.nii.gz"
+    anat_dir = out / f"sub-{SUB}" / "anat"
+    anat_dir.mkdir(parents=True, exist_ok=True)
+    # Stand-ins for the bSSFP workflow's outputs: its reference image (mean magnitude over phase
+    # cycles) and "maps" that are the ground truth on the bSSFP grid.
+    mag = nb.load(bids / f"sub-{SUB}" / "anat" / f"sub-{SUB}_acq-{ACQ_BSSFP}_part-mag_bSSFP.nii.gz")
+    ref = anat_dir / f"sub-{SUB}_acq-{ACQ_BSSFP}_desc-ref_bSSFP.nii.gz"
+    nb.save(nb.Nifti1Image(mag.get_fdata(dtype=np.float32).mean(-1), mag.affine), ref)
+    maps = []
+    for suffix in ("T1map", "T2map"):
+        src = _gt(bids, f"sub-{SUB}_acq-{ACQ_BSSFP}_{suffix}.nii.gz")
+        dest = anat_dir / f"sub-{SUB}_acq-{ACQ_BSSFP}_desc-truth_{suffix}.nii.gz"
+        shutil.copyfile(src, dest)
+        dest.with_name(dest.name.replace(".nii.gz", ".json")).write_text(
+            json.dumps({"Units": "s", "EstimationAlgorithm": "ground truth"}))
+        maps.append(str(dest))
+    wf = pe.Workflow(name="test_anat_roi", base_dir=str(root / "work"))
+    anat = init_anat_wf(t1w, SUB, None, config)
+    roi = init_roi_wf(SUB, None, config)
+    roi.inputs.inputnode.ref_image = [str(ref)]
+    roi.inputs.inputnode.maps = [maps]
+    fields = ["t1w_preproc", "t1w_mask", "dseg", "probseg", "atlas_dseg", "atlas_table", "atlas_name"]
+    wf.connect(anat, [f"outputnode.{f}" for f in fields][0], roi, "inputnode.t1w_preproc")
+    for f in fields[1:]:
+        wf.connect(anat, f"outputnode.{f}", roi, f"inputnode.{f}")
+    wf.run(plugin="Linear")
+    sess = SessionInputs(subject=SUB, session=None, t1w=[t1w])
+    report = write_participant_report(out, SUB, [sess], config)
+    return {"bids": bids, "out": out, "anat": anat_dir, "report": report, "t1w": t1w}
+
+
+def _load(path) -> np.ndarray:
+    return np.asanyarray(nb.load(path).dataobj)
+
+
+def test_spec_outputs_exist(run):
+    a = run["anat"]
+    for name in ("desc-preproc_T1w", "desc-brain_mask", "dseg", "label-GM_probseg", "label-WM_probseg",
+                 "label-CSF_probseg", "atlas-AAL_dseg"):
+        assert (a / f"sub-{SUB}_{name}.nii.gz").is_file(), name
+        assert (a / f"sub-{SUB}_{name}.json").is_file(), name
+    assert pd.read_csv(a / f"sub-{SUB}_dseg.tsv", sep="\t")["name"].tolist() == ["gray matter", "white matter",
+                                                                                   "cerebrospinal fluid"]
+    table = pd.read_csv(a / f"sub-{SUB}_atlas-AAL_dseg.tsv", sep="\t")
+    assert list(table.columns) == ["index", "name"] and len(table) == 116
+    for xfm in ("from-T1w_to-MNI152NLin2009aSym", "from-MNI152NLin2009aSym_to-T1w"):
+        assert (a / f"sub-{SUB}_{xfm}_mode-image_xfm.h5").is_file()
+    assert (a / f"sub-{SUB}_acq-{ACQ_BSSFP}_from-bSSFP_to-T1w_mode-image_xfm.mat").is_file()
+
+
+def test_tissue_dice_against_truth(run):
+    from bids_qmri.anatomy.segmentation import dice
+
+    truth = _load(_gt(run["bids"], f"sub-{SUB}_acq-mprage_dseg.nii.gz"))
+    ours = _load(run["anat"] / f"sub-{SUB}_dseg.nii.gz")
+    assert truth.shape == ours.shape
+    scores = {t: dice(truth == i, ours == i) for i, t in ((1, "GM"), (2, "WM"), (3, "CSF"))}
+    print("Dice", scores, "brain", dice(truth > 0, ours > 0))
+    assert dice(truth > 0, ours > 0) >= 0.9
+    assert scores["GM"] >= 0.8 and scores["WM"] >= 0.8
+    # CSF at 3 mm is a thin shell (few voxels, mostly partial volume); the SPEC target applies to
+    # the probabilistic overlap, which counts partial voxels by their fraction.
+    gt_csf = _load(_gt(run["bids"], f"sub-{SUB}_acq-mprage_label-CSF_probseg.nii.gz")).astype(float)
+    our_csf = _load(run["anat"] / f"sub-{SUB}_label-CSF_probseg.nii.gz").astype(float)
+    soft = 2 * np.minimum(gt_csf, our_csf).sum() / (gt_csf.sum() + our_csf.sum())
+    print("CSF soft Dice", soft, "hard", scores["CSF"])
+    assert soft >= 0.6
+
+
+def test_atlas_covers_the_brain(run):
+    truth = _load(_gt(run["bids"], f"sub-{SUB}_acq-mprage_dseg.nii.gz"))
+    atlas = _load(run["anat"] / f"sub-{SUB}_atlas-AAL_dseg.nii.gz")
+    gm = truth == 1
+    covered = ((atlas > 0) & gm).sum() / gm.sum()
+    inside = ((atlas > 0) & (truth > 0)).sum() / (atlas > 0).sum()
+    print("atlas covers", covered, "of GM; inside brain", inside)
+    assert covered >= 0.85
+    assert inside >= 0.95
+    # Left labels (odd AAL indices) on the left (x < 0 in RAS mm), right ones on the right.
+    img = nb.load(run["anat"] / f"sub-{SUB}_atlas-AAL_dseg.nii.gz")
+    ijk = np.argwhere(atlas > 0)
+    x = nb.affines.apply_affine(img.affine, ijk)[:, 0]
+    lab = atlas[atlas > 0]
+    left, right = (lab % 2 == 1) & (lab <= 90), (lab % 2 == 0) & (lab <= 90)
+    assert np.mean(x[left] < 0) > 0.95 and np.mean(x[right] > 0) > 0.95
+    assert len(np.unique(lab)) >= 100
+
+
+def test_transform_to_template(run):
+    """The saved from-T1w_to-<template> composite brings the T1w onto the template."""
+    from bids_qmri.anatomy import registration as reg
+    from bids_qmri.anatomy.templates import load_template
+
+    tpl = load_template(None)
+    tpl_path = run["out"].parent / "tpl_t1.nii.gz"
+    nb.save(tpl.t1w, tpl_path)
+    xfm = run["anat"] / f"sub-{SUB}_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.h5"
+    moved = reg.apply(str(run["anat"] / f"sub-{SUB}_desc-preproc_T1w.nii.gz"), str(tpl_path), [str(xfm)]).numpy()
+    mask = tpl.mask.get_fdata() > 0
+    r = np.corrcoef(moved[mask], tpl.t1w.get_fdata()[mask])[0, 1]
+    print("correlation with the template after normalisation", r)
+    assert r > 0.6
+
+
+def test_roi_table_matches_phantom(run):
+    tsv = run["anat"] / f"sub-{SUB}_atlas-AAL_roistats.tsv"
+    df = pd.read_csv(tsv, sep="\t", na_values="n/a", keep_default_na=False)
+    assert list(df.columns) == ["participant_id", "session_id", "atlas", "region_index", "region", "suffix",
+                                "method", "acq", "n_voxels", "mean", "std", "median", "q1", "q3", "units"]
+    assert set(df["suffix"]) == {"T1map", "T2map"} and set(df["method"]) == {"truth"}
+    assert set(df["acq"]) == {ACQ_BSSFP} and set(df["units"]) == {"s"} and set(df["atlas"]) == {"AAL"}
+    # Direct computation on the phantom (bSSFP grid): tissue fractions >= 0.5 from the truth.
+    grid = f"sub-{SUB}_acq-{ACQ_BSSFP}"
+    fr = {t: _load(_gt(run["bids"], f"{grid}_label-{t}_probseg.nii.gz")).astype(float) for t in ("GM", "WM", "CSF")}
+    brain = _load(_gt(run["bids"], f"{grid}_desc-brain_mask.nii.gz")) > 0
+    for suffix in ("T1map", "T2map"):
+        values = _load(_gt(run["bids"], f"{grid}_{suffix}.nii.gz")).astype(float)
+        rows = df[df.suffix == suffix].set_index("region")
+        for tissue, sel in (("GM", fr["GM"] >= 0.5), ("WM", fr["WM"] >= 0.5),
+                            ("WholeBrain", (fr["GM"] + fr["WM"]) >= 0.5)):
+            direct = values[brain & sel].mean()
+            ours = rows.loc[tissue, "mean"]
+            print(suffix, tissue, "pipeline", ours, "direct", direct)
+            assert ours == pytest.approx(direct, rel=0.02)
+
+
+def test_report_renders(run):
+    html = run["report"].read_text()
+
+    class P(HTMLParser):
+        imgs: list = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.imgs.append(dict(attrs)["src"])
+
+    p = P()
+    p.feed(html)
+    assert len(p.imgs) >= 5
+    for src in p.imgs:
+        assert (run["out"] / src).is_file()
+    assert "desc-truth" in html and "Precentral_L" in html
