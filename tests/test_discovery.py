@@ -225,3 +225,21 @@ def test_raw_bidsignore_snippet_makes_custom_suffixes_valid(tmp_path):
     (root / ".bidsignore").unlink()
     result = validate_bids(root)
     assert not result.ok  # bSSFP is not a BIDS suffix: the snippet is what makes it pass
+
+
+@pytest.mark.slow
+def test_synthetic_dataset_all_kinds(synth_dataset, tmp_path):
+    """bids_qmri-synth writes every input kind of SPEC §3; discovery finds each, nothing skipped,
+    and the dataset (with its .bidsignore) passes the validator."""
+    result = validate_bids(synth_dataset)
+    assert result.ok, result.summary()
+    sessions = discover(_config(synth_dataset, tmp_path))
+    assert len(sessions) == 2
+    for sess in sessions:
+        assert not sess.skipped and not sess.unprocessed
+        (b,) = sess.bssfp
+        assert b.n_cycles == 12 and b.repetition_time == pytest.approx(0.0048)
+        assert [x.kind for x in sess.b1] == ["TB1TFL"] and len(sess.t1w) == 1
+        assert sess.mrf[0].basis_file is not None and sess.qmt[0].basis_file is not None
+        assert len(sess.irt1[0].files) >= 3 and len(sess.mese[0].files) >= 3
+        assert sess.irt1[0].values == sorted(sess.irt1[0].values)
