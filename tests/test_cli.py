@@ -162,3 +162,30 @@ def test_invalid_input_dataset_reports_where_the_full_report_is(bids_examples, t
 def test_raises_usage_error_on_missing_bids_dir(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         _config([tmp_path / "nope", tmp_path / "out", "participant"])
+
+
+def test_participant_workflow_wiring_two_bssfp_inputs_without_t1w(tmp_path):
+    """Two bSSFP inputs feed one ROI workflow (merged lists); without a T1w the anatomy
+    workflow gets the first bSSFP reference image."""
+    from bids_qmri.bids.discovery import discover
+    from bids_qmri.config import Config
+    from bids_qmri.workflows.base import init_participant_wf
+
+    root = make_bssfp_dataset(tmp_path / "bids", b1="TB1map", t1w=False)
+    anat = root / "sub-01" / "anat"
+    for p in ("mag", "phase"):
+        (anat / f"sub-01_acq-second_part-{p}_bSSFP.nii.gz").write_bytes(
+            (anat / f"sub-01_acq-pc4_part-{p}_bSSFP.nii.gz").read_bytes())
+    (anat / "sub-01_acq-second_bSSFP.json").write_text((anat / "sub-01_acq-pc4_bSSFP.json").read_text())
+    config = Config(bids_dir=root, output_dir=tmp_path / "out", methods={"bssfp": ("miracle",)})
+    (sess,) = discover(config)
+    wf = init_participant_wf(sess, config)
+    assert wf.name == "single_subject_01_wf"
+    names = {n.fullname for n in wf._get_all_nodes()}
+    assert {"bssfp_pc4_wf.load", "bssfp_second_wf.load"} <= names
+    edges = [(u.fullname, v.fullname) for u, v in wf._create_flat_graph().edges()]
+    refs = sorted(u for u, v in edges if v.endswith("merge_ref_images"))
+    assert [r.split(".")[-2] for r in refs] == ["bssfp_pc4_wf", "bssfp_second_wf"]
+    to_anat = [(u, v) for u, v in edges if ".anat_wf." in f".{v}" and "bssfp_pc4_wf" in u]
+    assert to_anat, "without a T1w the anatomy workflow must receive the bSSFP reference image"
+    assert not [(u, v) for u, v in edges if ".anat_wf." in f".{v}" and "bssfp_second_wf" in u]
