@@ -114,6 +114,10 @@ def register_b1(b1_ratio: Path, b1_ref: Path, target_ref: Path, *, seed: int = 0
     transforms: list[str] = []
     if register:
         transforms = register_rigid(fixed, ants.image_read(str(b1_ref)), seed=seed, outprefix=outprefix)
+        params = np.asarray(ants.read_transform(transforms[0]).parameters, dtype=np.float64)
+        # A featureless reference (e.g. a constant image) makes the metric NaN: refuse the result.
+        if not np.all(np.isfinite(params)) or abs(np.linalg.det(params[:9].reshape(3, 3)) - 1) > 1e-3:
+            raise RuntimeError("rigid registration of the B1 reference did not converge")
     if transforms:
         warped = ants.apply_transforms(fixed, moving_ratio, transforms, interpolator="linear", defaultvalue=0)
     else:

@@ -108,7 +108,8 @@ def motion_correct(
     imaginary parts with the same transform.
 
     ``data`` is complex ``[X, Y, Z, Npc]``. Returns the corrected series and one row of motion
-    parameters per cycle (the reference row is zero), columns ``MOTION_COLUMNS`` plus
+    parameters per cycle (the reference row is zero; a cycle whose registration failed is left
+    uncorrected with NaN parameters), columns ``MOTION_COLUMNS`` plus
     ``framewise_displacement`` (Power et al.: sum of |Δtranslation| and 50 mm × |Δrotation|
     between consecutive cycles).
     """
@@ -129,7 +130,14 @@ def motion_correct(
             rows.append(dict.fromkeys(MOTION_COLUMNS, 0.0))
             continue
         moving = ants_image(magnitude[..., j], zooms)
-        transforms = register_rigid(fixed, moving, seed=seed + j, outprefix=str(workdir / f"cycle{j:03d}_"))
+        try:
+            transforms = register_rigid(fixed, moving, seed=seed + j, outprefix=str(workdir / f"cycle{j:03d}_"))
+        except RuntimeError as exc:  # ANTs gives up on e.g. an empty volume: keep it unmoved
+            LOGGER.warning("phase cycle %d: rigid registration failed (%s); left uncorrected", j,
+                           str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            corrected[..., j] = data[..., j]
+            rows.append(dict.fromkeys(MOTION_COLUMNS, float("nan")))
+            continue
         parts = []
         for part in (data[..., j].real, data[..., j].imag):
             warped = ants.apply_transforms(fixed, ants_image(part, zooms), transforms, interpolator="linear")
