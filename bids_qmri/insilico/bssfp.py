@@ -281,7 +281,7 @@ def run_bssfp_insilico(
             summary_rows.append({"set": st, "snr": snr, "method": method, "parameter": name,
                                  "mean_abs_rel_err_pct": float(np.mean(np.abs(fin))) if fin.size else math.nan,
                                  "median_abs_rel_err_pct": float(np.median(np.abs(fin))) if fin.size else math.nan,
-                                 "median_rel_sd_pct": float(np.nanmedian(sd / mean * 100)) if np.isfinite(mean).any() else math.nan})
+                                 "median_rel_sd_pct": float(np.nanmedian(sd / mean * 100)) if np.isfinite(sd / mean).any() else math.nan})
             if st == "grid" and snr in map_snrs:
                 maps_for_plot.setdefault(snr, {}).setdefault(method, {})[name] = rel
                 map_rows.append(pd.DataFrame({"snr": snr, "method": method, "parameter": name, "T1_true": par["T1"].numpy(),
