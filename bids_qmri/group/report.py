@@ -143,6 +143,18 @@ def _env() -> jinja2.Environment:
     )
 
 
+def _per_map(frame: pd.DataFrame, atlas, kind: str, draw, fig_dir: Path, items: list
+             ) -> list[Path]:
+    """One ``draw(frame, atlas, suffix, acq, path)`` figure per map (suffix, acq) of ``frame``;
+    appends the report entries to ``items``."""
+    paths = []
+    for (suffix, acq), _ in frame.groupby(["suffix", "acq"], sort=True):
+        name = _safe("atlas-" + atlas, suffix, "acq-" + acq) + f"_{kind}.png"
+        paths.append(draw(frame, atlas, suffix, acq, fig_dir / name))
+        items.append({"title": f"atlas-{atlas} {_label(suffix, acq)}", "figure": f"figures/{name}"})
+    return paths
+
+
 def write_report(group_dir, *, collection, summaries: dict, agreement: pd.DataFrame,
                  repeatability: dict, config) -> list[Path]:
     """Draw the figures and render ``report.html``; returns every path written."""
@@ -162,19 +174,11 @@ def write_report(group_dir, *, collection, summaries: dict, agreement: pd.DataFr
 
     box_items, rep_items = [], []
     for atlas, df in sorted(collection.tables.items()):
-        pp = tables.per_participant(df)
-        for (suffix, acq), _ in pp.groupby(["suffix", "acq"], sort=True):
-            name = _safe("atlas-" + atlas, suffix, "acq-" + acq) + "_regions.png"
-            written.append(regional_boxplot(pp, atlas, suffix, acq, fig_dir / name))
-            box_items.append({"title": f"atlas-{atlas} {_label(suffix, acq)}",
-                              "figure": f"figures/{name}"})
+        written += _per_map(tables.per_participant(df), atlas, "regions", regional_boxplot,
+                            fig_dir, box_items)
         if atlas in repeatability:
-            cv = tables.participant_cv(df)
-            for (suffix, acq), _ in cv.groupby(["suffix", "acq"], sort=True):
-                name = _safe("atlas-" + atlas, suffix, "acq-" + acq) + "_repeatability.png"
-                written.append(repeatability_figure(cv, atlas, suffix, acq, fig_dir / name))
-                rep_items.append({"title": f"atlas-{atlas} {_label(suffix, acq)}",
-                                  "figure": f"figures/{name}"})
+            written += _per_map(tables.participant_cv(df), atlas, "repeatability",
+                                repeatability_figure, fig_dir, rep_items)
 
     # Figures of an earlier run that this run did not draw would be misleading: remove them.
     keep = {p.resolve() for p in written}
