@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-schedule", default=d.lr_schedule, choices=["constant", "cosine"])
     t.add_argument("--theta-margin", type=float, default=d.theta_margin,
                    help="complex nets: fraction of π left out of training at both ends of θ ∈ (−π, π)")
+    t.add_argument("--init-from", type=Path, default=None, metavar="WEIGHTS",
+                   help="continue training from this .safetensors network (same method and distribution)")
     t.add_argument("--snr", type=float, default=None, help="training noise SNR (seed definition); default noise-free")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -96,6 +98,7 @@ def main(argv=None) -> int:
             method=args.method, distribution=args.distribution, n_samples=args.samples,
             max_epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
             lr_schedule=args.lr_schedule, theta_margin=args.theta_margin,
+            init_from=str(args.init_from) if args.init_from else None,
             snr=args.snr, seed=args.seed, threads=args.threads,
         )
     except ValueError as exc:

@@ -210,6 +210,7 @@ class TrainConfig:
     # complex nets: leave |θ| > (1 − margin)·π out of training. A smooth network cannot jump from
     # +π to −π where the signal wraps; samples there dominated the PINN loss (plateau ~6e-4)
     theta_margin: float = 0.05
+    init_from: str | None = None  # continue from a saved network of the same kind (fine-tuning)
     seed: int = 0
     threads: int = 1
     progress: bool | None = None  # None: a bar only on a terminal
@@ -266,7 +267,18 @@ def train_bssfp_net(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             net = BSSFPNet(kind, parameter_ranges(cfg.distribution, kind, protocol.tr))
-        net.set_input_stats(clean[:n_train])
+        init = None
+        if cfg.init_from:
+            from bids_qmri.nets.mlp import load_net
+
+            start_net = load_net(cfg.init_from)
+            if start_net.kind != kind or start_net.ranges != net.ranges:
+                raise ValueError(f"{cfg.init_from}: a {start_net.kind} network with other ranges cannot "
+                                 f"initialise {cfg.method} — pick a model of the same method and distribution")
+            net.load_state_dict(start_net.state_dict())  # keeps its input statistics too
+            init = _file_digest(cfg.init_from)
+        else:
+            net.set_input_stats(clean[:n_train])
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
         sched = (
             torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_epochs)
@@ -334,7 +346,8 @@ def train_bssfp_net(
         "b1_range": list(B1_RANGE),
         "distribution": cfg.distribution,
         "training": {
-            **{k: v for k, v in asdict(cfg).items() if k not in ("progress", "extra", "method", "distribution")},
+            **{k: v for k, v in asdict(cfg).items()
+               if k not in ("progress", "extra", "method", "distribution", "init_from")},
             **cfg.extra,
             "n_train": n_train,
             "n_val": n_val,
@@ -350,7 +363,23 @@ def train_bssfp_net(
         "validation_loss": best_loss,
         "history": history,
     }
+    if init is not None:
+        card["training"]["init_from"] = init
     return net, card
+
+
+def _file_digest(path) -> dict:
+    import hashlib
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    out = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    card = path.with_suffix(".json")
+    if card.is_file():
+        prev = json.loads(card.read_text()).get("training", {})
+        out["previous_training"] = {k: v for k, v in prev.items() if k != "init_from"}
+    return out
 
 
 def _input_names(kind: str) -> list[str]:
