@@ -46,16 +46,20 @@ def write_anat_derivatives(*, output_dir: str, subject: str, session: str | None
     if warnings:
         common["Warnings"] = list(warnings)
     out: dict = {}
-    acq = space_acq if fallback else None
+    # Without a T1w the tissue/atlas files keep their usual names (there is no T1w to clash
+    # with; their sidecars name the space); the bias-corrected reference and the transforms
+    # carry the reference's acq label so they do not collide with the modality's own outputs.
+    xacq = space_acq if fallback else None
+    acq = None
     if fallback:
-        out["t1w_preproc"] = _nifti(t1w_preproc, derivative_path(output_dir, **ents, acq=acq, desc="preproc",
+        out["t1w_preproc"] = _nifti(t1w_preproc, derivative_path(output_dir, **ents, acq=xacq, desc="preproc",
                                                                   suffix=space_suffix), dict(common))
     else:
         out["t1w_preproc"] = _nifti(t1w_preproc, derivative_path(output_dir, **ents, desc="preproc", suffix="T1w"),
                                     dict(common, Description="N4 bias-field corrected T1w (RAS+)"))
     out["t1w_mask"] = _nifti(seg["mask"], derivative_path(output_dir, **ents, acq=acq, desc="brain", suffix="mask"),
                              dict(common, Type="Brain", Description="template mask warped and refined"), np.uint8)
-    seg_algo = ("ANTs Atropos, three classes with template priors (prior weight 0.25, MRF 0.1)"
+    seg_algo = ("ANTs Atropos, three classes with template priors (prior weight 0.5, MRF 0.1)"
                 if not fallback else "template tissue priors warped by ANTs SyN (no T1w contrast to segment)")
     dseg_path = derivative_path(output_dir, **ents, acq=acq, suffix="dseg")
     out["dseg"] = _nifti(seg["dseg"], dseg_path, dict(common, SegmentationAlgorithm=seg_algo), np.uint8)
@@ -71,10 +75,10 @@ def write_anat_derivatives(*, output_dir: str, subject: str, session: str | None
                   "Format": "ITK CompositeTransform (HDF5): affine followed by a SyN displacement field",
                   "TemplateSource": reg.get("source", "")}
     out["xfm_to_template"] = _copy(reg["to_template"], derivative_path(
-        output_dir, **ents, acq=acq, from_=space_suffix, to_=tpl, mode="image", suffix="xfm", extension=".h5"),
+        output_dir, **ents, acq=xacq, from_=space_suffix, to_=tpl, mode="image", suffix="xfm", extension=".h5"),
         dict(xfm_common, FromSpace=space_suffix, ToSpace=tpl))
     out["xfm_from_template"] = _copy(reg["to_native"], derivative_path(
-        output_dir, **ents, acq=acq, from_=tpl, to_=space_suffix, mode="image", suffix="xfm", extension=".h5"),
+        output_dir, **ents, acq=xacq, from_=tpl, to_=space_suffix, mode="image", suffix="xfm", extension=".h5"),
         dict(xfm_common, FromSpace=tpl, ToSpace=space_suffix))
     name = atlas["atlas_name"]
     out["atlas_dseg"] = _nifti(atlas["atlas_dseg"], derivative_path(output_dir, **ents, acq=acq, atlas=name, suffix="dseg"),

@@ -106,6 +106,9 @@ def register(fixed, moving, outprefix: str | Path, *, kind: str = "SyN", fixed_m
     outprefix = str(outprefix)
     Path(outprefix).parent.mkdir(parents=True, exist_ok=True)
     sched = schedules(min(fixed.spacing))
+    if kind == "Rigid":
+        # Rigid alone is cheap and is the final answer here: also iterate at full resolution.
+        sched["aff_iterations"] = tuple(sched["aff_iterations"][:-1]) + (50,)
     set_seed(seed)
     kwargs = dict(
         outprefix=outprefix,
@@ -152,19 +155,21 @@ def apply(moving, reference, transforms: list[str], *, interpolator: str = "line
 
 
 def n4(image, mask=None, nthreads: int | None = None):
-    """N4 bias-field correction. The shrink factor keeps the fitted grid near 10^5 voxels: the
-    bias field is smooth (B-spline knots every ~200 mm), so more voxels only cost time."""
+    """N4 bias-field correction inside a head mask (``ants.get_mask`` unless given).
+
+    The shrink factor keeps the fitted grid near 10^4 voxels (cost is linear in it): the bias
+    field is smooth (B-spline knots every ~200 mm), so a finer grid only costs time.
+    """
     import math
 
     import ants
 
     img = read(image)
-    shrink = max(1, min(6, math.ceil((float(np.prod(img.shape)) / 1e5) ** (1 / 3))))
+    shrink = max(2, min(8, math.ceil((float(np.prod(img.shape)) / 1e4) ** (1 / 3))))
     with itk_threads(nthreads):
-        # Without a mask antspyx fits inside ants.get_mask(image) (background excluded).
+        msk = read(mask) if mask is not None else ants.get_mask(img)
         return ants.n4_bias_field_correction(
-            img, mask=read(mask) if mask is not None else None, shrink_factor=shrink,
-            convergence={"iters": [50, 50, 30], "tol": 1e-6},
+            img, mask=msk, shrink_factor=shrink, convergence={"iters": [50, 50, 30], "tol": 1e-6},
         )
 
 

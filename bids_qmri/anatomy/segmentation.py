@@ -31,7 +31,7 @@ def refine_mask(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return ndimage.binary_fill_holes(filled | mask)
 
 
-def segment_tissues(t1w, mask, priors: list, *, prior_weight: float = 0.25, mrf: float = 0.1,
+def segment_tissues(t1w, mask, priors: list, *, prior_weight: float = 0.5, mrf: float = 0.1,
                     iterations: int = 10, nthreads: int | None = None, seed: int | None = 0):
     """Atropos inside ``mask`` with spatial priors ``[GM, WM, CSF]`` (probability images on the
     T1w grid). Returns ``(probs, dseg)``: three float32 arrays in [0, 1] summing to 1 inside the

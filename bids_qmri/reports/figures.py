@@ -50,7 +50,7 @@ def _aspects(affine: np.ndarray) -> list[float]:
     return [z[1] / z[0], z[2] / z[0], z[2] / z[1]]
 
 
-def _robust_range(data: np.ndarray, mask: np.ndarray | None, lo=2, hi=98) -> tuple[float, float]:
+def robust_range(data: np.ndarray, mask: np.ndarray | None, lo=2, hi=98) -> tuple[float, float]:
     vals = data[mask] if mask is not None and mask.any() else data[data != 0]
     vals = vals[np.isfinite(vals)]
     if vals.size == 0:
@@ -71,7 +71,7 @@ def montage(path, out_png: Path, *, mask=None, title: str = "", units: str = "",
         if m.shape != data.shape:
             m = None
     if vrange is None:
-        vrange = _robust_range(data, m)
+        vrange = robust_range(data, m)
         if symmetric:
             a = max(abs(vrange[0]), abs(vrange[1]))
             vrange = (-a, a)
@@ -104,7 +104,7 @@ def segmentation_overlay(t1w, dseg, out_png: Path, title: str = "") -> Path:
     seg = np.rint(seg).astype(int)
     centre = centre_slices(seg > 0)
     shifted = tuple(int(c + 0.25 * (s // 2 - c) + 0.15 * s) % s for c, s in zip(centre, seg.shape))
-    vmin, vmax = _robust_range(base, seg > 0, 1, 99)
+    vmin, vmax = robust_range(base, seg > 0, 1, 99)
     fig, axes = plt.subplots(2, 3, figsize=(10, 7), gridspec_kw={"wspace": 0.02, "hspace": 0.02})
     for row, c in zip(axes, (centre, shifted)):
         for ax, b, s, asp in zip(row, _planes(base, c), _planes(seg.astype(float), c), _aspects(affine)):
@@ -140,7 +140,7 @@ def registration_overlay(reference, moved_t1w: np.ndarray, out_png: Path, title:
     ref, affine = load_ras(reference)
     e = edges(moved_t1w, mask)
     centre = centre_slices(moved_t1w > np.percentile(moved_t1w, 60))
-    vmin, vmax = _robust_range(ref, ref > 0, 1, 99)
+    vmin, vmax = robust_range(ref, ref > 0, 1, 99)
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), gridspec_kw={"wspace": 0.02})
     for ax, r, ed, asp in zip(axes, _planes(ref, centre), _planes(e.astype(float), centre), _aspects(affine)):
         ax.imshow(r, cmap="gray", vmin=vmin, vmax=vmax, aspect=asp, interpolation="nearest")

@@ -176,9 +176,14 @@ def _build_session(out_root: Path, sdir: Path, prefix: str, fig_dir: Path, label
         e = parse_entities(p)
         mask = _brain_mask_for(sdir, nb.load(p), e.get("acq"))
         units = side.get("Units", "")
+        vrange = None
+        if e["suffix"] in ("T1map", "T2map", "M0map", "PDmap"):  # positive quantities: scale from 0
+            data = figures.load_ras(p)[0]
+            vrange = (0.0, figures.robust_range(data, mask if mask is not None and mask.shape == data.shape
+                                                 else None, 2, 98)[1])
         png = figures.montage(p, fig_dir / (p.name.replace(".nii.gz", ".png")), mask=mask, units=units,
                               title=_label(p), cmap=figures.DEFAULT_CMAPS.get(e["suffix"], "gray"),
-                              symmetric=e["suffix"] == "fieldmap")
+                              symmetric=e["suffix"] == "fieldmap", vrange=vrange)
         view.maps.append({"title": _label(p), "src": _rel(png, out_root), "file": _rel(p, out_root), "units": units,
                           "algorithm": side.get("EstimationAlgorithm", "")})
         by_key.setdefault((e.get("acq"), e["suffix"]), []).append(p)
