@@ -14,8 +14,13 @@
 # Environment:
 #   QMRI_BIN          directory with bids_qmri, bids_qmri-synth, bids_qmri-slurm (default .venv/bin)
 #   QMRI_SLURM_ARGS   bids_qmri options for the cohort (default: --methods bssfp:miracle,svnn --seed 1)
+#   QMRI_REQUIRE=1    fail instead of skipping when not root
 #   QMRI_KEEP=1       keep the temporary directory (configs, logs, data, outputs)
 #   QMRI_TIMEOUT      seconds to wait for the cohort jobs (default 1500)
+
+# The whole script is one brace group: bash parses it completely before running it, so editing
+# this file while it runs cannot change what runs.
+{
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -28,6 +33,7 @@ log() { printf '==> [%s +%4ss] %s\n' "$(date -u +%H:%M:%S)" "$(( $(date +%s) - T
 die() { printf 'ci_slurm: error: %s\n' "$*" >&2; exit 1; }
 
 if [ "$(id -u)" != 0 ]; then
+  [ "${QMRI_REQUIRE:-0}" = 1 ] && die "starting slurmctld/slurmd/munged needs root"
   echo "ci_slurm: SKIPPED: starting slurmctld/slurmd/munged needs root (run as root in CI)"
   exit 0
 fi
@@ -162,11 +168,25 @@ job_states() {
     /^JobState=/ { st = $2 } /^ExitCode=/ { print id, st, $2 }'
 }
 
+# show_failure DIR: the end of the jobs' logs and the first crash file under DIR.
+show_failure() {
+  local f crash
+  for f in "$1"/work/slurm-logs/*.out; do
+    [ -f "$f" ] && { echo "--- $(basename "$f") (tail)"; tail -n 8 "$f"; }
+  done >&2
+  crash=$(find "$1/work" -name 'crash-*' -type f 2>/dev/null | head -n 1)
+  [ -n "$crash" ] && { echo "--- $crash (tail)"; tail -n 25 "$crash"; } >&2
+  return 0
+}
+
 expect_completed() {
-  local id=$1 what=$2 bad
+  local id=$1 what=$2 dir=${3:-} bad
   job_states "$id" | sed 's/^/    /'
-  bad=$(job_states "$id" | awk '$2 != "COMPLETED"' || true)
-  [ -z "$bad" ] || die "$what: not every job COMPLETED: $bad"
+  bad=$(job_states "$id" | awk '$2 != "COMPLETED" { printf "%s %s (exit %s); ", $1, $2, $3 }' || true)
+  if [ -n "$bad" ]; then
+    [ -n "$dir" ] && show_failure "$dir"
+    die "$what: not every job COMPLETED: $bad"
+  fi
 }
 
 # ---- 1. the harness on a trivial job ---------------------------------------------------------
@@ -208,9 +228,9 @@ cohort() {
   [ -n "$aid" ] && [ -n "$gid" ] || die "job.sh did not print the job ids"
   squeue -o '%i %j %T %M %R'
   wait_jobs "$TIMEOUT" "$aid" "$gid"
-  for f in "$d"/work/slurm-logs/*.out; do echo "--- $(basename "$f") (tail)"; tail -n 5 "$f"; done
-  expect_completed "$aid" "participant array"
-  expect_completed "$gid" "group job"
+  expect_completed "$aid" "participant array" "$d"
+  expect_completed "$gid" "group job" "$d"
+  for f in "$d"/work/slurm-logs/*.out; do echo "    --- $(basename "$f"): $(tail -n 1 "$f")"; done
   local n_tasks
   n_tasks=$(job_states "$aid" | wc -l)
   [ "$n_tasks" -eq 2 ] || die "expected 2 array tasks, Slurm ran $n_tasks"
@@ -243,6 +263,7 @@ plugin() {
   fi
   # The plugin polls squeue and writes batch scripts under the work dir (shared file system).
   log "nipype SLURM plugin: bids_qmri participant --use-plugin containers/slurm-plugin.yml"
+  export LOGNAME=${LOGNAME:-$(id -un)}  # nipype names the jobs after it
   local t=$(date +%s)
   # shellcheck disable=SC2086
   OMP_NUM_THREADS=1 "$BIN/bids_qmri" "$d/bids" "$d/out" participant --participant-label 01 -w "$d/work" \
@@ -263,3 +284,5 @@ case "$STAGE" in
   all) harness; cohort; plugin ;;
 esac
 log "ci_slurm: OK ($STAGE) in $(( $(date +%s) - T0 )) s"
+exit 0
+}
