@@ -377,3 +377,20 @@ def test_repeatability_matches_direct_computation_unbalanced(tmp_path):
             assert np.isnan(r.icc_2_1)
         else:
             assert r.icc_2_1 == pytest.approx(stats.icc_2_1(np.vstack(groups)), rel=1e-9)
+
+
+def test_report_template_is_packaged():
+    """A non-editable install (the container) must ship the report template: it has to match
+    a ``[tool.setuptools.package-data]`` pattern of pyproject.toml."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["bids_qmri"]
+    templates = sorted((root / "bids_qmri" / "group" / "templates").iterdir())
+    assert templates
+    for t in templates:
+        rel = t.relative_to(root / "bids_qmri").as_posix()
+        assert any(fnmatch.fnmatch(rel, p) for p in patterns), (
+            f"{rel} is not in pyproject.toml package-data {patterns}: add 'group/templates/*'")
