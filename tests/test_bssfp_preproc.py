@@ -176,7 +176,7 @@ def test_gibbs_removal_reduces_ringing():
     k = np.fft.fftshift(np.fft.fft2(box))
     m = n // 4
     low = np.fft.ifft2(np.fft.ifftshift(k[n // 2 - m : n // 2 + m, n // 2 - m : n // 2 + m])) / 4
-    phase = np.exp(1j * 0.7)
+    phase = np.exp(1j * 2.5)  # negative real part: dipy's modulus must not fold it over
     truth = box.reshape(2 * m, 2, 2 * m, 2).mean((1, 3))
     vol = np.repeat((low * phase)[:, :, None], 4, axis=2)
     scales = np.array([0.5, 1.0, 0.2])
@@ -187,22 +187,29 @@ def test_gibbs_removal_reduces_ringing():
         before = np.abs(F[plateau + (i,)] - s * phase * truth[plateau[:2]]).mean()
         after = np.abs(cleaned[plateau + (i,)] - s * phase * truth[plateau[:2]]).mean()
         assert after < 0.2 * before
+        np.testing.assert_allclose(np.median(cleaned[plateau + (i,)]), s * phase, atol=0.02 * s)
 
 
 # ------------------------------------------------------------------------------- mask
-def test_brain_mask_of_a_noisy_ellipsoid():
+@pytest.mark.parametrize("with_scalp", [False, True])
+def test_brain_mask_of_a_noisy_head(with_scalp):
+    """Brain (dark tissue with a bright CSF-like band) inside, optionally, a dark skull and a
+    scalp shell as in the synthetic phantom: the mask must hold the brain, not the head."""
     rng = np.random.default_rng(3)
-    shape = (40, 48, 36)
+    shape = (48, 56, 44)
     idx = np.indices(shape).astype(float)
-    centre = np.array([20, 24, 18])[:, None, None, None]
+    centre = np.array([24, 28, 22])[:, None, None, None]
     radii = np.array([14, 18, 12])[:, None, None, None]
-    inside = (((idx - centre) / radii) ** 2).sum(0) < 1
-    # Tissue with dark (0.3) and bright (1.0, CSF-like) parts, Rician-like background.
-    image = np.where(inside, 0.3 + 0.7 * (np.abs(idx[0] - 20) < 3), 0.0)
-    noisy = np.abs(image + 0.03 * (rng.normal(size=shape) + 1j * rng.normal(size=shape)))
+    r = np.sqrt((((idx - centre) / radii) ** 2).sum(0))
+    inside = r < 1
+    image = np.where(inside, 0.3 + 0.7 * (np.abs(idx[0] - 24) < 3), 0.0)
+    if with_scalp:
+        image = np.where((r >= 1.0) & (r < 1.15), 0.02, image)  # skull
+        image = np.where((r >= 1.15) & (r < 1.35), 0.2, image)  # scalp
+    noisy = np.abs(image + 0.02 * (rng.normal(size=shape) + 1j * rng.normal(size=shape)))
     mask = brain_mask(noisy, (4.0, 4.0, 4.0))
     dice = 2 * (mask & inside).sum() / (mask.sum() + inside.sum())
-    assert dice > 0.95
+    assert dice > 0.93
 
 
 # --------------------------------------------------------------------- motion correction
@@ -255,7 +262,7 @@ def test_motion_correction_recovers_applied_motion(tmp_path):
     assert np.all(table.iloc[ref, :6] == 0)
     for j, (rot, shift) in applied.items():
         np.testing.assert_allclose(table.loc[j, ["trans_x", "trans_y", "trans_z"]], shift * 4.0, atol=0.4)
-        np.testing.assert_allclose(table.loc[j, ["rot_x", "rot_y", "rot_z"]], rot, atol=np.deg2rad(0.5))
+        np.testing.assert_allclose(table.loc[j, ["rot_x", "rot_y", "rot_z"]], rot, atol=np.deg2rad(0.75))
     interior = ndimage.binary_erosion(np.abs(still[..., ref]) > 0.2 * np.abs(still[..., ref]).max(), iterations=3)
     err_before = np.mean([np.abs(moved[..., j] - still[..., j])[interior].mean() for j in applied])
     err_after = np.mean([np.abs(corrected[..., j] - still[..., j])[interior].mean() for j in applied])

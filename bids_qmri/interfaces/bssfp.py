@@ -24,25 +24,13 @@ from nipype.interfaces.base import (
 
 LOGGER = logging.getLogger("bids_qmri.interfaces.bssfp")
 
-# EstimationReference of every pc-bSSFP map (SPEC §4: the papers the methods come from).
-BSSFP_REFERENCES = (
+# The preprocessing (motion correction, receiver phase, configurations, B1 handling) follows
+# the seed papers; each method's own reference comes from ``estimate_bssfp``'s provenance.
+PREPROCESSING_REFERENCE = (
     "Birk F, Mahler L, Steiglechner J, Wang Q, Scheffler K, Heule R. Flexible and cost-effective "
-    "deep learning for fast multi-parametric relaxometry using phase-cycled bSSFP. Sci Rep (2025); "
-    "preprint Research Square (2024) doi:10.21203/rs.3.rs-4049684/v1. "
-    "Nguyen D, Bieri O. Motion-insensitive rapid configuration relaxometry. Magn Reson Med 78:518-526 "
-    "(2017) doi:10.1002/mrm.26384."
+    "deep learning for fast multi-parametric relaxometry using phase-cycled bSSFP. Research Square "
+    "preprint (2024) doi:10.21203/rs.3.rs-4049684/v1; published version with complex-valued DNNs (2025)"
 )
-ALGORITHMS = {
-    "miracle": "MIRACLE: alternating golden-section searches on the magnitudes of the SSFP "
-               "configurations F-1, F0, F1 with B1 (vectorised over voxels)",
-    "svnn": "SVNN: supervised MLP 4-64-64-2 on |F-1|, |F0|, |F1| (unit norm) and B1",
-    "pinn": "PINN: physics-informed MLP 4-64-64-2 on |F-1|, |F0|, |F1| (unit norm) and B1, "
-            "trained by re-simulating the configurations",
-    "svnncomplex": "SVNN complex: supervised MLP 6-256-256-3 on Re F-1, Re F0, Re F1, Im F-1, Im F1 "
-                   "(unit norm) and B1, estimating T1, T2 and the off-resonance",
-    "pinncomplex": "PINN complex: physics-informed MLP 6-256-256-3 on Re F-1, Re F0, Re F1, Im F-1, "
-                   "Im F1 (unit norm) and B1, estimating T1, T2 and the off-resonance",
-}
 MAP_UNITS = {"T1map": "s", "T2map": "s", "fieldmap": "Hz"}
 
 
@@ -324,36 +312,44 @@ class EstimateBSSFP(SimpleInterface):
         sources = _bids_sources(self.inputs.bids_dir, self.inputs.sources)
         ent = _entities(self.inputs)
         acquisition = {**p, "NumberOfPhaseCycles": protocol.npc}
-        model_card = provenance.get("model_card") if isinstance(provenance, dict) else None
-        extra = {k: v for k, v in (provenance or {}).items() if k not in {"model_card", "algorithm", "reference"}}
+        # Wall-clock times stay out of the sidecars: outputs are identical for a given --seed.
+        extra = _jsonable({k: v for k, v in provenance.items()
+                           if k not in {"model_card", "algorithm", "reference", "elapsed_s"}})
         written = []
         for key, values in maps.items():
             suffix = key
             if suffix not in MAP_UNITS:
                 LOGGER.warning("%s returned an unknown map %r: not written", method, key)
                 continue
+            values = np.asarray(values, dtype=np.float32).reshape(-1)
+            finite = np.isfinite(values)
             volume = np.zeros(mask.shape, dtype=np.float32)
-            volume[mask] = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values,
-                                      dtype=np.float32).reshape(-1)
+            volume[mask] = np.where(finite, values, 0.0)  # 0 = not estimated, as outside the mask
             datatype = "fmap" if suffix == "fieldmap" else "anat"
             path = derivative_path(self.inputs.output_dir, datatype=datatype, suffix=suffix, desc=method, **ent)
             sidecar = map_sidecar(
                 units=MAP_UNITS[suffix],
                 sources=sources,
-                algorithm=(provenance or {}).get("algorithm", ALGORITHMS.get(method, method)),
-                reference=(provenance or {}).get("reference", BSSFP_REFERENCES),
+                algorithm=provenance.get("algorithm", method),
+                reference=provenance.get("reference", ""),
                 acquisition=acquisition,
-                model_card=model_card,
+                model_card=_jsonable(provenance.get("model_card")),
                 skull_stripped=True,
-                description=f"{suffix} of the pc-bSSFP series estimated with {method} inside the brain mask",
-                **{**self.inputs.preproc_info, **self.inputs.b1_info, "Provenance": extra},
+                description=f"{suffix} of the pc-bSSFP series estimated with {method} inside the brain mask "
+                            "(0 outside it and where the estimate failed)",
+                PreprocessingReference=PREPROCESSING_REFERENCE,
+                VoxelsInMask=int(mask.sum()),
+                VoxelsNotEstimated=int((~finite).sum()),
+                **self.inputs.preproc_info,
+                **self.inputs.b1_info,
+                Provenance=extra,
             )
             save_nifti(path, volume, cfg_img.affine, sidecar=sidecar)
             written.append(str(path))
         if "fieldmap" in maps:
             # BIDS requires a magnitude image beside every fieldmap: the bSSFP reference.
             _write_fieldmap_magnitude(self.inputs, cfg_img.affine)
-        self._results.update(out_maps=written, provenance=_jsonable(provenance or {}))
+        self._results.update(out_maps=written, provenance=_jsonable(provenance))
         return runtime
 
 

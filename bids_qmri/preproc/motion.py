@@ -41,11 +41,12 @@ def _ants_seed(seed: int):
 
 def _shrink_schedule(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Multi-resolution schedule that never shrinks the image below ~16 voxels per axis
-    (ANTs' default 6/4/2/1 is meant for 1 mm brains and collapses a 4 mm grid)."""
+    (ANTs' default 6/4/2/1 is meant for 1 mm brains and collapses a 4 mm grid). Motion within
+    one scan is small: a few iterations per level converge (checked against 200/100)."""
     smallest = min(shape)
     factors = [f for f in (4, 2, 1) if smallest / f >= 16 or f == 1]
     sigmas = [max(0, f // 2) for f in factors]
-    iterations = [200] * (len(factors) - 1) + [100]
+    iterations = [100] * (len(factors) - 1) + [50]
     return tuple(factors), tuple(sigmas), tuple(iterations)
 
 
@@ -68,7 +69,7 @@ def register_rigid(fixed, moving, *, seed: int = 0, outprefix: str | None = None
             fixed,
             moving,
             type_of_transform="Rigid",
-            aff_random_sampling_rate=1.0,
+            aff_random_sampling_rate=0.25,  # with the fixed seed: reproducible, 4x faster than dense
             aff_shrink_factors=factors,
             aff_smoothing_sigmas=sigmas,
             aff_iterations=iterations,
