@@ -109,13 +109,16 @@ def _digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_same_seed_gives_identical_files(tmp_path):
-    kw = dict(sessions=0, kinds=("bssfp", "tb1tfl", "irt1"))
-    a = _digest(_write(tmp_path / "a", **kw))
-    b = _digest(_write(tmp_path / "b", **kw))
-    assert a == b and len(a) > 40
+def test_same_seed_gives_identical_files_serial_or_parallel(tmp_path):
+    kw = dict(participants=2, sessions=0, resolution=8.0, kinds=("bssfp", "tb1tfl", "irt1"))
+    opts = ds.SynthOptions(**{**dict(seed=3), **kw})
+    a = _digest(ds.write_dataset(tmp_path / "a", opts, progress=False))
+    b = _digest(ds.write_dataset(tmp_path / "b", opts, progress=False, nprocs=2))
+    assert a == b and len(a) > 80
     c = _digest(_write(tmp_path / "c", seed=4, **kw))
-    assert c["sub-01/anat/sub-01_acq-pc12_part-mag_bSSFP.nii.gz"] != a["sub-01/anat/sub-01_acq-pc12_part-mag_bSSFP.nii.gz"]
+    key = "sub-01/anat/sub-01_acq-pc12_part-mag_bSSFP.nii.gz"
+    assert c[key] != a[key]
+    assert a[key] != a[key.replace("01", "02")]  # participants differ
 
 
 def test_sessions_share_tissue_parameters_but_not_noise_or_position(noisy):

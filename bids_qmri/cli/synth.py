@@ -1,7 +1,7 @@
 """``bids_qmri-synth``: write a synthetic BIDS dataset with its ground truth (SPEC §2).
 
     bids_qmri-synth OUT_DIR [--participants N] [--sessions M] [--resolution MM] [--snr X]
-                    [--seed S] [--no-motion] [--npc N] [--kinds KIND ...] [-v]
+                    [--seed S] [--no-motion] [--npc N] [--kinds KIND ...] [--nprocs N] [-v]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 import traceback
 
 from .. import __version__
-from ..errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, BidsQmriError
+from ..errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, BidsQmriError, UsageError
 
 PROG = "bids_qmri-synth"
 LOGGER = logging.getLogger("bids_qmri.cli.synth")
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bSSFP phase cycles, increments pi(2j-1)/N (default 12)")
     p.add_argument("--kinds", nargs="+", choices=ALL_KINDS, default=list(DEFAULT_KINDS),
                    metavar="KIND", help=f"input kinds to simulate (default all: {' '.join(ALL_KINDS)})")
+    p.add_argument("--nprocs", type=int, default=1, metavar="N",
+                   help="simulate up to N participants in parallel processes (default 1; the "
+                        "files are identical whatever N)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v, -vv)")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return p
@@ -84,8 +87,10 @@ def main(argv=None) -> int:
                                resolution=args.resolution, snr=args.snr, seed=args.seed,
                                motion=not args.no_motion, npc=args.npc,
                                kinds=tuple(dict.fromkeys(args.kinds)))
+        if args.nprocs < 1:
+            raise UsageError(f"--nprocs must be at least 1, got {args.nprocs}")
         start = time.perf_counter()
-        out = write_dataset(args.out_dir, options, progress=sys.stderr.isatty())
+        out = write_dataset(args.out_dir, options, progress=sys.stderr.isatty(), nprocs=args.nprocs)
         print(f"{PROG}: wrote {out} ({options.participants} participant(s) x "
               f"{max(options.sessions, 1)} session(s)) in {time.perf_counter() - start:.1f} s",
               file=sys.stderr)

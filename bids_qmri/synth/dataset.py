@@ -263,14 +263,14 @@ def mrf_dictionary(n_frames: int = MRF_FRAMES, rank: int = MRF_RANK):
 
 
 def _cache_dir() -> Path:
-    """Where simulated dictionaries are kept between runs ($BIDS_QMRI_SYNTH_CACHE, else XDG cache)."""
+    """Where simulated dictionaries are kept between runs: $BIDS_QMRI_SYNTH_CACHE, else beside
+    the model cache (``config.default_model_dir()``)."""
     import os
 
+    from ..config import default_model_dir
+
     env = os.environ.get("BIDS_QMRI_SYNTH_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bids_qmri" / "synth"
+    return Path(env) if env else default_model_dir().parent / "synth"
 
 
 #: qMT: the hybrid-state model is simulated exactly per voxel (its ΔB0 dependence is too sharp
@@ -377,6 +377,10 @@ def read_basis_tsv(path) -> torch.Tensor:
     re = np.stack([df[f"sv{k + 1:02d}_real"].to_numpy() for k in range(n)], axis=1)
     im = np.stack([df[f"sv{k + 1:02d}_imag"].to_numpy() for k in range(n)], axis=1)
     return torch.from_numpy(re + 1j * im)
+
+
+def _degrees(radians) -> list[float]:
+    return [round(math.degrees(float(a)), 8) for a in radians]
 
 
 def _save(path: Path, data, grid: ph.Grid, sidecar: dict | None) -> Path:
@@ -625,22 +629,28 @@ class SessionSimulator:
                p["B1"].numpy()[m]]
         coeffs = torch.zeros(acq.grid.shape + (basis.shape[1],), dtype=torch.complex128)
         coeffs[torch.from_numpy(m)] = interpolate_coefficients(axes, table, pts) * p["PD"][m][:, None]
+        self._write_coefficients(acq, "MRF", coeffs, basis, {
+            "MRFSequenceType": "FISP", "FlipAngle": _degrees(schedule["flip_rad"]),
+            "RepetitionTimeExcitation": [round(float(t), 10) for t in schedule["tr"]],
+            "EchoTime": schedule["te"], "InversionTime": schedule["ti"]})
+
+    def _write_coefficients(self, acq: Acquisition, suffix: str, coeffs: torch.Tensor,
+                            basis: torch.Tensor, meta: dict) -> None:
+        """Receiver phase, noise, then the part-real/imag coefficient pair and the basis TSV."""
+        pose = acq.poses[0]
         coeffs = coeffs * receiver_phase(self._rng("rxphase"), acq.grid)[..., None]
-        # Orthonormal basis: white frame noise of σ gives white coefficient noise of σ.
+        # Orthonormal basis: white frame noise of σ gives white coefficient noise of σ; the
+        # reference level is the RMS frame magnitude in the brain.
         ref = _brain_reference(coeffs.norm(dim=-1) / math.sqrt(basis.shape[0]),
                                self._brain(acq.grid, pose))
-        coeffs = add_noise(coeffs, self.opt.snr, self._gen("mrf"), ref)
+        coeffs = add_noise(coeffs, self.opt.snr, self._gen(acq.kind), ref)
         d = _dir(self.root, self.sub, self.ses, "anat")
         stem = f"{_stem(self.sub, self.ses)}_acq-{acq.label}_desc-svd"
-        side = {**_common_sidecar(), "MRFSequenceType": "FISP",
-                "FlipAngle": [round(math.degrees(float(a)), 8) for a in schedule["flip_rad"]],
-                "RepetitionTimeExcitation": [round(float(t), 10) for t in schedule["tr"]],
-                "EchoTime": schedule["te"], "InversionTime": schedule["ti"],
-                "SVDRank": int(basis.shape[1]),
+        side = {**_common_sidecar(), **meta, "SVDRank": int(basis.shape[1]),
                 "SVDBasisConvention": "coefficients = frames @ basis (basis TSV: rows = frames)"}
-        acq.files.append(_save(d / f"{stem}_part-real_MRF.nii.gz", coeffs.real, acq.grid, side))
-        acq.files.append(_save(d / f"{stem}_part-imag_MRF.nii.gz", coeffs.imag, acq.grid, side))
-        acq.files.append(write_basis_tsv(d / f"{stem}_MRFbasis.tsv", basis))
+        acq.files.append(_save(d / f"{stem}_part-real_{suffix}.nii.gz", coeffs.real, acq.grid, side))
+        acq.files.append(_save(d / f"{stem}_part-imag_{suffix}.nii.gz", coeffs.imag, acq.grid, side))
+        acq.files.append(write_basis_tsv(d / f"{stem}_{suffix}basis.tsv", basis))
 
     # -- hybrid-state qMT (exact simulation, SVD coefficients) ----------------------------
     def sim_qmt(self) -> None:
@@ -656,22 +666,13 @@ class SessionSimulator:
         fingerprints = _qmt_signal(inside, schedule)
         coeffs = torch.zeros(acq.grid.shape + (basis.shape[1],), dtype=torch.complex128)
         coeffs[m] = svd.compress(fingerprints, basis, real_first=False) * inside["PD"][:, None]
-        coeffs = coeffs * receiver_phase(self._rng("rxphase"), acq.grid)[..., None]
-        ref = _brain_reference(coeffs.norm(dim=-1) / math.sqrt(basis.shape[0]),
-                               self._brain(acq.grid, pose))
-        coeffs = add_noise(coeffs, self.opt.snr, self._gen("qmt"), ref)
-        d = _dir(self.root, self.sub, self.ses, "anat")
-        stem = f"{_stem(self.sub, self.ses)}_acq-{acq.label}_desc-svd"
-        side = {**_common_sidecar(), "PulseSequenceType": "hybrid-state qMT (balanced, inversion per cycle)",
-                "FlipAngle": [round(math.degrees(float(a)), 8) for a in schedule["flip_rad"]],
-                "RFPulseDuration": [round(float(t), 10) for t in schedule["pulse_dur"]],
-                "RepetitionTimeExcitation": schedule["tr"],
-                "InversionPulseDuration": schedule.get("inversion_dur", 1e-3),
-                "SVDRank": int(basis.shape[1]),
-                "SVDBasisConvention": "coefficients = frames @ basis (basis TSV: rows = frames)"}
-        acq.files.append(_save(d / f"{stem}_part-real_qMT.nii.gz", coeffs.real, acq.grid, side))
-        acq.files.append(_save(d / f"{stem}_part-imag_qMT.nii.gz", coeffs.imag, acq.grid, side))
-        acq.files.append(write_basis_tsv(d / f"{stem}_qMTbasis.tsv", basis))
+        self._write_coefficients(acq, "qMT", coeffs, basis, {
+            "PulseSequenceType": "hybrid-state qMT (balanced, inversion per cycle)",
+            "FlipAngle": _degrees(schedule["flip_rad"]),
+            "RFPulseDuration": [round(float(t), 10) for t in schedule["pulse_dur"]],
+            "RepetitionTimeExcitation": schedule["tr"],
+            "InversionPulseDuration": schedule.get("inversion_dur", 1e-3),
+            "SemiSolidLineshape": "super-Lorentzian"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -780,15 +781,36 @@ def session_labels(n: int) -> list[str | None]:
     return [None] if n == 0 else [f"{k + 1:02d}" for k in range(n)]
 
 
-def write_dataset(out_dir, options: SynthOptions, progress: bool = True) -> Path:
+def simulate_participant(root: Path, options: SynthOptions, p: int) -> list[str]:
+    """Phantom and all sessions of participant ``p`` (0-based) into ``root``; returns the
+    session names done. Independent of other participants (own random streams), so participants
+    can run in parallel processes with identical results."""
+    import torch
+
+    torch.set_num_threads(1)
+    sub = f"{p + 1:02d}"
+    LOGGER.info("sub-%s: building the phantom at %g mm", sub, options.resolution)
+    phantom = ph.make_phantom(_rng(options.seed, p, 0, _PURPOSE["phantom"]), options.resolution)
+    done = []
+    for s, ses in enumerate(session_labels(options.sessions)):
+        sim = SessionSimulator(root, options, sub, ses, p, s, phantom)
+        sim.run(options.kinds)
+        write_groundtruth(root / "derivatives" / GT_NAME, sub, ses, sim)
+        done.append(f"sub-{sub}" + (f" ses-{ses}" if ses else ""))
+    return done
+
+
+def write_dataset(out_dir, options: SynthOptions, progress: bool = True, nprocs: int = 1) -> Path:
     """Write the whole dataset to ``out_dir`` (created; must not exist or be empty).
 
     Everything is written into a hidden temporary directory beside ``out_dir`` and renamed at the
-    end, so an interrupted run leaves no half-written dataset.
+    end, so an interrupted run leaves no half-written dataset. ``nprocs`` > 1 simulates
+    participants in parallel processes (same files as serial).
     """
     import os
     import shutil
     import tempfile
+    from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
 
@@ -803,23 +825,25 @@ def write_dataset(out_dir, options: SynthOptions, progress: bool = True) -> Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         write_dataset_files(tmp, options)
-        gt_root = tmp / "derivatives" / GT_NAME
-        write_groundtruth_description(gt_root)
-        sessions = session_labels(options.sessions)
-        jobs = [(p, s) for p in range(options.participants) for s in range(len(sessions))]
-        bar = tqdm(jobs, desc="bids_qmri-synth", unit="session",
+        write_groundtruth_description(tmp / "derivatives" / GT_NAME)
+        ids = range(options.participants)
+        bar = tqdm(total=options.participants, desc="bids_qmri-synth", unit="participant",
                    disable=not progress or None)
-        phantom = None
-        for p, s in bar:
-            sub, ses = f"{p + 1:02d}", sessions[s]
-            bar.set_postfix_str(f"sub-{sub}" + (f" ses-{ses}" if ses else ""))
-            if s == 0:
-                LOGGER.info("sub-%s: building the phantom at %g mm", sub, options.resolution)
-                phantom = ph.make_phantom(_rng(options.seed, p, 0, _PURPOSE["phantom"]),
-                                          options.resolution)
-            sim = SessionSimulator(tmp, options, sub, ses, p, s, phantom)
-            sim.run(options.kinds)
-            write_groundtruth(gt_root, sub, ses, sim)
+        workers = max(1, min(int(nprocs), options.participants))
+        if workers == 1:
+            for p in ids:
+                bar.set_postfix_str(f"sub-{p + 1:02d}")
+                simulate_participant(tmp, options, p)
+                bar.update()
+        else:
+            import multiprocessing
+
+            # spawn: a clean interpreter per worker (forking a process that has run torch is unsafe)
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                for _ in pool.map(simulate_participant, [tmp] * len(ids), [options] * len(ids), ids):
+                    bar.update()
+        bar.close()
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
