@@ -18,7 +18,6 @@ columns (colour, codes) are dropped.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import re

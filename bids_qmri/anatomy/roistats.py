@@ -19,7 +19,6 @@ sample standard deviation (ddof=1); ``q1``/``q3`` the 25th/75th percentiles.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import nibabel as nb
@@ -31,7 +30,6 @@ LOGGER = logging.getLogger("bids_qmri.anatomy.roistats")
 COLUMNS = ["participant_id", "session_id", "atlas", "region_index", "region", "suffix", "method", "acq",
            "n_voxels", "mean", "std", "median", "q1", "q3", "units"]
 TISSUE_ROWS = {"GM": -1, "WM": -2, "CSF": -3, "WholeBrain": -4}
-_ENTITY_RE = re.compile(r"(?:^|_)([a-zA-Z0-9]+)-([a-zA-Z0-9]+)")
 
 
 def parse_entities(path: str | Path) -> dict[str, str]:

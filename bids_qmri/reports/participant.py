@@ -66,7 +66,7 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _session_inputs(sess, root_hint: Path | None) -> tuple[list[dict], list[dict], list[dict], list[str]]:
+def _session_inputs(sess) -> tuple[list[dict], list[dict], list[dict], list[str]]:
     """(inputs, skipped, unprocessed, notes) from a SessionInputs record or a JSON dict."""
     if isinstance(sess, dict):
         return ([], [dict(s) for s in sess.get("skipped", [])], [dict(s) for s in sess.get("unprocessed", [])],
@@ -142,7 +142,7 @@ def _build_session(out_root: Path, sdir: Path, prefix: str, fig_dir: Path, label
                              "caption": f"{t1w[0].name} with GM (orange), WM (blue), CSF (green) from {dseg[0].name}."})
     atlas = sorted(anat.glob(f"{prefix}*_atlas-*_dseg.nii.gz"))
     if t1w and atlas:
-        png = figures.montage(atlas[0], fig_dir / f"{tag}_desc-atlas_dseg.png", cmap="tab20",
+        png = figures.montage(atlas[0], fig_dir / f"{tag}_desc-atlas_dseg.png", cmap="tab20", mask=atlas[0],
                               title=f"{parse_entities(atlas[0]).get('atlas')} atlas in native space", units="label")
         view.figures.append({"section": "Anatomy", "title": "Atlas in native space", "src": _rel(png, out_root),
                              "caption": atlas[0].name})
@@ -293,7 +293,7 @@ def write_participant_report(output_dir, subject: str, sessions=None, config=Non
             s_lab = s.get("session_id") if isinstance(s, dict) else getattr(s, "session", None)
             s_lab = s_lab[4:] if isinstance(s_lab, str) and s_lab.startswith("ses-") else s_lab
             if s_lab == lab:
-                inputs, skipped, unprocessed, notes = _session_inputs(s, out_root)
+                inputs, skipped, unprocessed, notes = _session_inputs(s)
                 view.inputs += inputs
                 view.skipped += skipped
                 view.unprocessed += unprocessed

@@ -28,7 +28,7 @@ def _roi_stats(output_dir, subject, session, t1w_preproc, t1w_mask, probseg, atl
 def init_roi_wf(subject: str, session: str | None, config, name: str = "roi_wf"):
     """inputnode: the anatomical outputs + ``ref_image`` + ``maps``; outputnode: ``roistats``."""
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=ANAT_OUTPUTS + ["dseg", "ref_image", "maps"]),
+    inputnode = pe.Node(niu.IdentityInterface(fields=ANAT_OUTPUTS + ["ref_image", "maps"]),
                         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["roistats"]), name="outputnode")
     stats = pe.Node(niu.Function(function=_roi_stats, input_names=[
