@@ -148,6 +148,35 @@ def test_atlas_covers_the_brain(run):
     assert len(np.unique(atlas[atlas > 0])) >= 100
 
 
+def test_user_atlas_custom_table(run, tmp_path):
+    """A user atlas (AAL with hemispheres merged, labelled in the MCALT_ADIR122.txt style:
+    headerless "number,name" rows) goes through the saved template->T1w transform and lands
+    where the merged AAL labels are."""
+    from bids_qmri.anatomy.atlases import read_label_table
+    from bids_qmri.anatomy.pipeline import atlas_to_native
+    from bids_qmri.anatomy.segmentation import dice
+
+    aal = nb.load("/usr/share/mricron/templates/aal.nii.gz")
+    merged = (np.asarray(aal.dataobj).astype(np.int16) + 1) // 2
+    labels = tmp_path / "MCALT_Merged.nii.gz"
+    nb.save(nb.Nifti1Image(merged, aal.affine), labels)
+    names = read_label_table("/usr/share/mricron/templates/aal.nii.txt").set_index("index")["name"]
+    (tmp_path / "MCALT_Merged.txt").write_text(
+        "".join(f"{k},{names[2 * k - 1].removesuffix('_L')}\n" for k in range(1, 59)) + "59,Unknown\n")
+    a = run["anat"]
+    out = atlas_to_native(f"{labels}:{tmp_path / 'MCALT_Merged.txt'}", str(a / f"sub-{SUB}_desc-preproc_T1w.nii.gz"),
+                          str(a / f"sub-{SUB}_from-MNI152NLin2009aSym_to-T1w_mode-image_xfm.h5"), tmp_path / "native",
+                          mask=str(a / f"sub-{SUB}_desc-brain_mask.nii.gz"), nthreads=2)
+    assert out["atlas_name"] == "MCALTMerged"
+    table = pd.read_csv(out["atlas_table"], sep="\t")
+    assert len(table) == 58 and "Unknown" not in set(table["name"])  # 59 never occurs in the image
+    ours = _load(out["atlas_dseg"])
+    native_aal = _load(a / f"sub-{SUB}_atlas-AAL_dseg.nii.gz")
+    assert dice(ours > 0, native_aal > 0) >= 0.95
+    both = (ours > 0) & (native_aal > 0)
+    assert np.mean(ours[both] == (native_aal[both] + 1) // 2) >= 0.95
+
+
 def test_transform_to_template(run):
     """The saved from-T1w_to-<template> composite brings the phantom's true brain onto the
     template's brain mask (contrast-free check of the normalisation)."""

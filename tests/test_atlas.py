@@ -155,3 +155,24 @@ def test_nilearn_default_template(monkeypatch):
     assert not np.any((gm + wm + csf)[~mask] > 0)
     # MNI152 brain volume is about 1.5-1.9 litres at 1 mm.
     assert 1.3e6 < mask.sum() < 2.2e6
+
+
+def test_anat_wf_rejects_missing_template_and_atlas_early(tmp_path, monkeypatch):
+    from bids_qmri.config import Config
+    from bids_qmri.workflows.anat import init_anat_wf
+
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path / "empty_tf"))
+    cfg = Config(bids_dir=tmp_path, output_dir=tmp_path / "out", template="MNI152NLin6Asym")
+    with pytest.raises(UsageError) as err:
+        init_anat_wf(tmp_path / "t1w.nii.gz", "01", None, cfg)
+    assert "MNI152NLin6Asym" in str(err.value) and "\n" not in str(err.value)
+    cfg = Config(bids_dir=tmp_path, output_dir=tmp_path / "out", atlas=f"{tmp_path / 'none.nii.gz'}:x.txt")
+    with pytest.raises(UsageError):
+        init_anat_wf(tmp_path / "t1w.nii.gz", "01", None, cfg)
+    # A TemplateFlow home that holds the template is accepted.
+    home = tmp_path / "tf"
+    _fake_templateflow(home, "TestTpl")
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(home))
+    cfg = Config(bids_dir=tmp_path, output_dir=tmp_path / "out", template="TestTpl")
+    wf = init_anat_wf(tmp_path / "t1w.nii.gz", "01", None, cfg)
+    assert wf.get_node("register_template").inputs.template == "TestTpl"

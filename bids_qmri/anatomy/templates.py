@@ -210,3 +210,26 @@ def load_template(name: str | None = None) -> Template:
         f"--template {name}: not found in {where} and never downloaded at run time — "
         f"pre-fetch it into TEMPLATEFLOW_HOME or use the default {NILEARN_TEMPLATE}"
     )
+
+
+def check_template(name: str | None) -> str:
+    """Fail fast (``UsageError``, one line) when ``--template`` is not available offline;
+    returns the template name. Cheap: looks for files, loads no image."""
+    name = (name or NILEARN_TEMPLATE).removeprefix("tpl-")
+    os.environ["TEMPLATEFLOW_AUTOUPDATE"] = "0"
+    home = templateflow_home()
+    if home is not None and (home / f"tpl-{name}").is_dir():
+        tdir = home / f"tpl-{name}"
+        has_t1 = any(p.stat().st_size > 0 for p in tdir.glob(f"tpl-{name}*_T1w.nii.gz"))
+        has_priors = all(any(p.stat().st_size > 0 for p in tdir.glob(f"tpl-{name}*_label-{t}_probseg.nii.gz"))
+                         for t in ("GM", "WM", "CSF"))
+        if has_t1 and has_priors:
+            return name
+    if name == NILEARN_TEMPLATE:
+        return name
+    where = f"TEMPLATEFLOW_HOME={home}" if home else "TEMPLATEFLOW_HOME (not set)"
+    raise UsageError(
+        f"--template {name}: T1w and GM/WM/CSF probseg not found in {where}, and nothing is downloaded at "
+        f"run time — pre-fetch tpl-{name} into TEMPLATEFLOW_HOME or use the default {NILEARN_TEMPLATE}"
+    )
+

@@ -86,6 +86,13 @@ def init_anat_wf(t1w: Path | str | None, subject: str, session: str | None, conf
     outputnode: t1w_preproc, t1w_mask, dseg, probseg [GM, WM, CSF], atlas_dseg, atlas_table,
     atlas_name (paths of the written derivatives).
     """
+    from bids_qmri.anatomy.atlases import resolve_atlas
+    from bids_qmri.anatomy.templates import check_template
+
+    # Bad --template/--atlas: a one-line UsageError now, not a node crash later.
+    template = check_template(getattr(config, "template", None))
+    atlas_spec = getattr(config, "atlas", None) or "AAL"
+    resolve_atlas(atlas_spec)
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w", "ref_image"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=ANAT_OUTPUTS), name="outputnode")
@@ -101,7 +108,7 @@ def init_anat_wf(t1w: Path | str | None, subject: str, session: str | None, conf
     register = pe.Node(niu.Function(function=_register, input_names=["fixed", "template", "contrast_agnostic",
                                                                      "nthreads", "seed"],
                                     output_names=["regdict"]), name="register_template")
-    register.inputs.template = getattr(config, "template", None) or "MNI152NLin2009aSym"
+    register.inputs.template = template
     register.inputs.contrast_agnostic = fallback
     register.inputs.nthreads = nthreads
     register.inputs.seed = seed
@@ -113,7 +120,7 @@ def init_anat_wf(t1w: Path | str | None, subject: str, session: str | None, conf
     segment.inputs.seed = seed
     atlas = pe.Node(niu.Function(function=_atlas, input_names=["atlas", "in_file", "regdict", "seg", "nthreads"],
                                  output_names=["atlas"]), name="atlas_to_native")
-    atlas.inputs.atlas = getattr(config, "atlas", None) or "AAL"
+    atlas.inputs.atlas = atlas_spec
     atlas.inputs.nthreads = nthreads
     write = pe.Node(niu.Function(function=_write, input_names=["output_dir", "bids_dir", "subject", "session", "source",
                                                                "t1w_preproc", "seg", "regdict", "atlas", "fallback"],
