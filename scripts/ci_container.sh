@@ -20,6 +20,7 @@
 #   QMRI_CACHE_DIR    debootstrap tarball cache (default /var/cache/bids_qmri)
 #   QMRI_REFRESH_BASE=1   redo debootstrap even when the cached tarball exists
 #   QMRI_PIP_CERT     CA bundle for pip during the build (default $PIP_CERT when set)
+#   QMRI_CONTEXT      build context (default: the repository; .dockerignore there keeps it small)
 #   QMRI_WHEEL_DIR    directory with the torch CPU wheel (default /opt/wheels if it holds one)
 #   QMRI_MIRROR       Debian mirror for debootstrap (default http://deb.debian.org/debian)
 #   QMRI_RUN_ARGS     extra options for the participant run (default: see PARTICIPANT_ARGS below)
@@ -45,6 +46,7 @@ CACHE_DIR=${QMRI_CACHE_DIR:-/var/cache/bids_qmri}
 MIRROR=${QMRI_MIRROR:-http://deb.debian.org/debian}
 BASE_TAR=$CACHE_DIR/debian-bookworm-minbase-python3.tar
 METRICS=${QMRI_METRICS:-}
+CONTEXT=${QMRI_CONTEXT:-$REPO}
 # OCI runtime for the checks. runc: crun 1.8 refuses hosts with hybrid cgroups (v1 + v2).
 RUNTIME=${QMRI_OCI_RUNTIME:-runc}
 # Small but complete: 1 participant, 1 session, coarse grid; all default methods.
@@ -171,7 +173,7 @@ build_image() {
     log "pip uses the host CA bundle $cert during the build"
     torch_args+=(--volume "$cert:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
   fi
-  log "buildah build --isolation chroot -> $IMAGE (log: build.log)"
+  log "buildah build --isolation chroot -> $IMAGE (context $CONTEXT)"
   local t=$(date +%s)
   if ! buildah build --isolation chroot --layers --force-rm --pull=never \
         --build-arg BASE_IMAGE="$BASE_IMAGE" \
@@ -179,7 +181,7 @@ build_image() {
         --build-arg VCS_REF="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
         --build-arg BUILD_DATE="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
         "${torch_args[@]}" \
-        -f Dockerfile -t "$IMAGE" . 2>&1 | tee "$TMP/build.log" | sed -u 's/^/    build| /'; then
+        -f "$REPO/Dockerfile" -t "$IMAGE" "$CONTEXT" 2>&1 | tee "$TMP/build.log" | sed -u 's/^/    build| /'; then
     die "image build failed (see the build log above)"
   fi
   log "built $IMAGE in $(( $(date +%s) - t )) s"
