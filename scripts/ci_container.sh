@@ -25,6 +25,7 @@
 #   QMRI_MIRROR       Debian mirror for debootstrap (default http://deb.debian.org/debian)
 #   QMRI_RUN_ARGS     extra options for the participant run (default: see PARTICIPANT_ARGS below)
 #   QMRI_OCI_RUNTIME  OCI runtime that runs the checks (default runc; crun works on pure cgroup v2)
+#   QMRI_EXPORT       also write the image as an OCI archive to this file (for Apptainer)
 #   QMRI_KEEP=1       keep the temporary directory (synthetic data, outputs, logs) for inspection
 #   QMRI_REQUIRE=1    fail instead of skipping when not root
 #   QMRI_METRICS      file to which image size and cold-start time are written (key=value)
@@ -174,7 +175,8 @@ build_image() {
     torch_args+=(--volume "$cert:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
   fi
   log "buildah build --isolation chroot -> $IMAGE (context $CONTEXT)"
-  local t=$(date +%s)
+  local t=$(date +%s) old_id
+  old_id=$(buildah images --quiet --no-trunc "$IMAGE" 2>/dev/null | head -n 1 || true)
   if ! buildah build --isolation chroot --layers --force-rm --pull=never \
         --build-arg BASE_IMAGE="$BASE_IMAGE" \
         --build-arg VERSION="$VERSION" \
@@ -185,6 +187,16 @@ build_image() {
     die "image build failed (see the build log above)"
   fi
   log "built $IMAGE in $(( $(date +%s) - t )) s"
+  # The previous image of this name is now untagged: remove it (its shared layers stay).
+  if [ -n "$old_id" ] && [ "$old_id" != "$(buildah images --quiet --no-trunc "$IMAGE" | head -n 1)" ]; then
+    buildah rmi "$old_id" >/dev/null 2>&1 || true
+  fi
+  if [ -n "${QMRI_EXPORT:-}" ]; then
+    # OCI archive for `apptainer build ... containers/bids_qmri.def` (Bootstrap: oci-archive).
+    buildah push --quiet "$IMAGE" "oci-archive:$QMRI_EXPORT:$VERSION" \
+      || die "could not write the OCI archive $QMRI_EXPORT"
+    log "exported $IMAGE to $QMRI_EXPORT ($(du -h "$QMRI_EXPORT" | cut -f1))"
+  fi
 }
 
 # ---- 3. run the image like `docker run --read-only --network none` ----------------------------
