@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Quantitative MRI maps (pc-bSSFP relaxometry, anatomy, ROI statistics) from a "
                     "BIDS dataset, written as BIDS derivatives.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Exit codes: 0 success; 1 internal error (crash report written); 2 unusable command "
+               "line or directories; 3 no usable input; 4 a participant's workflow failed.",
     )
     p.add_argument("bids_dir", type=Path, help="the root of the input BIDS dataset")
     p.add_argument("output_dir", type=Path, help="where the derivatives go (outside the BIDS dataset)")
@@ -64,21 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"mapping methods per modality, e.g. 'bssfp:miracle,pinn' (available: {methods_help}); "
                         "default: all")
     g.add_argument("--atlas", default="AAL",
-                   help="atlas for ROI statistics: a name, or LABELS.nii.gz:TABLE for your own")
-    g.add_argument("--template", default="MNI152NLin2009aSym", help="template space for registration")
+                   help="atlas for ROI statistics: AAL (default), AICHA, JHU, or LABELS.nii.gz:TABLE for your own")
+    g.add_argument("--template", default="MNI152NLin2009aSym", help="template space for registration (default: MNI152NLin2009aSym)")
     g.add_argument("--model-dir", type=Path, default=None,
                    help="cache for models trained on the fly (default: $BIDS_QMRI_MODEL_DIR or "
                         "~/.cache/bids_qmri/models)")
     g.add_argument("--b1-prep-angle", type=float, default=80.0, metavar="DEG",
-                   help="nominal preparation flip angle of Siemens tfl_b1_map (TB1TFL): B1 = famp/(10*DEG)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (identical outputs on CPU)")
+                   help="nominal preparation flip angle of Siemens tfl_b1_map (TB1TFL): B1 = famp/(10*DEG) "
+                        "(default: 80)")
+    g.add_argument("--seed", type=int, default=0, help="random seed, identical outputs on CPU (default: 0)")
     g = p.add_argument_group("resources and execution")
     g.add_argument("-w", "--work-dir", type=Path, default=None,
                    help="nipype working directory; a re-run with the same one resumes "
                         "(default: OUTPUT_DIR/../work)")
     g.add_argument("--nprocs", "--n-cpus", type=int, default=0, help="processes in parallel (0: all cores)")
     g.add_argument("--omp-nthreads", type=int, default=0, help="threads per process (0: min(nprocs, 8))")
-    g.add_argument("--mem-gb", "--mem", type=float, default=None, help="memory limit for the scheduler (GB)")
+    g.add_argument("--mem-gb", "--mem", type=float, default=None, help="memory limit for the scheduler in GB (default: no limit)")
     g.add_argument("--use-plugin", type=Path, default=None, metavar="FILE",
                    help="nipype plugin YAML ('plugin: MultiProc|Linear|SLURM|...', 'plugin_args: {...}')")
     g.add_argument("--stop-on-first-crash", action="store_true",
