@@ -10,7 +10,7 @@ import pytest
 import bids_qmri
 from bids_qmri.cli import run as cli
 from bids_qmri.config import ALL_METHODS, DEFAULT_METHODS
-from bids_qmri.errors import EXIT_FAILED, EXIT_INPUT, EXIT_OK, EXIT_USAGE, UsageError, WorkflowError
+from bids_qmri.errors import EXIT_FAILED, EXIT_INPUT, EXIT_OK, EXIT_USAGE, UsageError
 from helpers import make_bssfp_dataset, run_cli, tree
 
 
@@ -99,7 +99,7 @@ def test_participant_level_orchestration(tmp_path, monkeypatch):
     root = make_bssfp_dataset(tmp_path / "bids", subjects=("01", "02"), b1=None, t1w=False)
     (root / "sub-02" / "anat" / "sub-02_acq-pc4_part-phase_bSSFP.nii.gz").write_bytes(b"")
     ran, reports = [], []
-    monkeypatch.setattr(cli, "run_participant", lambda s, sessions, c: ran.append((s, sessions)))
+    monkeypatch.setattr(cli, "run_participants", lambda groups, c: ran.extend(groups.items()) or {})
     import bids_qmri.reports as reports_pkg
 
     class FakeReports:  # the report module is someone else's; record the call only
@@ -124,17 +124,17 @@ def test_workflow_failure_exit_code_and_continue(tmp_path, monkeypatch, capsys):
     root = make_bssfp_dataset(tmp_path / "bids", subjects=("01", "02"), b1=None, t1w=False)
     done = []
 
-    def fake(subject, sessions, config):
-        if subject == "01":
-            raise WorkflowError("sub-01: the workflow failed; crash file(s): x")
-        done.append(subject)
+    def fake(groups, config):
+        assert sorted(groups) == ["01", "02"]
+        return {"01": "crash file(s): x"}
 
-    monkeypatch.setattr(cli, "run_participant", fake)
-    monkeypatch.setattr(cli, "write_report", lambda *a: None)
+    monkeypatch.setattr(cli, "run_participants", fake)
+    monkeypatch.setattr(cli, "write_report", lambda subject, *a: done.append(subject))
     rc = cli.main([str(root), str(tmp_path / "out"), "participant", "--skip-bids-validation",
                    "-w", str(tmp_path / "w")])
     assert rc == EXIT_FAILED and done == ["02"]
     err = capsys.readouterr().err
+    assert "bids_qmri: error: sub-01: the workflow failed; crash file(s): x" in err
     assert "bids_qmri: error: 1 of 2 participant(s) failed: sub-01" in err
 
 

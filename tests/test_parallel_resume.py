@@ -1,7 +1,9 @@
 """Whole-run behaviour: parallel participants into one output directory, resume after a kill.
 
 Runs the real command and the real workflows (anatomy, bSSFP, ROI) with
-``--methods bssfp:miracle`` on a 12×12×8 dataset.
+``--methods bssfp:miracle`` on the smallest realistic dataset: ``bids_qmri-synth`` at 8 mm,
+4 phase cycles, only the kinds the run uses (bSSFP, TB1TFL, T1w). The anatomy workflow
+registers to MNI and runs Atropos, which needs a brain-like image, not a toy ellipsoid.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bids_qmri.utils.atomic import leftover_temporaries
-from helpers import make_bssfp_dataset, validate_bids
+from helpers import validate_bids
 
 pytestmark = pytest.mark.slow
 
@@ -30,9 +32,15 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def dataset(tmp_path):
-    return make_bssfp_dataset(tmp_path / "bids", subjects=("01", "02"), shape=(12, 12, 8), b1="TB1map")
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth8mm") / "bids"
+    exe = Path(sys.executable).parent / "bids_qmri-synth"
+    proc = subprocess.run([str(exe), str(out), "--participants", "2", "--sessions", "0", "--resolution", "8",
+                           "--npc", "4", "--kinds", "bssfp", "tb1tfl", "t1w", "--seed", "1"],
+                          capture_output=True, text=True, env=_env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
 
 
 def _maps(out, subject):
@@ -46,6 +54,7 @@ def test_two_participants_in_parallel_into_one_output(dataset, tmp_path):
     assert plan.returncode == 0, plan.stderr
     planned = [ln.strip() for ln in plan.stdout.splitlines() if ln.startswith("    sub-")]
     assert len(planned) >= 2 * 17  # 17 per participant, + the HTML report once reports exist
+    assert "sub-01/anat/sub-01_acq-pc4_desc-miracle_T1map.nii.gz" in planned
     procs = [subprocess.Popen(_command(dataset, out, "participant", "--participant-label", sub,
                                        "-w", work, "--nprocs", "1", "--methods", "bssfp:miracle"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
@@ -76,7 +85,7 @@ def test_killed_run_resumes_without_redoing_finished_nodes(dataset, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     plugin = tmp_path / "linear.yml"
     plugin.write_text("plugin: Linear\n")  # one node at a time: a well-defined kill point
-    args = _command(dataset, out, "participant", "--participant-label", "01", "-w", work,
+    args = _command(dataset, out, "participant", "--participant-label", "02", "-w", work,
                     "--use-plugin", plugin, "--methods", "bssfp:miracle", "--skip-bids-validation")
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=_env(), start_new_session=True)
@@ -89,7 +98,7 @@ def test_killed_run_resumes_without_redoing_finished_nodes(dataset, tmp_path):
     first = _results(work)
     assert len(first) >= 3
     # Killed mid-way: the maps are not there yet, and no half-written file is in their place.
-    assert _maps(out, "01") == []
+    assert _maps(out, "02") == []
 
     time.sleep(0.05)  # mtimes in the re-run must be distinguishable
     rerun = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=900)
@@ -98,5 +107,5 @@ def test_killed_run_resumes_without_redoing_finished_nodes(dataset, tmp_path):
     assert set(first) < set(second), "the re-run must finish the remaining nodes"
     redone = [node for node, stamp in first.items() if second[node] != stamp]
     assert redone == [], f"finished nodes were executed again: {redone}"
-    assert _maps(out, "01") == ["sub-01_acq-pc4_desc-miracle_T1map.nii.gz", "sub-01_acq-pc4_desc-miracle_T2map.nii.gz"]
+    assert _maps(out, "02") == ["sub-02_acq-pc4_desc-miracle_T1map.nii.gz", "sub-02_acq-pc4_desc-miracle_T2map.nii.gz"]
     assert leftover_temporaries(out) == []

@@ -327,27 +327,28 @@ def run_participant_level(config: Config) -> int:
     seed_everything(config.seed)
     init_derivatives(config.output_dir, config.bids_dir)
     subjects = list(dict.fromkeys(s.subject for s in runnable))
-    failures = []
     for subject in subjects:
-        subject_sessions = [s for s in sessions if s.subject == subject]
-        write_inputs_record(config, subject, subject_sessions)
-        try:
-            run_participant(subject, [s for s in runnable if s.subject == subject], config)
-        except WorkflowError as exc:
-            if config.stop_on_first_crash:
-                raise
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
-            failures.append(subject)
+        write_inputs_record(config, subject, [s for s in sessions if s.subject == subject])
+    failures = run_participants({sub: [s for s in runnable if s.subject == sub] for sub in subjects}, config)
+    for subject in subjects:
+        if subject in failures:
+            print(f"{PROG}: error: sub-{subject}: the workflow failed; {failures[subject]}", file=sys.stderr)
             continue
-        write_report(subject, subject_sessions, config)
+        write_report(subject, [s for s in sessions if s.subject == subject], config)
     if failures:
         raise WorkflowError(f"{len(failures)} of {len(subjects)} participant(s) failed: "
                             f"{', '.join('sub-' + f for f in failures)}; see the crash files named above")
     return EXIT_OK
 
 
-def run_participant(subject: str, sessions, config: Config) -> None:
-    """Build and run the nipype workflow of one participant (all its sessions)."""
+def run_participants(groups: dict, config: Config) -> dict[str, str]:
+    """Run every participant's sessions in one nipype graph, so that MultiProc works on several
+    participants at once; return ``{subject: where to look}`` for the participants that failed.
+
+    Each participant's nodes write their crash files to ``WORK_DIR/logs/sub-<label>/``, which
+    is how a failure is attributed to its participant. Node results are cached under
+    ``WORK_DIR/bids_qmri_wf/sub_<label>_wf/``: a re-run skips every finished node.
+    """
     import time
 
     from nipype import config as ncfg
@@ -356,29 +357,42 @@ def run_participant(subject: str, sessions, config: Config) -> None:
     from ..workflows.base import init_participant_wf
 
     work_dir = Path(config.resolved_work_dir())
-    crash_dir = work_dir / "logs" / f"sub-{subject}"
-    crash_dir.mkdir(parents=True, exist_ok=True)
     ncfg.update_config({
         "logging": {"log_directory": str(work_dir / "logs"), "log_to_file": False},
-        "execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
+        "execution": {"crashdump_dir": str(work_dir / "logs"), "crashfile_format": "txt",
                       "stop_on_first_crash": config.stop_on_first_crash,
                       "remove_unnecessary_outputs": False, "check_version": False},
         "monitoring": {"enabled": False},
     })
-    wf = pe.Workflow(name=f"sub_{subject}_wf", base_dir=str(work_dir))
-    for sess in sessions:
-        wf.add_nodes([init_participant_wf(sess, config)])
-    for node in wf._get_all_nodes():
-        node.config = node.config or {}
-        node.config.setdefault("execution", {})["crashdump_dir"] = str(crash_dir)
+    wf = pe.Workflow(name="bids_qmri_wf", base_dir=str(work_dir))
+    crash_dirs = {}
+    for subject, sessions in groups.items():
+        crash_dirs[subject] = work_dir / "logs" / f"sub-{subject}"
+        crash_dirs[subject].mkdir(parents=True, exist_ok=True)
+        sub_wf = pe.Workflow(name=f"sub_{subject}_wf")
+        for sess in sessions:
+            sub_wf.add_nodes([init_participant_wf(sess, config)])
+        for node in sub_wf._get_all_nodes():
+            node.config = node.config or {}
+            node.config.setdefault("execution", {})["crashdump_dir"] = str(crash_dirs[subject])
+        wf.add_nodes([sub_wf])
     plugin, plugin_args = plugin_settings(config)
     started = time.time()
     try:
         wf.run(plugin=plugin, plugin_args=plugin_args)
-    except Exception as exc:  # nipype raises RuntimeError or the node's exception
-        crashes = sorted(p for p in crash_dir.glob("crash-*") if p.stat().st_mtime >= started - 1)
-        where = f"crash file(s): {', '.join(map(str, crashes[:3]))}" if crashes else f"nipype: {str(exc).splitlines()[0]}"
-        raise WorkflowError(f"sub-{subject}: the workflow failed; {where}") from exc
+    except Exception as exc:  # nipype raises RuntimeError (or the node's exception when Linear)
+        failed = {}
+        for subject, crash_dir in crash_dirs.items():
+            crashes = sorted(p for p in crash_dir.glob("crash-*") if p.stat().st_mtime >= started - 1)
+            if crashes:
+                failed[subject] = f"crash file(s): {', '.join(map(str, crashes[:3]))}"
+        if not failed:
+            failed = {s: f"nipype: {' '.join(str(exc).split())[:300]}" for s in groups}
+        if config.stop_on_first_crash:
+            subject, where = next(iter(failed.items()))
+            raise WorkflowError(f"sub-{subject}: the workflow failed (--stop-on-first-crash); {where}") from exc
+        return failed
+    return {}
 
 
 def write_report(subject: str, sessions, config: Config):
