@@ -394,3 +394,21 @@ def test_report_template_is_packaged():
         rel = t.relative_to(root / "bids_qmri").as_posix()
         assert any(fnmatch.fnmatch(rel, p) for p in patterns), (
             f"{rel} is not in pyproject.toml package-data {patterns}: add 'group/templates/*'")
+
+
+def test_tissue_rows_summarised_but_not_paired(cohort):
+    """Tissue rows (negative region_index) overlap the atlas regions: in the summary, not in
+    the agreement pairs (which would count the same voxels twice)."""
+    cfg, truth = cohort
+    for path in Path(cfg.output_dir).glob("sub-*/ses-*/anat/*_roistats.tsv"):
+        df = pd.read_csv(path, sep="\t")
+        tissue = df[df.region_index == 1].assign(region_index=-1, region="GM", mean=5.0)
+        pd.concat([tissue, df]).to_csv(path, sep="\t", index=False)
+    run_group(cfg)
+    g = Path(cfg.output_dir) / "group"
+    agr = pd.read_csv(g / "agreement.tsv", sep="\t")
+    t1 = agr[agr.suffix == "T1map"].iloc[0]
+    x = np.array([truth[k][("T1map", "miracle")][i] for k in sorted(truth) for i in BASE_T1])
+    assert t1.n_regions == 4 and t1.ccc == pytest.approx(stats.ccc(x, 0.97 * x), rel=1e-9)
+    summ = pd.read_csv(g / "atlas-AAL_summary.tsv", sep="\t")
+    assert (summ[summ.region_index == -1]["mean"] == 5.0).all()

@@ -99,9 +99,15 @@ def method_pairs(df: pd.DataFrame) -> list[tuple[str, str, str, str, str]]:
 
 
 def paired_values(df: pd.DataFrame, atlas, suffix, acq, method_a, method_b) -> pd.DataFrame:
-    """Rows (participant, session, region) with both methods: columns x (a) and y (b)."""
+    """Rows (participant, session, atlas region) with both methods: columns x (a) and y (b).
+
+    Only atlas regions: the tissue rows of the ROI tables (negative ``region_index``: GM, WM,
+    CSF, WholeBrain; see ``bids_qmri.anatomy.roistats``) overlap the regions and would count
+    the same voxels twice.
+    """
     d = _valid(df)
-    d = d[(d["atlas"] == atlas) & (d["suffix"] == suffix) & (d["acq"] == acq)]
+    d = d[(d["atlas"] == atlas) & (d["suffix"] == suffix) & (d["acq"] == acq)
+          & (d["region_index"] >= 0)]
     keys = ["participant_id", "session_id", "region_index", "region"]
     a = d[d["method"] == method_a][keys + ["mean", "units"]]
     b = d[d["method"] == method_b][keys + ["mean", "units"]]
