@@ -63,7 +63,9 @@ def agreement_figure(df: pd.DataFrame, row: pd.Series, path: Path) -> Path:
     what = _label(row["suffix"], row["acq"], row["units"])
     ax1.set_xlabel(f"{row['method_a']} {what}")
     ax1.set_ylabel(f"{row['method_b']} {what}")
-    ax1.set_title(f"CCC {row['ccc']:.3f} [{row['ccc_ci_low']:.3f}, {row['ccc_ci_high']:.3f}]")
+    ci = (f"[{row['ccc_ci_low']:.3f}, {row['ccc_ci_high']:.3f}]"
+          if np.isfinite(row["ccc_ci_low"]) else "(no CI)")
+    ax1.set_title(f"CCC {row['ccc']:.3f} {ci}")
     if few:
         ax1.legend(fontsize=7, loc="best")
     ax2.axhline(row["mean_diff"], color="k", lw=1)
