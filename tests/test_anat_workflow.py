@@ -61,7 +61,7 @@ def run(tmp_path_factory):
         dest = anat_dir / f"sub-{SUB}_acq-{ACQ_BSSFP}_desc-truth_{suffix}.nii.gz"
         shutil.copyfile(src, dest)
         dest.with_name(dest.name.replace(".nii.gz", ".json")).write_text(
-            json.dumps({"Units": "s", "EstimationAlgorithm": "ground truth"}))
+            json.dumps({"Units": "s", "EstimationAlgorithm": "ground truth", "SkullStripped": False}))
         maps.append(str(dest))
     wf = pe.Workflow(name="test_anat_roi", base_dir=str(root / "work"))
     anat = init_anat_wf(t1w, SUB, None, config)
@@ -95,6 +95,10 @@ def test_spec_outputs_exist(run):
     for xfm in ("from-T1w_to-MNI152NLin2009aSym", "from-MNI152NLin2009aSym_to-T1w"):
         assert (a / f"sub-{SUB}_{xfm}_mode-image_xfm.h5").is_file()
     assert (a / f"sub-{SUB}_acq-{ACQ_BSSFP}_from-bSSFP_to-T1w_mode-image_xfm.mat").is_file()
+    from helpers import validate_bids
+
+    result = validate_bids(run["out"], derivative=True)
+    assert result.ok, result.summary()
 
 
 def test_tissue_dice_against_truth(run):
