@@ -228,8 +228,9 @@ run_image() {
   done
   local bundle=$TMP/bundle-$name id="bids-qmri-ci-$$-$name"
   mkdir -p "$bundle"
+  : >"$TMP/containerenv"
   python3 - "$bundle/config.json" "$IMAGE_CFG" "$ROOTFS" "$use_ep" "${binds[@]/#/bind=}" -- "$@" <<'PY'
-import json, sys
+import json, os, sys
 out, cfg_path, rootfs, use_ep = sys.argv[1:5]
 rest = sys.argv[5:]
 sep = rest.index("--")
@@ -258,6 +259,9 @@ mounts = [
     # The only writable place inside: like `docker run --read-only --tmpfs /tmp`.
     {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", "size=8g"]},
 ]
+# Like podman: an empty /run/.containerenv tells the app it runs in a container
+# (GeneratedBy[].Container of the derivatives).
+mounts.append({"destination": "/run/.containerenv", "type": "bind", "source": os.path.join(os.path.dirname(out), "..", "containerenv"), "options": ["rbind", "ro"]})
 for b in binds:
     parts = b.split(":")
     src, dst = parts[0], parts[1]
@@ -391,6 +395,8 @@ for what, pattern in patterns.items():
     if not found:
         problems.append(f"no {what} ({pattern})")
 print(f"  GeneratedBy: {json.dumps(gen)}")
+if not (gen.get("Container") or {}).get("Tag", "").startswith("bids-qmri:"):
+    problems.append("dataset_description.json: GeneratedBy[0].Container.Tag is not the image's bids-qmri:<version>")
 if problems:
     sys.exit("missing outputs:\n  " + "\n  ".join(problems))
 PY
