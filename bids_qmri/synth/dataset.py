@@ -243,25 +243,6 @@ def _brain_reference(signal: torch.Tensor, brain: np.ndarray) -> float:
 # Dictionaries (MRF, qMT)
 
 
-@functools.lru_cache(maxsize=2)
-def mrf_dictionary(n_frames: int = MRF_FRAMES, rank: int = MRF_RANK):
-    """SVD-compressed FISP dictionary on a (log T1, log T2, B1) grid: axes, coefficients, basis.
-
-    Coefficients are ``[nT1, nT2, nB1, rank]`` complex (``real_first=False``: physical phase).
-    """
-    schedule = epg.default_fisp_schedule(n_frames)
-    t1 = np.exp(np.linspace(np.log(0.05), np.log(6.0), 32))
-    t2 = np.exp(np.linspace(np.log(0.004), np.log(3.0), 32))
-    b1 = np.linspace(0.65, 1.35, 8)
-    T1, T2, B1 = np.meshgrid(t1, t2, b1, indexing="ij")
-    sig = epg.fisp_mrf(torch.from_numpy(T1.ravel()).float(), torch.from_numpy(T2.ravel()).float(),
-                       torch.from_numpy(B1.ravel()).float(), n_states=40, **schedule)
-    basis = svd.svd_basis(sig.to(torch.complex128), rank).to(torch.complex128)
-    coeffs = svd.compress(sig.to(torch.complex128), basis, real_first=False)
-    axes = (np.log(t1), np.log(t2), b1)
-    return axes, coeffs.reshape(len(t1), len(t2), len(b1), rank), basis, schedule
-
-
 def _cache_dir() -> Path:
     """Where simulated dictionaries are kept between runs: $BIDS_QMRI_SYNTH_CACHE, else beside
     the model cache (``config.default_model_dir()``)."""
@@ -273,9 +254,71 @@ def _cache_dir() -> Path:
     return Path(env) if env else default_model_dir().parent / "synth"
 
 
+def _disk_cached(name: str, key_parts, compute) -> dict[str, torch.Tensor]:
+    """``compute()`` (a dict of tensors) cached as ``<name>-<hash of key_parts>.pt``.
+
+    Loaded with ``weights_only=True``; an unreadable cache file is recomputed and replaced.
+    Values are bit-identical whether computed or loaded, so --seed reproducibility holds.
+    """
+    import hashlib
+
+    from ..utils.atomic import atomic_path
+
+    key = hashlib.sha256()
+    for part in key_parts:
+        if isinstance(part, (np.ndarray, torch.Tensor)):
+            key.update(np.ascontiguousarray(np.asarray(part), dtype=np.float64).tobytes())
+        else:
+            key.update(repr(part).encode())
+    path = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: rebuild it
+            LOGGER.warning("ignoring unreadable cache %s (%s)", path, exc)
+    value = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save(value, tmp)
+    except OSError as exc:  # read-only home: keep going without the cache
+        LOGGER.warning("cannot cache %s in %s (%s)", name, path.parent, exc.strerror or exc)
+    return value
+
+
+MRF_AXES = {
+    "T1": np.exp(np.linspace(np.log(0.05), np.log(6.0), 32)),
+    "T2": np.exp(np.linspace(np.log(0.004), np.log(3.0), 32)),
+    "B1": np.linspace(0.65, 1.35, 8),
+}
+
+
+@functools.lru_cache(maxsize=2)
+def mrf_dictionary(n_frames: int = MRF_FRAMES, rank: int = MRF_RANK):
+    """SVD-compressed FISP dictionary on a (log T1, log T2, B1) grid: axes, coefficients, basis.
+
+    Coefficients are ``[nT1, nT2, nB1, rank]`` complex (``real_first=False``: physical phase).
+    EPG with 40 states (relative error ~2e-5 against the exact simulation), cached on disk.
+    """
+    schedule = epg.default_fisp_schedule(n_frames)
+    t1, t2, b1 = MRF_AXES.values()
+
+    def compute():
+        T1, T2, B1 = (torch.from_numpy(g.ravel()).float() for g in np.meshgrid(t1, t2, b1, indexing="ij"))
+        LOGGER.info("simulating the MRF dictionary (%d fingerprints, once; cached)", T1.numel())
+        sig = epg.fisp_mrf(T1, T2, B1, n_states=40, **schedule).to(torch.complex128)
+        basis = svd.svd_basis(sig, rank).to(torch.complex128)
+        return {"basis": basis, "coeffs": svd.compress(sig, basis, real_first=False)}
+
+    stored = _disk_cached("mrf-dictionary", (*MRF_AXES.values(), schedule["flip_rad"], schedule["tr"],
+                                             schedule["te"], schedule["ti"], rank, 40), compute)
+    coeffs = stored["coeffs"].reshape(len(t1), len(t2), len(b1), rank)
+    return (np.log(t1), np.log(t2), b1), coeffs, stored["basis"], schedule
+
+
 #: qMT: the hybrid-state model is simulated exactly per voxel (its ΔB0 dependence is too sharp
-#: for a dictionary), which costs ~15 ms per voxel, so the qMT scan is a thin axial slab.
-QMT_SLICES = 4
+#: for a dictionary), which costs ~5 ms CPU per voxel, so the qMT scan is a thin axial slab.
+QMT_SLICES = 2
 QMT_SLAB_CENTRE_Z_MM = 12.0  # through the lateral ventricles / corpus callosum body
 QMT_BASIS_ATOMS = 512
 
@@ -296,32 +339,23 @@ def _qmt_signal(p: dict[str, torch.Tensor], schedule: dict, chunk: int = 512) ->
 def qmt_basis(rank: int = QMT_RANK) -> tuple[torch.Tensor, dict]:
     """SVD basis ``[Nt, rank]`` of a random brain-range qMT dictionary (seed 003 distributions),
     simulated once and cached on disk (it depends only on the schedule)."""
-    import hashlib
-
-    from ..utils.atomic import atomic_path
-
     schedule = qmt.default_qmt_schedule()
-    key = hashlib.sha256()
-    for v in (schedule["flip_rad"].numpy(), schedule["pulse_dur"].numpy()):
-        key.update(np.ascontiguousarray(v, dtype=np.float64).tobytes())
-    key.update(repr((schedule["tr"], schedule.get("inversion_dur"), rank, QMT_BASIS_ATOMS)).encode())
-    path = _cache_dir() / f"qmt-basis-{key.hexdigest()[:16]}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)["basis"], schedule
-    rng = np.random.default_rng(2023)
-    n = QMT_BASIS_ATOMS
-    t1 = np.exp(rng.uniform(np.log(0.2), np.log(5.0), n))
-    p = {"m0s": rng.uniform(0.0, 0.3, n), "T1": t1,
-         "T2": np.minimum(np.exp(rng.uniform(np.log(0.01), np.log(2.5), n)), 0.9 * t1),
-         "T2s": rng.uniform(8e-6, 16e-6, n), "Rx": rng.uniform(10.0, 80.0, n),
-         "B0": rng.uniform(-300.0, 300.0, n), "B1": rng.uniform(0.7, 1.3, n)}
-    LOGGER.info("simulating the qMT basis dictionary (%d fingerprints, once; cached in %s)", n, path.parent)
-    sig = _qmt_signal({k: torch.from_numpy(v) for k, v in p.items()}, schedule)
-    basis = svd.svd_basis(sig, rank).to(torch.complex128)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save({"basis": basis}, tmp)
-    return basis, schedule
+
+    def compute():
+        rng = np.random.default_rng(2023)
+        n = QMT_BASIS_ATOMS
+        t1 = np.exp(rng.uniform(np.log(0.2), np.log(5.0), n))
+        p = {"m0s": rng.uniform(0.0, 0.3, n), "T1": t1,
+             "T2": np.minimum(np.exp(rng.uniform(np.log(0.01), np.log(2.5), n)), 0.9 * t1),
+             "T2s": rng.uniform(8e-6, 16e-6, n), "Rx": rng.uniform(10.0, 80.0, n),
+             "B0": rng.uniform(-300.0, 300.0, n), "B1": rng.uniform(0.7, 1.3, n)}
+        LOGGER.info("simulating the qMT basis dictionary (%d fingerprints, once; cached)", n)
+        sig = _qmt_signal({k: torch.from_numpy(v) for k, v in p.items()}, schedule)
+        return {"basis": svd.svd_basis(sig, rank).to(torch.complex128)}
+
+    stored = _disk_cached("qmt-basis", (schedule["flip_rad"], schedule["pulse_dur"], schedule["tr"],
+                                        schedule.get("inversion_dur"), rank, QMT_BASIS_ATOMS), compute)
+    return stored["basis"], schedule
 
 
 def interpolate_coefficients(axes, table: torch.Tensor, points: list[np.ndarray]) -> torch.Tensor:
