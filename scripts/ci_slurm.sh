@@ -223,7 +223,9 @@ cohort() {
   log "submission script: $d/job.sh"
   sed 's/^/    job.sh| /' "$d/job.sh"
   local ids aid gid
-  ids=$(bash "$d/job.sh" | tee /dev/stderr | tail -n 1)
+  bash "$d/job.sh" >"$d/submit.out" || die "job.sh failed to submit"
+  sed 's/^/    submit| /' "$d/submit.out"
+  ids=$(tail -n 1 "$d/submit.out")
   read -r aid gid <<<"$ids"
   [ -n "$aid" ] && [ -n "$gid" ] || die "job.sh did not print the job ids"
   squeue -o '%i %j %T %M %R'
