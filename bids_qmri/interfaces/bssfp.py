@@ -9,6 +9,7 @@ complex series are stored as complex64 NIfTI there. Only ``BSSFPDerivatives`` an
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -32,6 +33,12 @@ PREPROCESSING_REFERENCE = (
     "preprint (2024) doi:10.21203/rs.3.rs-4049684/v1; published version with complex-valued DNNs (2025)"
 )
 MAP_UNITS = {"T1map": "s", "T2map": "s", "fieldmap": "Hz"}
+
+
+def _itk_threads(n: int) -> None:
+    """ITK (ANTs) reads its thread count from the environment when first loaded in a process;
+    nipype runs each node in its own worker, so setting it here bounds the node to its slots."""
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, int(n)))
 
 
 def _entities(inputs) -> dict:
@@ -81,6 +88,7 @@ class LoadBSSFP(SimpleInterface):
 class _MotionCorrectInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True)
     seed = traits.Int(0, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True)
 
 
 class _MotionCorrectOutputSpec(TraitedSpec):
@@ -102,6 +110,7 @@ class MotionCorrect(SimpleInterface):
         from bids_qmri.preproc.complexdata import load_nifti, save_complex
         from bids_qmri.preproc.motion import motion_correct, reference_index
 
+        _itk_threads(self.inputs.num_threads)
         data, affine, zooms = load_nifti(self.inputs.in_file)
         reg_dir = Path(runtime.cwd) / "registration"
         reg_dir.mkdir(exist_ok=True)
@@ -187,6 +196,7 @@ class _PrepareB1InputSpec(BaseInterfaceInputSpec):
     ref_image = File(exists=True, mandatory=True, desc="bSSFP mean magnitude (target grid)")
     mask_file = File(exists=True, mandatory=True)
     seed = traits.Int(0, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True)
 
 
 class _PrepareB1OutputSpec(TraitedSpec):
@@ -205,6 +215,7 @@ class PrepareB1(SimpleInterface):
     def _run_interface(self, runtime):
         from bids_qmri.preproc import b1 as b1mod
 
+        _itk_threads(self.inputs.num_threads)
         ref = nib.load(self.inputs.ref_image)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         zooms = tuple(float(z) for z in ref.header.get_zooms()[:3])

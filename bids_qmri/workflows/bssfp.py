@@ -73,12 +73,13 @@ def init_bssfp_wf(bssfp: BSSFPInput, b1: B1Input | None, subject: str, session: 
 
     load = pe.Node(LoadBSSFP(part_files={k: str(v) for k, v in bssfp.part_files.items()},
                              n_cycles=bssfp.n_cycles), name="load")
-    moco = pe.Node(MotionCorrect(seed=config.seed), name="motion_correct", n_procs=omp)
+    moco = pe.Node(MotionCorrect(seed=config.seed, num_threads=omp), name="motion_correct", n_procs=omp)
     confs = pe.Node(BSSFPConfigurations(phase_increments=list(protocol.phase_increments_deg),
                                         gibbs_removal=bool(config.gibbs_removal), num_threads=omp),
                     name="configurations", n_procs=omp)
     mask = pe.Node(BrainMask(), name="brain_mask")
-    b1_node = pe.Node(PrepareB1(prep_angle_deg=float(config.b1_prep_angle_deg), seed=config.seed), name="b1")
+    b1_node = pe.Node(PrepareB1(prep_angle_deg=float(config.b1_prep_angle_deg), seed=config.seed, num_threads=omp),
+                      name="b1", n_procs=omp)
     if b1 is not None:
         b1_node.inputs.kind = b1.kind
         b1_node.inputs.files = {k: str(v) for k, v in b1.files.items()}
