@@ -356,14 +356,19 @@ def run_participants(groups: dict, config: Config) -> dict[str, str]:
 
     from ..workflows.base import init_participant_wf
 
+    from nipype import logging as nlogging
+
     work_dir = Path(config.resolved_work_dir())
+    level = "DEBUG" if config.verbose >= 3 else "INFO" if config.verbose >= 1 else "WARNING"
     ncfg.update_config({
-        "logging": {"log_directory": str(work_dir / "logs"), "log_to_file": False},
+        "logging": {"log_directory": str(work_dir / "logs"), "log_to_file": False,
+                    "workflow_level": level, "interface_level": level, "utils_level": level},
         "execution": {"crashdump_dir": str(work_dir / "logs"), "crashfile_format": "txt",
                       "stop_on_first_crash": config.stop_on_first_crash,
                       "remove_unnecessary_outputs": False, "check_version": False},
         "monitoring": {"enabled": False},
     })
+    nlogging.update_logging(ncfg)  # nipype set its levels from its defaults when imported
     wf = pe.Workflow(name="bids_qmri_wf", base_dir=str(work_dir))
     crash_dirs = {}
     for subject, sessions in groups.items():

@@ -20,8 +20,8 @@ def setup_logging(verbose: int = 0, stream=None) -> logging.Logger:
         logger.addHandler(handler)
     for h in logger.handlers:
         h.setLevel(level)
-    # nipype is chatty at INFO; keep it quiet unless -vv.
-    nipype_level = logging.DEBUG if verbose >= 3 else logging.INFO if verbose >= 2 else logging.WARNING
+    # nipype is chatty at INFO (one line per node): shown with -v; its DEBUG only with -vvv.
+    nipype_level = logging.DEBUG if verbose >= 3 else logging.INFO if verbose >= 1 else logging.WARNING
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
         logging.getLogger(name).setLevel(nipype_level)
     return logger
