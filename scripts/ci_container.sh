@@ -175,7 +175,8 @@ build_image() {
     torch_args+=(--volume "$cert:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
   fi
   log "buildah build --isolation chroot -> $IMAGE (context $CONTEXT)"
-  local t=$(date +%s) old_id
+  local t old_id
+  t=$(date +%s)
   old_id=$(buildah images --quiet --no-trunc "$IMAGE" 2>/dev/null | head -n 1 || true)
   if ! buildah build --isolation chroot --layers --force-rm --pull=never \
         --build-arg BASE_IMAGE="$BASE_IMAGE" \
@@ -351,7 +352,8 @@ EOF
     || die "the synthetic dataset does not validate (see above)"
 
   log "participant level: bids_qmri /data /out participant $PARTICIPANT_ARGS"
-  local t=$(date +%s)
+  local t
+  t=$(date +%s)
   # shellcheck disable=SC2086  # PARTICIPANT_ARGS is a list of options
   run_image participant --bind "$data/bids:/data:ro" --bind "$out:/out" --bind "$work:/work" --entrypoint -- \
     /data /out participant -w /work $PARTICIPANT_ARGS || die "participant level failed (log above)"

@@ -266,7 +266,8 @@ plugin() {
   # The plugin polls squeue and writes batch scripts under the work dir (shared file system).
   log "nipype SLURM plugin: bids_qmri participant --use-plugin containers/slurm-plugin.yml"
   export LOGNAME=${LOGNAME:-$(id -un)}  # nipype names the jobs after it
-  local t=$(date +%s)
+  local t
+  t=$(date +%s)
   # shellcheck disable=SC2086
   OMP_NUM_THREADS=1 "$BIN/bids_qmri" "$d/bids" "$d/out" participant --participant-label 01 -w "$d/work" \
     --use-plugin "$REPO/containers/slurm-plugin.yml" --model-dir "$TMP/cohort/models" $APP_ARGS \
