@@ -189,3 +189,41 @@ def test_participant_workflow_wiring_two_bssfp_inputs_without_t1w(tmp_path):
     to_anat = [(u, v) for u, v in edges if ".anat_wf." in f".{v}" and "bssfp_pc4_wf" in u]
     assert to_anat, "without a T1w the anatomy workflow must receive the bSSFP reference image"
     assert not [(u, v) for u, v in edges if ".anat_wf." in f".{v}" and "bssfp_second_wf" in u]
+
+
+def _one_node_wf(sess, config):
+    """A one-node participant workflow that fails for sub-02: exercises the runner only."""
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    from bids_qmri.workflows.base import participant_wf_name
+
+    def check(label):
+        if label == "02":
+            raise ValueError("simulated failure of sub-02")
+        return label
+
+    wf = pe.Workflow(name=participant_wf_name(sess))
+    node = pe.Node(niu.Function(function=check, input_names=["label"], output_names=["out"]), name="check")
+    node.inputs.label = sess.subject
+    wf.add_nodes([node])
+    return wf
+
+
+def test_run_participants_attributes_failures_to_participants(tmp_path, monkeypatch):
+    """nipype runs both participants in one MultiProc graph; the crash is sub-02's only."""
+    import bids_qmri.workflows.base as base
+    from bids_qmri.bids.discovery import discover
+
+    root = make_bssfp_dataset(tmp_path / "bids", subjects=("01", "02"), b1=None, t1w=False)
+    monkeypatch.setattr(base, "init_participant_wf", _one_node_wf)
+    config = _config([root, tmp_path / "out", "participant", "-w", tmp_path / "work", "--nprocs", "2"])
+    groups = {}
+    for sess in discover(config):
+        groups.setdefault(sess.subject, []).append(sess)
+    failed = cli.run_participants(groups, config)
+    assert list(failed) == ["02"]
+    crash = Path(failed["02"].split("crash file(s): ")[1])
+    assert crash.parent == (tmp_path / "work" / "logs" / "sub-02").resolve()
+    assert "simulated failure of sub-02" in crash.read_text()
+    assert list((tmp_path / "work").rglob("result_check.pklz"))  # sub-01's node finished
