@@ -16,7 +16,6 @@ T1w-space image into template space (our ``InverseComposite.h5``), and
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -26,20 +25,14 @@ import numpy as np
 LOGGER = logging.getLogger("bids_qmri.anatomy.registration")
 
 
-@contextlib.contextmanager
-def itk_threads(n: int | None):
-    """Limit ITK/ANTs threads (``--omp-nthreads``) for the duration of a call."""
-    key = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
-    old = os.environ.get(key)
-    if n and n > 0:
-        os.environ[key] = str(int(n))
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
+# ITK fixes its thread count when ANTs first runs in a process, and multi-threaded Mattes
+# mutual information sums in a thread-dependent order: two registrations with two threads and
+# the same seed differ (measured: affine parameters by up to 0.8), with one thread they are
+# identical. ``--seed`` must give identical outputs, so ANTs runs single-threaded unless the
+# user sets ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS. This must happen before ``import ants``,
+# which is why every function here imports it lazily. The ``nthreads`` arguments below are the
+# caller's budget; ITK work stays on one thread by the rule above.
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
 
 def set_seed(seed: int | None) -> None:
@@ -123,18 +116,17 @@ def register(fixed, moving, outprefix: str | Path, *, kind: str = "SyN", fixed_m
         kwargs["mask"] = read(fixed_mask)
     if initial_transform is not None:
         kwargs["initial_transform"] = initial_transform
-    with itk_threads(nthreads):
-        if kind == "SyN":
-            out = ants.registration(
-                fixed, moving, type_of_transform="SyN", syn_metric=syn_metric,
-                syn_sampling=2 if syn_metric == "CC" else 32,
-                reg_iterations=sched["reg_iterations"], grad_step=sched["grad_step"], flow_sigma=3,
-                total_sigma=0, write_composite_transform=True, **kwargs,
-            )
-        elif kind in ("Rigid", "Affine"):
-            out = ants.registration(fixed, moving, type_of_transform=kind, **kwargs)
-        else:
-            raise ValueError(f"unknown registration kind {kind!r}")
+    if kind == "SyN":
+        out = ants.registration(
+            fixed, moving, type_of_transform="SyN", syn_metric=syn_metric,
+            syn_sampling=2 if syn_metric == "CC" else 32,
+            reg_iterations=sched["reg_iterations"], grad_step=sched["grad_step"], flow_sigma=3,
+            total_sigma=0, write_composite_transform=True, **kwargs,
+        )
+    elif kind in ("Rigid", "Affine"):
+        out = ants.registration(fixed, moving, type_of_transform=kind, **kwargs)
+    else:
+        raise ValueError(f"unknown registration kind {kind!r}")
     # With composite output antspyx returns plain strings, otherwise lists of files.
     fwd, inv = out["fwdtransforms"], out["invtransforms"]
     fwd = [fwd] if isinstance(fwd, str) else list(fwd)
@@ -147,11 +139,10 @@ def apply(moving, reference, transforms: list[str], *, interpolator: str = "line
     """Resample ``moving`` onto ``reference``'s grid through ``transforms`` -> ANTsImage."""
     import ants
 
-    with itk_threads(nthreads):
-        return ants.apply_transforms(
-            fixed=read(reference), moving=read(moving), transformlist=[str(t) for t in transforms],
-            interpolator=interpolator, whichtoinvert=invert, defaultvalue=0,
-        )
+    return ants.apply_transforms(
+        fixed=read(reference), moving=read(moving), transformlist=[str(t) for t in transforms],
+        interpolator=interpolator, whichtoinvert=invert, defaultvalue=0,
+    )
 
 
 def n4(image, mask=None, nthreads: int | None = None):
@@ -166,11 +157,10 @@ def n4(image, mask=None, nthreads: int | None = None):
 
     img = read(image)
     shrink = max(2, min(8, math.ceil((float(np.prod(img.shape)) / 1e4) ** (1 / 3))))
-    with itk_threads(nthreads):
-        msk = read(mask) if mask is not None else ants.get_mask(img)
-        return ants.n4_bias_field_correction(
-            img, mask=msk, shrink_factor=shrink, convergence={"iters": [50, 50, 30], "tol": 1e-6},
-        )
+    msk = read(mask) if mask is not None else ants.get_mask(img)
+    return ants.n4_bias_field_correction(
+        img, mask=msk, shrink_factor=shrink, convergence={"iters": [50, 50, 30], "tol": 1e-6},
+    )
 
 
 def to_nibabel(img):

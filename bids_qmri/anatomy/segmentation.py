@@ -7,7 +7,7 @@ import logging
 import numpy as np
 from scipy import ndimage
 
-from .registration import itk_threads, read
+from .registration import read
 
 LOGGER = logging.getLogger("bids_qmri.anatomy.segmentation")
 
@@ -52,10 +52,9 @@ def segment_tissues(t1w, mask, priors: list, *, prior_weight: float = 0.5, mrf: 
     prior_imgs = [img.new_image_like(p.numpy() / total) for p in prior_imgs]
     if seed is not None:
         np.random.seed(seed)
-    with itk_threads(nthreads):
-        out = ants.atropos(
-            a=img, x=msk, i=prior_imgs, m=f"[{mrf},1x1x1]", c=f"[{iterations},0]", priorweight=prior_weight,
-        )
+    out = ants.atropos(
+        a=img, x=msk, i=prior_imgs, m=f"[{mrf},1x1x1]", c=f"[{iterations},0]", priorweight=prior_weight,
+    )
     probs = [np.clip(p.numpy().astype(np.float32), 0, 1) * mask_arr for p in out["probabilityimages"]]
     stack = np.stack(probs, axis=-1)
     s = stack.sum(-1, keepdims=True)
