@@ -29,8 +29,8 @@ LOGGER = logging.getLogger("bids_qmri.interfaces.bssfp")
 # the seed papers; each method's own reference comes from ``estimate_bssfp``'s provenance.
 PREPROCESSING_REFERENCE = (
     "Birk F, Mahler L, Steiglechner J, Wang Q, Scheffler K, Heule R. Flexible and cost-effective "
-    "deep learning for fast multi-parametric relaxometry using phase-cycled bSSFP. Research Square "
-    "preprint (2024) doi:10.21203/rs.3.rs-4049684/v1; published version with complex-valued DNNs (2025)"
+    "deep learning for fast multi-parametric relaxometry using phase-cycled bSSFP. Sci Rep 15:4825 "
+    "(2025) doi:10.1038/s41598-025-88579-z; preprint doi:10.21203/rs.3.rs-4049684/v1"
 )
 MAP_UNITS = {"T1map": "s", "T2map": "s", "fieldmap": "Hz"}
 

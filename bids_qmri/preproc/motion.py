@@ -126,6 +126,7 @@ def motion_correct(
     fixed = ants_image(magnitude[..., ref_index], zooms)
     centre = (np.asarray(data.shape[:3], dtype=np.float64) - 1) / 2 * np.asarray(zooms, dtype=np.float64)
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bids_qmri_moco_"))
+    workdir.mkdir(parents=True, exist_ok=True)
     corrected = np.empty_like(data, dtype=np.complex64)
     rows = []
     for j in range(n_cycles):
