@@ -219,8 +219,10 @@ def _phantom(shape=(36, 40, 32)):
     c = (np.array(shape) - 1)[:, None, None, None] / 2
     r = ((idx - c) / (np.array(shape)[:, None, None, None] * 0.36)) ** 2
     head = (r.sum(0) < 1).astype(float)
-    texture = ndimage.gaussian_filter(rng.normal(size=shape), 2.0)
-    return ndimage.gaussian_filter(head * (1.0 + 2.0 * texture), 0.7)
+    # Structure at the scale of a few voxels (like gyri and sulci at 4 mm): a smoother blob
+    # leaves rotations poorly determined by any image metric.
+    texture = ndimage.gaussian_filter(rng.normal(size=shape), 1.2)
+    return ndimage.gaussian_filter(head * (1.0 + 4.0 * np.abs(texture)), 0.5)
 
 
 def _move(volume, rot_rad, shift_vox):
@@ -262,7 +264,7 @@ def test_motion_correction_recovers_applied_motion(tmp_path):
     assert np.all(table.iloc[ref, :6] == 0)
     for j, (rot, shift) in applied.items():
         np.testing.assert_allclose(table.loc[j, ["trans_x", "trans_y", "trans_z"]], shift * 4.0, atol=0.4)
-        np.testing.assert_allclose(table.loc[j, ["rot_x", "rot_y", "rot_z"]], rot, atol=np.deg2rad(0.75))
+        np.testing.assert_allclose(table.loc[j, ["rot_x", "rot_y", "rot_z"]], rot, atol=np.deg2rad(0.5))
     interior = ndimage.binary_erosion(np.abs(still[..., ref]) > 0.2 * np.abs(still[..., ref]).max(), iterations=3)
     err_before = np.mean([np.abs(moved[..., j] - still[..., j])[interior].mean() for j in applied])
     err_after = np.mean([np.abs(corrected[..., j] - still[..., j])[interior].mean() for j in applied])

@@ -28,11 +28,12 @@ def reference_index(n_cycles: int) -> int:
 
 @contextlib.contextmanager
 def _ants_seed(seed: int):
-    """ANTs reads its metric-sampling seed from a module global; set it only for our calls."""
+    """ANTs reads its metric-sampling seed from a module global; set it only for our calls.
+    ANTs takes a seed of 0 as "seed from the clock" (measured: not reproducible), so shift by 1."""
     import ants
 
     old = ants.config._random_seed
-    ants.config._random_seed = int(seed)
+    ants.config._random_seed = int(seed) % (2**31 - 2) + 1
     try:
         yield
     finally:
