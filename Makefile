@@ -9,7 +9,7 @@ DEMO_DIR ?= demo
 NPROCS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: demo test install system-deps clean
+.PHONY: demo test install system-deps clean ci-container ci-slurm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,16 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -n $(NPROCS) $(PYTEST_ARGS)
+
+# Image from the Dockerfile (buildah + debootstrap base, no registry) and its offline,
+# read-only end-to-end run (root; skipped with a message otherwise). See docs/containers.md.
+ci-container:
+	scripts/ci_container.sh all
+
+# Private single-node Slurm: job array of participants + group job, nipype SLURM plugin
+# (root; skipped with a message otherwise).
+ci-slurm: install
+	scripts/ci_slurm.sh all
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
