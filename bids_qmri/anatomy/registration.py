@@ -22,17 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bids_qmri.utils.itk import reproducible_itk_threads
+
 LOGGER = logging.getLogger("bids_qmri.anatomy.registration")
 
 
-# ITK fixes its thread count when ANTs first runs in a process, and multi-threaded Mattes
-# mutual information sums in a thread-dependent order: two registrations with two threads and
-# the same seed differ (measured: affine parameters by up to 0.8), with one thread they are
-# identical. ``--seed`` must give identical outputs, so ANTs runs single-threaded unless the
-# user sets ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS. This must happen before ``import ants``,
-# which is why every function here imports it lazily. The ``nthreads`` arguments below are the
-# caller's budget; ITK work stays on one thread by the rule above.
-os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
+# ANTs single-threaded unless the user says otherwise: see bids_qmri.utils.itk. The
+# ``nthreads`` arguments below are the caller's budget; ITK work stays on one thread.
+reproducible_itk_threads()
 
 
 def set_seed(seed: int | None) -> None:

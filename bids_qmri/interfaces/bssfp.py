@@ -23,6 +23,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from bids_qmri.utils.itk import reproducible_itk_threads
+
 LOGGER = logging.getLogger("bids_qmri.interfaces.bssfp")
 
 # The preprocessing (motion correction, receiver phase, configurations, B1 handling) follows
@@ -36,9 +38,9 @@ MAP_UNITS = {"T1map": "s", "T2map": "s", "fieldmap": "Hz"}
 
 
 def _itk_threads(n: int) -> None:
-    """ITK (ANTs) reads its thread count from the environment when first loaded in a process;
-    nipype runs each node in its own worker, so setting it here bounds the node to its slots."""
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, int(n)))
+    """Bound ITK (ANTs) in this node: single-threaded for reproducible seeded registrations
+    (bids_qmri.utils.itk); ``n`` is the node's slot budget, used by nipype's scheduler."""
+    reproducible_itk_threads()
 
 
 def _entities(inputs) -> dict:

@@ -286,27 +286,30 @@ def build_anatomy(grid: Grid, scaling: np.ndarray, displacement: np.ndarray
 # Parameters
 
 
+# Relaxation times mix as rates (fast exchange); see draw_tissue_parameters.
+RATE_MIXED = ("T1", "T2")
+
+
 def draw_tissue_parameters(rng: np.random.Generator, grid: Grid,
                            fractions: dict[str, np.ndarray]
                            ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
-    """Parameter maps (the dominant tissue's values per voxel) and the participant's tissue means.
+    """Parameter maps (partial-volume mixtures of tissue values) and the tissue means.
 
-    Each voxel takes the relaxation parameters of its dominant tissue (the same argmax as
-    ``Phantom.labels``). Averaging T1/T2 over partial-volume fractions would not be a physical
-    quantity: a GM voxel with 5 % CSF (T2 = 2 s) would get T2 ≈ 0.2 s, far from any tissue.
+    Relaxation times mix in the fast-exchange limit: a voxel's rates are the fraction-weighted
+    tissue rates, 1/T = Σ f_i/T_i / Σ f_i. Averaging the times themselves is not physical and
+    lets CSF (T2 = 2 s) dominate: 5 % CSF in GM would give T2 ≈ 0.2 s instead of ≈ 0.115 s.
+    Other parameters (PD, m0s, T2s, Rx) mix linearly.
 
     Tissue value at x = μ + σ (√b · z + √(1−b) · F(x)), z ~ N(0,1) per participant, F a smooth
     unit field, b = BETWEEN_FRACTION; truncated to ``BOUNDS`` and T2 < 0.9·T1.
     """
-    stack = np.stack([fractions[t] for t in TISSUES]).astype(np.float64)
-    total = stack.sum(axis=0)
-    dominant = stack.argmax(axis=0)
-    present = total > 1e-6
+    total = sum(fractions[t] for t in TISSUES).astype(np.float64)
+    weight = np.where(total > 1e-6, 1.0 / np.maximum(total, 1e-6), 0.0)
     maps = {p: np.zeros(grid.shape) for p in PARAMETERS}
     means: dict[str, dict[str, float]] = {}
     a, b = math.sqrt(BETWEEN_FRACTION), math.sqrt(1.0 - BETWEEN_FRACTION)
-    for index, tissue in enumerate(TISSUES):
-        sel = present & (dominant == index)
+    for tissue in TISSUES:
+        f = fractions[tissue].astype(np.float64)
         means[tissue] = {}
         values = {}
         for p in PARAMETERS:
@@ -317,7 +320,11 @@ def draw_tissue_parameters(rng: np.random.Generator, grid: Grid,
             means[tissue][p] = float(offset)
         values["T2"] = np.minimum(values["T2"], 0.9 * values["T1"])
         for p in PARAMETERS:
-            maps[p][sel] = values[p][sel]
+            maps[p] += f * (1.0 / values[p] if p in RATE_MIXED else values[p])
+    for p in PARAMETERS:
+        maps[p] *= weight
+        if p in RATE_MIXED:
+            maps[p] = np.where(maps[p] > 0, 1.0 / np.maximum(maps[p], 1e-12), 0.0)
     # PD is a proton density: partial volume with air lowers it (no renormalisation).
     maps["PD"] *= np.clip(total, 0.0, 1.0)
     return {k: v.astype(np.float32) for k, v in maps.items()}, means
