@@ -22,14 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_qmri.utils.itk import reproducible_itk_threads
 
 LOGGER = logging.getLogger("bids_qmri.anatomy.registration")
 
 
-# ANTs single-threaded unless the user says otherwise: see bids_qmri.utils.itk. The
-# ``nthreads`` arguments below are the caller's budget; ITK work stays on one thread.
-reproducible_itk_threads()
+# ANTs runs single-threaded unless the user says otherwise (bids_qmri.utils.itk, applied at
+# package import). The ``nthreads`` arguments below are the caller's budget.
 
 
 def set_seed(seed: int | None) -> None:

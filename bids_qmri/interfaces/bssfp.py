@@ -9,7 +9,6 @@ complex series are stored as complex64 NIfTI there. Only ``BSSFPDerivatives`` an
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -23,7 +22,6 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from bids_qmri.utils.itk import reproducible_itk_threads
 
 LOGGER = logging.getLogger("bids_qmri.interfaces.bssfp")
 
@@ -35,12 +33,6 @@ PREPROCESSING_REFERENCE = (
     "(2025) doi:10.1038/s41598-025-88579-z; preprint doi:10.21203/rs.3.rs-4049684/v1"
 )
 MAP_UNITS = {"T1map": "s", "T2map": "s", "fieldmap": "Hz"}
-
-
-def _itk_threads(n: int) -> None:
-    """Bound ITK (ANTs) in this node: single-threaded for reproducible seeded registrations
-    (bids_qmri.utils.itk); ``n`` is the node's slot budget, used by nipype's scheduler."""
-    reproducible_itk_threads()
 
 
 def _entities(inputs) -> dict:
@@ -112,7 +104,6 @@ class MotionCorrect(SimpleInterface):
         from bids_qmri.preproc.complexdata import load_nifti, save_complex
         from bids_qmri.preproc.motion import motion_correct, reference_index
 
-        _itk_threads(self.inputs.num_threads)
         data, affine, zooms = load_nifti(self.inputs.in_file)
         reg_dir = Path(runtime.cwd) / "registration"
         reg_dir.mkdir(exist_ok=True)
@@ -217,7 +208,6 @@ class PrepareB1(SimpleInterface):
     def _run_interface(self, runtime):
         from bids_qmri.preproc import b1 as b1mod
 
-        _itk_threads(self.inputs.num_threads)
         ref = nib.load(self.inputs.ref_image)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         zooms = tuple(float(z) for z in ref.header.get_zooms()[:3])

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bids_qmri.utils.itk import reproducible_itk_threads
 
 LOGGER = logging.getLogger("bids_qmri.preproc.motion")
 
@@ -32,7 +31,6 @@ def reference_index(n_cycles: int) -> int:
 def _ants_seed(seed: int):
     """ANTs reads its metric-sampling seed from a module global; set it only for our calls.
     ANTs takes a seed of 0 as "seed from the clock" (measured: not reproducible), so shift by 1."""
-    reproducible_itk_threads()
     import ants
 
     old = ants.config._random_seed

@@ -24,6 +24,17 @@ DEFAULT_CMAPS = {"T1map": "magma", "T2map": "viridis", "M0map": "gray", "TB1map"
                  "PDmap": "gray", "R1map": "magma", "R2map": "viridis"}
 
 
+def _save(fig, out_png, title: str = "", dpi: int = 90) -> Path:
+    """Title, write (creating the figures folder) and close a figure; returns its path."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return out_png
+
+
 def load_ras(path_or_img) -> tuple[np.ndarray, np.ndarray]:
     img = nb.load(path_or_img) if isinstance(path_or_img, (str, Path)) else path_or_img
     img = nb.as_closest_canonical(img)
@@ -86,14 +97,8 @@ def montage(path, out_png: Path, *, mask=None, title: str = "", units: str = "",
         ax.set_facecolor("black")
     cbar = fig.colorbar(im, ax=axes, fraction=0.025, pad=0.01)
     cbar.set_label(units or "a.u.")
-    if title:
-        fig.suptitle(title, fontsize=10)
     fig.patch.set_facecolor("white")
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png, title, dpi=90)
 
 
 def segmentation_overlay(t1w, dseg, out_png: Path, title: str = "") -> Path:
@@ -114,13 +119,7 @@ def segmentation_overlay(t1w, dseg, out_png: Path, title: str = "") -> Path:
             ax.set_axis_off()
     handles = [plt.Rectangle((0, 0), 1, 1, color=TISSUE_COLOURS(i)) for i in (1, 2, 3)]
     fig.legend(handles, ["GM", "WM", "CSF"], loc="lower center", ncol=3, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png, title, dpi=80)
 
 
 def edges(data: np.ndarray, mask: np.ndarray | None = None, fraction: float = 0.12) -> np.ndarray:
@@ -147,10 +146,4 @@ def registration_overlay(reference, moved_t1w: np.ndarray, out_png: Path, title:
         ax.imshow(np.ma.masked_equal(ed, 0), cmap=ListedColormap([(1, 0.1, 0.1, 1)]), alpha=0.8, aspect=asp,
                   interpolation="nearest")
         ax.set_axis_off()
-    if title:
-        fig.suptitle(title, fontsize=10)
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png, title, dpi=90)
