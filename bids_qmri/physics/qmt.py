@@ -26,12 +26,14 @@ Sequence (one cycle, repeated): a rectangular inversion pulse (flip π·B1, ``in
 ``Nt`` TRs, each: pulse ``n`` (flip ``α_n``, duration ``τ_n``, sign alternating ``(−1)ⁿ`` as in
 balanced SSFP), free precession ``(TR − τ_n)/2``, echo, free precession ``(TR − τ_n)/2``. The
 echo is ``(−1)ⁿ (Mx + i·My)`` (RF sign demodulated). Pulses are propagated with the exact matrix
-exponential of the 5×5 affine generator (``torch.linalg.matrix_exp``, batched); free precession
-in closed form (transverse rotation/decay; longitudinal ``e^{−t/T1}(I + K(1 − e^{−Rx t})/Rx)``
-with the exchange matrix ``K``, whose eigenvalues are 0 and −Rx). The magnetisation is inverted
-once per cycle, so the free pool follows an anti-periodic transient; the cycle's affine map
-``x → C x + c`` is solved for its fixed point ``x* = (I − C)⁻¹ c`` (a 4×4 linear solve, no
-iteration to convergence) and the echoes are read from the same pass.
+exponential of the 5×5 affine generator (Taylor series with scaling and squaring, truncation error
+below the dtype's resolution, evaluated elementwise over voxels and TRs: see ``_expm_affine``);
+free precession in closed form (transverse rotation/decay; longitudinal
+``e^{−t/T1}(I + K(1 − e^{−Rx t})/Rx)`` with the exchange matrix ``K``, whose eigenvalues are 0
+and −Rx). The magnetisation is inverted once per cycle, so the free pool follows an anti-periodic
+transient; the cycle's affine map ``x → C x + c`` is solved for its fixed point
+``x* = (I − C)⁻¹ c`` (a 4×4 linear solve, no iteration to convergence) and the echoes are read
+from the same pass (the rows of the map from the cycle start to each echo, applied to ``x*``).
 """
 
 from __future__ import annotations
@@ -158,24 +160,96 @@ def default_qmt_schedule() -> dict:
     return {"flip_rad": torch.from_numpy(flip), "pulse_dur": torch.from_numpy(dur), "tr": tr, "inversion_dur": 1.0e-3}
 
 
+# Affine maps ``x → A x + a`` of the state ``x = (Mx, My, Mz_f, Mz_s)`` are stored as their top four
+# rows ``[A | a]`` with the batch *last*, ``[4, 5, ..., B]``: products of many 4×5 blocks are then
+# a few broadcast multiply-adds over long contiguous vectors: ~5× faster per product than batched
+# 5×5 ``bmm``, and a pulse exponential ~7× faster than ``torch.linalg.matrix_exp`` (measured on
+# 2 shared cores, float32, 8k maps per operation). The implicit last row of a map is ``(0, 0, 0, 0, λ)`` with a
+# Python constant ``λ``: 1 for propagators, 0 for generators and their powers, ``c₀`` for the
+# polynomial blocks of the Taylor series.
+
+#: Taylor scaling and squaring per dtype: (θ, Paterson–Stockmeyer block p, degree m, max squarings).
+#: Each step is scaled by 2^−s to ‖X‖∞ ≤ θ (s per element, capped at s_max); the truncation error
+#: θ^(m+1)/(m+1)! is 3e−9 (float32) and 3e−17 (float64). Pulses are then exact up to
+#: ‖X‖∞ = θ·2^s_max (B1·flip of ~10π rad and more); the default schedule needs s ≤ 2.
+_EXPM = {torch.float32: (2.0, 4, 15, 4), torch.float64: (2.0, 4, 23, 4)}
+
+
+def _concrete_max(s: torch.Tensor, default: int) -> int:
+    """``int(s.max())``, or ``default`` under ``torch.func.vmap`` (values are not concrete there)."""
+    try:
+        return int(s.max())
+    except RuntimeError:
+        return default
+
+
+def _mul(a: torch.Tensor, b: torch.Tensor, lam_b: float) -> torch.Tensor:
+    """Top rows of ``[[A, a], [0, ·]] @ [[B, b], [0, λ_b]]`` for ``[R, 5, ...]`` @ ``[4, 5, ...]``."""
+    top = a[:, 0, None] * b[0][None]
+    for k in range(1, 4):  # a 4-term sum of [R, 5, ...] products (no 4× larger temporary)
+        top = torch.addcmul(top, a[:, k, None], b[k][None])
+    if lam_b:
+        top = torch.cat([top[:, :4], top[:, 4:] + lam_b * a[:, 4:]], 1)
+    return top
+
+
+def _plus_identity(x: torch.Tensor, c: float) -> torch.Tensor:
+    eye = torch.eye(4, 5, dtype=x.dtype).reshape(4, 5, *([1] * (x.dim() - 2)))
+    return x + c * eye
+
+
+def _expm_affine(x: torch.Tensor) -> torch.Tensor:
+    """``exp`` of generators ``[4, 5, ...]`` (implicit last row 0): propagators ``[4, 5, ...]``.
+
+    Taylor series of degree m by Paterson–Stockmeyer (⌈m/p⌉ + p − 2 products) after scaling by
+    2^−s per element, then s squarings (masked per element, so that it also runs under vmap).
+    """
+    theta, p, m, s_max = _EXPM[x.dtype]
+    with torch.no_grad():
+        norm = x.detach().abs().sum(1).amax(0)  # ∞-norm (rows of the 5×5 affine generator)
+        s = torch.ceil(torch.log2(norm.clamp_min(1e-30) / theta)).clamp(0, s_max)
+    x = x * torch.exp2(-s)
+    coef = [1.0 / math.factorial(k) for k in range(m + 1)]
+    powers = [None, x]
+    for _ in range(2, p + 1):
+        powers.append(_mul(powers[-1], x, 0.0))
+
+    def block(j):  # Σ_{i<p} c_{jp+i} X^i: a map with λ = c_{jp}
+        out = _plus_identity(coef[j * p + 1] * x, coef[j * p])
+        for i in range(2, p):
+            if j * p + i <= m:
+                out = out + coef[j * p + i] * powers[i]
+        return out
+
+    n_blocks = m // p + 1
+    result, lam = block(n_blocks - 1), coef[(n_blocks - 1) * p]
+    for j in range(n_blocks - 2, -1, -1):
+        result, lam = _mul(powers[p], result, lam) + block(j), coef[j * p]
+    for k in range(_concrete_max(s, s_max)):
+        result = torch.where(s > k, _mul(result, result, 1.0), result)
+    return result
+
+
 def _pulse_generator(omega1, rrf, r1, r2f, dw, kf, ks, m0f, m0s):
-    """5×5 affine generator of the pulse segment, stacked from broadcast ``[..., T]`` tensors."""
-    zero = torch.zeros_like(omega1 + r1 + dw + kf)
+    """Affine generator ``[4, 5, ...]`` of the Bloch–McConnell equations during a pulse."""
+    zero = torch.zeros_like(omega1 + rrf + r1 + dw + kf)
     z = lambda t: t.expand_as(zero)  # noqa: E731
     rows = [
         [z(-r2f), z(dw), zero, zero, zero],
         [z(-dw), z(-r2f), z(omega1), zero, zero],
         [zero, z(-omega1), z(-r1 - kf), z(ks), z(r1 * m0f)],
         [zero, zero, z(kf), z(-r1 - ks - rrf), z(r1 * m0s)],
-        [zero, zero, zero, zero, zero],
     ]
-    return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
+    return torch.stack([torch.stack(r) for r in rows])
 
 
 def _free_precession(t, r1, r2f, dw, rx, kf, ks, m0f, m0s):
-    """Closed-form 5×5 affine propagator of free precession for time ``t`` (no RF)."""
+    """Closed-form free precession for time ``t``: the coefficients of its block structure.
+
+    Transverse rotation/decay ``e^{−t/T2f}(cos, sin)``; longitudinal ``e^{−t/T1}(I + K(1 − e^{−Rx t})/Rx)``
+    with the exchange matrix ``K`` (eigenvalues 0 and −Rx) and the offset that keeps equilibrium.
+    """
     decay = torch.exp(-t * r2f)
-    c, s = torch.cos(dw * t), torch.sin(dw * t)
     e1 = torch.exp(-t * r1)
     rxt = rx * t
     # (1 − e^{−Rx t})/Rx, with its series near Rx = 0
@@ -185,17 +259,19 @@ def _free_precession(t, r1, r2f, dw, rx, kf, ks, m0f, m0s):
     l21, l22 = e1 * frac * kf, e1 * (1 - frac * ks)
     o1 = m0f - (l11 * m0f + l12 * m0s)
     o2 = m0s - (l21 * m0f + l22 * m0s)
-    zero = torch.zeros_like(decay + e1 + o1)
-    one = torch.ones_like(zero)
-    z = lambda v: v.expand_as(zero)  # noqa: E731
-    rows = [
-        [z(decay * c), z(decay * s), zero, zero, zero],
-        [z(-decay * s), z(decay * c), zero, zero, zero],
-        [zero, zero, z(l11), z(l12), z(o1)],
-        [zero, zero, z(l21), z(l22), z(o2)],
-        [zero, zero, zero, zero, one],
-    ]
-    return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
+    return decay * torch.cos(dw * t), decay * torch.sin(dw * t), l11, l12, l21, l22, o1, o2
+
+
+def _apply_free(h, x: torch.Tensor, lam: float) -> torch.Tensor:
+    """Free precession ``h`` (from :func:`_free_precession`) after the map ``x`` ``[4, 5, ...]``."""
+    dc, ds, l11, l12, l21, l22, o1, o2 = h
+    r0 = dc * x[0] + ds * x[1]
+    r1 = dc * x[1] - ds * x[0]
+    r2 = l11 * x[2] + l12 * x[3]
+    r3 = l21 * x[2] + l22 * x[3]
+    r2 = torch.cat([r2[:4], r2[4:] + lam * o1[None]])
+    r3 = torch.cat([r3[:4], r3[4:] + lam * o2[None]])
+    return torch.stack([r0, r1, r2, r3])
 
 
 def hybrid_state_signal(
@@ -213,7 +289,7 @@ def hybrid_state_signal(
     lineshape: str = "superlorentzian",
     inversion_dur: float = 1.0e-3,
     alternate_sign: bool = True,
-    time_chunk: int = 128,
+    time_chunk: int | None = None,
     return_state: bool = False,
 ):
     """Anti-periodic steady-state echoes ``[..., Nt]`` (complex) of the two-pool model.
@@ -234,7 +310,8 @@ def hybrid_state_signal(
         raise ValueError(f"qMT schedule: pulse durations must lie in (0, TR={tr} s)")
     sign = (-1.0) ** torch.arange(nt, dtype=dtype) if alternate_sign else torch.ones(nt, dtype=dtype)
 
-    p = [x.expand(shape)[..., None] for x in (m0s, t1, t2f, t2s, rx, b0_hz, b1)]
+    # Flatten the broadcast parameters to [1, B]: the batch runs last, the time axis before it.
+    p = [x.expand(shape).reshape(1, -1) for x in (m0s, t1, t2f, t2s, rx, b0_hz, b1)]
     m0s, t1, t2f, t2s, rx, b0_hz, b1 = p
     m0f = 1.0 - m0s
     r1, r2f = 1.0 / t1, 1.0 / t2f
@@ -245,33 +322,35 @@ def hybrid_state_signal(
     # Saturation depends on the pulse only through τ (and ω1² ∝ α²): evaluate it per distinct τ.
     all_tau = torch.cat([tau, torch.as_tensor([inversion_dur], dtype=dtype)])
     uniq, inverse = torch.unique(all_tau, return_inverse=True)
-    h = saturation_rate(torch.ones((), dtype=dtype), uniq, t2s, b0_hz, lineshape)  # [..., U]
-    h = h[..., inverse]  # [..., Nt + 1]
+    h = saturation_rate(torch.ones((), dtype=dtype), uniq[:, None], t2s, b0_hz, lineshape)  # [U, B]
+    h = h[inverse]  # [Nt + 1, B]
 
-    def pulse(alpha, tau_, h_):
+    def pulses(alpha, tau_, h_):  # [T] flips and durations, [T, B] rates -> propagators [4, 5, T, B]
+        alpha, tau_ = alpha[:, None], tau_[:, None]
         omega1 = b1 * alpha / tau_
-        gen = _pulse_generator(omega1, omega1**2 * h_, **par)
-        return torch.linalg.matrix_exp(gen * tau_[..., None, None])
+        return _expm_affine(_pulse_generator(omega1, omega1**2 * h_, **par) * tau_)
 
-    eye = torch.eye(5, dtype=dtype).expand(shape + (5, 5))
-    inv = pulse(torch.full((1,), math.pi, dtype=dtype), all_tau[-1:], h[..., -1:])[..., 0, :, :]
-    q = inv @ eye
+    # Pass over one cycle: the cycle map q (inversion, then every TR) and, for each TR, the rows
+    # of the map from the cycle start to the echo (the echo is read off once x* is known).
+    q = pulses(torch.full((1,), math.pi, dtype=dtype), all_tau[-1:], h[-1:])[:, :, 0]  # [4, 5, B]
     echo_rows = []
+    # TRs per batched pulse computation: ~8k maps per elementwise op keeps the operands in cache.
+    time_chunk = time_chunk or max(1, 8192 // max(1, r1.shape[-1]))
     for start in range(0, nt, time_chunk):
         sl = slice(start, min(start + time_chunk, nt))
-        pulses = pulse(sign[sl] * flip[sl], tau[sl], h[..., sl])  # [..., T, 5, 5]
-        halves = _free_precession(0.5 * (tr - tau[sl]), rx=rx, **par)
-        for k in range(pulses.shape[-3]):
-            at_echo = halves[..., k, :, :] @ (pulses[..., k, :, :] @ q)
-            echo_rows.append(sign[start + k] * at_echo[..., :2, :])
-            q = halves[..., k, :, :] @ at_echo
-    cycle, offset = q[..., :4, :4], q[..., :4, 4]
+        free = _free_precession(0.5 * (tr - tau[sl, None]), rx=rx, **par)  # each [T, B]
+        to_echo = _apply_free(free, pulses(sign[sl] * flip[sl], tau[sl], h[sl]), 1.0)
+        full_tr = _apply_free(free, to_echo, 1.0)
+        for k in range(to_echo.shape[2]):
+            echo_rows.append(sign[start + k] * _mul(to_echo[:2, :, k], q, 1.0))
+            q = _mul(full_tr[:, :, k], q, 1.0)
+    cycle, offset = q[:, :4].permute(2, 0, 1), q[:, 4].T  # [B, 4, 4], [B, 4]
     # Fixed point of one cycle. An explicit 4×4 inverse rather than linalg.solve/lu_solve: in
     # torch 2.13 their forward-mode derivatives under vmap (CRB via jacfwd) return NaN beyond the
     # first batch element; I − C is well conditioned (every cycle relaxes towards equilibrium).
-    x = (torch.linalg.inv(torch.eye(4, dtype=dtype) - cycle) @ offset[..., None])[..., 0]
-    rows = torch.stack(echo_rows, dim=-3)  # [..., Nt, 2, 5]
-    state = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
-    mxy = (rows @ state[..., None, :, None])[..., 0]  # [..., Nt, 2]
-    signal = torch.complex(mxy[..., 0], mxy[..., 1])
+    x = (torch.linalg.inv(torch.eye(4, dtype=dtype) - cycle) @ offset[..., None])[..., 0]  # [B, 4]
+    rows = torch.stack(echo_rows)  # [Nt, 2, 5, B]
+    mxy = (rows[:, :, :4] * x.T[None, None]).sum(2) + rows[:, :, 4]  # [Nt, 2, B]
+    signal = torch.complex(mxy[:, 0], mxy[:, 1]).T.reshape(shape + (nt,))
+    x = x.reshape(shape + (4,))
     return (signal, x) if return_state else signal
