@@ -82,11 +82,11 @@ def register_template(fixed: str, template_name: str, out_dir: str | Path, nthre
 
     Pass 1 is affine on the whole head: a head template (the template's own T1w when it has a
     skull, else Colin27 from mricron-data, which lives in the same MNI space) against the
-    subject's head. Its warped brain mask, dilated by ~4 mm, restricts pass 2 (affine
-    refinement + SyN of the template's brain onto the masked subject image), so that skull and
-    scalp cannot pull the brain boundary. Every stage uses mutual information, which also
-    serves ``cross_modal`` inputs (not T1-weighted, e.g. a bSSFP mean magnitude). Returns
-    paths: ``to_native`` (Composite.h5, resamples template images onto the subject grid),
+    subject's head. The template's brain mask through that affine cuts the subject's brain out
+    for pass 2 (SyN of the template's brain onto the cut-out brain, metric restricted to that
+    mask dilated by ~4 mm), so that skull and scalp cannot pull the brain boundary. The affine
+    stages use mutual information, and so does SyN for ``cross_modal`` inputs (not T1-weighted,
+    e.g. a bSSFP mean magnitude); T1w inputs use cross-correlation for SyN. Returns paths: ``to_native`` (Composite.h5, resamples template images onto the subject grid),
     ``to_template`` (InverseComposite.h5), the template files and ``template`` (name).
     """
     from scipy import ndimage
@@ -95,21 +95,31 @@ def register_template(fixed: str, template_name: str, out_dir: str | Path, nthre
     tpl = template_files(template_name, out_dir / "template")
     head = head_template() if tpl["brain_only"] else None
     if head is not None:
-        head_t1, head_brain = str(head[0]), str(head[1])
+        head_t1 = str(head[0])
     else:
         if tpl["brain_only"]:
             LOGGER.warning("no head template (mricron-data ch2.nii.gz) for the initial affine; "
                            "registering the brain-only template to the head directly")
-        head_t1, head_brain = tpl["T1w"], tpl["mask"]
+        head_t1 = tpl["T1w"]
     first = reg.register(fixed, head_t1, out_dir / "affine_", kind="Affine", nthreads=nthreads, seed=seed)
-    mask1 = reg.apply(head_brain, fixed, first["fwd"], interpolator="linear", nthreads=nthreads)
+    # The template's own brain mask through the head affine: the brain as pass 1 sees it.
+    mask1 = reg.apply(tpl["mask"], fixed, first["fwd"], interpolator="linear", nthreads=nthreads).numpy() >= 0.5
     fixed_img = nb.load(fixed)
     zoom = float(min(fixed_img.header.get_zooms()[:3]))
-    dil = ndimage.binary_dilation(mask1.numpy() > 0.5, iterations=max(1, int(round(4.0 / zoom))))
+    dil = ndimage.binary_dilation(mask1, iterations=max(1, int(round(4.0 / zoom))))
     reg_mask = _save(dil, fixed_img, out_dir / "regmask.nii.gz", np.uint8)
-    masked = _save(fixed_img.get_fdata(dtype=np.float32) * dil, fixed_img, out_dir / "fixed_masked.nii.gz")
-    second = reg.register(masked, tpl["T1w"], out_dir / "syn_", kind="SyN", fixed_mask=reg_mask,
-                          initial_transform=first["fwd"][0], nthreads=nthreads, seed=seed)
+    # T1w against the T1w template: cross-correlation (the metric of ANTs' own brain extraction;
+    # on the 3 mm phantom the warped priors' WM Dice 0.80 -> 0.82 over Mattes); other contrasts
+    # (fallback): mutual information.
+    syn_metric = "mattes" if cross_modal else "CC"
+    # The subject is cut at the pass-1 brain edge (zero outside, like the brain-only template),
+    # and pass 2 keeps pass 1's affine (SyN only). With skull and marrow left in, the template's
+    # zero background matched the dark CSF + inner skull band and SyN pushed the brain edge
+    # onto the bright marrow: +9.5 % brain volume on the 3 mm phantom (mask Dice 0.928, vs
+    # 0.959 this way; the head affine alone gives 0.964).
+    masked = _save(fixed_img.get_fdata(dtype=np.float32) * mask1, fixed_img, out_dir / "fixed_masked.nii.gz")
+    second = reg.register(masked, tpl["T1w"], out_dir / "syn_", kind="SyNOnly", fixed_mask=reg_mask,
+                          syn_metric=syn_metric, initial_transform=first["fwd"][0], nthreads=nthreads, seed=seed)
     warped = _save_ants(second["warped"], out_dir / "template_in_native.nii.gz")
     return dict(tpl, to_native=second["fwd"][0], to_template=second["inv"][0], warped_template=warped,
                 template=tpl["name"], initial_template=head_t1)

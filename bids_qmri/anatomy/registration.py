@@ -82,7 +82,8 @@ def schedules(spacing_mm: float) -> dict:
 
 def register(fixed, moving, outprefix: str | Path, *, kind: str = "SyN", fixed_mask=None, initial_transform=None,
              nthreads: int | None = None, seed: int | None = 0, syn_metric: str = "mattes") -> dict:
-    """Register ``moving`` onto ``fixed``. ``kind``: "Rigid", "Affine" or "SyN" (affine + SyN).
+    """Register ``moving`` onto ``fixed``. ``kind``: "Rigid", "Affine", "SyN" (affine + SyN) or
+    "SyNOnly" (SyN on top of ``initial_transform``, no new affine stage).
     ``syn_metric``: "CC" (same contrast) or "mattes" (mutual information, across contrasts).
 
     Returns ``{"fwd": [...], "inv": [...], "warped": ANTsImage}``; for SyN the lists hold one
@@ -111,9 +112,9 @@ def register(fixed, moving, outprefix: str | Path, *, kind: str = "SyN", fixed_m
         kwargs["mask"] = read(fixed_mask)
     if initial_transform is not None:
         kwargs["initial_transform"] = initial_transform
-    if kind == "SyN":
+    if kind in ("SyN", "SyNOnly"):
         out = ants.registration(
-            fixed, moving, type_of_transform="SyN", syn_metric=syn_metric,
+            fixed, moving, type_of_transform=kind, syn_metric=syn_metric,
             syn_sampling=2 if syn_metric == "CC" else 32,
             reg_iterations=sched["reg_iterations"], grad_step=sched["grad_step"], flow_sigma=3,
             total_sigma=0, write_composite_transform=True, **kwargs,

@@ -54,6 +54,11 @@ def segment_tissues(t1w, mask, priors: list, *, prior_weight: float = 0.5, mrf: 
         np.random.seed(seed)
     out = ants.atropos(
         a=img, x=msk, i=prior_imgs, m=f"[{mrf},1x1x1]", c=f"[{iterations},0]", priorweight=prior_weight,
+        # Non-parametric class likelihoods: the CSF class is bimodal (dark ventricles plus
+        # tissue-like partial-volume voxels where its prior spreads at the brain edge); one
+        # Gaussian fitted to both sits at ~92 % of GM's mean. 3 mm phantom, Gaussian -> Parzen:
+        # Dice GM 0.833 -> 0.837, WM 0.767 -> 0.786, CSF 0.511 -> 0.543.
+        k="HistogramParzenWindows[1.0,32]",
     )
     probs = [np.clip(p.numpy().astype(np.float32), 0, 1) * mask_arr for p in out["probabilityimages"]]
     stack = np.stack(probs, axis=-1)
