@@ -154,13 +154,16 @@ def test_noise_level_follows_the_seed_snr_definition(noisy):
 
 
 def test_tissue_parameters_match_table1():
-    """Pure-tissue values pooled over many participants: Table 1 means and SDs."""
+    """Pure-tissue values pooled over many participants: Table 1 means and SDs (and the qMT
+    literature values of T2s and Rx, which differ between GM and WM)."""
+    assert ph.TISSUE_PARAMETERS["GM"]["T2s"][0] != ph.TISSUE_PARAMETERS["WM"]["T2s"][0]
+    assert ph.TISSUE_PARAMETERS["GM"]["Rx"][0] != ph.TISSUE_PARAMETERS["WM"]["Rx"][0]
     grid = ph.reference_grid(8.0)
     n_participants = 120
     for tissue in ("GM", "WM", "CSF", "fat"):
         fractions = {t: np.zeros(grid.shape, np.float32) for t in ph.TISSUES}
         fractions[tissue][:] = 1.0
-        values = {p: [] for p in ("T1", "T2", "PD")}
+        values = {p: [] for p in ("T1", "T2", "PD", "T2s", "Rx")}
         for k in range(n_participants):
             maps, means = ph.draw_tissue_parameters(np.random.default_rng([7, k]), grid, fractions)
             for p in values:
@@ -277,7 +280,10 @@ def test_qmt_coefficients_match_exact_simulation_on_ground_truth(clean):
     basis = ds.read_basis_tsv(_one(clean, "sub-01_acq-hybrid_desc-svd_qMTbasis.tsv"))
     side = json.loads(_one(clean, "sub-01_acq-hybrid_desc-svd_part-real_qMT.json").read_text())
     assert len(side["FlipAngle"]) == len(side["RFPulseDuration"]) == basis.shape[0]
-    assert re.shape[2] == ds.QMT_SLICES and re.shape[3] == ds.QMT_RANK
+    assert re.shape[3] == ds.QMT_RANK
+    # The whole head is scanned (no slab): the qMT grid spans the phantom's field of view.
+    full = ds.acquisition_grid(ph.reference_grid(RES), RES * ds.RES_FACTOR["qmt"], ds.GRID_SHIFT["qmt"])
+    assert re.shape[:3] == full.shape
     names = ("m0smap", "T1map", "T2map", "T2smap", "Rxmap", "fieldmap", "TB1map", "M0map")
     gt = {k: _gt(clean, f"sub-01_acq-hybrid_{k}.nii.gz") for k in names}
     brain = _gt(clean, "sub-01_acq-hybrid_desc-brain_mask.nii.gz") > 0
@@ -292,6 +298,12 @@ def test_qmt_coefficients_match_exact_simulation_on_ground_truth(clean):
     rel = (data_c - exact_c).norm(dim=-1) / exact_c.norm(dim=-1)
     assert float(rel.max()) < 1e-3  # float32 simulation and file precision
     assert np.ptp(gt["fieldmap"][brain]) > 5  # the qMT data do see the off-resonance field
+    # Every slice with brain has qMT signal, and each voxel's own T2s and Rx were simulated.
+    head = gt["M0map"] > 1e-3
+    energy = np.abs(re + 1j * im).sum(-1)
+    assert (energy[head] > 0).all() and (energy[~head] == 0).all()
+    assert np.flatnonzero(brain.any(axis=(0, 1))).size >= 6
+    assert np.ptp(gt["T2smap"][brain]) > 1e-6 and np.ptp(gt["Rxmap"][brain]) > 5
 
 
 def test_b1_from_tb1tfl_equals_ground_truth(noisy):

@@ -13,12 +13,13 @@ magnitude (the seed's 0.074 is the mean brain bSSFP magnitude); magnitude images
 of the noisy complex signal (Rician). TB1TFL famp is written as the scanner does (integer
 10× the achieved preparation angle, 800·B1) without noise.
 
-MRF and qMT are simulated through a dictionary: the fingerprints of a regular parameter grid
-(FISP-EPG over log T1 × log T2 × B1; hybrid-state qMT over m0s × log T1 × log T2f × B1 with the
-tissue-typical T2s and Rx of the grid's m0s) are SVD-compressed once per process
-(``physics.svd``) and the complex coefficients are interpolated multilinearly per voxel; this is
-what makes whole-brain simulation take seconds instead of hours. The interpolation error is far
-below the noise (tested against the direct simulation).
+MRF is simulated through a dictionary: the FISP-EPG fingerprints of a regular grid over log T1 ×
+log T2 × B1 are SVD-compressed once per process (``physics.svd``) and the complex coefficients
+are interpolated multilinearly per voxel (whole-brain simulation in seconds; the interpolation
+error is far below the noise, tested against the direct simulation). qMT is simulated exactly per
+voxel over the whole head with ``physics.qmt.hybrid_state_signal`` (each voxel's own m0s, T1,
+T2f, T2s, Rx, B1 and ΔB0; ~1 ms CPU per voxel) and projected on an SVD basis computed once from a
+random brain-range dictionary (the ΔB0 dependence is too sharp to interpolate a dictionary).
 """
 
 from __future__ import annotations
@@ -143,15 +144,6 @@ def acquisition_grid(reference: ph.Grid, voxel_mm: float, shift_fraction: float)
     affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
     affine[:3, 3] = lo + shift_fraction * voxel_mm
     return ph.Grid(shape, affine)
-
-
-def axial_slab(grid: ph.Grid, centre_z_mm: float, n_slices: int) -> ph.Grid:
-    """The ``n_slices`` axial slices of ``grid`` centred on ``centre_z_mm``."""
-    k = (centre_z_mm - grid.affine[2, 3]) / grid.affine[2, 2] - (n_slices - 1) / 2
-    k0 = int(np.clip(round(k), 0, grid.shape[2] - n_slices))
-    affine = grid.affine.copy()
-    affine[:3, 3] = grid.affine[:3, :3] @ np.array([0.0, 0.0, k0]) + grid.affine[:3, 3]
-    return ph.Grid((grid.shape[0], grid.shape[1], n_slices), affine)
 
 
 def _random_rigid(rng: np.random.Generator, rot_sd_deg: float, trans_sd_mm: float) -> np.ndarray:
@@ -316,14 +308,16 @@ def mrf_dictionary(n_frames: int = MRF_FRAMES, rank: int = MRF_RANK):
     return (np.log(t1), np.log(t2), b1), coeffs, stored["basis"], schedule
 
 
-#: qMT: the hybrid-state model is simulated exactly per voxel (its ΔB0 dependence is too sharp
-#: for a dictionary), which costs ~5 ms CPU per voxel, so the qMT scan is a thin axial slab.
-QMT_SLICES = 2
-QMT_SLAB_CENTRE_Z_MM = 12.0  # through the lateral ventricles / corpus callosum body
-QMT_BASIS_ATOMS = 512
+#: qMT basis: SVD of a random dictionary over the ranges below (seed 003 training distributions
+#: widened to span every phantom tissue: ``phantom.BOUNDS`` for T2s and Rx lie inside).
+QMT_BASIS_ATOMS = 1024
+QMT_BASIS_RANGES = {"m0s": (0.0, 0.3), "T1": (0.2, 5.0), "T2": (0.01, 2.5), "T2s": (6e-6, 18e-6),
+                    "Rx": (5.0, 100.0), "B0": (-300.0, 300.0), "B1": (0.6, 1.4)}
+#: Voxels per call of the exact qMT simulation (memory ~50 kB per voxel in float32).
+QMT_CHUNK = 2048
 
 
-def _qmt_signal(p: dict[str, torch.Tensor], schedule: dict, chunk: int = 512) -> torch.Tensor:
+def _qmt_signal(p: dict[str, torch.Tensor], schedule: dict, chunk: int = QMT_CHUNK) -> torch.Tensor:
     """Exact hybrid-state fingerprints ``[N, Nt]`` (complex128; simulated in float32 chunks)."""
     out = []
     n = p["T1"].shape[0]
@@ -343,18 +337,17 @@ def qmt_basis(rank: int = QMT_RANK) -> tuple[torch.Tensor, dict]:
 
     def compute():
         rng = np.random.default_rng(2023)
-        n = QMT_BASIS_ATOMS
-        t1 = np.exp(rng.uniform(np.log(0.2), np.log(5.0), n))
-        p = {"m0s": rng.uniform(0.0, 0.3, n), "T1": t1,
-             "T2": np.minimum(np.exp(rng.uniform(np.log(0.01), np.log(2.5), n)), 0.9 * t1),
-             "T2s": rng.uniform(8e-6, 16e-6, n), "Rx": rng.uniform(10.0, 80.0, n),
-             "B0": rng.uniform(-300.0, 300.0, n), "B1": rng.uniform(0.7, 1.3, n)}
+        n, r = QMT_BASIS_ATOMS, QMT_BASIS_RANGES
+        p = {k: rng.uniform(*r[k], n) for k in ("m0s", "T2s", "Rx", "B0", "B1")}
+        p["T1"], p["T2"] = (np.exp(rng.uniform(*np.log(r[k]), n)) for k in ("T1", "T2"))
+        p["T2"] = np.minimum(p["T2"], 0.9 * p["T1"])
         LOGGER.info("simulating the qMT basis dictionary (%d fingerprints, once; cached)", n)
         sig = _qmt_signal({k: torch.from_numpy(v) for k, v in p.items()}, schedule)
         return {"basis": svd.svd_basis(sig, rank).to(torch.complex128)}
 
     stored = _disk_cached("qmt-basis", (schedule["flip_rad"], schedule["pulse_dur"], schedule["tr"],
-                                        schedule.get("inversion_dur"), rank, QMT_BASIS_ATOMS), compute)
+                                        schedule.get("inversion_dur"), rank, QMT_BASIS_ATOMS,
+                                        sorted(QMT_BASIS_RANGES.items())), compute)
     return stored["basis"], schedule
 
 
@@ -523,8 +516,6 @@ class SessionSimulator:
     def _acquisition(self, kind: str, label: str, n_volumes: int) -> Acquisition:
         voxel = self.opt.resolution * RES_FACTOR[kind]
         grid = acquisition_grid(self.phantom.grid, voxel, GRID_SHIFT[kind])
-        if kind == "qmt":
-            grid = axial_slab(grid, QMT_SLAB_CENTRE_Z_MM, QMT_SLICES)
         rng = _rng(self.opt.seed, *self.keys, _PURPOSE["poses"], _PURPOSE[kind] + 1)
         poses = make_poses(rng, self.session_pose, n_volumes, self.opt.motion)
         acq = Acquisition(kind, label, grid, poses, n_volumes // 2)

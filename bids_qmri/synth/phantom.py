@@ -9,8 +9,9 @@ below the orbitofrontal cortex (ethmoid/sphenoid sinus) produces the susceptibil
 Tissue parameters follow seed 004 Table 1 (T1, T2, PD per tissue); each tissue value is a
 participant offset plus a smooth spatial field, so that over participants and voxels the values
 have the Table 1 mean and standard deviation (half the variance between participants, half
-within). qMT parameters (m0s, T2s, Rx) are literature-like (seed 003 training ranges, Gloor et
-al. 2008). Voxel values are fraction-weighted means of the tissue values.
+within). qMT parameters (m0s, T2s, Rx) are per tissue from the literature (seed 003 training
+ranges, Gloor et al. 2008), with the same kind of intra-tissue variation. Voxel values mix the
+tissue values by their fractions (relaxation times as rates, see draw_tissue_parameters).
 
 Everything lives on a *reference grid* in head space (mm, MNI-like RAS orientation). Acquisitions
 see the head through a rigid pose (head mm → scanner mm) and sample these maps with
@@ -36,30 +37,36 @@ BRAIN_TISSUES = ("GM", "WM", "CSF")
 #: Per-tissue (mean, SD) of each parameter, SI units. T1, T2, PD: seed 004 Table 1 (ms → s);
 #: PD SDs not given in the table for tissues other than CSF are 0.05 (our choice). Skull PD is
 #: 0.1 instead of the table's 0.9: cortical bone has an ultra-short T2* and appears dark, which
-#: keeps brain extraction realistic. m0s (semi-solid fraction), T2s (semi-solid T2) and Rx
-#: (exchange rate, 1/s): seed 003 training ranges and Gloor et al. (MRM 2008) brain values.
-#: T2s (12 µs) and Rx (40 /s) are the same in every tissue: the qMT simulation uses a dictionary
-#: over m0s, T1, T2f, B1 and ΔB0 with these two fixed (see ``synth.dataset``).
+#: keeps brain extraction realistic. m0s (semi-solid fraction): seed 003 training range
+#: (0.12 ± 0.08) and Gloor et al. (MRM 2008, bSSFP qMT: bound-pool fraction F ≈ 15 % in frontal WM,
+#: ≈ 6-7 % in cortical GM). Rx (exchange rate, 1/s, our normalisation m0s + m0f = 1, so that the
+#: forward rate is kf = Rx·m0s): Gloor et al. report kf ≈ 4.5 /s in WM and ≈ 2-2.5 /s in GM,
+#: i.e. Rx = kf/m0s ≈ 30 /s (WM) and ≈ 35 /s (GM), inside seed 003's training range 44 ± 20 /s.
+#: T2s (semi-solid T2): ≈ 12 µs in WM (Gloor et al. fix T2r = 12 µs; free fits give 11-13 µs),
+#: slightly shorter in GM (11 µs, our reading of the same literature). Non-brain tissues (no
+#: seed values): muscle-like skin 9.5 µs, bone 10 µs, fat/marrow 11 µs; their exchange rates
+#: 30-40 /s. CSF has no semi-solid pool (m0s = 0), so its T2s/Rx do not affect the signal. SDs
+#: are our choice (~10 % for T2s, 15-25 % for Rx); the qMT simulation uses each voxel's own values.
 TISSUE_PARAMETERS: dict[str, dict[str, tuple[float, float]]] = {
     "GM": {"T1": (1.400, 0.300), "T2": (0.110, 0.030), "PD": (0.85, 0.05),
-           "m0s": (0.07, 0.02), "T2s": (12e-6, 0.0), "Rx": (40.0, 0.0)},
+           "m0s": (0.07, 0.02), "T2s": (11e-6, 1.0e-6), "Rx": (35.0, 8.0)},
     "WM": {"T1": (0.780, 0.250), "T2": (0.080, 0.020), "PD": (0.65, 0.05),
-           "m0s": (0.16, 0.03), "T2s": (12e-6, 0.0), "Rx": (40.0, 0.0)},
+           "m0s": (0.16, 0.03), "T2s": (12e-6, 1.0e-6), "Rx": (30.0, 5.0)},
     "CSF": {"T1": (3.500, 0.300), "T2": (2.000, 0.300), "PD": (1.00, 0.30),
-            "m0s": (0.0, 0.0), "T2s": (12e-6, 0.0), "Rx": (40.0, 0.0)},
+            "m0s": (0.0, 0.0), "T2s": (12e-6, 1.0e-6), "Rx": (30.0, 5.0)},
     "skull": {"T1": (0.400, 0.100), "T2": (0.030, 0.010), "PD": (0.10, 0.05),
-              "m0s": (0.10, 0.02), "T2s": (12e-6, 0.0), "Rx": (40.0, 0.0)},
+              "m0s": (0.10, 0.02), "T2s": (10e-6, 1.0e-6), "Rx": (30.0, 6.0)},
     "marrow": {"T1": (0.580, 0.100), "T2": (0.050, 0.020), "PD": (0.80, 0.05),
-               "m0s": (0.02, 0.01), "T2s": (12e-6, 0.0), "Rx": (40.0, 0.0)},
+               "m0s": (0.02, 0.01), "T2s": (11e-6, 1.0e-6), "Rx": (40.0, 8.0)},
     "fat": {"T1": (0.420, 0.100), "T2": (0.070, 0.020), "PD": (0.90, 0.05),
-            "m0s": (0.02, 0.01), "T2s": (12e-6, 0.0), "Rx": (40.0, 0.0)},
+            "m0s": (0.02, 0.01), "T2s": (11e-6, 1.0e-6), "Rx": (40.0, 8.0)},
     "skin": {"T1": (1.230, 0.300), "T2": (0.050, 0.020), "PD": (0.70, 0.05),
-             "m0s": (0.10, 0.02), "T2s": (12e-6, 0.0), "Rx": (40.0, 0.0)},
+             "m0s": (0.10, 0.02), "T2s": (9.5e-6, 1.0e-6), "Rx": (35.0, 7.0)},
 }
 PARAMETERS = ("T1", "T2", "PD", "m0s", "T2s", "Rx")
 #: Physical bounds applied to every drawn value (truncation is > 3 SD away for brain tissues).
 BOUNDS = {"T1": (0.1, 6.0), "T2": (0.005, 3.0), "PD": (0.01, 2.0), "m0s": (0.0, 0.35),
-          "T2s": (5e-6, 25e-6), "Rx": (1.0, 150.0)}
+          "T2s": (7e-6, 17e-6), "Rx": (5.0, 100.0)}
 #: Share of each tissue's variance that is between participants (the rest is spatial).
 BETWEEN_FRACTION = 0.5
 #: Smoothness (Gaussian SD, mm) of the intra-tissue parameter fields.
