@@ -59,6 +59,32 @@ def test_pinn_loss_is_zero_at_true_parameters(method):
     assert network_loss(net, x, target, "pinn", p) > 1e-6
 
 
+def test_pinn_loss_in_standardised_feature_units():
+    p = seed_protocol(6)
+    g = torch.Generator().manual_seed(4)
+    par = sample_parameters("uniform", 64, g, tr=p.tr, with_b0=True, theta_margin=0.05, dtype=torch.float32)
+    x = simulate_features(par, p, "complex")
+    target = training._targets(par, "complex")
+    net = BSSFPNet("complex", parameter_ranges("uniform", "complex", p.tr))
+    net.forward_unit = lambda _x: net.to_unit(target * torch.tensor([1.05, 0.95, 1.0]))
+    raw = network_loss(net, x, target, "pinn", p)
+    # a constant input scale s divides the standardised loss by s²
+    net.in_std.fill_(0.5)
+    torch.testing.assert_close(network_loss(net, x, target, "pinn", p, pinn_feature_scale="input_std"), raw / 0.25)
+    # per-feature scales weight each residual: recomputed by hand from the re-simulated features
+    net.in_std.copy_(torch.tensor([0.4, 0.03, 0.2, 0.45, 0.2, 0.17]))
+    pred = target * torch.tensor([1.05, 0.95, 1.0])
+    resim = training.features_from_parameters(pred[:, 0], pred[:, 1], x[:, -1], pred[:, 2], p, "complex")
+    by_hand = (((resim - x)[:, :-1] / net.in_std[:-1]) ** 2).mean()
+    torch.testing.assert_close(network_loss(net, x, target, "pinn", p, pinn_feature_scale="input_std"), by_hand)
+    net.forward_unit = lambda _x: net.to_unit(target)
+    assert network_loss(net, x, target, "pinn", p, pinn_feature_scale="input_std") < 1e-8
+    with pytest.raises(ValueError, match="pinn_feature_scale"):
+        network_loss(net, x, target, "pinn", p, pinn_feature_scale="whitened")
+    with pytest.raises(ValueError, match="pinn_feature_scale"):
+        TrainConfig(method="pinncomplex", pinn_feature_scale="whitened")
+
+
 def test_simulated_features_use_the_physics():
     p = seed_protocol(12)
     par = {k: torch.tensor([v], dtype=torch.float64) for k, v in dict(T1=1.1, T2=0.07, B1=0.9, B0=12.0).items()}

@@ -33,6 +33,7 @@ __all__ = [
     "B1_RANGE",
     "DISTRIBUTIONS",
     "METHODS",
+    "PINN_FEATURE_SCALES",
     "TrainConfig",
     "b0_range_hz",
     "features_from_parameters",
@@ -176,11 +177,26 @@ def simulate_features(
     return signal_to_features(s, params["B1"], protocol, kind)
 
 
+PINN_FEATURE_SCALES = ("none", "input_std")
+
+
 def network_loss(
-    net: BSSFPNet, x: torch.Tensor, target: torch.Tensor, loss: str, protocol: BSSFPProtocol
+    net: BSSFPNet,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    loss: str,
+    protocol: BSSFPProtocol,
+    *,
+    pinn_feature_scale: str = "none",
 ) -> torch.Tensor:
     """SVNN: MSE of the [0, 1]-scaled parameters. PINN: MSE of features re-simulated from the
-    prediction against the input features (B1, an input, is excluded: it is copied through)."""
+    prediction against the input features (B1, an input, is excluded: it is copied through).
+
+    ``pinn_feature_scale="input_std"`` takes the PINN residuals in the network's standardised input
+    units (divided by ``net.in_std``). Raw unit-norm features are dominated by Re/Im F±1, which
+    swing with θ, so ΔB0 outweighs T1/T2 and the loss is badly conditioned (complex nets: median
+    condition number of JᵀJ ~4e3 raw vs ~3e2–9e2 standardised, J = ∂features/∂outputs).
+    """
     unit = net.forward_unit(x)
     if loss == "svnn":
         return torch.mean((unit - net.to_unit(target)) ** 2)
@@ -189,7 +205,12 @@ def network_loss(
         b1 = x[:, -1]
         b0 = pred[:, 2] if net.kind == "complex" else torch.zeros_like(b1)
         resim = features_from_parameters(pred[:, 0], pred[:, 1], b1, b0, protocol, net.kind)
-        return torch.mean((resim[:, :-1] - x[:, :-1]) ** 2)
+        residual = resim[:, :-1] - x[:, :-1]
+        if pinn_feature_scale == "input_std":
+            residual = residual / net.in_std[:-1]
+        elif pinn_feature_scale != "none":
+            raise ValueError(f"unknown pinn_feature_scale {pinn_feature_scale!r}; use one of {PINN_FEATURE_SCALES}")
+        return torch.mean(residual**2)
     raise ValueError(f"unknown loss {loss!r}: use 'svnn' or 'pinn'")
 
 
@@ -211,6 +232,8 @@ class TrainConfig:
     # +π to −π where the signal wraps; samples there dominated the PINN loss (plateau ~6e-4)
     theta_margin: float = 0.05
     init_from: str | None = None  # continue from a saved network of the same kind (fine-tuning)
+    # PINN residuals in raw feature units (the seed's) or in the network's standardised input units
+    pinn_feature_scale: str = "none"
     seed: int = 0
     threads: int = 1
     progress: bool | None = None  # None: a bar only on a terminal
@@ -223,6 +246,8 @@ class TrainConfig:
             raise ValueError(f"unknown distribution {self.distribution!r}; use one of {sorted(DISTRIBUTIONS)}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; use 'constant' or 'cosine'")
+        if self.pinn_feature_scale not in PINN_FEATURE_SCALES:
+            raise ValueError(f"unknown pinn_feature_scale {self.pinn_feature_scale!r}; use one of {PINN_FEATURE_SCALES}")
         if self.n_samples < 20 or self.max_epochs < 1 or self.batch_size < 1:
             raise ValueError("need at least 20 samples, 1 epoch and batch size 1")
 
@@ -303,7 +328,8 @@ def train_bssfp_net(
                     ).float()
                 else:
                     x = clean[idx]
-                loss = network_loss(net, x, targets[idx], loss_name, protocol)
+                loss = network_loss(net, x, targets[idx], loss_name, protocol,
+                                    pinn_feature_scale=cfg.pinn_feature_scale)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -313,7 +339,8 @@ def train_bssfp_net(
                 sched.step()
             net.eval()
             with torch.no_grad():
-                val_loss = float(network_loss(net, val_x, val_y, loss_name, protocol))
+                val_loss = float(network_loss(net, val_x, val_y, loss_name, protocol,
+                                              pinn_feature_scale=cfg.pinn_feature_scale))
             epoch_times.append(time.perf_counter() - t_epoch)
             history.append({"epoch": epoch, "train_loss": running / seen, "val_loss": val_loss})
             bar.set_postfix(train=f"{running / seen:.3e}", val=f"{val_loss:.3e}")
