@@ -1,25 +1,33 @@
 #!/usr/bin/env python
-"""Why the synthetic MRF goes through a dictionary: interpolated SVD coefficients versus the
-direct EPG simulation per voxel, side by side on the same phantom voxels, in one run.
+"""Cost of the synthetic MRF and qMT per voxel, side by side on the same phantom voxels, in one run.
+
+MRF goes through a dictionary: interpolated SVD coefficients versus the direct EPG simulation.
+qMT is simulated exactly per voxel (its ΔB0 dependence is too sharp to interpolate): our
+hybrid-state model versus a scipy ``solve_ivp`` integration of one cycle (the tests' reference)
+on a few of the same voxels.
 
     python benchmarks/bench_synth.py [--voxels N] [--resolution MM]
 
-Prints the CPU time per voxel of both, their ratio (extrapolated to the whole head at the given
-resolution), and the relative coefficient error of the interpolation.
+Prints the CPU time per voxel, the ratios, the extrapolation to the whole head at the given
+resolution, and the relative coefficient error of the MRF interpolation.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from bids_qmri.physics import epg, svd
+from bids_qmri.physics import epg, qmt, svd
 from bids_qmri.synth import dataset as ds
 from bids_qmri.synth import phantom as ph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def main(argv=None) -> int:
@@ -58,6 +66,29 @@ def main(argv=None) -> int:
           f"{t_dict + n_head * t_interp:.1f} s vs direct {n_head * t_exact / 60:.1f} min CPU")
     print(f"relative coefficient error of the interpolation: median {np.median(err):.2e}, "
           f"99th percentile {np.percentile(err, 99):.2e}, max {err.max():.2e}")
+
+    # qMT: exact simulation on the same voxels (their own m0s, T2s, Rx, B0), as sim_qmt runs it.
+    from test_physics_qmt import bloch_mcconnell_ode
+
+    names = ("m0s", "T1", "T2", "T2s", "Rx")
+    qp = {k: torch.from_numpy(phantom.params[k].ravel()[idx].astype(np.float64)) for k in names}
+    qp["B0"], qp["B1"] = torch.from_numpy(fields.b0_hz.ravel()[idx].astype(np.float64)), torch.from_numpy(b1)
+    ds.qmt_basis()  # once per process (cached), not per voxel
+    t0 = time.process_time()
+    ds._qmt_signal(qp, qmt.default_qmt_schedule())
+    t_qmt = (time.process_time() - t0) / len(idx)
+    n_ode = 2
+    t0 = time.process_time()
+    for i in range(n_ode):
+        par = tuple(float(qp[k][i]) for k in ("m0s", "T1", "T2", "T2s", "Rx", "B0", "B1"))
+        bloch_mcconnell_ode(par, qmt.default_qmt_schedule(), np.array([0.0, 0.0, 1 - par[0], par[0]]),
+                            "superlorentzian")
+    t_ode = (time.process_time() - t0) / n_ode
+    n_qmt = int(n_head / ds.RES_FACTOR["qmt"] ** 3)
+    print(f"qMT per voxel: exact hybrid-state model {t_qmt * 1e3:.2f} ms, solve_ivp (one cycle, "
+          f"{n_ode} voxels) {t_ode:.1f} s -> ratio {t_ode / t_qmt:.0f}x")
+    print(f"qMT whole head at {args.resolution * ds.RES_FACTOR['qmt']:g} mm (~{n_qmt} voxels): "
+          f"{n_qmt * t_qmt:.0f} s CPU per session")
     noise = 0.074 / 25 / math.sqrt(2)
     print(f"(for scale: SNR 25 noise is {noise / 0.074:.2e} of the reference signal per channel)")
     return 0

@@ -183,13 +183,20 @@ def _concrete_max(s: torch.Tensor, default: int) -> int:
         return default
 
 
+def _last_column(lam: float, x: torch.Tensor) -> torch.Tensor:
+    """``λ·e₄`` shaped to broadcast over the 5 columns of ``[R, 5, ...]`` maps like ``x``."""
+    e = torch.zeros(5, dtype=x.dtype)
+    e[4] = lam
+    return e.reshape(1, 5, *([1] * (x.dim() - 2)))
+
+
 def _mul(a: torch.Tensor, b: torch.Tensor, lam_b: float) -> torch.Tensor:
     """Top rows of ``[[A, a], [0, ·]] @ [[B, b], [0, λ_b]]`` for ``[R, 5, ...]`` @ ``[4, 5, ...]``."""
     top = a[:, 0, None] * b[0][None]
     for k in range(1, 4):  # a 4-term sum of [R, 5, ...] products (no 4× larger temporary)
         top = torch.addcmul(top, a[:, k, None], b[k][None])
     if lam_b:
-        top = torch.cat([top[:, :4], top[:, 4:] + lam_b * a[:, 4:]], 1)
+        top = torch.addcmul(top, a[:, 4, None], _last_column(lam_b, top))
     return top
 
 
@@ -267,10 +274,9 @@ def _apply_free(h, x: torch.Tensor, lam: float) -> torch.Tensor:
     dc, ds, l11, l12, l21, l22, o1, o2 = h
     r0 = dc * x[0] + ds * x[1]
     r1 = dc * x[1] - ds * x[0]
-    r2 = l11 * x[2] + l12 * x[3]
-    r3 = l21 * x[2] + l22 * x[3]
-    r2 = torch.cat([r2[:4], r2[4:] + lam * o1[None]])
-    r3 = torch.cat([r3[:4], r3[4:] + lam * o2[None]])
+    e4 = _last_column(lam, x)[0]
+    r2 = torch.addcmul(l11 * x[2] + l12 * x[3], o1, e4)
+    r3 = torch.addcmul(l21 * x[2] + l22 * x[3], o2, e4)
     return torch.stack([r0, r1, r2, r3])
 
 
@@ -341,16 +347,18 @@ def hybrid_state_signal(
         free = _free_precession(0.5 * (tr - tau[sl, None]), rx=rx, **par)  # each [T, B]
         to_echo = _apply_free(free, pulses(sign[sl] * flip[sl], tau[sl], h[sl]), 1.0)
         full_tr = _apply_free(free, to_echo, 1.0)
+        starts = []  # the cycle map up to the start of each TR of the chunk
         for k in range(to_echo.shape[2]):
-            echo_rows.append(sign[start + k] * _mul(to_echo[:2, :, k], q, 1.0))
+            starts.append(q)
             q = _mul(full_tr[:, :, k], q, 1.0)
+        echo_rows.append(sign[sl, None] * _mul(to_echo[:2], torch.stack(starts, 2), 1.0))
     cycle, offset = q[:, :4].permute(2, 0, 1), q[:, 4].T  # [B, 4, 4], [B, 4]
     # Fixed point of one cycle. An explicit 4×4 inverse rather than linalg.solve/lu_solve: in
     # torch 2.13 their forward-mode derivatives under vmap (CRB via jacfwd) return NaN beyond the
     # first batch element; I − C is well conditioned (every cycle relaxes towards equilibrium).
     x = (torch.linalg.inv(torch.eye(4, dtype=dtype) - cycle) @ offset[..., None])[..., 0]  # [B, 4]
-    rows = torch.stack(echo_rows)  # [Nt, 2, 5, B]
-    mxy = (rows[:, :, :4] * x.T[None, None]).sum(2) + rows[:, :, 4]  # [Nt, 2, B]
-    signal = torch.complex(mxy[:, 0], mxy[:, 1]).T.reshape(shape + (nt,))
+    rows = torch.cat(echo_rows, 2)  # [2, 5, Nt, B]
+    mxy = (rows[:, :4] * x.T[None, :, None]).sum(1) + rows[:, 4]  # [2, Nt, B]
+    signal = torch.complex(mxy[0], mxy[1]).T.reshape(shape + (nt,))
     x = x.reshape(shape + (4,))
     return (signal, x) if return_state else signal
