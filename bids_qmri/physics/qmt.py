@@ -168,17 +168,20 @@ def default_qmt_schedule() -> dict:
 # Python constant ``λ``: 1 for propagators, 0 for generators and their powers, ``c₀`` for the
 # polynomial blocks of the Taylor series.
 
-#: Taylor scaling and squaring per dtype: (θ, Paterson–Stockmeyer block p, degree m, max squarings).
-#: Each step is scaled by 2^−s to ‖X‖∞ ≤ θ (s per element, capped at s_max); the truncation error
-#: θ^(m+1)/(m+1)! is 3e−9 (float32) and 3e−17 (float64). Pulses are then exact up to
-#: ‖X‖∞ = θ·2^s_max (B1·flip of ~10π rad and more); the default schedule needs s ≤ 2.
-_EXPM = {torch.float32: (2.0, 4, 15, 4), torch.float64: (2.0, 4, 23, 4)}
+#: Taylor scaling and squaring per dtype: (θ, truncation tolerance, max squarings). Each step is
+#: scaled by 2^−s to ‖X‖∞ ≤ θ (s per element, capped at s_max); the degree is the smallest in
+#: ``_TAYLOR`` whose truncation bound ν^(m+1)/(m+1)! is below the tolerance for the largest scaled
+#: norm ν. Pulses are exact up to ‖X‖∞ = θ·2^s_max (B1·flip of ~10π rad); the default schedule
+#: needs s ≤ 1 and mostly degrees 8-15 in float32.
+_EXPM = {torch.float32: (2.0, 1e-8, 4), torch.float64: (2.0, 1e-16, 4)}
+#: (degree m, Paterson–Stockmeyer block p), cheapest first; (m + 1) is a multiple of p.
+_TAYLOR = ((5, 2), (8, 3), (11, 4), (15, 4), (19, 4), (23, 4))
 
 
-def _concrete_max(s: torch.Tensor, default: int) -> int:
-    """``int(s.max())``, or ``default`` under ``torch.func.vmap`` (values are not concrete there)."""
+def _concrete_max(t: torch.Tensor, default: float) -> float:
+    """``t.max()`` as a number, or ``default`` under ``torch.func.vmap`` (values are not concrete)."""
     try:
-        return int(s.max())
+        return float(t.max())
     except RuntimeError:
         return default
 
@@ -190,19 +193,15 @@ def _last_column(lam: float, x: torch.Tensor) -> torch.Tensor:
     return e.reshape(1, 5, *([1] * (x.dim() - 2)))
 
 
-def _mul(a: torch.Tensor, b: torch.Tensor, lam_b: float) -> torch.Tensor:
-    """Top rows of ``[[A, a], [0, ·]] @ [[B, b], [0, λ_b]]`` for ``[R, 5, ...]`` @ ``[4, 5, ...]``."""
-    top = a[:, 0, None] * b[0][None]
+def _mul(a: torch.Tensor, b: torch.Tensor, lam_b: float, plus: torch.Tensor | None = None) -> torch.Tensor:
+    """Top rows of ``[[A, a], [0, ·]] @ [[B, b], [0, λ_b]]`` for ``[R, 5, ...]`` @ ``[4, 5, ...]``
+    (``+ plus`` if given, fused into the first product)."""
+    top = a[:, 0, None] * b[0][None] if plus is None else torch.addcmul(plus, a[:, 0, None], b[0][None])
     for k in range(1, 4):  # a 4-term sum of [R, 5, ...] products (no 4× larger temporary)
         top = torch.addcmul(top, a[:, k, None], b[k][None])
     if lam_b:
         top = torch.addcmul(top, a[:, 4, None], _last_column(lam_b, top))
     return top
-
-
-def _plus_identity(x: torch.Tensor, c: float) -> torch.Tensor:
-    eye = torch.eye(4, 5, dtype=x.dtype).reshape(4, 5, *([1] * (x.dim() - 2)))
-    return x + c * eye
 
 
 def _expm_affine(x: torch.Tensor) -> torch.Tensor:
@@ -211,28 +210,31 @@ def _expm_affine(x: torch.Tensor) -> torch.Tensor:
     Taylor series of degree m by Paterson–Stockmeyer (⌈m/p⌉ + p − 2 products) after scaling by
     2^−s per element, then s squarings (masked per element, so that it also runs under vmap).
     """
-    theta, p, m, s_max = _EXPM[x.dtype]
+    theta, tol, s_max = _EXPM[x.dtype]
     with torch.no_grad():
         norm = x.detach().abs().sum(1).amax(0)  # ∞-norm (rows of the 5×5 affine generator)
         s = torch.ceil(torch.log2(norm.clamp_min(1e-30) / theta)).clamp(0, s_max)
+        nu = _concrete_max(norm * torch.exp2(-s), theta)
+    m, p = next((m, p) for m, p in _TAYLOR if nu ** (m + 1) / math.factorial(m + 1) <= tol or m == _TAYLOR[-1][0])
     x = x * torch.exp2(-s)
     coef = [1.0 / math.factorial(k) for k in range(m + 1)]
     powers = [None, x]
     for _ in range(2, p + 1):
         powers.append(_mul(powers[-1], x, 0.0))
 
+    eye = torch.eye(4, 5, dtype=x.dtype).reshape(4, 5, *([1] * (x.dim() - 2)))
+
     def block(j):  # Σ_{i<p} c_{jp+i} X^i: a map with λ = c_{jp}
-        out = _plus_identity(coef[j * p + 1] * x, coef[j * p])
+        out = torch.add(coef[j * p] * eye, x, alpha=coef[j * p + 1])
         for i in range(2, p):
-            if j * p + i <= m:
-                out = out + coef[j * p + i] * powers[i]
+            out = torch.add(out, powers[i], alpha=coef[j * p + i])
         return out
 
-    n_blocks = m // p + 1
+    n_blocks = (m + 1) // p
     result, lam = block(n_blocks - 1), coef[(n_blocks - 1) * p]
     for j in range(n_blocks - 2, -1, -1):
-        result, lam = _mul(powers[p], result, lam) + block(j), coef[j * p]
-    for k in range(_concrete_max(s, s_max)):
+        result, lam = _mul(powers[p], result, lam, plus=block(j)), coef[j * p]
+    for k in range(int(_concrete_max(s, s_max))):
         result = torch.where(s > k, _mul(result, result, 1.0), result)
     return result
 
