@@ -163,16 +163,16 @@ def default_qmt_schedule() -> dict:
 # Affine maps ``x → A x + a`` of the state ``x = (Mx, My, Mz_f, Mz_s)`` are stored as their top four
 # rows ``[A | a]`` with the batch *last*, ``[4, 5, ..., B]``: products of many 4×5 blocks are then
 # a few broadcast multiply-adds over long contiguous vectors: ~5× faster per product than batched
-# 5×5 ``bmm``, and a pulse exponential ~7× faster than ``torch.linalg.matrix_exp`` (measured on
-# 2 shared cores, float32, 8k maps per operation). The implicit last row of a map is ``(0, 0, 0, 0, λ)`` with a
-# Python constant ``λ``: 1 for propagators, 0 for generators and their powers, ``c₀`` for the
-# polynomial blocks of the Taylor series.
+# 5×5 ``bmm``, and a pulse exponential 4-7× faster than ``torch.linalg.matrix_exp`` (float32, 8k
+# maps per operation; benchmarks/bench_physics.py). The implicit last row of a map is
+# ``(0, 0, 0, 0, λ)`` with a Python constant ``λ``: 1 for propagators, 0 for generators and their
+# powers, ``c₀`` for the polynomial blocks of the Taylor series.
 
 #: Taylor scaling and squaring per dtype: (θ, truncation tolerance, max squarings). Each step is
 #: scaled by 2^−s to ‖X‖∞ ≤ θ (s per element, capped at s_max); the degree is the smallest in
 #: ``_TAYLOR`` whose truncation bound ν^(m+1)/(m+1)! is below the tolerance for the largest scaled
-#: norm ν. Pulses are exact up to ‖X‖∞ = θ·2^s_max (B1·flip of ~10π rad); the default schedule
-#: needs s ≤ 1 and mostly degrees 8-15 in float32.
+#: norm ν (the largest degree under vmap, where values are not concrete). Pulses are exact up to
+#: ‖X‖∞ = θ·2^s_max (B1·flip of ~10π rad); the default schedule needs s ≤ 2.
 _EXPM = {torch.float32: (2.0, 1e-8, 4), torch.float64: (2.0, 1e-16, 4)}
 #: (degree m, Paterson–Stockmeyer block p), cheapest first; (m + 1) is a multiple of p.
 _TAYLOR = ((5, 2), (8, 3), (11, 4), (15, 4), (19, 4), (23, 4))
@@ -207,7 +207,7 @@ def _mul(a: torch.Tensor, b: torch.Tensor, lam_b: float, plus: torch.Tensor | No
 def _expm_affine(x: torch.Tensor) -> torch.Tensor:
     """``exp`` of generators ``[4, 5, ...]`` (implicit last row 0): propagators ``[4, 5, ...]``.
 
-    Taylor series of degree m by Paterson–Stockmeyer (⌈m/p⌉ + p − 2 products) after scaling by
+    Taylor series of degree m by Paterson–Stockmeyer (p + (m+1)/p − 2 products) after scaling by
     2^−s per element, then s squarings (masked per element, so that it also runs under vmap).
     """
     theta, tol, s_max = _EXPM[x.dtype]
