@@ -110,7 +110,7 @@ def _digest(root: Path) -> dict[str, str]:
 
 
 def test_same_seed_gives_identical_files_serial_or_parallel(tmp_path):
-    kw = dict(participants=2, sessions=0, resolution=8.0, kinds=("bssfp", "tb1tfl", "irt1"))
+    kw = dict(participants=2, sessions=0, resolution=8.0, kinds=("bssfp", "tb1tfl", "irt1", "qmt"))
     opts = ds.SynthOptions(**{**dict(seed=3), **kw})
     a = _digest(ds.write_dataset(tmp_path / "a", opts, progress=False))
     b = _digest(ds.write_dataset(tmp_path / "b", opts, progress=False, nprocs=2))
