@@ -231,5 +231,12 @@ def test_continue_training_from_saved_weights(tmp_path):
     assert card2["training"]["init_from"]["sha256"] == registry.sha256_file(w)
     assert card2["training"]["init_from"]["previous_training"]["max_epochs"] == 1
     torch.testing.assert_close(more.in_mean, net.in_mean)  # input statistics carried over
+    # a second continuation keeps the whole chain back to the first run
+    w2 = registry.save_model(more, card2, tmp_path / "second", "more", origin="test")
+    _, card3 = train_bssfp_net(p, TrainConfig(method="pinn", n_samples=500, max_epochs=1, seed=4,
+                                              init_from=str(w2), progress=False))
+    chain = card3["training"]["init_from"]
+    assert chain["sha256"] == registry.sha256_file(w2) and chain["previous_training"]["seed"] == 3
+    assert chain["previous_training"]["init_from"]["sha256"] == registry.sha256_file(w)
     with pytest.raises(ValueError, match="cannot"):
         train_bssfp_net(p, TrainConfig(method="svnncomplex", n_samples=500, max_epochs=1, init_from=str(w), progress=False))

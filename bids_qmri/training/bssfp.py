@@ -404,8 +404,8 @@ def _file_digest(path) -> dict:
     out = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     card = path.with_suffix(".json")
     if card.is_file():
-        prev = json.loads(card.read_text()).get("training", {})
-        out["previous_training"] = {k: v for k, v in prev.items() if k != "init_from"}
+        # the whole chain: an earlier continuation keeps its own init_from (file, sha256, settings)
+        out["previous_training"] = json.loads(card.read_text()).get("training", {})
     return out
 
 
