@@ -200,19 +200,11 @@ def test_train_cli(tmp_path, capsys):
     assert "give --sidecar" in capsys.readouterr().err
 
 
-UNDERTRAINED = pytest.mark.xfail(
-    strict=True, reason="bundled pinncomplex Npc 4 is under-trained on our CPU budget (CoD T1 0.91, "
-                        "T2 0.75); retrain with the seeds' budget (up to 300 epochs) and drop this mark"
-)
-
-
 @pytest.mark.parametrize("npc", [12, 6, 4])
 @pytest.mark.parametrize(
     "method", ["svnn", "pinn", "svnncomplex", "pinncomplex"],
 )
-def test_bundled_models_for_the_seed_protocol(method, npc, request):
-    if (method, npc) == ("pinncomplex", 4):
-        request.applymarker(UNDERTRAINED)
+def test_bundled_models_for_the_seed_protocol(method, npc):
     p = seed_protocol(npc)
     net, card = registry.get_model(method, p, model_dir=None, allow_training=False)
     assert card["origin"] == "bundled" and card["protocol_key"] == p.key() and card["method"] == method
