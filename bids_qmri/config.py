@@ -53,6 +53,8 @@ class Config:
     # B1 from Siemens tfl_b1_map: famp holds 10x the achieved preparation angle (deg).
     b1_prep_angle_deg: float = 80.0
     gibbs_removal: bool = True
+    # Denoising of the raw pc-bSSFP phase cycles: "mppca" or "none" (preproc.denoise).
+    bssfp_denoise: str = "mppca"
     # Partial-volume handling of ROI statistics: keep voxels with tissue probability >= this.
     pv_threshold: float = 0.5
     # Bootstrap replicates for group agreement statistics (SPEC §4, seed 002).

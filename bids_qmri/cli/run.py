@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--b1-prep-angle", type=float, default=80.0, metavar="DEG",
                    help="nominal preparation flip angle of Siemens tfl_b1_map (TB1TFL): B1 = famp/(10*DEG) "
                         "(default: 80)")
+    g.add_argument("--bssfp-denoise", choices=["mppca", "none"], default="mppca",
+                   help="denoising of the raw pc-bSSFP phase cycles before motion correction: MP-PCA on the "
+                        "real and imaginary parts (default), or none")
     g.add_argument("--seed", type=int, default=0, help="random seed, identical outputs on CPU (default: 0)")
     g = p.add_argument_group("resources and execution")
     g.add_argument("-w", "--work-dir", type=Path, default=None,
@@ -214,6 +217,7 @@ def build_config(args) -> Config:
         stop_on_first_crash=args.stop_on_first_crash,
         verbose=args.verbose,
         b1_prep_angle_deg=args.b1_prep_angle,
+        bssfp_denoise=args.bssfp_denoise,
     )
     if args.bids_filter_file is not None:
         from ..bids.discovery import load_filters

@@ -78,6 +78,34 @@ class LoadBSSFP(SimpleInterface):
         return runtime
 
 
+# ----------------------------------------------------------------------- denoise
+class _DenoiseInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="complex series [X, Y, Z, Npc]")
+    method = traits.Enum("mppca", "none", usedefault=True)
+
+
+class _DenoiseOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="denoised complex series")
+    info = traits.Dict(desc="provenance for the sidecars")
+
+
+class DenoiseBSSFP(SimpleInterface):
+    """MP-PCA of the raw complex phase cycles (``preproc.denoise``), before motion correction."""
+
+    input_spec = _DenoiseInputSpec
+    output_spec = _DenoiseOutputSpec
+
+    def _run_interface(self, runtime):
+        from bids_qmri.preproc.complexdata import load_nifti, save_complex
+        from bids_qmri.preproc.denoise import denoise_series
+
+        data, affine, _ = load_nifti(self.inputs.in_file)
+        denoised, info = denoise_series(data, self.inputs.method)
+        out = save_complex(Path(runtime.cwd) / "bssfp_denoised.nii.gz", denoised, affine)
+        self._results.update(out_file=str(out), info=info)
+        return runtime
+
+
 # ------------------------------------------------------------------------ motion
 class _MotionCorrectInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True)
@@ -279,6 +307,7 @@ class _EstimateInputSpec(BaseInterfaceInputSpec):
     sources = traits.List(traits.Str, desc="raw input files (bSSFP parts and B1)")
     b1_info = traits.Dict()
     preproc_info = traits.Dict(desc="motion, receiver phase and Gibbs notes")
+    denoise_info = traits.Dict(desc="DenoiseBSSFP provenance")
 
 
 class _EstimateOutputSpec(TraitedSpec):
@@ -344,6 +373,7 @@ class EstimateBSSFP(SimpleInterface):
                 VoxelsInMask=int(mask.sum()),
                 VoxelsNotEstimated=int((~finite).sum()),
                 **self.inputs.preproc_info,
+                Denoising=self.inputs.denoise_info if isdefined(self.inputs.denoise_info) else {"Method": "none"},
                 **self.inputs.b1_info,
                 Provenance=extra,
             )

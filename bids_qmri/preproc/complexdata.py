@@ -96,3 +96,25 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, .
     img = nib.load(str(path))
     data = np.asanyarray(img.dataobj)
     return data, img.affine, tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
+def lifted_channels(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Complex ``[..., K]`` → real float64 ``[..., 2K]`` (real parts, then imaginary parts), each
+    channel lifted by a constant offset of twice its largest modulus so that every value is
+    positive; returns ``(stacked, offsets)``.
+
+    dipy's Gibbs removal and local-PCA denoising are written for magnitude images (one takes the
+    modulus of shifted images, the other clips negative outputs); both are exact under a constant
+    shift of a channel, so the offset passes through and :func:`complex_from_lifted` removes it.
+    """
+    data = np.asarray(data)
+    stacked = np.concatenate([data.real, data.imag], axis=-1).astype(np.float64)
+    offsets = 2.0 * np.abs(stacked).reshape(-1, stacked.shape[-1]).max(axis=0) + 1e-12
+    return stacked + offsets, offsets
+
+
+def complex_from_lifted(stacked: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`lifted_channels` (complex64)."""
+    plain = stacked - offsets
+    k = plain.shape[-1] // 2
+    return (plain[..., :k] + 1j * plain[..., k:]).astype(np.complex64)

@@ -42,17 +42,14 @@ def remove_gibbs(F: np.ndarray, zooms, *, num_processes: int = 1) -> np.ndarray:
     """Gibbs-ringing removal (Kellner subvoxel shifts, dipy) of the real and imaginary parts of
     complex 3D volumes ``[X, Y, Z, K]`` (seed 001 applies it to the configurations).
 
-    dipy's implementation is written for magnitude images: it takes the modulus of every
-    shifted image, which folds negative values over (a negative real part came back positive).
-    Each channel is therefore lifted by a constant offset of twice its largest modulus before and
-    lowered after; the method is shift-invariant in the DC term, so the offset passes through.
+    dipy's implementation is written for magnitude images (it takes the modulus of every shifted
+    image); the channels are lifted to positive values first (``complexdata.lifted_channels``).
     """
     from dipy.denoise.gibbs import gibbs_removal
 
-    F = np.asarray(F)
-    stacked = np.concatenate([F.real, F.imag], axis=-1).astype(np.float64)
-    offsets = 2.0 * np.abs(stacked).reshape(-1, stacked.shape[-1]).max(axis=0)
-    cleaned = gibbs_removal(stacked + offsets, slice_axis=gibbs_slice_axis(zooms), n_points=3, inplace=False,
-                            num_processes=num_processes) - offsets
-    k = F.shape[-1]
-    return (cleaned[..., :k] + 1j * cleaned[..., k:]).astype(np.complex64)
+    from bids_qmri.preproc.complexdata import complex_from_lifted, lifted_channels
+
+    stacked, offsets = lifted_channels(F)
+    cleaned = gibbs_removal(stacked, slice_axis=gibbs_slice_axis(zooms), n_points=3, inplace=False,
+                            num_processes=num_processes)
+    return complex_from_lifted(cleaned, offsets)

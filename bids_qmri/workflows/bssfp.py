@@ -2,7 +2,7 @@
 
 ::
 
-    load (part pair → complex) → motion_correct (rigid, per cycle → (Npc/2)-th cycle)
+    load (part pair → complex) → denoise (MP-PCA, real+imag) → motion_correct (rigid → (Npc/2)-th cycle)
         → configurations (receiver phase, DFT F−1/F0/F1, Gibbs) ─┐
         → brain_mask (mean magnitude) → b1 (convert, register, resample, median) ─┤
                                                      estimate_<method> (one per method)
@@ -38,6 +38,7 @@ from ..interfaces.bssfp import (  # noqa: E402
     BrainMask,
     BSSFPConfigurations,
     BSSFPDerivatives,
+    DenoiseBSSFP,
     EstimateBSSFP,
     LoadBSSFP,
     MotionCorrect,
@@ -73,6 +74,7 @@ def init_bssfp_wf(bssfp: BSSFPInput, b1: B1Input | None, subject: str, session: 
 
     load = pe.Node(LoadBSSFP(part_files={k: str(v) for k, v in bssfp.part_files.items()},
                              n_cycles=bssfp.n_cycles), name="load")
+    denoise = pe.Node(DenoiseBSSFP(method=config.bssfp_denoise), name="denoise")
     moco = pe.Node(MotionCorrect(seed=config.seed, num_threads=omp), name="motion_correct", n_procs=omp)
     confs = pe.Node(BSSFPConfigurations(phase_increments=list(protocol.phase_increments_deg),
                                         gibbs_removal=bool(config.gibbs_removal), num_threads=omp),
@@ -87,7 +89,8 @@ def init_bssfp_wf(bssfp: BSSFPInput, b1: B1Input | None, subject: str, session: 
     ds = pe.Node(BSSFPDerivatives(sources=sources, protocol=protocol.as_dict(), **common), name="derivatives")
 
     wf.connect([
-        (load, moco, [("out_file", "in_file")]),
+        (load, denoise, [("out_file", "in_file")]),
+        (denoise, moco, [("out_file", "in_file")]),
         (moco, confs, [("out_file", "in_file")]),
         (moco, mask, [("ref_image", "in_file")]),
         (moco, b1_node, [("ref_image", "ref_image")]),
@@ -122,6 +125,7 @@ def init_bssfp_wf(bssfp: BSSFPInput, b1: B1Input | None, subject: str, session: 
             (confs, est, [("out_file", "config_file")]),
             (mask, est, [("out_file", "mask_file")]),
             (b1_node, est, [("out_file", "b1_file"), ("info", "b1_info")]),
+            (denoise, est, [("info", "denoise_info")]),
             (est, merge, [("out_maps", f"in{index}")]),
         ])
     wf.connect(merge, "out", outputnode, "maps")
