@@ -2,9 +2,10 @@
 
 Side by side in one run, each variant in its own subprocess (clean peak RSS):
 - ours: ``bids_qmri.anatomy.pipeline`` steps (N4 with a shrink factor sized to the grid, head
-  template affine, masked SyN with reduced, resolution-dependent iterations, Atropos 10 iters);
-- reference: the same steps with antspyx's default schedules (``ants.registration`` default
-  "SyN": affine 2100x1200x1200x10, SyN 40x20x0 with Mattes; N4 defaults; Atropos 25 iters).
+  template affine, SyN (cross-correlation) of the template brain onto the brain cut out at the
+  affine's edge with reduced, resolution-dependent iterations, Parzen-window Atropos 10 iters);
+- reference: the same steps with antspyx's default iteration schedules (affine
+  2100x1200x1200x10, SyN 40x20x0; N4 defaults; Atropos 25 iters).
 Prints wall time, CPU time, peak RSS and GM/WM/CSF Dice against the phantom's truth for both,
 and the ratios.
 
