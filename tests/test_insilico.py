@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -78,3 +79,46 @@ def test_onthefly_check_trains_then_reuses(tmp_path, monkeypatch):
     assert not first.reused.any() and again.reused.all()
     assert (first.cod > 0.5).all()
     np.testing.assert_array_equal(first.cod.to_numpy(), again.cod.to_numpy())
+
+
+# Seed 001 Fig. 5: complex nets below 1 / 1.5 / 3.5 % at Npc 12 / 6 / 4. The seed measured one white-matter
+# point (T1 939 ms, T2 62 ms) over θ; here the stricter mean over the 20×20 grid of the whole training range
+# (its edges included) × 31 θ, the evaluation `bids_qmri-insilico bssfp` writes.
+FIG5_TARGET_PCT = {12: 1.0, 6: 1.5, 4: 3.5}
+# measured for the bundled models (bids_qmri/models/bundled/TRAINING.md): mean |relative error| T1, T2 in %
+BUNDLED_GRID_ERR_PCT = {
+    ("svnncomplex", 12): (0.63, 0.56),
+    ("svnncomplex", 6): (0.81, 0.63),
+    ("svnncomplex", 4): (2.41, 1.82),
+    ("pinncomplex", 12): (1.00, 0.36),
+    ("pinncomplex", 6): (1.68, 0.81),
+    ("pinncomplex", 4): (4.98, 3.83),
+}
+MISSES_FIG5 = {key for key, err in BUNDLED_GRID_ERR_PCT.items() if max(err) >= FIG5_TARGET_PCT[key[1]]}
+
+
+@functools.lru_cache(maxsize=None)
+def _bundled_theta_error(method, npc):
+    df = theta_sweep(method, seed_protocol(npc), n_theta=31, grid_n=20)
+    assert (df.n_failed == 0).all()
+    err = df.groupby("parameter").mean_abs_rel_err_pct.mean()
+    return float(err["T1"]), float(err["T2"])
+
+
+@pytest.mark.parametrize("key", sorted(BUNDLED_GRID_ERR_PCT))
+def test_bundled_complex_nets_accuracy_versus_theta(key):
+    t1, t2 = _bundled_theta_error(*key)
+    want_t1, want_t2 = BUNDLED_GRID_ERR_PCT[key]
+    # the measured values (deterministic on CPU; 0.02 points of slack for float32 rounding across BLAS builds)
+    assert t1 <= want_t1 + 0.02 and t2 <= want_t2 + 0.02, (t1, t2)
+
+
+@pytest.mark.parametrize("key", [
+    pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=f"bundled {k[0]} Npc {k[1]} misses the seed's "
+                                            f"Fig. 5 bound on the full grid ({BUNDLED_GRID_ERR_PCT[k]} %)"))
+    if k in MISSES_FIG5 else k
+    for k in sorted(BUNDLED_GRID_ERR_PCT)
+])
+def test_bundled_complex_nets_meet_seed_fig5(key):
+    t1, t2 = _bundled_theta_error(*key)
+    assert t1 < FIG5_TARGET_PCT[key[1]] and t2 < FIG5_TARGET_PCT[key[1]], (t1, t2)
