@@ -128,6 +128,24 @@ def test_same_seed_same_weights_on_cpu():
     assert not all(torch.equal(va, vc) for va, vc in zip(a.state_dict().values(), c.state_dict().values()))
 
 
+def test_keep_last_returns_the_final_epoch():
+    p = seed_protocol(12)
+    seen = {}
+    cfg = dict(method="svnn", n_samples=600, max_epochs=3, batch_size=64, lr=3e-3, seed=1, progress=False)
+
+    def record(epoch, net, val_loss):
+        seen[epoch] = ({k: v.clone() for k, v in net.state_dict().items()}, val_loss)
+
+    net, card = train_bssfp_net(p, TrainConfig(keep="last", **cfg), epoch_callback=record)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, seen[3][0][k]), k
+    assert card["validation_loss"] == seen[3][1] and card["training"]["keep"] == "last"
+    best, card_best = train_bssfp_net(p, TrainConfig(**cfg))
+    assert card_best["validation_loss"] == min(v for _, v in seen.values())
+    with pytest.raises(ValueError, match="keep"):
+        TrainConfig(keep="median")
+
+
 def test_noisy_training_runs():
     net, card = train_bssfp_net(seed_protocol(12), TrainConfig(method="pinn", n_samples=400, max_epochs=1, snr=25, progress=False))
     assert card["training"]["snr"] == 25 and math.isfinite(card["validation_loss"])

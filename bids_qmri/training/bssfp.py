@@ -234,6 +234,9 @@ class TrainConfig:
     init_from: str | None = None  # continue from a saved network of the same kind (fine-tuning)
     # PINN residuals in raw feature units (the seed's) or in the network's standardised input units
     pinn_feature_scale: str = "none"
+    # weights returned: "best" (lowest validation loss, the seeds' early stopping) or "last" (the final
+    # epoch of an annealed schedule; where a few wrap samples make the validation loss noisy, e.g. Npc 4)
+    keep: str = "best"
     seed: int = 0
     threads: int = 1
     progress: bool | None = None  # None: a bar only on a terminal
@@ -248,6 +251,8 @@ class TrainConfig:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; use 'constant' or 'cosine'")
         if self.pinn_feature_scale not in PINN_FEATURE_SCALES:
             raise ValueError(f"unknown pinn_feature_scale {self.pinn_feature_scale!r}; use one of {PINN_FEATURE_SCALES}")
+        if self.keep not in ("best", "last"):
+            raise ValueError(f"unknown keep {self.keep!r}; use 'best' or 'last'")
         if self.n_samples < 20 or self.max_epochs < 1 or self.batch_size < 1:
             raise ValueError("need at least 20 samples, 1 epoch and batch size 1")
 
@@ -355,7 +360,8 @@ def train_bssfp_net(
                     log.info("early stopping after epoch %d (best %d)", epoch, best_epoch)
                     break
         bar.close()
-        net.load_state_dict(best_state)
+        if cfg.keep == "best":
+            net.load_state_dict(best_state)
         net.eval()
     finally:
         torch.set_num_threads(old_threads)
@@ -387,7 +393,7 @@ def train_bssfp_net(
             "torch": torch.__version__,
             "platform": platform.machine(),
         },
-        "validation_loss": best_loss,
+        "validation_loss": best_loss if cfg.keep == "best" else history[-1]["val_loss"],
         "history": history,
     }
     if init is not None:
