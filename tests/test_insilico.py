@@ -89,7 +89,7 @@ FIG5_TARGET_PCT = {12: 1.0, 6: 1.5, 4: 3.5}
 BUNDLED_GRID_ERR_PCT = {
     ("svnncomplex", 12): (0.63, 0.56),
     ("svnncomplex", 6): (0.81, 0.63),
-    ("svnncomplex", 4): (2.41, 1.82),
+    ("svnncomplex", 4): (1.00, 0.98),
     ("pinncomplex", 12): (0.93, 0.34),
     ("pinncomplex", 6): (1.44, 0.70),
     ("pinncomplex", 4): (4.19, 3.41),
