@@ -2,7 +2,7 @@
 
 Side by side in one run, each variant in its own subprocess (clean peak RSS):
 - ours: ``bids_qmri.anatomy.pipeline`` steps (N4 with a shrink factor sized to the grid, head
-  template affine, SyN (cross-correlation) of the template brain onto the brain cut out at the
+  template affine, SyN (mutual information) of the template brain onto the brain cut out at the
   affine's edge with reduced, resolution-dependent iterations, Parzen-window Atropos 10 iters);
 - reference: the same steps with antspyx's default iteration schedules (affine
   2100x1200x1200x10, SyN 40x20x0; N4 defaults; Atropos 25 iters).
