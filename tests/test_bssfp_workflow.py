@@ -167,6 +167,9 @@ def test_all_maps_and_sidecars(seed_protocol_run):
         assert side["RepetitionTimeExcitation"] == pytest.approx(0.0048)
         assert side["FlipAngle"] == pytest.approx(15.0) and len(side["PhaseIncrements"]) == 12
         assert side["B1Source"] == "TB1TFL" and "B1Warning" not in side
+        assert side["Denoising"]["Method"].startswith("MP-PCA") and side["Denoising"]["PatchSize"] == [3, 3, 3]
+        # The Marchenko-Pastur estimate of the noise level finds the synthetic data's sigma.
+        assert side["Denoising"]["NoiseSigmaMedian"] == pytest.approx(0.074 / (2**0.5 * SYNTH_SNR), rel=0.25)
         method = path.name.split("desc-")[1].split("_")[0]
         if method != "miracle":
             assert side["ModelCard"]["origin"] == "bundled"
@@ -183,9 +186,15 @@ def test_all_maps_and_sidecars(seed_protocol_run):
 def test_accuracy_against_ground_truth(seed_protocol_run):
     """Median |relative error| in GM+WM against the ground truth at the default SNR (25).
 
-    Bounds: the workflow may add at most 4 percentage points to the noise floor (same voxels,
-    same noise level, no image processing) for every method, and MIRACLE and PINN stay within
-    10 % on tissue inside the networks' training range. Measured values are printed."""
+    The noise floor is the same voxels simulated from the ground truth with the same noise and
+    estimated directly (true B1, no image processing, no denoising): 6-9 % for every estimator,
+    the per-voxel CRB at this SNR (issue 4's 5 % is below it). The workflow denoises the phase
+    cycles (MP-PCA), which on this 4-mm phantom without motion gives MIRACLE 4.5/4.3 % (T1/T2,
+    all GM+WM); with the phantom's within-scan motion (~0.3 mm), windowed-sinc resampling,
+    Gibbs removal and B1 registration/filtering the gain is spent and the workflow lands at the
+    floor (measured: MIRACLE 7.8/8.4 % vs floor 7.8/8.7 %; at 2 mm MIRACLE 5.7/6.2 %).
+    Bounds: every method within 1 point of the floor (measured ≤ +0.5), MIRACLE and PINN ≤ 8 %
+    inside the networks' training range (measured ≤ 7.5 %)."""
     from bids_qmri.physics.bssfp import seed_protocol
 
     bids, out, result = seed_protocol_run
@@ -193,10 +202,10 @@ def test_accuracy_against_ground_truth(seed_protocol_run):
     floor = _noise_floor(bids, out, result["acq"], METHODS, seed_protocol(12), bids.parent / "models")
     print("\nseed protocol, median |relative error| (%), workflow vs noise floor:\n" + _table(errors, floor))
     for key, value in errors.items():
-        assert value <= floor[key] + 4.0, (key, value, floor[key])
+        assert value <= floor[key] + 1.0, (key, value, floor[key])
     for method in ("pinn", "miracle"):
         for suffix in ("T1map", "T2map"):
-            assert errors[method, suffix, "trained"] <= 10.0, (method, suffix, errors[method, suffix, "trained"])
+            assert errors[method, suffix, "trained"] <= 8.0, (method, suffix, errors[method, suffix, "trained"])
 
 
 def test_fieldmap_of_complex_networks(seed_protocol_run):
