@@ -208,10 +208,11 @@ def test_train_cli(tmp_path, capsys):
     sidecar.write_text(json.dumps({"RepetitionTimeExcitation": 0.005, "EchoTime": 0.0025, "FlipAngle": 20,
                                    "PhaseIncrements": list(OTHER.phase_increments_deg)}))
     rc = train_main(["--method", "pinn", "--sidecar", str(sidecar), "--samples", "300", "--epochs", "1",
-                     "--out-dir", str(tmp_path / "out")])
+                     "--pinn-feature-scale", "input_std", "--keep", "last", "--out-dir", str(tmp_path / "out")])
     assert rc == 0
     card = json.loads((tmp_path / "out" / f"{registry.model_stem('pinn', OTHER)}.json").read_text())
     assert card["origin"] == "trained with bids_qmri-train" and card["training"]["max_epochs"] == 1
+    assert card["training"]["pinn_feature_scale"] == "input_std" and card["training"]["keep"] == "last"
     with pytest.raises(SystemExit) as exc:
         train_main(["--method", "pinn", "--tr", "0.005", "--out-dir", str(tmp_path)])
     assert exc.value.code == 2

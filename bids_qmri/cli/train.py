@@ -20,7 +20,7 @@ log = logging.getLogger("bids_qmri.cli.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bids_qmri.training.bssfp import DISTRIBUTIONS, METHODS, TrainConfig
+    from bids_qmri.training.bssfp import DISTRIBUTIONS, METHODS, PINN_FEATURE_SCALES, TrainConfig
 
     d = TrainConfig()
     p = argparse.ArgumentParser(
@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="complex nets: fraction of π left out of training at both ends of θ ∈ (−π, π)")
     t.add_argument("--init-from", type=Path, default=None, metavar="WEIGHTS",
                    help="continue training from this .safetensors network (same method and distribution)")
+    t.add_argument("--pinn-feature-scale", default=d.pinn_feature_scale, choices=list(PINN_FEATURE_SCALES),
+                   help="PINN loss in raw feature units (none, the seeds') or in the network's standardised "
+                        "input units (input_std; better conditioned for the complex nets, where ΔB0 dominates)")
+    t.add_argument("--keep", default=d.keep, choices=["best", "last"],
+                   help="weights returned: lowest validation loss (best, default) or the final epoch (last; "
+                        "for annealed schedules whose validation loss is too noisy to select on)")
     t.add_argument("--snr", type=float, default=None, help="training noise SNR (seed definition); default noise-free")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -99,7 +105,7 @@ def main(argv=None) -> int:
             max_epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
             lr_schedule=args.lr_schedule, theta_margin=args.theta_margin,
             init_from=str(args.init_from) if args.init_from else None,
-            snr=args.snr, seed=args.seed, threads=args.threads,
+            pinn_feature_scale=args.pinn_feature_scale, keep=args.keep, snr=args.snr, seed=args.seed, threads=args.threads,
         )
     except ValueError as exc:
         parser.exit(EXIT_USAGE, f"bids_qmri-train: error: {exc}\n")
