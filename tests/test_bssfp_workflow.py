@@ -175,6 +175,14 @@ def test_all_maps_and_sidecars(seed_protocol_run):
             assert side["ModelCard"]["origin"] == "bundled"
     # Every map lies on the bSSFP grid, inside the mask, in plausible physical ranges.
     mask = nib.load(result["brain_mask"]).get_fdata() > 0
+    # Where the truth has many voxels above the networks' T2 range (120 ms; CSF and part of GM),
+    # the networks' T2 maps are flagged in the sidecar (and so in the report).
+    gt_t2 = nib.load(bids / "derivatives" / "groundtruth" / "sub-01" / "anat" / f"{stem}_T2map.nii.gz").get_fdata()
+    assert np.mean(gt_t2[mask] > 0.13) > 0.1
+    for method in ("svnn", "pinn"):
+        side = json.loads((out / "sub-01" / "anat" / f"{stem}_desc-{method}_T2map.json").read_text())
+        assert any("T2 estimates sit at the upper end" in w for w in side["Warnings"]), method
+    assert "Warnings" not in json.loads((out / "sub-01" / "anat" / f"{stem}_desc-miracle_T2map.json").read_text())
     t1 = nib.load(out / "sub-01" / "anat" / f"{stem}_desc-pinn_T1map.nii.gz")
     assert t1.shape == mask.shape
     assert np.all(t1.get_fdata()[~mask] == 0)

@@ -251,3 +251,31 @@ def test_continue_training_from_saved_weights(tmp_path):
     assert chain["previous_training"]["init_from"]["sha256"] == registry.sha256_file(w)
     with pytest.raises(ValueError, match="cannot"):
         train_bssfp_net(p, TrainConfig(method="svnncomplex", n_samples=500, max_epochs=1, init_from=str(w), progress=False))
+
+
+def test_estimates_clipped_at_the_training_range_are_flagged(tmp_path):
+    """Tissue with T2 = 200 ms, above the bundled networks' 120 ms (SPEC §7): a sigmoid output
+    sits at the range's end, which the provenance counts and warns about; MIRACLE has no range
+    and recovers it; tissue inside the range raises no warning."""
+    from bids_qmri.physics.bssfp import bssfp_signal
+    from bids_qmri.preproc.configurations import compute_configurations
+
+    p = seed_protocol(12)
+    n = 200
+    b1 = np.ones(n)
+
+    def configs(t1, t2):
+        S = bssfp_signal(torch.full((n,), t1, dtype=torch.float64), torch.full((n,), t2, dtype=torch.float64),
+                         torch.ones(n, dtype=torch.float64), torch.as_tensor(b1), torch.linspace(-20, 20, n, dtype=torch.float64),
+                         tr=p.tr, te=p.te, flip_rad=p.flip_rad, phase_increments_rad=p.phase_increments_rad())
+        return compute_configurations(S.numpy(), p.phase_increments_deg)
+
+    maps, prov = estimate_bssfp("svnn", configs(1.8, 0.2), b1, p, model_dir=tmp_path, seed=0)
+    assert prov["voxels_at_range_limits"]["T2map"]["high"] == n
+    assert np.allclose(maps["T2map"], 0.12, rtol=0.01)
+    assert len(prov["warnings"]) == 1 and "100 % of the T2 estimates" in prov["warnings"][0]
+    assert "upper end" in prov["warnings"][0] and "(120 ms)" in prov["warnings"][0]
+    maps, prov = estimate_bssfp("miracle", configs(1.8, 0.2), b1, p, model_dir=tmp_path, seed=0)
+    assert np.allclose(maps["T2map"], 0.2, rtol=0.01) and "warnings" not in prov
+    maps, prov = estimate_bssfp("svnn", configs(1.0, 0.07), b1, p, model_dir=tmp_path, seed=0)
+    assert "warnings" not in prov and prov["voxels_at_range_limits"]["T2map"] == {"low": 0, "high": 0}

@@ -60,6 +60,31 @@ def predict(net, features: torch.Tensor, batch: int = 1 << 18) -> np.ndarray:
     return out
 
 
+#: Share of the estimated voxels at one end of a network's training range above which the map
+#: is flagged: a sigmoid output cannot leave the range, so such voxels are clipped, not measured.
+RANGE_LIMIT_WARNING_FRACTION = 0.05
+
+
+def _range_limits(method: str, maps: dict, ranges: dict) -> tuple[dict, list[str]]:
+    """Voxels within 1 % of each end of the training range, per map, and warnings where more than
+    ``RANGE_LIMIT_WARNING_FRACTION`` of the estimates sit at one end."""
+    counts, warnings = {}, []
+    for suffix, key in (("T1map", "T1"), ("T2map", "T2")):
+        if key not in ranges or suffix not in maps:
+            continue
+        lo, hi = (float(v) for v in ranges[key])
+        values = np.asarray(maps[suffix], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        low, high = int((values <= lo * 1.01).sum()), int((values >= hi * 0.99).sum())
+        counts[suffix] = {"low": low, "high": high}
+        for n, end, limit in ((low, "lower", lo), (high, "upper", hi)):
+            if values.size and n / values.size > RANGE_LIMIT_WARNING_FRACTION:
+                warnings.append(f"{method}: {100 * n / values.size:.0f} % of the {key} estimates sit at the {end} "
+                                f"end of the network's training range ({1000 * limit:.0f} ms) and are clipped "
+                                "there; compare with MIRACLE, or train a model on a wider distribution")
+    return counts, warnings
+
+
 def estimate_bssfp(
     method: str,
     F,
@@ -129,6 +154,12 @@ def estimate_bssfp(
         outside = int(((b1 < lo) | (b1 > hi)).sum())
         if outside:
             provenance["voxels_outside_trained_b1_range"] = outside
+        limits, warnings = _range_limits(method, maps, card.get("parameter_ranges", {}))
+        provenance["voxels_at_range_limits"] = limits
+        if warnings:
+            provenance["warnings"] = warnings
+    for warning in provenance.get("warnings", []):
+        log.warning(warning)
     maps = {k: np.asarray(v, dtype=np.float32) for k, v in maps.items()}
     provenance["elapsed_s"] = round(time.perf_counter() - t0, 3)
     provenance["voxels_estimated"] = int(np.isfinite(maps["T1map"]).sum())

@@ -346,7 +346,9 @@ class EstimateBSSFP(SimpleInterface):
         acquisition = {**p, "NumberOfPhaseCycles": protocol.npc}
         # Wall-clock times stay out of the sidecars: outputs are identical for a given --seed.
         extra = _jsonable({k: v for k, v in provenance.items()
-                           if k not in {"model_card", "algorithm", "reference", "elapsed_s"}})
+                           if k not in {"model_card", "algorithm", "reference", "elapsed_s", "warnings"}})
+        # The participant report lists every sidecar's "Warnings" (reports.participant).
+        warnings = {"Warnings": list(provenance["warnings"])} if provenance.get("warnings") else {}
         written = []
         for key, values in maps.items():
             suffix = key
@@ -375,6 +377,7 @@ class EstimateBSSFP(SimpleInterface):
                 **self.inputs.preproc_info,
                 Denoising=self.inputs.denoise_info if isdefined(self.inputs.denoise_info) else {"Method": "none"},
                 **self.inputs.b1_info,
+                **warnings,
                 Provenance=extra,
             )
             save_nifti(path, volume, cfg_img.affine, sidecar=sidecar)
