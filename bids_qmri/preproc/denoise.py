@@ -9,9 +9,9 @@ on the raw series, where the noise is still independent between voxels (motion c
 interpolates and correlates it), as MRtrix's ``dwidenoise`` does for diffusion data.
 
 At the seed SNR (25) the per-voxel noise alone puts the median |relative error| of T1 and T2
-near 7–9 % for every estimator (seed 001 reports MC means, not single draws); on the 4-mm
-phantom MP-PCA with 3×3×3 patches brings MIRACLE to ~4 % without measurable bias
-(tests/test_bssfp_preproc.py, tests/test_bssfp_workflow.py).
+near 7–9 % for every estimator (seed 001 reports MC means, not single draws). On the 4-mm
+phantom without motion, MP-PCA with 3×3×3 patches brings MIRACLE to ~4.5 % without measurable
+bias; with the phantom's motion, motion correction spends much of that gain (README, "Accuracy").
 """
 
 from __future__ import annotations
