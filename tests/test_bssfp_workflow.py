@@ -162,7 +162,7 @@ def test_all_maps_and_sidecars(seed_protocol_run):
         side = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
         assert side["Units"] == ("Hz" if path.name.endswith("fieldmap.nii.gz") else "s")
         assert f"bids:raw:sub-01/anat/{stem}_part-mag_bSSFP.nii.gz" in side["Sources"]
-        assert f"bids:raw:sub-01/fmap/sub-01_acq-famp_TB1TFL.nii.gz" in side["Sources"]
+        assert "bids:raw:sub-01/fmap/sub-01_acq-famp_TB1TFL.nii.gz" in side["Sources"]
         assert side["EstimationAlgorithm"] and side["EstimationReference"]
         assert side["RepetitionTimeExcitation"] == pytest.approx(0.0048)
         assert side["FlipAngle"] == pytest.approx(15.0) and len(side["PhaseIncrements"]) == 12

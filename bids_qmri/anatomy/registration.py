@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 LOGGER = logging.getLogger("bids_qmri.anatomy.registration")
 
 
