@@ -1,34 +1,16 @@
-"""Brain mask refinement and three-class tissue segmentation (ANTs Atropos with priors)."""
+"""Three-class tissue segmentation (ANTs Atropos with priors) and Dice overlap."""
 
 from __future__ import annotations
 
 import logging
 
 import numpy as np
-from scipy import ndimage
 
 from .registration import read
 
 LOGGER = logging.getLogger("bids_qmri.anatomy.segmentation")
 
 TISSUES = ("GM", "WM", "CSF")  # dseg values 1, 2, 3 (bids_qmri/data/dseg.tsv)
-
-
-def refine_mask(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Binary brain mask from a warped template mask probability: threshold, keep the largest
-    connected component, close small gaps and fill holes (ventricles stay inside)."""
-    mask = prob >= threshold
-    if not mask.any():
-        return mask
-    labels, n = ndimage.label(mask)
-    if n > 1:
-        sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))
-        mask = labels == (1 + int(np.argmax(sizes)))
-    mask = ndimage.binary_closing(mask, structure=ndimage.generate_binary_structure(3, 1), iterations=2)
-    filled = np.zeros_like(mask)
-    for z in range(mask.shape[2]):  # slice-wise filling also closes sulci open at the surface
-        filled[..., z] = ndimage.binary_fill_holes(mask[..., z])
-    return ndimage.binary_fill_holes(filled | mask)
 
 
 def segment_tissues(t1w, mask, priors: list, *, prior_weight: float = 0.5, mrf: float = 0.1,
