@@ -109,21 +109,23 @@ def test_tissue_dice_against_truth(run):
     assert truth.shape == ours.shape
     scores = {t: dice(truth == i, ours == i) for i, t in ((1, "GM"), (2, "WM"), (3, "CSF"))}
     print("Dice", scores, "brain", dice(truth > 0, ours > 0))
-    assert dice(truth > 0, ours > 0) >= 0.9
-    # Issue 5 asks for >= 0.8 on every class. Measured (SyN on the brain cut out at the
-    # head-affine edge, Parzen-window Atropos; phantom with 10 % of the Table 1 variance within
-    # the head): GM 0.829, WM 0.808, CSF 0.602 (with half the variance within the head: 0.837,
-    # 0.786, 0.545; before the anatomy changes 0.785, 0.770, 0.39). CSF at 3 mm is not met
-    # (partial volume, below). Guards against regressions.
-    assert scores["GM"] >= 0.8 and scores["WM"] >= 0.8 and scores["CSF"] >= 0.57
+    # Brain mask from the brain-affine stage: measured 0.980 (0.948 when the mask came from the
+    # head affine and SyN).
+    assert dice(truth > 0, ours > 0) >= 0.97
+    # Issue 5 asks for >= 0.8 on every class. Measured (brain mask from the template brain's
+    # affine onto the head, SyN inside it, Parzen-window Atropos): GM 0.877, WM 0.819, CSF 0.685
+    # (mask from the head affine: 0.829, 0.808, 0.602; before the anatomy changes 0.785, 0.770,
+    # 0.39). CSF at 3 mm does not reach 0.8 (partial volume, below). Guards against regressions.
+    assert scores["GM"] >= 0.86 and scores["WM"] >= 0.8 and scores["CSF"] >= 0.66
     # CSF at 3 mm is mostly partial volume (hard CSF labels are 3 % of the brain's voxels for a
-    # 10 % CSF volume; a third of them are edge voxels whose other half is skull/marrow):
-    # compare the probabilistic overlap too, which counts partial voxels by their fraction.
+    # 10 % CSF volume; 2/3 of the truth's CSF voxels hold 40-60 % CSF): even the best intensity
+    # threshold inside the true brain mask scores only 0.61. Compare the probabilistic overlap
+    # too, which counts partial voxels by their fraction.
     gt_csf = _load(_gt(run["bids"], f"sub-{SUB}_acq-mprage_label-CSF_probseg.nii.gz")).astype(float)
     our_csf = _load(run["anat"] / f"sub-{SUB}_label-CSF_probseg.nii.gz").astype(float)
     soft = 2 * np.minimum(gt_csf, our_csf).sum() / (gt_csf.sum() + our_csf.sum())
     print("CSF soft Dice", soft, "hard", scores["CSF"])
-    assert soft >= 0.6  # measured 0.639 (was 0.563)
+    assert soft >= 0.65  # measured 0.676 (0.639 with the head-affine mask, 0.563 before)
 
 
 def test_atlas_covers_the_brain(run):
@@ -136,7 +138,7 @@ def test_atlas_covers_the_brain(run):
     # AAL was drawn on Colin27, not on the MNI152 2009 template, and labels GM only: about 80 %
     # of the phantom's GM voxels receive a label, and labels rarely fall outside the brain.
     assert covered >= 0.75
-    assert inside >= 0.9  # measured 0.965 (0.876 before the brain edge stopped growing onto the marrow)
+    assert inside >= 0.95  # measured 0.981 (0.965 with the head-affine mask; 0.876 when SyN grew onto the marrow)
     # Left labels (odd AAL indices) on the left (x < 0 in RAS mm), right ones on the right.
     # Hemispheres: for every AAL pair (odd _L, even _R, indices 1-90) the right label's centroid
     # lies to the right of the left one, along one common left-right axis close to +x (the
@@ -199,7 +201,7 @@ def test_transform_to_template(run):
     moved = reg.apply(str(truth), str(tpl_path), [str(xfm)]).numpy() >= 0.5
     score = dice(moved, tpl.mask.get_fdata() > 0)
     print("brain Dice in template space", score)
-    assert score >= 0.85
+    assert score >= 0.95  # measured 0.974
 
 
 def test_roi_chain_matches_phantom(run, tmp_path):
@@ -248,14 +250,13 @@ def test_roi_table_matches_phantom(run):
     assert set(df["suffix"]) == {"T1map", "T2map"} and set(df["method"]) == {"truth"}
     assert set(df["acq"]) == {ACQ_BSSFP} and set(df["units"]) == {"s"} and set(df["atlas"]) == {"AAL"}
     # Whole pipeline (our segmentation): the region's voxel set differs from the truth's by the
-    # segmentation error, and at 3 mm GM voxels carry CSF partial volume (CSF T2 = 2 s), so the
-    # means move by a few percent; the ROI machinery alone is held to 2 % above.
-    # Measured: T1 GM -3.95 %, WM -0.43 %, WholeBrain -1.36 %; T2 within 0.4 % (with half the
-    # phantom's variance within the head: T1 GM -2.77 %, WM -2.96 %; before the anatomy changes
-    # T1 GM -6.9 % when SyN pushed the brain edge onto the marrow). Issue 5's 2 % target is not
-    # met for T1 GM; the ROI machinery alone is within 2 % (test above). Edge voxels that are
-    # partly skull/marrow (T1 0.4-0.6 s) enter GM through the ~1 mm brain-edge error.
-    _compare_with_direct(run, df, rel=0.04)
+    # segmentation error, so the means can move; issue 5 asks for 2 %. Measured: T1 GM -1.74 to
+    # -1.76 % (2-thread ANTs runs differ slightly), WM -0.47 %, WholeBrain -0.17 %; T2 within
+    # 0.5 %. With the head-affine brain mask T1 GM was -3.95 % (skull/marrow edge voxels, T1
+    # 0.4-0.6 s, entered GM); before the anatomy changes -6.9 % (SyN pushed the brain edge onto
+    # the marrow). Over phantom seeds 2-4 T1 GM was -1.7, -2.1 and -1.2 %: this seed's margin
+    # to 2 % is small.
+    _compare_with_direct(run, df, rel=0.02)
 
 
 def test_report_renders(run):
