@@ -1,9 +1,8 @@
 """The pc-bSSFP workflow end to end on the synthetic phantom against its ground truth
 (``derivatives/groundtruth`` on the bSSFP grid), under MultiProc, with the BIDS validator.
 
-Accuracy is measured in brain tissue: GM and WM of the ground-truth segmentation inside the
-workflow's brain mask (CSF has T1/T2 far outside the networks' training range, SPEC §7, and
-4 mm voxels at the brain surface are mixtures, whose ground truth is a volume average).
+Accuracy is measured in brain tissue (GM and WM of the ground truth inside the workflow's brain
+mask) against a no-processing noise floor, as defined in ``bids_qmri.synth.evaluate``.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from bids_qmri.bids.discovery import b1_for, discover
 from bids_qmri.bids.derivatives import init_derivatives
 from bids_qmri.config import Config
 from bids_qmri.physics.bssfp import BSSFPProtocol
+from bids_qmri.synth.evaluate import error_table, noise_floor, workflow_errors
 from bids_qmri.workflows.bssfp import init_bssfp_wf
 
 pytestmark = pytest.mark.slow
@@ -60,81 +60,15 @@ def _run(bids: Path, out: Path, methods, model_dir: Path, *, work: Path | None =
             "maps": list(nodes["merge_maps"].result.outputs.out), "acq": sess.bssfp[0].acq}
 
 
-# SPEC §7 training distribution of the networks: T1 360–2080 ms, T2 20–120 ms.
-TRAINED_T1 = (0.36, 2.08)
-TRAINED_T2 = (0.02, 0.12)
 SYNTH_SNR = 25.0  # bids_qmri-synth default, the seed's in vivo SNR
 
 
-def _tissue(bids: Path, out: Path, acq: str):
-    gt = bids / "derivatives" / "groundtruth" / "sub-01"
-    mask = nib.load(out / "sub-01" / "anat" / f"sub-01_acq-{acq}_desc-brain_mask.nii.gz").get_fdata() > 0
-    dseg = nib.load(gt / "anat" / f"sub-01_acq-{acq}_dseg.nii.gz").get_fdata()
-    t1 = nib.load(gt / "anat" / f"sub-01_acq-{acq}_T1map.nii.gz").get_fdata()
-    t2 = nib.load(gt / "anat" / f"sub-01_acq-{acq}_T2map.nii.gz").get_fdata()
-    tissue = mask & np.isin(dseg, (1, 2))
-    trained = tissue & (t1 >= TRAINED_T1[0]) & (t1 <= TRAINED_T1[1]) & (t2 >= TRAINED_T2[0]) & (t2 <= TRAINED_T2[1])
-    return {"T1map": t1, "T2map": t2}, tissue, trained
-
-
-def _median_rel(est, ref, where) -> float:
-    return 100 * float(np.median(np.abs(est[where] - ref[where]) / ref[where]))
-
-
 def _errors(bids: Path, out: Path, acq: str, methods) -> dict:
-    """Median |relative error| (%) of T1 and T2 in GM+WM inside the workflow's brain mask, over
-    all of it (``"all"``) and over the voxels inside the networks' training range (``"trained"``)."""
-    truth, tissue, trained = _tissue(bids, out, acq)
-    assert tissue.sum() > 1000 and trained.sum() > 200
-    errors = {}
-    for method in methods:
-        for suffix in ("T1map", "T2map"):
-            est = nib.load(out / "sub-01" / "anat" / f"sub-01_acq-{acq}_desc-{method}_{suffix}.nii.gz").get_fdata()
-            errors[method, suffix, "all"] = _median_rel(est, truth[suffix], tissue)
-            errors[method, suffix, "trained"] = _median_rel(est, truth[suffix], trained)
-    return errors
+    return workflow_errors(bids, out, acq, methods)
 
 
 def _noise_floor(bids: Path, out: Path, acq: str, methods, protocol, model_dir: Path) -> dict:
-    """The same errors without any image processing: the ground-truth parameters of the same
-    voxels simulated (physics.bssfp), with noise at the dataset's SNR, estimated with the true B1.
-    What the workflow adds on top of this is the cost of motion, interpolation, Gibbs removal and
-    B1 processing."""
-    from bids_qmri.fitting.bssfp import estimate_bssfp
-    from bids_qmri.physics.bssfp import bssfp_signal
-    from bids_qmri.physics.noise import add_complex_noise
-    from bids_qmri.preproc.configurations import compute_configurations
-
-    truth, tissue, trained = _tissue(bids, out, acq)
-    gt = bids / "derivatives" / "groundtruth" / "sub-01"
-    load = lambda name: nib.load(gt / name).get_fdata()[tissue]  # noqa: E731
-    b1 = load(f"fmap/sub-01_acq-{acq}_TB1map.nii.gz")
-    b0 = load(f"fmap/sub-01_acq-{acq}_fieldmap.nii.gz")
-    m0 = load(f"anat/sub-01_acq-{acq}_M0map.nii.gz")
-    t1, t2 = truth["T1map"][tissue], truth["T2map"][tissue]
-    tt = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
-    S = bssfp_signal(tt(t1), tt(t2), tt(m0), tt(b1), tt(b0), tr=protocol.tr, te=protocol.te,
-                     flip_rad=protocol.flip_rad, phase_increments_rad=protocol.phase_increments_rad())
-    S = add_complex_noise(S, SYNTH_SNR, torch.Generator().manual_seed(11)).numpy()
-    F = compute_configurations(S, protocol.phase_increments_deg)
-    in_range = trained[tissue]
-    floor = {}
-    for method in methods:
-        maps, _ = estimate_bssfp(method, F, b1, protocol, model_dir=model_dir, seed=1)
-        for suffix, ref in (("T1map", t1), ("T2map", t2)):
-            rel = np.abs(maps[suffix] - ref) / ref
-            floor[method, suffix, "all"] = 100 * float(np.median(rel))
-            floor[method, suffix, "trained"] = 100 * float(np.median(rel[in_range]))
-    return floor
-
-
-def _table(errors: dict, floor: dict) -> str:
-    rows = [f"{'method':12s} {'map':6s} {'all GM+WM':>10s} {'(floor)':>8s} {'trained':>8s} {'(floor)':>8s}"]
-    for (method, suffix, part) in errors:
-        if part == "all":
-            rows.append(f"{method:12s} {suffix:6s} {errors[method, suffix, 'all']:9.2f}% {floor[method, suffix, 'all']:7.2f}% "
-                        f"{errors[method, suffix, 'trained']:7.2f}% {floor[method, suffix, 'trained']:7.2f}%")
-    return "\n".join(rows)
+    return noise_floor(bids, out, acq, methods, protocol, model_dir, snr=SYNTH_SNR)
 
 
 @pytest.fixture(scope="module")
@@ -195,25 +129,28 @@ def test_accuracy_against_ground_truth(seed_protocol_run):
     """Median |relative error| in GM+WM against the ground truth at the default SNR (25).
 
     The noise floor is the same voxels simulated from the ground truth with the same noise and
-    estimated directly (true B1, no image processing, no denoising): 6-9 % for every estimator,
-    the per-voxel CRB at this SNR (issue 4's 5 % is below it). The workflow denoises the phase
-    cycles (MP-PCA), which on this 4-mm phantom without motion gives MIRACLE 4.5/4.3 % (T1/T2,
-    all GM+WM); with the phantom's within-scan motion (~0.3 mm), windowed-sinc resampling,
-    Gibbs removal and B1 registration/filtering the gain is spent and the workflow lands at the
-    floor (measured: MIRACLE 7.8/8.4 % vs floor 7.8/8.7 %; at 2 mm MIRACLE 5.7/6.2 %).
-    Bounds: every method within 1 point of the floor (measured ≤ +0.5), MIRACLE and PINN ≤ 8 %
-    inside the networks' training range (measured ≤ 7.5 %)."""
+    estimated directly (true B1, no image processing, no denoising): 6-12 % here, the per-voxel
+    CRB at this SNR. The workflow denoises the phase cycles (MP-PCA) and corrects the phantom's
+    within-scan motion (~0.3 mm) with the receiver phase kept in the scanner frame, and lands
+    below that floor for every method (measured 0.8-3.4 points below).
+    Issue 4's target, ≤ 5 % for MIRACLE and PINN, holds where the networks are defined (their
+    training range, SPEC §7): measured MIRACLE 4.55 / 4.38 %, PINN 4.31 / 3.60 % (T1 / T2).
+    Over all GM+WM MIRACLE is at 5.7 / 5.7 %: at 4 mm, 59 % of this participant's GM+WM voxels
+    have T2 > 120 ms (CSF partial volume), where the networks saturate and MIRACLE's CRB is higher
+    (3 mm: 4.95 / 4.94 %; 2 mm, every method 3.1-3.4 %: ``benchmarks/bench_bssfp_accuracy.py``)."""
     from bids_qmri.physics.bssfp import seed_protocol
 
     bids, out, result = seed_protocol_run
     errors = _errors(bids, out, result["acq"], METHODS)
     floor = _noise_floor(bids, out, result["acq"], METHODS, seed_protocol(12), bids.parent / "models")
-    print("\nseed protocol, median |relative error| (%), workflow vs noise floor:\n" + _table(errors, floor))
+    print("\nseed protocol, median |relative error| (%), workflow vs noise floor:\n" + error_table(errors, floor))
     for key, value in errors.items():
-        assert value <= floor[key] + 1.0, (key, value, floor[key])
+        assert value <= floor[key], (key, value, floor[key])
     for method in ("pinn", "miracle"):
         for suffix in ("T1map", "T2map"):
-            assert errors[method, suffix, "trained"] <= 8.0, (method, suffix, errors[method, suffix, "trained"])
+            assert errors[method, suffix, "trained"] <= 5.0, (method, suffix, errors[method, suffix, "trained"])
+    for suffix in ("T1map", "T2map"):
+        assert errors["miracle", suffix, "all"] <= 6.0, (suffix, errors["miracle", suffix, "all"])
 
 
 def test_fieldmap_of_complex_networks(seed_protocol_run):
@@ -288,12 +225,14 @@ def test_other_protocol_trains_on_the_fly(seed_protocol_run, tmp_path):
     errors = _errors(bids, tmp_path / "out", "pc8", methods)
     protocol = BSSFPProtocol.with_default_increments(5.0e-3, 2.5e-3, 20.0, 8)
     floor = _noise_floor(bids, tmp_path / "out", "pc8", methods, protocol, tmp_path / "models")
-    print("\nTR 5 ms, FA 20 deg, Npc 8 (trained on the fly), median |relative error| (%):\n" + _table(errors, floor))
+    print("\nTR 5 ms, FA 20 deg, Npc 8 (trained on the fly), median |relative error| (%):\n" + error_table(errors, floor))
+    # Measured: every entry 1.5-5 points below its floor; inside the training range MIRACLE
+    # 5.5 / 5.2 %, PINN 4.8 / 4.2 % (looser than the seed protocol: 8 cycles, no bundled model).
     for key, value in errors.items():
-        assert value <= floor[key] + 4.0, (key, value, floor[key])
+        assert value <= floor[key], (key, value, floor[key])
     for method in methods:
         for suffix in ("T1map", "T2map"):
-            assert errors[method, suffix, "trained"] <= 12.0, (method, suffix, errors[method, suffix, "trained"])
+            assert errors[method, suffix, "trained"] <= 6.5, (method, suffix, errors[method, suffix, "trained"])
 
 
 def test_without_b1_map_warns_in_every_sidecar(tmp_path):

@@ -1,0 +1,106 @@
+"""pc-bSSFP maps of a workflow run against a synthetic dataset's ground truth.
+
+Shared by the workflow tests and ``benchmarks/bench_bssfp_accuracy.py``. Accuracy is the median
+|relative error| of T1 and T2 in brain tissue: GM and WM of the ground-truth segmentation inside
+the workflow's brain mask (CSF has T1/T2 far outside the networks' training range, and voxels at
+the brain surface are mixtures whose ground truth is a volume average). It is reported over all
+of that tissue (``"all"``) and over the voxels inside the networks' training range
+(``"trained"``, SPEC §7: T1 360–2080 ms, T2 20–120 ms), where the networks are defined.
+
+The *noise floor* is the same voxels simulated from the ground truth with noise at the dataset's
+SNR and estimated directly (true B1, no image processing, no denoising): what one voxel's noise
+alone costs each estimator. The workflow's denoising can go below it; motion, interpolation and
+B1 processing add to it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from bids_qmri.training.bssfp import DISTRIBUTIONS
+
+TRAINED_T1 = DISTRIBUTIONS["uniform"]["T1"]
+TRAINED_T2 = DISTRIBUTIONS["uniform"]["T2"]
+SUFFIXES = ("T1map", "T2map")
+
+
+def _truth_dir(bids: Path, sub: str) -> Path:
+    return Path(bids) / "derivatives" / "groundtruth" / f"sub-{sub}"
+
+
+def tissue_masks(bids: Path, out: Path, acq: str, sub: str = "01"):
+    """Ground-truth T1/T2 on the bSSFP grid, the GM+WM voxels inside the workflow's brain mask,
+    and those of them inside the networks' training range."""
+    gt = _truth_dir(bids, sub)
+    mask = nib.load(Path(out) / f"sub-{sub}" / "anat" / f"sub-{sub}_acq-{acq}_desc-brain_mask.nii.gz").get_fdata() > 0
+    dseg = nib.load(gt / "anat" / f"sub-{sub}_acq-{acq}_dseg.nii.gz").get_fdata()
+    truth = {s: nib.load(gt / "anat" / f"sub-{sub}_acq-{acq}_{s}.nii.gz").get_fdata() for s in SUFFIXES}
+    tissue = mask & np.isin(dseg, (1, 2))
+    t1, t2 = truth["T1map"], truth["T2map"]
+    trained = (tissue & (t1 >= TRAINED_T1[0]) & (t1 <= TRAINED_T1[1])
+               & (t2 >= TRAINED_T2[0]) & (t2 <= TRAINED_T2[1]))
+    return truth, tissue, trained
+
+
+def median_relative_error(estimate, reference, where) -> float:
+    """Median |estimate − reference| / reference over ``where``, in percent."""
+    return 100 * float(np.median(np.abs(estimate[where] - reference[where]) / reference[where]))
+
+
+def workflow_errors(bids: Path, out: Path, acq: str, methods, sub: str = "01") -> dict:
+    """``{(method, suffix, "all" | "trained"): median |relative error| (%)}`` of the maps the
+    workflow wrote under ``out``."""
+    truth, tissue, trained = tissue_masks(bids, out, acq, sub)
+    errors = {}
+    for method in methods:
+        for suffix in SUFFIXES:
+            path = Path(out) / f"sub-{sub}" / "anat" / f"sub-{sub}_acq-{acq}_desc-{method}_{suffix}.nii.gz"
+            est = nib.load(path).get_fdata()
+            errors[method, suffix, "all"] = median_relative_error(est, truth[suffix], tissue)
+            errors[method, suffix, "trained"] = median_relative_error(est, truth[suffix], trained)
+    return errors
+
+
+def noise_floor(bids: Path, out: Path, acq: str, methods, protocol, model_dir: Path, *, snr: float,
+                sub: str = "01", seed: int = 11) -> dict:
+    """The errors of ``workflow_errors`` without any image processing (see the module docstring)."""
+    from bids_qmri.fitting.bssfp import estimate_bssfp
+    from bids_qmri.physics.bssfp import bssfp_signal
+    from bids_qmri.physics.noise import add_complex_noise
+    from bids_qmri.preproc.configurations import compute_configurations
+
+    truth, tissue, trained = tissue_masks(bids, out, acq, sub)
+    gt = _truth_dir(bids, sub)
+    load = lambda name: nib.load(gt / name).get_fdata()[tissue]  # noqa: E731
+    b1 = load(f"fmap/sub-{sub}_acq-{acq}_TB1map.nii.gz")
+    b0 = load(f"fmap/sub-{sub}_acq-{acq}_fieldmap.nii.gz")
+    m0 = load(f"anat/sub-{sub}_acq-{acq}_M0map.nii.gz")
+    t1, t2 = truth["T1map"][tissue], truth["T2map"][tissue]
+    tt = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+    S = bssfp_signal(tt(t1), tt(t2), tt(m0), tt(b1), tt(b0), tr=protocol.tr, te=protocol.te,
+                     flip_rad=protocol.flip_rad, phase_increments_rad=protocol.phase_increments_rad())
+    S = add_complex_noise(S, snr, torch.Generator().manual_seed(seed)).numpy()
+    F = compute_configurations(S, protocol.phase_increments_deg)
+    in_range = trained[tissue]
+    floor = {}
+    for method in methods:
+        maps, _ = estimate_bssfp(method, F, b1, protocol, model_dir=model_dir, seed=1)
+        for suffix, ref in (("T1map", t1), ("T2map", t2)):
+            rel = np.abs(maps[suffix] - ref) / ref
+            floor[method, suffix, "all"] = 100 * float(np.median(rel))
+            floor[method, suffix, "trained"] = 100 * float(np.median(rel[in_range]))
+    return floor
+
+
+def error_table(errors: dict, floor: dict) -> str:
+    """Plain-text table: method, map, all GM+WM (floor), inside the training range (floor)."""
+    rows = [f"{'method':12s} {'map':6s} {'all GM+WM':>10s} {'(floor)':>8s} {'trained':>8s} {'(floor)':>8s}"]
+    for (method, suffix, part) in errors:
+        if part == "all":
+            rows.append(f"{method:12s} {suffix:6s} {errors[method, suffix, 'all']:9.2f}% {floor[method, suffix, 'all']:7.2f}% "
+                        f"{errors[method, suffix, 'trained']:7.2f}% {floor[method, suffix, 'trained']:7.2f}%")
+    return "\n".join(rows)
