@@ -279,3 +279,36 @@ def test_estimates_clipped_at_the_training_range_are_flagged(tmp_path):
     assert np.allclose(maps["T2map"], 0.2, rtol=0.01) and "warnings" not in prov
     maps, prov = estimate_bssfp("svnn", configs(1.0, 0.07), b1, p, model_dir=tmp_path, seed=0)
     assert "warnings" not in prov and prov["voxels_at_range_limits"]["T2map"] == {"low": 0, "high": 0}
+
+
+def test_own_model_in_model_dir_replaces_the_bundled_one(tmp_path, capsys):
+    """`bids_qmri-train --model-dir DIR` installs a model where `bids_qmri --model-dir DIR` finds
+    it, ahead of the bundled one: here an SVNN on the wider `uniform_extended` distribution
+    (T2 up to 2.5 s) for the seed protocol, which is not clipped at the bundled nets' 120 ms."""
+    from bids_qmri.physics.bssfp import bssfp_signal
+    from bids_qmri.preproc.configurations import compute_configurations
+
+    p = seed_protocol(12)
+    sidecar = tmp_path / "bssfp.json"
+    sidecar.write_text(json.dumps(p.as_dict()))
+    models = tmp_path / "models"
+    rc = train_main(["--method", "svnn", "--sidecar", str(sidecar), "--distribution", "uniform_extended",
+                     "--samples", "20000", "--epochs", "5", "--model-dir", str(models)])
+    assert rc == 0 and f"--model-dir {models} uses it" in capsys.readouterr().out
+    assert (models / p.key() / "protocol.json").exists()
+
+    _, bundled = registry.get_model("svnn", p, model_dir=None, allow_training=False)
+    _, own = registry.get_model("svnn", p, model_dir=models, allow_training=False)
+    assert bundled["origin"] == "bundled"
+    assert own["origin"] == "trained with bids_qmri-train" and own["path"].startswith(str(models))
+    assert own["parameter_ranges"]["T2"][1] == pytest.approx(2.5)
+
+    n = 200
+    S = bssfp_signal(torch.full((n,), 1.8, dtype=torch.float64), torch.full((n,), 0.2, dtype=torch.float64),
+                     torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64),
+                     torch.linspace(-20, 20, n, dtype=torch.float64), tr=p.tr, te=p.te, flip_rad=p.flip_rad,
+                     phase_increments_rad=p.phase_increments_rad())
+    F = compute_configurations(S.numpy(), p.phase_increments_deg)
+    maps, prov = estimate_bssfp("svnn", F, np.ones(n), p, model_dir=models, seed=0)
+    assert prov["model_card"]["origin"] == "trained with bids_qmri-train" and "warnings" not in prov
+    assert np.median(maps["T2map"]) > 0.14  # the bundled net returns 0.12 for all of them

@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="atlas for ROI statistics: AAL (default), AICHA, JHU, or LABELS.nii.gz:TABLE for your own")
     g.add_argument("--template", default="MNI152NLin2009aSym", help="template space for registration (default: MNI152NLin2009aSym)")
     g.add_argument("--model-dir", type=Path, default=None,
-                   help="cache for models trained on the fly (default: $BIDS_QMRI_MODEL_DIR or "
-                        "~/.cache/bids_qmri/models)")
+                   help="models trained on the fly, or your own from `bids_qmri-train --model-dir`, which "
+                        "replace the bundled ones (default: $BIDS_QMRI_MODEL_DIR or ~/.cache/bids_qmri/models)")
     g.add_argument("--b1-prep-angle", type=float, default=80.0, metavar="DEG",
                    help="nominal preparation flip angle of Siemens tfl_b1_map (TB1TFL): B1 = famp/(10*DEG) "
                         "(default: 80)")

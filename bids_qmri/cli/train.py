@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--origin", default="trained with bids_qmri-train",
                    help="provenance text recorded in the card (e.g. 'bundled')")
-    p.add_argument("--out-dir", type=Path, required=True, help="where the weights and card go")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out-dir", type=Path, help="where the weights and card go")
+    where.add_argument("--model-dir", type=Path,
+                       help="install the model where `bids_qmri --model-dir DIR` finds it (DIR/<protocol key>/); "
+                            "there it replaces the bundled model of the same method and protocol")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("--version", action="version", version=f"bids_qmri-train {__version__}")
     return p
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     protocol = _protocol(args, parser)
 
-    from bids_qmri.models.registry import model_stem, save_model
+    from bids_qmri.models.registry import cache_dir, model_stem, save_model
+    from bids_qmri.utils.atomic import write_json_atomic
     from bids_qmri.training.bssfp import TrainConfig, train_bssfp_net
 
     try:
@@ -111,9 +116,13 @@ def main(argv=None) -> int:
         parser.exit(EXIT_USAGE, f"bids_qmri-train: error: {exc}\n")
     net, card = train_bssfp_net(protocol, cfg)
     stem = model_stem(args.method, protocol)
-    weights = save_model(net, card, args.out_dir, stem, origin=args.origin)
+    out_dir = cache_dir(args.model_dir, protocol) if args.model_dir else args.out_dir
+    weights = save_model(net, card, out_dir, stem, origin=args.origin)
     print(f"{weights} (epochs {card['training']['epochs_run']}, best {card['training']['best_epoch']}, "
           f"validation loss {card['validation_loss']:.4g})")
+    if args.model_dir:
+        write_json_atomic(out_dir / "protocol.json", protocol.as_dict())
+        print(f"bids_qmri --model-dir {args.model_dir} uses it for {protocol.describe()} ({args.method})")
     return EXIT_OK
 
 

@@ -81,7 +81,9 @@ def _range_limits(method: str, maps: dict, ranges: dict) -> tuple[dict, list[str
             if values.size and n / values.size > RANGE_LIMIT_WARNING_FRACTION:
                 warnings.append(f"{method}: {100 * n / values.size:.0f} % of the {key} estimates sit at the {end} "
                                 f"end of the network's training range ({1000 * limit:.0f} ms) and are clipped "
-                                "there; compare with MIRACLE, or train a model on a wider distribution")
+                                "there; compare with MIRACLE, or train a model on a wider distribution "
+                                f"(bids_qmri-train --method {method} --distribution uniform_extended --model-dir DIR, "
+                                "then run with --model-dir DIR)")
     return counts, warnings
 
 

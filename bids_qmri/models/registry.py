@@ -28,6 +28,7 @@ from bids_qmri.utils.atomic import atomic_path, write_json_atomic
 __all__ = [
     "BUNDLED_DIR",
     "ON_THE_FLY",
+    "cache_dir",
     "get_model",
     "load_model",
     "model_stem",
@@ -118,6 +119,11 @@ def _find(directory: Path, stem: str) -> Path | None:
     return w if w.is_file() and w.with_suffix(".json").is_file() else None
 
 
+def cache_dir(model_dir: str | os.PathLike, protocol: BSSFPProtocol) -> Path:
+    """Where ``--model-dir`` keeps the models of ``protocol`` (one folder per protocol key)."""
+    return Path(model_dir) / protocol.key()
+
+
 def get_model(
     method: str,
     protocol: BSSFPProtocol,
@@ -127,44 +133,47 @@ def get_model(
     allow_training: bool = True,
     train_overrides: dict | None = None,
 ) -> tuple[BSSFPNet, dict]:
-    """The network for ``method`` and ``protocol``: bundled, cached, or trained now and cached.
+    """The network for ``method`` and ``protocol``: from ``model_dir``, bundled, or trained now
+    and cached in ``model_dir``.
 
-    The returned card says where the model came from (``origin``: bundled / cached on-the-fly /
-    trained on the fly) and where its file is (``path``).
+    A model in ``model_dir`` comes first, so a user's own model (``bids_qmri-train --model-dir``,
+    e.g. on a wider T1/T2 distribution) replaces a bundled one; the app itself only trains for
+    protocols without a bundled model. The returned card says where the model came from
+    (``origin``) and where its file is (``path``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown network method {method!r}; use one of {sorted(METHODS)}")
     stem = model_stem(method, protocol)
+    cache = cache_dir(model_dir, protocol) if model_dir is not None else None
+    found = _find(cache, stem) if cache is not None else None
+    if found is not None:
+        net, card = load_model(found)
+        return net, {**card, "path": str(found), "reused": True}
     found = _find(BUNDLED_DIR, stem)
     if found is not None:
         net, card = load_model(found)
         return net, {**card, "path": str(found)}
-    if model_dir is None:
+    if cache is None:
         if not allow_training:
             raise FileNotFoundError(f"no bundled {method} model for {protocol.describe()}")
         raise ValueError(
             f"no bundled {method} model for {protocol.describe()}: pass --model-dir so a model "
             "can be trained and cached"
         )
-    cache = Path(model_dir) / protocol.key()
-    found = _find(cache, stem)
-    if found is None:
-        if not allow_training:
-            raise FileNotFoundError(
-                f"no {method} model for {protocol.describe()} in {cache} and training is off"
-            )
-        with _locked(cache / f"{stem}.lock"):
-            found = _find(cache, stem)  # another job may have trained it while we waited
-            if found is None:
-                settings = {**ON_THE_FLY[method], **(train_overrides or {})}
-                log.info("training a %s model on the fly for %s (%s)", method, protocol.describe(), settings)
-                cfg = TrainConfig(method=method, seed=seed, **settings)
-                net, card = train_bssfp_net(protocol, cfg)
-                card.pop("history", None)
-                save_model(net, card, cache, stem, origin="trained on the fly")
-                write_json_atomic(cache / "protocol.json", protocol.as_dict())
-                found = cache / f"{stem}.safetensors"
-                net, card = load_model(found)
-                return net, {**card, "path": str(found), "reused": False}
+    if not allow_training:
+        raise FileNotFoundError(f"no {method} model for {protocol.describe()} in {cache} and training is off")
+    with _locked(cache / f"{stem}.lock"):
+        found = _find(cache, stem)  # another job may have trained it while we waited
+        if found is None:
+            settings = {**ON_THE_FLY[method], **(train_overrides or {})}
+            log.info("training a %s model on the fly for %s (%s)", method, protocol.describe(), settings)
+            cfg = TrainConfig(method=method, seed=seed, **settings)
+            net, card = train_bssfp_net(protocol, cfg)
+            card.pop("history", None)
+            save_model(net, card, cache, stem, origin="trained on the fly")
+            write_json_atomic(cache / "protocol.json", protocol.as_dict())
+            found = cache / f"{stem}.safetensors"
+            net, card = load_model(found)
+            return net, {**card, "path": str(found), "reused": False}
     net, card = load_model(found)
     return net, {**card, "path": str(found), "reused": True}
