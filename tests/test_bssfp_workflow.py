@@ -23,7 +23,7 @@ from bids_qmri.bids.discovery import b1_for, discover
 from bids_qmri.bids.derivatives import init_derivatives
 from bids_qmri.config import Config
 from bids_qmri.physics.bssfp import BSSFPProtocol
-from bids_qmri.synth.evaluate import error_table, noise_floor, workflow_errors
+from bids_qmri.synth.evaluate import error_table, noise_floor, tissue_masks, workflow_errors
 from bids_qmri.workflows.bssfp import init_bssfp_wf
 
 pytestmark = pytest.mark.slow
@@ -61,14 +61,6 @@ def _run(bids: Path, out: Path, methods, model_dir: Path, *, work: Path | None =
 
 
 SYNTH_SNR = 25.0  # bids_qmri-synth default, the seed's in vivo SNR
-
-
-def _errors(bids: Path, out: Path, acq: str, methods) -> dict:
-    return workflow_errors(bids, out, acq, methods)
-
-
-def _noise_floor(bids: Path, out: Path, acq: str, methods, protocol, model_dir: Path) -> dict:
-    return noise_floor(bids, out, acq, methods, protocol, model_dir, snr=SYNTH_SNR)
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +133,8 @@ def test_accuracy_against_ground_truth(seed_protocol_run):
     from bids_qmri.physics.bssfp import seed_protocol
 
     bids, out, result = seed_protocol_run
-    errors = _errors(bids, out, result["acq"], METHODS)
-    floor = _noise_floor(bids, out, result["acq"], METHODS, seed_protocol(12), bids.parent / "models")
+    errors = workflow_errors(bids, out, result["acq"], METHODS)
+    floor = noise_floor(bids, out, result["acq"], METHODS, seed_protocol(12), bids.parent / "models", snr=SYNTH_SNR)
     print("\nseed protocol, median |relative error| (%), workflow vs noise floor:\n" + error_table(errors, floor))
     for key, value in errors.items():
         assert value <= floor[key], (key, value, floor[key])
@@ -159,9 +151,7 @@ def test_fieldmap_of_complex_networks(seed_protocol_run):
     bids, out, result = seed_protocol_run
     acq = result["acq"]
     gt = nib.load(bids / "derivatives" / "groundtruth" / "sub-01" / "fmap" / f"sub-01_acq-{acq}_fieldmap.nii.gz").get_fdata()
-    mask = nib.load(result["brain_mask"]).get_fdata() > 0
-    dseg = nib.load(bids / "derivatives" / "groundtruth" / "sub-01" / "anat" / f"sub-01_acq-{acq}_dseg.nii.gz").get_fdata()
-    tissue = mask & np.isin(dseg, (1, 2))
+    _, tissue, _ = tissue_masks(bids, out, acq)
     period = 1 / 0.0048
     for method in COMPLEX:
         est = nib.load(out / "sub-01" / "fmap" / f"sub-01_acq-{acq}_desc-{method}_fieldmap.nii.gz").get_fdata()
@@ -222,9 +212,9 @@ def test_other_protocol_trains_on_the_fly(seed_protocol_run, tmp_path):
     assert side["RepetitionTimeExcitation"] == pytest.approx(5.0e-3) and side["FlipAngle"] == pytest.approx(20.0)
     assert len(side["PhaseIncrements"]) == 8
     assert list((tmp_path / "models").rglob("pinn_npc8_*.safetensors"))
-    errors = _errors(bids, tmp_path / "out", "pc8", methods)
+    errors = workflow_errors(bids, tmp_path / "out", "pc8", methods)
     protocol = BSSFPProtocol.with_default_increments(5.0e-3, 2.5e-3, 20.0, 8)
-    floor = _noise_floor(bids, tmp_path / "out", "pc8", methods, protocol, tmp_path / "models")
+    floor = noise_floor(bids, tmp_path / "out", "pc8", methods, protocol, tmp_path / "models", snr=SYNTH_SNR)
     print("\nTR 5 ms, FA 20 deg, Npc 8 (trained on the fly), median |relative error| (%):\n" + error_table(errors, floor))
     # Measured: every entry 1.5-5 points below its floor; inside the training range MIRACLE
     # 5.5 / 5.2 %, PINN 4.8 / 4.2 % (looser than the seed protocol: 8 cycles, no bundled model).
