@@ -461,8 +461,9 @@ Synthetic quantitative MRI dataset written by bids_qmri-synth
 
 Generated with: {provenance}
 
-A digital brain phantom (MNI152 2009 template GM/WM maps from nilearn, CSF and a skull/fat/skin
-head shell, random smooth deformation per participant) with tissue T1, T2 and proton density
+A digital brain phantom (a crisp GM/WM/CSF anatomy made from the MNI152 2009 template maps in
+nilearn, each tissue keeping its volume; a skull/fat/skin head shell; random smooth deformation
+per participant; partial volume from the voxel size) with tissue T1, T2 and proton density
 drawn per participant from Sabidussi et al. Table 1, qMT parameters, a smooth B1 field and a
 susceptibility-based off-resonance field. Sessions of one participant share the tissue
 parameters; B1/B0 fields, head position, receiver phase and noise are new in every session.
