@@ -294,7 +294,8 @@ def build_anatomy(grid: Grid, scaling: np.ndarray, displacement: np.ndarray
     gm_t, wm_t, csf_t, aff = _template_at(res)
     coords = template_coordinates(grid, scaling, displacement)
     gm, wm, csf = (_sample_template(v, aff, coords) for v in (gm_t, wm_t, csf_t))
-    # Interpolation keeps the sum at most 1 (the indicators partition the template).
+    # The indicators partition the template, so their filtered, linearly interpolated values sum
+    # to at most 1; the rescale only guards float round-off.
     total = gm + wm + csf
     scale = np.where(total > 1.0, 1.0 / np.maximum(total, 1e-6), 1.0)
     gm, wm, csf = gm * scale, wm * scale, csf * scale
