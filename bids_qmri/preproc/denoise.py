@@ -9,9 +9,9 @@ on the raw series, where the noise is still independent between voxels (motion c
 interpolates and correlates it), as MRtrix's ``dwidenoise`` does for diffusion data.
 
 At the seed SNR (25) the per-voxel noise alone puts the median |relative error| of T1 and T2
-near 7–9 % for every estimator (seed 001 reports MC means, not single draws). On the 4-mm
-phantom without motion, MP-PCA with 3×3×3 patches brings MIRACLE to ~4.5 % without measurable
-bias; with the phantom's motion, motion correction spends much of that gain (README, "Accuracy").
+near 7–9 % for every estimator (seed 001 reports MC means, not single draws). With MP-PCA
+(3×3×3 patches) and motion correction the whole app lands at 3.6–3.9 % on the 2 mm phantom,
+every method (README, "Accuracy"; ``benchmarks/bench_bssfp_accuracy.py``).
 
 :func:`mppca` is our batched implementation of the algorithm as dipy's ``localpca.genpca`` runs
 it (``pca_method="eig"``, Marchenko–Pastur noise classifier, overlapping patches weighted by
