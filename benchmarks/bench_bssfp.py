@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bids_qmri.fitting.bssfp import estimate_bssfp
+from bids_qmri.modalities.bssfp.estimate import estimate_bssfp
 from bids_qmri.fitting.miracle import miracle_reference
 from bids_qmri.physics.bssfp import configurations, remove_receiver_phase, seed_protocol
 from bids_qmri.physics.noise import add_complex_noise
-from bids_qmri.training.bssfp import (
+from bids_qmri.modalities.bssfp.training import (
     TrainConfig,
     sample_parameters,
     signal_to_features,

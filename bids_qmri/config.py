@@ -10,13 +10,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Mapping methods per modality (SPEC §4 `desc-<method>`); `--methods` selects among these.
-ALL_METHODS: dict[str, tuple[str, ...]] = {
-    "bssfp": ("miracle", "svnn", "pinn", "svnncomplex", "pinncomplex"),
-}
-DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
-    "bssfp": ("miracle", "svnn", "pinn", "svnncomplex", "pinncomplex"),
-}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _default_methods() -> dict[str, tuple[str, ...]]:
+    """Every registered modality's default methods (``bids_qmri.modalities``)."""
+    from . import modalities
+
+    return modalities.default_methods()
 
 
 def default_model_dir() -> Path:
@@ -42,7 +43,7 @@ class Config:
     omp_nthreads: int = 0  # 0: min(nprocs, 8)
     mem_gb: float | None = None
     plugin_file: Path | None = None
-    methods: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_METHODS))
+    methods: dict[str, tuple[str, ...]] = field(default_factory=_default_methods)
     atlas: str = "AAL"  # a name, or "LABELS.nii.gz:TABLE" path pair
     template: str = "MNI152NLin2009aSym"
     model_dir: Path = field(default_factory=default_model_dir)
@@ -52,9 +53,11 @@ class Config:
     verbose: int = 0
     # B1 from Siemens tfl_b1_map: famp holds 10x the achieved preparation angle (deg).
     b1_prep_angle_deg: float = 80.0
-    gibbs_removal: bool = True
-    # Denoising of the raw pc-bSSFP phase cycles: "mppca" or "none" (preproc.denoise).
-    bssfp_denoise: str = "mppca"
+    # Where torch runs: "auto" (CUDA when present), "cpu" or "cuda" (recorded in the sidecars).
+    device: str = "auto"
+    # Options a modality declares (``Modality.run_options``, e.g. ``bssfp_denoise``): dest -> value.
+    # Absent keys take the modality's default.
+    options: dict = field(default_factory=dict)
     # Partial-volume handling of ROI statistics: keep voxels with tissue probability >= this.
     pv_threshold: float = 0.5
     # Bootstrap replicates for group agreement statistics (SPEC §4, seed 002).
@@ -62,3 +65,21 @@ class Config:
 
     def resolved_work_dir(self) -> Path:
         return Path(self.work_dir) if self.work_dir else Path(self.output_dir).parent / "work"
+
+    def omp_threads(self) -> int:
+        """Threads per process: ``--omp-nthreads``, else min(``--nprocs`` or the cores, 8)."""
+        if self.omp_nthreads:
+            return int(self.omp_nthreads)
+        nprocs = self.nprocs or available_cores()
+        return max(1, min(int(nprocs), 8))
+
+    def torch_device(self) -> str:
+        """``--device`` resolved: "auto" is "cuda" when torch sees a GPU, else "cpu"."""
+        from .utils.device import resolve_device
+
+        return resolve_device(self.device)
+
+
+def available_cores() -> int:
+    """Cores this process may use (the affinity mask of a Slurm or container job)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -14,6 +14,8 @@ import nibabel as nb
 import numpy as np
 import pytest
 
+from bids_qmri.modalities import bidsignore_lines
+
 pytestmark = pytest.mark.slow
 
 SUB = "01"
@@ -33,7 +35,7 @@ def test_tissue_dice_at_1mm(tmp_path):
                   progress=False)
     out = tmp_path / "out"
     config = Config(bids_dir=bids, output_dir=out, work_dir=tmp_path / "work", omp_nthreads=2, nprocs=2, seed=0)
-    init_derivatives(out, bids)
+    init_derivatives(out, bids, extra_ignore=bidsignore_lines())
     t1w = bids / f"sub-{SUB}" / "anat" / f"sub-{SUB}_acq-mprage_T1w.nii.gz"
     wf = pe.Workflow(name="test_anat_1mm", base_dir=str(tmp_path / "work"))
     wf.add_nodes([init_anat_wf(t1w, SUB, None, config)])

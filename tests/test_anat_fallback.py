@@ -8,6 +8,8 @@ import nibabel as nb
 import numpy as np
 import pytest
 
+from bids_qmri.modalities import bidsignore_lines
+
 pytestmark = pytest.mark.slow
 
 
@@ -24,7 +26,7 @@ def test_anat_without_t1w_uses_reference(tmp_path):
     write_dataset(bids, SynthOptions(participants=1, sessions=0, resolution=4.0, seed=5, kinds=("bssfp",)),
                   progress=False)
     out = tmp_path / "out"
-    init_derivatives(out, bids)
+    init_derivatives(out, bids, extra_ignore=bidsignore_lines())
     mag = nb.load(bids / "sub-01" / "anat" / "sub-01_acq-pc12_part-mag_bSSFP.nii.gz")
     ref = out / "sub-01" / "anat" / "sub-01_acq-pc12_desc-ref_bSSFP.nii.gz"
     ref.parent.mkdir(parents=True)

@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bids_qmri.modalities import bidsignore_lines
+
 pytestmark = pytest.mark.slow
 
 SUB = "01"
@@ -46,7 +48,7 @@ def run(tmp_path_factory):
                   progress=False)
     out = root / "out"
     config = Config(bids_dir=bids, output_dir=out, work_dir=root / "work", omp_nthreads=2, nprocs=2, seed=0)
-    init_derivatives(out, bids)
+    init_derivatives(out, bids, extra_ignore=bidsignore_lines())
     t1w = bids / f"sub-{SUB}" / "anat" / f"sub-{SUB}_acq-mprage_T1w.nii.gz"
     anat_dir = out / f"sub-{SUB}" / "anat"
     anat_dir.mkdir(parents=True, exist_ok=True)

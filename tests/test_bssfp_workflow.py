@@ -22,9 +22,10 @@ import torch
 from bids_qmri.bids.discovery import b1_for, discover
 from bids_qmri.bids.derivatives import init_derivatives
 from bids_qmri.config import Config
+from bids_qmri.modalities import bidsignore_lines
 from bids_qmri.physics.bssfp import BSSFPProtocol
 from bids_qmri.synth.evaluate import error_table, noise_floor, tissue_masks, workflow_errors
-from bids_qmri.workflows.bssfp import init_bssfp_wf
+from bids_qmri.modalities.bssfp.workflow import init_bssfp_wf
 
 pytestmark = pytest.mark.slow
 
@@ -46,10 +47,10 @@ def _run(bids: Path, out: Path, methods, model_dir: Path, *, work: Path | None =
     config = Config(bids_dir=bids, output_dir=out, work_dir=work or out.parent / f"{out.name}_work",
                     methods={"bssfp": tuple(methods)}, nprocs=2, omp_nthreads=1, model_dir=model_dir, seed=1)
     sessions = discover(config)
-    assert len(sessions) == 1 and len(sessions[0].bssfp) == 1
+    assert len(sessions) == 1 and len(sessions[0].inputs["bssfp"]) == 1
     sess = sessions[0]
-    init_derivatives(out, bids)
-    wf = init_bssfp_wf(sess.bssfp[0], b1_for(sess, sess.bssfp[0]), sess.subject, sess.session, config,
+    init_derivatives(out, bids, extra_ignore=bidsignore_lines())
+    wf = init_bssfp_wf(sess.inputs["bssfp"][0], b1_for(sess, sess.inputs["bssfp"][0]), sess.subject, sess.session, config,
                        name="bssfp_wf")
     wf.base_dir = str(config.resolved_work_dir())
     graph = wf.run(plugin="MultiProc", plugin_args={"n_procs": 2, "maxtasksperchild": 1})
@@ -57,7 +58,7 @@ def _run(bids: Path, out: Path, methods, model_dir: Path, *, work: Path | None =
     nodes = {n.name: n for n in graph.nodes()}
     derivatives = nodes["derivatives"].result.outputs
     return {"ref_image": derivatives.ref_image, "brain_mask": derivatives.brain_mask,
-            "maps": list(nodes["merge_maps"].result.outputs.out), "acq": sess.bssfp[0].acq}
+            "maps": list(nodes["merge_maps"].result.outputs.out), "acq": sess.inputs["bssfp"][0].acq}
 
 
 SYNTH_SNR = 25.0  # bids_qmri-synth default, the seed's in vivo SNR

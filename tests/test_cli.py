@@ -9,7 +9,10 @@ import pytest
 
 import bids_qmri
 from bids_qmri.cli import run as cli
-from bids_qmri.config import ALL_METHODS, DEFAULT_METHODS
+from bids_qmri import modalities
+
+ALL_METHODS = modalities.all_methods()
+DEFAULT_METHODS = modalities.default_methods()
 from bids_qmri.errors import EXIT_FAILED, EXIT_INPUT, EXIT_OK, EXIT_USAGE, UsageError
 from helpers import make_bssfp_dataset, run_cli, tree
 
@@ -138,14 +141,19 @@ def test_workflow_failure_exit_code_and_continue(tmp_path, monkeypatch, capsys):
     assert "bids_qmri: error: 1 of 2 participant(s) failed: sub-01" in err
 
 
-@pytest.mark.parametrize("name", ["qmri_irt1", "qmri_mese", "qmri_tb1tfl", "qmri_vfa", "qmri_megre"])
-def test_examples_run_ends_cleanly_with_nothing_to_process(bids_examples, tmp_path, name):
+@pytest.mark.parametrize("name, why", [
+    # a B1 map serves a mapped input; alone it is not "unprocessed" (it is used when it can be)
+    ("qmri_tb1tfl", "TB1TFL (used only beside an input that is mapped)"),
+    ("qmri_vfa", "TB1AFI, VFA (not processed by this version)"),
+    ("qmri_megre", "MEGRE (not processed by this version)"),
+])
+def test_examples_run_ends_cleanly_with_nothing_to_process(bids_examples, tmp_path, name, why):
     out = tmp_path / "out"
     proc = run_cli(bids_examples / name, out, "participant", "--skip-bids-validation", "-w", tmp_path / "w")
     assert proc.returncode == EXIT_INPUT, proc.stderr
     assert "Traceback" not in proc.stderr
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("bids_qmri: error:")]
-    assert "no processable input" in line and "not processed by this version" in line
+    assert "no processable input" in line and f"found {why}" in line, line
     assert tree(out) == []
 
 
@@ -227,3 +235,37 @@ def test_run_participants_attributes_failures_to_participants(tmp_path, monkeypa
     assert crash.parent == (tmp_path / "work" / "logs" / "sub-02").resolve()
     assert "simulated failure of sub-02" in crash.read_text()
     assert list((tmp_path / "work").rglob("result_check.pklz"))  # sub-01's node finished
+
+
+def test_progress_lines_name_participant_session_step_and_count():
+    import io
+    from types import SimpleNamespace
+
+    from bids_qmri.cli.progress import Progress, describe_node
+
+    ticks = iter([0.0, 1.0, 61.0, 3725.0, 3726.0])
+    stream = io.StringIO()
+    progress = Progress(3, verbose=1, stream=stream, clock=lambda: next(ticks))
+    node = SimpleNamespace(fullname="bids_qmri_wf.sub_01_wf.single_subject_01_ses_02_wf.bssfp_pc12_wf.estimate_miracle")
+    progress(node, "start")
+    progress(node, "end")
+    progress(SimpleNamespace(fullname="bids_qmri_wf.sub_01_wf.single_subject_01_wf.anat_wf.segment"), "exception")
+    lines = stream.getvalue().splitlines()
+    assert lines == [
+        "bids_qmri: [00:00:01] 0/3 started sub-01 ses-02 · bssfp_pc12 · estimate_miracle",
+        "bids_qmri: [00:01:01] 1/3 sub-01 ses-02 · bssfp_pc12 · estimate_miracle done",
+        "bids_qmri: [01:02:05] 2/3 sub-01 · anat · segment FAILED (details in the crash file)",
+    ]
+    assert progress.summary() == "2 of 3 steps run in 01:02:06, 1 failed"
+    assert describe_node("bids_qmri_wf.sub_03_wf.single_subject_03_wf.roi_wf.roi_stats") == "sub-03 · roi · roi_stats"
+
+
+def test_device_option(tiny, tmp_path, monkeypatch):
+    import torch
+
+    c = _config([tiny, tmp_path / "out", "participant", "--device", "cpu"])
+    assert c.device == "cpu" and c.torch_device() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _config([tiny, tmp_path / "out", "participant"]).torch_device() == "cpu"  # auto without a GPU
+    with pytest.raises(UsageError, match="--device cuda: torch sees no CUDA GPU"):
+        _config([tiny, tmp_path / "out", "participant", "--device", "cuda"])

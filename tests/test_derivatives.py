@@ -13,6 +13,7 @@ import pytest
 
 from bids_qmri import __version__
 from bids_qmri.bids import derivatives as D
+from bids_qmri.modalities import bidsignore_lines
 from bids_qmri.utils.atomic import leftover_temporaries
 from helpers import make_bssfp_dataset, validate_bids
 
@@ -88,7 +89,7 @@ def test_save_tsv_uses_na(tmp_path):
 def test_dataset_description_and_container(tmp_path, monkeypatch):
     raw = make_bssfp_dataset(tmp_path / "raw", b1=None, t1w=False)
     monkeypatch.setenv("APPTAINER_NAME", "bids_qmri_0.1.0.sif")
-    out = D.init_derivatives(tmp_path / "out", raw)
+    out = D.init_derivatives(tmp_path / "out", raw, extra_ignore=bidsignore_lines())
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative"
     gen = desc["GeneratedBy"][0]
@@ -103,10 +104,10 @@ def test_dataset_description_and_container(tmp_path, monkeypatch):
 
 def test_init_derivatives_is_idempotent_and_keeps_user_lines(tmp_path):
     raw = make_bssfp_dataset(tmp_path / "raw", b1=None, t1w=False)
-    out = D.init_derivatives(tmp_path / "out", raw)
+    out = D.init_derivatives(tmp_path / "out", raw, extra_ignore=bidsignore_lines())
     (out / ".bidsignore").write_text((out / ".bidsignore").read_text() + "extra/\n")
     stamp = (out / "dataset_description.json").stat().st_mtime_ns
-    D.init_derivatives(out, raw)
+    D.init_derivatives(out, raw, extra_ignore=bidsignore_lines())
     assert (out / "dataset_description.json").stat().st_mtime_ns == stamp  # not rewritten
     lines = (out / ".bidsignore").read_text().splitlines()
     assert "extra/" in lines and lines.count("*_bSSFP.*") == 1
@@ -115,7 +116,7 @@ def test_init_derivatives_is_idempotent_and_keeps_user_lines(tmp_path):
 def _init_many(args):
     out, raw, n = args
     for _ in range(n):
-        D.init_derivatives(out, raw)
+        D.init_derivatives(out, raw, extra_ignore=bidsignore_lines())
         json.loads((Path(out) / "dataset_description.json").read_text())  # always complete
     return True
 
@@ -126,14 +127,14 @@ def test_concurrent_init_derivatives(tmp_path):
     with mp.get_context("spawn").Pool(4) as pool:
         assert all(pool.map(_init_many, [(str(out), str(raw), 25)] * 8))
     json.loads((out / "dataset_description.json").read_text())
-    assert (out / ".bidsignore").read_text() == D.bidsignore_text()
+    assert (out / ".bidsignore").read_text() == D.bidsignore_text(bidsignore_lines())
     assert leftover_temporaries(out) == []
 
 
 def test_written_derivatives_pass_the_validator(tmp_path):
     """Every kind of file the app writes, named by the writer, passes bids-validator-deno."""
     raw = make_bssfp_dataset(tmp_path / "raw", sessions=("1",))
-    out = D.init_derivatives(tmp_path / "out", raw)
+    out = D.init_derivatives(tmp_path / "out", raw, extra_ignore=bidsignore_lines())
     kw = dict(subject="01", session="1")
     src = [D.bids_uri(raw, raw / "sub-01/ses-1/anat/sub-01_ses-1_acq-pc4_part-mag_bSSFP.nii.gz")]
     vol = np.random.default_rng(1).random((4, 4, 4))
@@ -196,5 +197,5 @@ def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
     other_host = out / "sub-01" / "anat" / f"{TMP_PREFIX}otherhost-{dead}-ghi.nii.gz"
     for p in (stale, live, other_host):
         p.write_bytes(b"partial")
-    D.init_derivatives(out, raw)
+    D.init_derivatives(out, raw, extra_ignore=bidsignore_lines())
     assert not stale.exists() and live.exists() and other_host.exists()

@@ -15,6 +15,7 @@ from bids_qmri.config import Config
 from bids_qmri.errors import InputError
 from bids_qmri.group import run_group, stats
 from bids_qmri.group.collect import ROI_COLUMNS, read_roi_table
+from bids_qmri.modalities import bidsignore_lines
 
 REGIONS = [(1, "Precentral_L"), (2, "Precentral_R"), (3, "Thalamus_L"), (4, "Thalamus_R")]
 BASE_T1 = {1: 1.20, 2: 1.25, 3: 0.90, 4: 0.95}  # seconds
@@ -286,7 +287,7 @@ def test_group_outputs_keep_a_valid_derivative_dataset(cohort):
     from bids_qmri.bids.derivatives import init_derivatives
 
     cfg, _ = cohort
-    init_derivatives(cfg.output_dir, cfg.bids_dir)
+    init_derivatives(cfg.output_dir, cfg.bids_dir, extra_ignore=bidsignore_lines())
     run_group(cfg)
     res = validate_bids(cfg.output_dir, derivative=True)
     assert res.ok, res.summary()
@@ -318,7 +319,7 @@ def test_cli_group_without_tables_fails_with_one_line(tmp_path):
     from bids_qmri.bids.derivatives import init_derivatives
 
     bids = make_bids(tmp_path / "bids", ["01"])
-    out = init_derivatives(tmp_path / "out", bids)
+    out = init_derivatives(tmp_path / "out", bids, extra_ignore=bidsignore_lines())
     proc = run_cli(bids, out, "group")
     assert proc.returncode == 3, proc.stderr
     lines = _error_lines(proc.stderr)
@@ -331,7 +332,7 @@ def test_cli_group_malformed_table(cohort):
     from bids_qmri.bids.derivatives import init_derivatives
 
     cfg, _ = cohort
-    init_derivatives(cfg.output_dir, cfg.bids_dir)
+    init_derivatives(cfg.output_dir, cfg.bids_dir, extra_ignore=bidsignore_lines())
     bad = Path(cfg.output_dir) / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_atlas-AAL_roistats.tsv"
     bad.write_text("participant_id\tsession_id\nsub-01\tses-1\n")
     proc = run_cli(cfg.bids_dir, cfg.output_dir, "group", "--seed", "1")
@@ -412,3 +413,37 @@ def test_tissue_rows_summarised_but_not_paired(cohort):
     assert t1.n_regions == 4 and t1.ccc == pytest.approx(stats.ccc(x, 0.97 * x), rel=1e-9)
     summ = pd.read_csv(g / "atlas-AAL_summary.tsv", sep="\t")
     assert (summ[summ.region_index == -1]["mean"] == 5.0).all()
+
+
+def test_agreement_pairs_maps_of_one_quantity_across_acquisitions():
+    """Methods pair within an acquisition and, for maps in physical units, across acquisitions
+    (T1 of inversion recovery vs T1 of pc-bSSFP); maps in arbitrary units (M0) only within one."""
+    from bids_qmri.group.tables import agreement_table, method_pairs, paired_values
+
+    frames = []
+    rng = np.random.default_rng(4)
+    truth = {}
+    for sub in ("01", "02", "03"):
+        t1 = {i: BASE_T1[i] * rng.uniform(0.9, 1.1) for i in BASE_T1}
+        truth[sub] = t1
+        frames.append(roi_rows(sub, None, {("T1map", "miracle"): t1,
+                                           ("T1map", "svnn"): {i: 1.02 * v for i, v in t1.items()}}, acq="pc12"))
+        frames.append(roi_rows(sub, None, {("T1map", "mle"): {i: 1.1 * v for i, v in t1.items()}}, acq="ir"))
+        for acq in ("ir", "se"):
+            m0 = roi_rows(sub, None, {("M0map", "mle"): {i: 500.0 for i in BASE_T1}}, acq=acq)
+            m0["units"] = "arbitrary"
+            frames.append(m0)
+    df = pd.concat(frames, ignore_index=True)
+    pairs = method_pairs(df)
+    assert ("AAL", "T1map", "pc12", "miracle", "pc12", "svnn") in pairs
+    assert ("AAL", "T1map", "ir", "mle", "pc12", "miracle") in pairs
+    assert ("AAL", "T1map", "ir", "mle", "pc12", "svnn") in pairs
+    assert not [p for p in pairs if p[1] == "M0map"], "arbitrary units are not compared across acquisitions"
+    assert len(pairs) == 3
+    p = paired_values(df, "AAL", "T1map", "ir", "mle", "svnn", "pc12")
+    assert len(p) == 12 and np.allclose(p["x"] / p["y"], 1.1 / 1.02)
+    agr = agreement_table({"AAL": df}, n_bootstrap=50, seed=1)
+    row = agr[(agr.acq == "ir") & (agr.acq_b == "pc12") & (agr.method_b == "miracle")].iloc[0]
+    x = np.array([1.1 * truth[s][i] for s in sorted(truth) for i in BASE_T1])
+    assert row.method_a == "mle" and row.ccc == pytest.approx(stats.ccc(x, x / 1.1), rel=1e-9)
+    assert set(agr.acq_b[agr.acq == "pc12"]) == {"pc12"}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bids_qmri.cli.insilico import main as insilico_main
-from bids_qmri.insilico.bssfp import cod, linear_grid, monte_carlo, run_bssfp_insilico, theta_sweep
+from bids_qmri.modalities.bssfp.insilico import cod, linear_grid, monte_carlo, run_bssfp_insilico, theta_sweep
 from bids_qmri.physics.bssfp import seed_protocol
 
 
@@ -68,8 +68,8 @@ def test_cli_rejects_bad_numbers(tmp_path, capsys):
 
 
 def test_onthefly_check_trains_then_reuses(tmp_path, monkeypatch):
-    from bids_qmri.insilico.bssfp import onthefly_check
-    from bids_qmri.models import registry
+    from bids_qmri.modalities.bssfp.insilico import onthefly_check
+    from bids_qmri.modalities.bssfp import models as registry
     from bids_qmri.physics.bssfp import BSSFPProtocol
 
     monkeypatch.setitem(registry.ON_THE_FLY, "svnn", {"n_samples": 3000, "max_epochs": 3, "patience": 3, "lr": 3e-3})
@@ -87,7 +87,7 @@ def test_onthefly_complex_pinn_with_the_default_settings(tmp_path):
     """The complex PINN the app trains for a non-bundled protocol, with its real on-the-fly
     settings (about a minute of CPU), against the noise-free grid simulated by the physics.
     Measured CoD 0.988 / 0.998 (T1 / T2); with raw-unit residuals it was 0.940 / 0.952."""
-    from bids_qmri.insilico.bssfp import onthefly_check
+    from bids_qmri.modalities.bssfp.insilico import onthefly_check
     from bids_qmri.physics.bssfp import BSSFPProtocol
 
     p = BSSFPProtocol.with_default_increments(5e-3, 2.5e-3, 20.0, 8)
@@ -98,7 +98,7 @@ def test_onthefly_complex_pinn_with_the_default_settings(tmp_path):
 # point (T1 939 ms, T2 62 ms) over θ; here the stricter mean over the 20×20 grid of the whole training range
 # (its edges included) × 31 θ, the evaluation `bids_qmri-insilico bssfp` writes.
 FIG5_TARGET_PCT = {12: 1.0, 6: 1.5, 4: 3.5}
-# measured for the bundled models (bids_qmri/models/bundled/TRAINING.md): mean |relative error| T1, T2 in %
+# measured for the bundled models (bids_qmri/models/bundled/bssfp/TRAINING.md): mean |relative error| T1, T2 in %
 BUNDLED_GRID_ERR_PCT = {
     ("svnncomplex", 12): (0.63, 0.56),
     ("svnncomplex", 6): (0.81, 0.63),

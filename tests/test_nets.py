@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bids_qmri.nets.mlp import BSSFPNet, bssfp_features, load_net, save_net
+from bids_qmri.modalities.bssfp.net import BSSFPNet, bssfp_features
+from bids_qmri.nets.io import load_net, save_net
 from bids_qmri.physics.bssfp import BSSFPModel, seed_protocol
 
 RANGES = {"T1": (0.36, 2.08), "T2": (0.02, 0.12), "B0": (-104.0, 104.0)}

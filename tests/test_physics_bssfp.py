@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bids_qmri.bids.inputs import BSSFPInput
+from bids_qmri.modalities.bssfp.inputs import BSSFPInput
 from bids_qmri.physics.bssfp import (
     BSSFPModel,
     BSSFPProtocol,

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from bids_qmri.cli.train import main as train_main
-from bids_qmri.fitting.bssfp import estimate_bssfp
-from bids_qmri.models import registry
-from bids_qmri.nets.mlp import BSSFPNet
+from bids_qmri.modalities.bssfp.estimate import estimate_bssfp
+from bids_qmri.modalities.bssfp import models as registry
+from bids_qmri.modalities.bssfp.net import BSSFPNet
 from bids_qmri.physics.bssfp import BSSFPModel, BSSFPProtocol, configurations, remove_receiver_phase, seed_protocol
-from bids_qmri.training import bssfp as training
-from bids_qmri.training.bssfp import (
+from bids_qmri.modalities.bssfp import training
+from bids_qmri.modalities.bssfp.training import (
     TrainConfig,
     network_loss,
     parameter_ranges,
@@ -158,7 +158,8 @@ def test_registry_trains_caches_and_reuses(tmp_path, monkeypatch):
     net, card = registry.get_model("svnn", OTHER, model_dir=tmp_path, seed=0, train_overrides=TINY)
     assert card["origin"] == "trained on the fly" and card["reused"] is False
     stem = registry.model_stem("svnn", OTHER)
-    weights = tmp_path / OTHER.key() / f"{stem}.safetensors"
+    # on-the-fly models are cached per modality, protocol and seed (bids_qmri.models.registry)
+    weights = registry.cache_dir(tmp_path, OTHER) / f"{stem}_seed0.safetensors"
     assert weights.is_file() and json.loads(weights.with_suffix(".json").read_text())["sha256"] == registry.sha256_file(weights)
     assert card["protocol_key"] == OTHER.key() and card["training"]["n_samples"] == 500
 
@@ -295,7 +296,7 @@ def test_own_model_in_model_dir_replaces_the_bundled_one(tmp_path, capsys):
     rc = train_main(["--method", "svnn", "--sidecar", str(sidecar), "--distribution", "uniform_extended",
                      "--samples", "20000", "--epochs", "5", "--model-dir", str(models)])
     assert rc == 0 and f"--model-dir {models} uses it" in capsys.readouterr().out
-    assert (models / p.key() / "protocol.json").exists()
+    assert (registry.cache_dir(models, p) / "protocol.json").exists()
 
     _, bundled = registry.get_model("svnn", p, model_dir=None, allow_training=False)
     _, own = registry.get_model("svnn", p, model_dir=models, allow_training=False)

@@ -214,8 +214,14 @@ def dataset_description(bids_dir) -> dict:
     return desc
 
 
-def bidsignore_text() -> str:
-    return resources.files("bids_qmri.data").joinpath("bidsignore").read_text()
+def bidsignore_text(extra_ignore=()) -> str:
+    """The derivatives' ``.bidsignore``: the package's lines, then ``extra_ignore`` (each
+    modality's files BIDS has no name for, ``bids_qmri.modalities.bidsignore_lines()``)."""
+    text = resources.files("bids_qmri.data").joinpath("bidsignore").read_text()
+    extra = [ln for ln in extra_ignore if ln not in text.splitlines()]
+    if extra:
+        text += "# files of the modalities that BIDS has no name for (SPEC §3, §4)\n" + "\n".join(extra) + "\n"
+    return text
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -227,8 +233,9 @@ def _write_if_changed(path: Path, text: str) -> None:
     write_text_atomic(path, text)
 
 
-def init_derivatives(output_dir, bids_dir) -> Path:
-    """Create the derivative dataset root: dataset_description.json and .bidsignore.
+def init_derivatives(output_dir, bids_dir, extra_ignore=()) -> Path:
+    """Create the derivative dataset root: dataset_description.json and .bidsignore (with the
+    ``extra_ignore`` lines the modalities need, see ``bidsignore_text``).
 
     Safe when several participant jobs call it at once: the content is deterministic and each
     file is replaced atomically, so readers see either nothing or a complete file.
@@ -239,7 +246,7 @@ def init_derivatives(output_dir, bids_dir) -> Path:
         LOGGER.info("removed %s, left by a killed run", stale)
     desc = json.dumps(dataset_description(bids_dir), indent=2) + "\n"
     _write_if_changed(output_dir / "dataset_description.json", desc)
-    ignore = bidsignore_text()
+    ignore = bidsignore_text(extra_ignore)
     existing = ""
     try:
         existing = (output_dir / ".bidsignore").read_text()

@@ -4,49 +4,57 @@ pybids indexes the non-BIDS suffixes (``bSSFP``, ``MRF``, ``qMT``) when the layo
 ``validate=False``; the ``derivatives`` configuration adds the ``desc`` entity that the SVD
 coefficient files carry. Sidecar metadata comes from pybids with inheritance applied.
 
+Each registered modality (``bids_qmri.modalities``) collects the files of its suffixes; this
+module collects what serves every modality (B1 maps and the T1w anatomy), lists files of other
+suffixes as "not processed by this version", and prints the ``--dry-run`` plan.
+
 Every problem with one input becomes a ``SkippedInput`` with a one-line reason naming the file
 (or an ``InputError`` with ``--stop-on-first-crash``); the other inputs go on. Image content is
-checked only for the kinds this run processes: the bids-examples fixtures have empty images, and
-a file we only list must not be rejected for its content.
+checked only for the inputs this run processes, and not in ``--dry-run`` (which reads sidecars,
+never images: the plan of a large cohort must be quick, and the bids-examples fixtures have
+empty images); a file we only list must not be rejected for its content.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import zlib
 from collections import defaultdict
 from pathlib import Path
 
-import nibabel as nb
-import numpy as np
-
-from ..errors import InputError, UsageError
-from .inputs import B1Input, BSSFPInput, FingerprintInput, SeriesInput, SessionInputs, SkippedInput
+from .. import modalities as registry
+from ..errors import UsageError
+from .collect import (  # noqa: F401 (b1_for is part of this module's interface)
+    LONG,
+    SHORT,
+    BadImage,
+    Problems,
+    check_image,
+    check_images,
+    files_cell,
+    group_key,
+    key_label,
+    b1_for,
+    number,
+)
+from .inputs import B1Input, SessionInputs, SkippedInput
 
 LOGGER = logging.getLogger("bids_qmri.bids.discovery")
 
 NIFTI_EXT = (".nii", ".nii.gz")
-# --bids-filter-file keys: one query per input kind (fMRIPrep style).
-FILTER_KINDS = ("bssfp", "b1", "t1w", "mrf", "qmt", "irt1", "mese")
 B1_SUFFIXES = ("TB1map", "TB1TFL", "TB1DAM")
-KNOWN_SUFFIXES = ("bSSFP", "T1w", "MRF", "qMT", "IRT1", "MESE") + B1_SUFFIXES
-PART_PAIRS = ({"mag", "phase"}, {"real", "imag"})
-# Entities that carry the role of a file inside a group rather than identify the group.
-_NON_KEY = {"subject", "session", "suffix", "extension", "datatype"}
-_SHORT = {"acquisition": "acq", "reconstruction": "rec", "direction": "dir", "ceagent": "ce",
-          "inversion": "inv", "mtransfer": "mt", "processing": "proc", "description": "desc"}
-_LONG = {v: k for k, v in _SHORT.items()}
+# Inputs that serve every modality: B1 maps (for modalities that use them) and the T1w anatomy.
+SHARED_KINDS = {"b1": B1_SUFFIXES, "t1w": ("T1w",)}
+REQUIRED_B1_METADATA = {"TB1DAM": ("FlipAngle",)}
 
-REQUIRED_METADATA = {
-    "bSSFP": ("RepetitionTimeExcitation", "EchoTime", "FlipAngle"),
-    "MRF": ("FlipAngle", "RepetitionTimeExcitation", "EchoTime", "InversionTime", "MRFSequenceType"),
-    "qMT": ("FlipAngle", "RFPulseDuration", "RepetitionTimeExcitation"),
-    "IRT1": ("InversionTime",),
-    "MESE": ("EchoTime",),
-    "TB1DAM": ("FlipAngle",),
-}
+
+def filter_kinds() -> tuple[str, ...]:
+    """``--bids-filter-file`` keys: one query per modality, plus ``b1`` and ``t1w`` (fMRIPrep style)."""
+    return tuple(m.name for m in registry.modalities()) + tuple(SHARED_KINDS)
+
+
+def known_suffixes() -> tuple[str, ...]:
+    return tuple(registry.by_suffix()) + tuple(s for suffixes in SHARED_KINDS.values() for s in suffixes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,9 +98,10 @@ def load_filters(path) -> dict:
 def check_filters(filters, where: str = "--bids-filter-file") -> dict:
     if not isinstance(filters, dict):
         raise UsageError(f"{where}: expected a JSON object such as {{\"bssfp\": {{\"acquisition\": \"pc12\"}}}}")
+    kinds = filter_kinds()
     for kind, query in filters.items():
-        if kind.lower() not in FILTER_KINDS:
-            raise UsageError(f"{where}: unknown input kind {kind!r} (use {', '.join(FILTER_KINDS)})")
+        if kind.lower() not in kinds:
+            raise UsageError(f"{where}: unknown input kind {kind!r} (use {', '.join(kinds)})")
         if not isinstance(query, dict):
             raise UsageError(f"{where}: the query for {kind!r} must be an object of entity: value")
     return {k.lower(): v for k, v in filters.items()}
@@ -100,7 +109,7 @@ def check_filters(filters, where: str = "--bids-filter-file") -> dict:
 
 def _matches(entities: dict, query: dict) -> bool:
     for key, want in query.items():
-        key = _LONG.get(key, key)
+        key = LONG.get(key, key)
         have = entities.get(key)
         wants = want if isinstance(want, list) else [want]
         ok = False
@@ -153,135 +162,17 @@ def select_subjects(layout, config) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Problems: recorded as SkippedInput, or raised with --stop-on-first-crash
-# --------------------------------------------------------------------------------------------
-class _Problems:
-    def __init__(self, session: SessionInputs, stop: bool):
-        self.session = session
-        self.stop = stop
-
-    def skip(self, path, problem: str, fix: str = "") -> None:
-        err = InputError(path, problem, fix)
-        if self.stop:
-            raise err
-        LOGGER.info("skipping %s", err)
-        self.session.skipped.append(SkippedInput(path=str(path), reason=str(err).split(": ", 1)[1]))
-
-
-class BadImage(Exception):
-    """One-line reason why an image cannot be used."""
-
-
-def check_image(path, *, ndim: tuple[int, ...], what: str = "image") -> nb.Nifti1Image:
-    """Load ``path`` and read all its voxels; raise ``BadImage`` with a one-line reason.
-
-    Checks: not empty, readable NIfTI header, dimensionality in ``ndim`` (trailing singleton
-    dimensions ignored), complete (not truncated) data, finite values, not all zero. Data are
-    read volume by volume to bound memory.
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise BadImage(f"cannot be read ({exc.strerror})") from exc
-    if size == 0:
-        raise BadImage("is an empty file (0 bytes)")
-    try:
-        img = nb.load(str(path))
-        shape = img.shape
-    except Exception as exc:  # nibabel raises ImageFileError, EOFError, gzip errors, ...
-        raise BadImage(f"is not a readable NIfTI image ({_one_line(exc)})") from exc
-    eff = len(shape)
-    while eff > 3 and shape[eff - 1] == 1:
-        eff -= 1
-    if eff not in ndim:
-        want = " or ".join(f"{n}D" for n in ndim)
-        raise BadImage(f"has {eff}D shape {tuple(shape)} but a {want} {what} is expected")
-    if any(s == 0 for s in shape):
-        raise BadImage(f"has an empty dimension (shape {tuple(shape)})")
-    n_bad = 0
-    nonzero = False
-    try:
-        if len(shape) >= 4:
-            for k in range(int(np.prod(shape[3:]))):
-                idx = np.unravel_index(k, shape[3:])
-                vol = np.asanyarray(img.dataobj[(slice(None),) * 3 + tuple(int(i) for i in idx)])
-                n_bad += int(np.size(vol) - np.count_nonzero(np.isfinite(vol)))
-                nonzero = nonzero or bool(np.any(vol))
-        else:
-            vol = np.asanyarray(img.dataobj)
-            n_bad = int(np.size(vol) - np.count_nonzero(np.isfinite(vol)))
-            nonzero = bool(np.any(vol))
-    except (EOFError, OSError, ValueError, zlib.error) as exc:
-        raise BadImage(f"is truncated or corrupt ({_one_line(exc)})") from exc
-    if n_bad:
-        raise BadImage(f"contains {n_bad} NaN/Inf voxel(s)")
-    if not nonzero:
-        raise BadImage("contains only zeros")
-    return img
-
-
-def _check_images(paths: dict, problems, *, ndim, what):
-    """``check_image`` on each file of a group; on the first failure skip it (naming that file)
-    and return None, else return ``{role: image}``."""
-    images = {}
-    for role, path in paths.items():
-        try:
-            images[role] = check_image(path, ndim=ndim, what=what)
-        except BadImage as exc:
-            problems.skip(path, str(exc))
-            return None
-    return images
-
-
-def _one_line(exc) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
-
-
-def _number(meta: dict, key: str):
-    """A finite number from the sidecar, or None."""
-    value = meta.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _number_list(meta: dict, key: str):
-    value = meta.get(key)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        return None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
-        return None
-    return [float(v) for v in value]
-
-
-def _group_key(entities: dict, drop: set[str]) -> tuple:
-    return tuple(sorted((k, str(v)) for k, v in entities.items() if k not in _NON_KEY | drop))
-
-
-def _label(key: tuple) -> str:
-    return "_".join(f"{_SHORT.get(k, k)}-{v}" for k, v in key) or "(no entities)"
-
-
-def default_phase_increments_deg(npc: int) -> list[float]:
-    """π(2j−1)/Npc in degrees, j = 1…Npc (SPEC §6), from the physics module."""
-    from ..physics.bssfp import default_phase_increments
-
-    return [float(v) for v in np.rad2deg(default_phase_increments(npc).numpy())]
-
-
-# --------------------------------------------------------------------------------------------
 # Per-session collection
 # --------------------------------------------------------------------------------------------
-def processed_kinds(config) -> set[str]:
-    """Input kinds (filter-kind names) that this run processes (content gets checked)."""
-    kinds = {k for k, methods in (config.methods or {}).items() if methods}
-    if "bssfp" in kinds:
-        kinds |= {"b1", "t1w"}
-    return kinds
+def selected_modalities(config) -> list:
+    """The modalities this run maps: registered, processable, and with methods selected."""
+    methods = config.methods or {}
+    return [m for m in registry.modalities() if m.processes and methods.get(m.name)]
+
+
+def content_checked(config) -> bool:
+    """Images are read in a real run only (see the module docstring)."""
+    return not getattr(config, "dry_run", False)
 
 
 def discover(config) -> list[SessionInputs]:
@@ -306,8 +197,9 @@ def discover(config) -> list[SessionInputs]:
 def collect_session(layout, subject: str, session: str | None, config, filters: dict) -> SessionInputs:
     from bids.layout import Query
 
-    sess = SessionInputs(subject=subject, session=session)
-    problems = _Problems(sess, config.stop_on_first_crash)
+    sess = SessionInputs(subject=subject, session=session,
+                         inputs={m.name: [] for m in registry.modalities()})
+    problems = Problems(sess, config.stop_on_first_crash)
     files = layout.get(subject=subject, session=session if session else Query.NONE)
     by_suffix = defaultdict(list)
     for f in files:
@@ -315,126 +207,30 @@ def collect_session(layout, subject: str, session: str | None, config, filters: 
         if ext not in NIFTI_EXT:
             continue
         by_suffix[f.entities.get("suffix")].append(f)
-    kinds = processed_kinds(config)
+    selected = {m.name for m in selected_modalities(config)}
+    check = content_checked(config)
 
     def kept(kind, flist):
         query = filters.get(kind)
         return [f for f in flist if not query or _matches(f.get_entities(), query)]
 
+    known = set(known_suffixes())
     for suffix in sorted(by_suffix, key=str):
-        if suffix not in KNOWN_SUFFIXES:
+        if suffix not in known:
             for f in by_suffix[suffix]:
                 sess.unprocessed.append(SkippedInput(f.path, f"found {suffix}, not processed by this version"))
-    _collect_bssfp(sess, kept("bssfp", by_suffix.get("bSSFP", [])), problems, "bssfp" in kinds)
-    check_b1 = "b1" in kinds and bool(sess.bssfp)
-    _collect_b1(sess, {s: kept("b1", by_suffix.get(s, [])) for s in B1_SUFFIXES}, problems, check_b1)
-    _collect_t1w(sess, kept("t1w", by_suffix.get("T1w", [])), problems, "t1w" in kinds and bool(sess.bssfp))
-    for kind, target in (("MRF", sess.mrf), ("qMT", sess.qmt)):
-        _collect_fingerprint(layout, sess, kind, target, kept(kind.lower(), by_suffix.get(kind, [])),
-                             problems, kind.lower() in kinds)
-    _collect_series(sess, "IRT1", "inv", "InversionTime", sess.irt1,
-                    kept("irt1", by_suffix.get("IRT1", [])), problems, "irt1" in kinds)
-    _collect_series(sess, "MESE", "echo", "EchoTime", sess.mese,
-                    kept("mese", by_suffix.get("MESE", [])), problems, "mese" in kinds)
-    if sess.bssfp and not sess.t1w:
-        sess.notes.append("no T1w: anatomy and atlas are registered to the first bSSFP reference image")
+    for modality in registry.modalities():
+        flists = {s: kept(modality.name, by_suffix.get(s, [])) for s in modality.suffixes}
+        sess.inputs[modality.name] = modality.collect(
+            sess, flists, layout, problems, check and modality.name in selected)
+    mapped = [name for name in selected if sess.inputs[name]]
+    uses_b1 = any(registry.get(name).uses_b1 for name in mapped)
+    _collect_b1(sess, {s: kept("b1", by_suffix.get(s, [])) for s in B1_SUFFIXES}, problems, check and uses_b1)
+    _collect_t1w(sess, kept("t1w", by_suffix.get("T1w", [])), problems, check and bool(mapped))
+    if mapped and not sess.t1w:
+        first = registry.get(mapped[0])
+        sess.notes.append(f"no T1w: anatomy and atlas are registered to the first {first.title} reference image")
     return sess
-
-
-def _missing_metadata(meta: dict, kind: str) -> list[str]:
-    return [k for k in REQUIRED_METADATA.get(kind, ()) if k not in meta]
-
-
-def _part_pairs(flist, kind, problems):
-    """Group files by entities other than ``part``; yield ``(key, parts, pair, metadata)`` for
-    each complete mag/phase or real/imag pair with its required metadata, skipping the rest."""
-    groups = defaultdict(dict)
-    for f in flist:
-        ent = f.get_entities()
-        groups[_group_key(ent, {"part"})][ent.get("part")] = f
-    for key, parts in sorted(groups.items()):
-        first = sorted(parts.values(), key=lambda f: f.path)[0]
-        names = set(parts)
-        if names not in PART_PAIRS:
-            have = ", ".join(f"part-{p}" for p in sorted(map(str, names)))
-            problems.skip(first.path, f"{kind} {_label(key)} has {have}",
-                          "provide a part-mag/part-phase or part-real/part-imag pair")
-            continue
-        pair = ("mag", "phase") if names == {"mag", "phase"} else ("real", "imag")
-        meta = parts[pair[0]].get_metadata()
-        missing = _missing_metadata(meta, kind)
-        if missing:
-            problems.skip(parts[pair[0]].path, f"missing sidecar metadata {', '.join(missing)}",
-                          f"add it to the JSON sidecar ({kind} needs {', '.join(REQUIRED_METADATA[kind])})")
-            continue
-        yield key, parts, pair, meta
-
-
-def _collect_bssfp(sess, flist, problems, check_content):
-    for key, parts, pair, meta in _part_pairs(flist, "bSSFP", problems):
-        tr, te, fa = (_number(meta, k) for k in REQUIRED_METADATA["bSSFP"])
-        if tr is None or te is None or fa is None:
-            bad = [k for k in REQUIRED_METADATA["bSSFP"] if _number(meta, k) is None]
-            problems.skip(parts[pair[0]].path, f"metadata {', '.join(bad)} must be numbers")
-            continue
-        if tr <= 0 or tr > 1.0 or te <= 0 or te >= tr:
-            problems.skip(parts[pair[0]].path,
-                          f"implausible timing RepetitionTimeExcitation={tr:g}, EchoTime={te:g}",
-                          "BIDS times are in seconds and EchoTime must be shorter than the TR")
-            continue
-        if not 0 < fa <= 180:
-            problems.skip(parts[pair[0]].path, f"FlipAngle {fa:g} is not in (0, 180] degrees")
-            continue
-        increments = _number_list(meta, "PhaseIncrements") if "PhaseIncrements" in meta else None
-        if "PhaseIncrements" in meta and increments is None:
-            problems.skip(parts[pair[0]].path, "PhaseIncrements must be a list of numbers (degrees)")
-            continue
-        n_vol = None
-        if check_content:
-            imgs = _check_images({p: parts[p].path for p in pair}, problems, ndim=(4,),
-                                 what="phase-cycled bSSFP series")
-            if imgs is None:
-                continue
-            a, b = (imgs[p] for p in pair)
-            if a.shape != b.shape:
-                problems.skip(parts[pair[1]].path,
-                              f"part-{pair[1]} shape {b.shape} differs from "
-                              f"part-{pair[0]} shape {a.shape}", "both parts must come from one series")
-                continue
-            if not np.allclose(a.affine, b.affine, atol=1e-3):
-                problems.skip(parts[pair[1]].path, f"part-{pair[1]} and part-{pair[0]} have different affines")
-                continue
-            n_vol = int(a.shape[3])
-            if n_vol < 3:
-                problems.skip(parts[pair[0]].path, f"only {n_vol} phase cycle(s); at least 3 are needed")
-                continue
-        if increments is not None and n_vol is not None and len(increments) != n_vol:
-            problems.skip(parts[pair[0]].path,
-                          f"{n_vol} volumes but {len(increments)} PhaseIncrements in the sidecar",
-                          "the last axis must hold one volume per phase increment")
-            continue
-        if increments is None:
-            if n_vol is None:
-                n_vol = _header_volumes(parts[pair[0]].path)
-            if n_vol is None:
-                problems.skip(parts[pair[0]].path, "no PhaseIncrements and the image header is unreadable")
-                continue
-            increments = default_phase_increments_deg(n_vol)
-            sess.notes.append(
-                f"{Path(parts[pair[0]].path).name}: PhaseIncrements absent, using the default "
-                f"π(2j−1)/Npc for Npc={n_vol}")
-        acq = dict(key).get("acquisition")
-        sess.bssfp.append(BSSFPInput(
-            acq=acq, part_files={p: Path(parts[p].path) for p in pair}, repetition_time=tr,
-            echo_time=te, flip_angle=fa, phase_increments=increments, metadata=dict(meta)))
-
-
-def _header_volumes(path):
-    try:
-        shape = nb.load(str(path)).shape
-    except Exception:  # any unreadable header: the caller reports it
-        return None
-    return int(shape[3]) if len(shape) >= 4 else None
 
 
 def _collect_b1(sess, by_suffix, problems, check_content):
@@ -446,32 +242,32 @@ def _collect_b1(sess, by_suffix, problems, check_content):
         for f in by_suffix.get(suffix, []):
             ent = f.get_entities()
             if role_names is None:
-                groups[_group_key(ent, set())]["map"] = f
+                groups[group_key(ent, set())]["map"] = f
                 continue
             role = role_names.get(str(ent.get(entity)).lstrip("0") or "0") if entity == "flip" \
                 else role_names.get(str(ent.get(entity)))
             if role is None:
-                problems.skip(f.path, f"{suffix} with {_SHORT.get(entity, entity)}-{ent.get(entity)} is not "
+                problems.skip(f.path, f"{suffix} with {SHORT.get(entity, entity)}-{ent.get(entity)} is not "
                               f"part of a known pair", f"name the pair {'/'.join(role_names)}")
                 continue
-            groups[_group_key(ent, {entity})][role] = f
+            groups[group_key(ent, {entity})][role] = f
         for key, files in sorted(groups.items()):
             needed = ("map",) if role_names is None else tuple(role_names.values())
             first = sorted(files.values(), key=lambda f: f.path)[0]
             missing = [r for r in needed if r not in files]
             if missing:
-                problems.skip(first.path, f"{suffix} {_label(key)} lacks its {'/'.join(missing)} image",
+                problems.skip(first.path, f"{suffix} {key_label(key)} lacks its {'/'.join(missing)} image",
                               "a B1 map needs the complete set of files")
                 continue
             metas = {r: files[r].get_metadata() for r in needed}
             if suffix == "TB1DAM":
-                bad = [r for r in needed if _number(metas[r], "FlipAngle") is None]
+                bad = [r for r in needed if number(metas[r], "FlipAngle") is None]
                 if bad:
                     problems.skip(files[bad[0]].path, "missing or non-numeric FlipAngle (degrees)",
                                   "the double-angle method needs each image's flip angle")
                     continue
             if check_content:
-                imgs = _check_images({r: files[r].path for r in needed}, problems, ndim=(3,), what="B1 image")
+                imgs = check_images({r: files[r].path for r in needed}, problems, ndim=(3,), what="B1 image")
                 if imgs is None:
                     continue
                 shapes = {imgs[r].shape for r in needed}
@@ -494,110 +290,9 @@ def _collect_t1w(sess, flist, problems, check_content):
         sess.t1w.append(Path(f.path))
 
 
-def _find_basis(layout, data_file, kind):
-    """The SVD basis TSV of ``data_file``: the most specific ``<kind>basis.tsv`` whose entities
-    are a subset of the data file's (BIDS inheritance principle)."""
-    ent = {k: str(v) for k, v in data_file.get_entities().items() if k not in _NON_KEY | {"part"}}
-    best, best_score = None, -1
-    for cand in layout.get(suffix=f"{kind}basis", extension=".tsv"):
-        cent = cand.get_entities()
-        if cent.get("subject") not in (None, data_file.entities.get("subject")):
-            continue
-        if cent.get("session") not in (None, data_file.entities.get("session")):
-            continue
-        cent = {k: str(v) for k, v in cent.items() if k not in _NON_KEY}
-        if any(ent.get(k) != v for k, v in cent.items()):
-            continue
-        score = len(cent) + ("subject" in cand.get_entities()) + ("session" in cand.get_entities())
-        if score > best_score:
-            best, best_score = cand, score
-    return Path(best.path) if best else None
-
-
-def _collect_fingerprint(layout, sess, kind, target, flist, problems, check_content):
-    for key, parts, pair, meta in _part_pairs(flist, kind, problems):
-        basis = None
-        if dict(key).get("desc") == "svd":
-            basis = _find_basis(layout, parts[pair[0]], kind)
-            if basis is None:
-                problems.skip(parts[pair[0]].path, f"SVD coefficients without a {kind}basis TSV",
-                              f"add ..._desc-svd_{kind}basis.tsv beside the images")
-                continue
-        if check_content and _check_images({p: parts[p].path for p in pair}, problems, ndim=(4,),
-                                           what=f"{kind} series") is None:
-            continue
-        target.append(FingerprintInput(kind=kind, acq=dict(key).get("acquisition"),
-                                       part_files={p: Path(parts[p].path) for p in pair},
-                                       basis_file=basis, metadata=dict(meta)))
-
-
-def _collect_series(sess, kind, index_entity, value_key, target, flist, problems, check_content):
-    groups = defaultdict(list)
-    for f in flist:
-        groups[_group_key(f.get_entities(), {index_entity})].append(f)
-    for key, members in sorted(groups.items()):
-        items, bad = [], False
-        for f in members:
-            meta = f.get_metadata()
-            value = _number(meta, value_key)
-            if value is None:
-                problems.skip(f.path, f"missing or non-numeric {value_key} in the sidecar",
-                              f"every {kind} file needs its {value_key} in seconds")
-                bad = True
-                break
-            if check_content:
-                try:
-                    check_image(f.path, ndim=(3,), what=f"{kind} image")
-                except BadImage as exc:
-                    problems.skip(f.path, str(exc))
-                    bad = True
-                    break
-            items.append((value, Path(f.path), dict(meta)))
-        if bad:
-            continue
-        items.sort(key=lambda t: (t[0], str(t[1])))
-        target.append(SeriesInput(kind=kind, acq=dict(key).get("acquisition"),
-                                  files=[t[1] for t in items], values=[t[0] for t in items],
-                                  metadata=[t[2] for t in items]))
-
-
 # --------------------------------------------------------------------------------------------
 # B1 matching and the --dry-run plan
 # --------------------------------------------------------------------------------------------
-def b1_for(sess: SessionInputs, bssfp: BSSFPInput) -> B1Input | None:
-    """The B1 input to use with ``bssfp``: one whose ``IntendedFor`` names it, else the first."""
-    if not sess.b1:
-        return None
-    names = {p.name for p in bssfp.part_files.values()}
-    for b1 in sess.b1:
-        for meta in b1.metadata.values():
-            intended = meta.get("IntendedFor") or []
-            intended = [intended] if isinstance(intended, str) else intended
-            if any(str(i).rsplit("/", 1)[-1] in names for i in intended):
-                return b1
-    return sess.b1[0]
-
-
-def _files_cell(paths) -> str:
-    """File names of a group, collapsed to ``..._part-{mag,phase}_bSSFP.nii.gz`` style."""
-    names = [Path(p).name for p in paths]
-    if len(names) < 2:
-        return names[0] if names else ""
-    import os.path
-
-    head = os.path.commonprefix(names)
-    tail = os.path.commonprefix([n[::-1] for n in names])[::-1]
-    head = head[: head.rfind("-") + 1] if "-" in head else head
-    tail = tail[tail.find("_"):] if "_" in tail else tail
-    middles = [n[len(head): len(n) - len(tail)] for n in names]
-    inner = ",".join(middles) if len(middles) <= 6 else f"{middles[0]}..{middles[-1]}"
-    return f"{head}{{{inner}}}{tail}"
-
-
-def _fmt(v, scale=1.0, unit=""):
-    return f"{v * scale:.4g}{unit}"
-
-
 def _rel(path, root) -> str:
     try:
         return str(Path(path).relative_to(root))
@@ -605,31 +300,13 @@ def _rel(path, root) -> str:
         return str(path)
 
 
-def planned_outputs(sess: SessionInputs, config) -> list[str]:
-    """Derivative files the participant workflow writes for this session (relative paths)."""
+def anatomy_outputs(sess: SessionInputs, config) -> list[Path]:
+    """Files the anatomical and ROI workflows write for a session that maps something."""
     from .derivatives import derivative_path
 
-    if not sess.bssfp:
-        return []
-    methods = tuple((config.methods or {}).get("bssfp", ()))
     kw = dict(subject=sess.subject, session=sess.session)
-    atlas = _atlas_label(config.atlas)
+    atlas = atlas_label(config.atlas)
     out = []
-    for b in sess.bssfp:
-        out.append(derivative_path("", **kw, suffix="bSSFP", acq=b.acq, desc="ref"))
-        out.append(derivative_path("", **kw, suffix="mask", acq=b.acq, desc="brain"))
-        out.append(derivative_path("", **kw, suffix="bSSFP", extension=".tsv", acq=b.acq, desc="motion"))
-        if b1_for(sess, b) is not None:
-            out.append(derivative_path("", **kw, datatype="fmap", suffix="TB1map", acq=b.acq, desc="bssfp"))
-        for m in methods:
-            for suffix in ("T1map", "T2map"):
-                out.append(derivative_path("", **kw, suffix=suffix, acq=b.acq, desc=m))
-            if m.endswith("complex"):
-                out.append(derivative_path("", **kw, datatype="fmap", suffix="fieldmap", acq=b.acq, desc=m))
-        if any(m.endswith("complex") for m in methods):
-            out.append(derivative_path("", **kw, datatype="fmap", suffix="magnitude", acq=b.acq))
-        out.append(derivative_path("", **kw, suffix="xfm", extension=".mat", acq=b.acq,
-                                   from_="bSSFP", to="T1w", mode="image"))
     if sess.t1w:
         out.append(derivative_path("", **kw, suffix="T1w", desc="preproc"))
     out.append(derivative_path("", **kw, suffix="mask", desc="brain"))
@@ -641,6 +318,24 @@ def planned_outputs(sess: SessionInputs, config) -> list[str]:
     out.append(derivative_path("", **kw, suffix="xfm", extension=".h5", from_=tpl, to="T1w", mode="image"))
     out.append(derivative_path("", **kw, suffix="dseg", atlas=atlas))
     out.append(derivative_path("", **kw, suffix="roistats", extension=".tsv", atlas=atlas))
+    return out
+
+
+def planned_outputs(sess: SessionInputs, config) -> list[str]:
+    """Derivative files the participant workflow writes for this session (relative paths)."""
+    from .derivatives import derivative_path
+
+    out: list = []
+    for modality in selected_modalities(config):
+        for item in sess.inputs.get(modality.name, []):
+            out += modality.planned_outputs(item, sess, config)
+            # the ROI workflow's registration of the input's reference image to the T1w
+            out.append(derivative_path("", subject=sess.subject, session=sess.session, acq=item.acq,
+                                       suffix="xfm", extension=".mat", from_=modality.ref_suffix, to="T1w",
+                                       mode="image"))
+    if not out:
+        return []
+    out += anatomy_outputs(sess, config)
     import importlib.util
 
     if importlib.util.find_spec("bids_qmri.reports.participant") is not None:
@@ -648,7 +343,7 @@ def planned_outputs(sess: SessionInputs, config) -> list[str]:
     return [str(p) for p in out]
 
 
-def _atlas_label(spec) -> str:
+def atlas_label(spec) -> str:
     """The atlas entity label: the name, or the label image's stem for LABELS[:TABLE]."""
     spec = str(spec or "AAL")
     if ":" in spec or spec.endswith((".nii", ".nii.gz")):
@@ -662,19 +357,27 @@ def format_plan(sessions: list[SessionInputs], config) -> str:
     methods = {k: v for k, v in (config.methods or {}).items() if v}
     lines = [f"bids_qmri plan for {root}",
              "methods: " + ("; ".join(f"{k}: {', '.join(v)}" for k, v in methods.items()) or "none"),
-             f"output: {config.output_dir}", ""]
+             f"output: {config.output_dir}"]
+    if not content_checked(config):
+        lines.append("image content is not read in a dry run: it is checked when the run starts")
+    lines.append("")
+    selected = {m.name for m in selected_modalities(config)}
     for sess in sessions:
         title = f"sub-{sess.subject}" + (f" ses-{sess.session}" if sess.session else "")
         lines += [f"== {title}", "  inputs:"]
-        rows = []
-        for b in sess.bssfp:
-            npc = b.n_cycles
-            inc = ", ".join(f"{v:g}" for v in b.phase_increments)
-            b1 = b1_for(sess, b)
-            rows.append(("bSSFP", b.acq or "-", _files_cell(b.part_files.values()),
-                         f"TR={_fmt(b.repetition_time, 1e3, ' ms')} TE={_fmt(b.echo_time, 1e3, ' ms')} "
-                         f"FA={b.flip_angle:g} deg Npc={npc} PhaseIncrements=[{inc}] deg"
-                         + (f"; B1 from {b1.kind}" if b1 else "; no B1 map: B1 = 1 assumed")))
+        rows, idle, unselected = [], [], []
+        mapped = False
+        for modality in registry.modalities():
+            for item in sess.inputs.get(modality.name, []):
+                files, metadata = modality.plan_row(item, sess, config)
+                rows.append((modality.suffixes[0], item.acq or "-", files, metadata))
+                if modality.name in selected:
+                    mapped = True
+                elif modality.processes:
+                    unselected.append(f"{modality.suffixes[0]} ({modality.name}: "
+                                      f"{', '.join(modality.method_names)})")
+                else:
+                    idle.append(modality.suffixes[0])
         for b1 in sess.b1:
             if b1.kind == "TB1TFL":
                 info = f"B1 = famp / (10 x {config.b1_prep_angle_deg:g} deg prep angle)"
@@ -684,30 +387,24 @@ def format_plan(sessions: list[SessionInputs], config) -> str:
             else:
                 units = b1.metadata["map"].get("Units", "ratio (no Units given)")
                 info = f"B1 map, Units {units}"
-            rows.append((b1.kind, "-", _files_cell(b1.files.values()), info))
+            rows.append((b1.kind, "-", files_cell(b1.files.values()), info))
+        uses_b1 = any(registry.get(n).uses_b1 and sess.inputs.get(n) for n in selected)
+        if sess.b1 and not uses_b1:
+            idle.append(sess.b1[0].kind)
         for i, p in enumerate(sess.t1w):
-            rows.append(("T1w", "-", Path(p).name, "used for anatomy" if i == 0 and sess.bssfp
-                         else "not used (only the first T1w is used)" if sess.bssfp else ""))
-        for f in sess.mrf + sess.qmt:
-            keys = REQUIRED_METADATA[f.kind]
-            rows.append((f.kind, f.acq or "-", _files_cell(f.part_files.values())
-                         + (f" + {Path(f.basis_file).name}" if f.basis_file else ""),
-                         ", ".join(f"{k}={_short_value(f.metadata.get(k))}" for k in keys)))
-        for s in sess.irt1 + sess.mese:
-            key = "InversionTime" if s.kind == "IRT1" else "EchoTime"
-            rows.append((s.kind, s.acq or "-", f"{len(s.files)} files: {_files_cell(s.files)}",
-                         f"{key} = [{', '.join(f'{v:g}' for v in s.values)}] s"))
+            rows.append(("T1w", "-", Path(p).name, "used for anatomy" if i == 0 and mapped
+                         else "not used (only the first T1w is used)" if mapped else ""))
+        if sess.t1w and not mapped:
+            idle.append("T1w")
         if rows:
             lines += _table(("kind", "acq", "files", "metadata used"), rows, indent=4)
         else:
             lines.append("    (none)")
-        processed = processed_kinds(config)
-        if not sess.bssfp:  # B1 and T1w serve the bSSFP mapping only
-            processed = processed - {"b1", "t1w"}
-
-        idle = sorted({r[0] for r in rows if _kind_key(r[0]) not in processed})
+        idle = sorted(set(idle))
         if idle:
             lines.append(f"  found, not processed by this version: {', '.join(idle)}")
+        if unselected:
+            lines.append(f"  found, not selected by --methods: {', '.join(sorted(set(unselected)))}")
         for note in sess.notes:
             lines.append(f"  note: {note}")
         outputs = planned_outputs(sess, config)
@@ -721,16 +418,6 @@ def format_plan(sessions: list[SessionInputs], config) -> str:
             lines += [f"    {_rel(s.path, root)}" for s in sess.unprocessed]
         lines.append("")
     return "\n".join(lines)
-
-
-def _kind_key(kind: str) -> str:
-    return "b1" if kind in B1_SUFFIXES else kind.lower()
-
-
-def _short_value(v):
-    if isinstance(v, list):
-        return f"[{len(v)} values]" if len(v) > 4 else str(v)
-    return str(v)
 
 
 def _table(header, rows, indent=0) -> list[str]:

@@ -2,29 +2,15 @@
 
 Discovery (``bids_qmri.bids.discovery``) fills these from pybids, with sidecar inheritance
 already applied to ``metadata``. Times are in seconds, angles in degrees, as in BIDS sidecars.
+The record types here are the shared shapes (a B1 map, an indexed series, a part pair with an
+optional basis); a modality may define its own record in its folder (e.g. pc-bSSFP's). Every
+record has ``acq`` and ``files``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-
-@dataclass
-class BSSFPInput:
-    """Phase-cycled bSSFP: one complex 4D series (last axis = phase cycles) as a file pair."""
-
-    acq: str | None
-    part_files: dict[str, Path]  # {"mag": p, "phase": p} or {"real": p, "imag": p}
-    repetition_time: float  # s (RepetitionTimeExcitation)
-    echo_time: float  # s
-    flip_angle: float  # deg
-    phase_increments: list[float]  # deg, one per volume
-    metadata: dict = field(default_factory=dict)  # full inherited sidecar of the first part
-
-    @property
-    def n_cycles(self) -> int:
-        return len(self.phase_increments)
 
 
 @dataclass
@@ -57,6 +43,10 @@ class FingerprintInput:
     basis_file: Path | None
     metadata: dict = field(default_factory=dict)
 
+    @property
+    def files(self) -> list[Path]:
+        return list(self.part_files.values()) + ([self.basis_file] if self.basis_file else [])
+
 
 @dataclass
 class SkippedInput:
@@ -66,17 +56,17 @@ class SkippedInput:
 
 @dataclass
 class SessionInputs:
-    """Everything usable for one participant and session (``session`` is None without sessions)."""
+    """Everything usable for one participant and session (``session`` is None without sessions).
+
+    ``inputs`` maps each registered modality's name to its input records (empty list when the
+    session has none); B1 maps and T1w images serve every modality and are kept apart.
+    """
 
     subject: str  # label without "sub-"
     session: str | None  # label without "ses-"
-    bssfp: list[BSSFPInput] = field(default_factory=list)
+    inputs: dict[str, list] = field(default_factory=dict)
     b1: list[B1Input] = field(default_factory=list)
     t1w: list[Path] = field(default_factory=list)
-    mrf: list[FingerprintInput] = field(default_factory=list)
-    qmt: list[FingerprintInput] = field(default_factory=list)
-    irt1: list[SeriesInput] = field(default_factory=list)
-    mese: list[SeriesInput] = field(default_factory=list)
     skipped: list[SkippedInput] = field(default_factory=list)
     # Files found but of a kind this version does not process (e.g. MEGRE, TB1AFI): listed, not
     # validated, never an error.
@@ -88,5 +78,9 @@ class SessionInputs:
     def key(self) -> str:
         return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
 
+    def items(self):
+        """``(modality name, input record)`` for every input of the session, in registry order."""
+        return [(name, item) for name, items in self.inputs.items() for item in items]
+
     def is_empty(self) -> bool:
-        return not (self.bssfp or self.t1w or self.mrf or self.qmt or self.irt1 or self.mese)
+        return not (self.t1w or any(self.inputs.values()))

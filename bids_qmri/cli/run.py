@@ -23,7 +23,8 @@ from pathlib import Path
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 from .. import __version__  # noqa: E402
-from ..config import ALL_METHODS, DEFAULT_METHODS, Config, default_model_dir  # noqa: E402
+from .. import modalities as registry  # noqa: E402
+from ..config import DEVICES, Config, available_cores, default_model_dir  # noqa: E402
 from ..errors import (  # noqa: E402
     EXIT_INTERNAL, EXIT_OK, BidsQmriError, InputError, UsageError, WorkflowError,
 )
@@ -37,10 +38,13 @@ _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 # Parser
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    methods_help = "; ".join(f"{k}: {','.join(v)}" for k, v in ALL_METHODS.items())
+    from ..bids.discovery import filter_kinds
+
+    methods_help = "; ".join(f"{k}: {','.join(v)}" for k, v in registry.all_methods().items() if v)
+    mapped = ", ".join(m.title for m in registry.modalities() if m.processes)
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Quantitative MRI maps (pc-bSSFP relaxometry, anatomy, ROI statistics) from a "
+        description=f"Quantitative MRI maps ({mapped}), anatomy and ROI statistics from a "
                     "BIDS dataset, written as BIDS derivatives.",
         epilog="Exit codes: 0 success; 1 internal error (crash report written); 2 unusable command "
                "line or directories; 3 no usable input; 4 a participant's workflow failed.",
@@ -56,14 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--session-label", nargs="+", default=[], metavar="LABEL",
                    help="sessions to process (with or without 'ses-'); default: all")
     g.add_argument("--bids-filter-file", type=Path, metavar="FILE",
-                   help="JSON {kind: {entity: value}} to select inputs; kinds: "
-                        "bssfp, b1, t1w, mrf, qmt, irt1, mese")
+                   help="JSON {kind: {entity: value}} to select inputs; kinds: " + ", ".join(filter_kinds()))
     g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
                    help="do not run bids-validator-deno on the input")
     g = p.add_argument_group("processing")
     g.add_argument("--methods", nargs="+", default=None, metavar="MODALITY:M1,M2",
                    help=f"mapping methods per modality, e.g. 'bssfp:miracle,pinn' (available: {methods_help}); "
-                        "default: all")
+                        "modalities not named are not mapped; default: every modality's default methods")
     g.add_argument("--atlas", default="AAL",
                    help="atlas for ROI statistics: AAL (default), AICHA, JHU, or LABELS.nii.gz:TABLE for your own")
     g.add_argument("--template", default="MNI152NLin2009aSym", help="template space for registration (default: MNI152NLin2009aSym)")
@@ -73,10 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--b1-prep-angle", type=float, default=80.0, metavar="DEG",
                    help="nominal preparation flip angle of Siemens tfl_b1_map (TB1TFL): B1 = famp/(10*DEG) "
                         "(default: 80)")
-    g.add_argument("--bssfp-denoise", choices=["mppca", "none"], default="mppca",
-                   help="denoising of the raw pc-bSSFP phase cycles before motion correction: MP-PCA on the "
-                        "real and imaginary parts (default), or none")
     g.add_argument("--seed", type=int, default=0, help="random seed, identical outputs on CPU (default: 0)")
+    g.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where torch runs: auto (CUDA when present, the default), cpu or cuda; recorded in "
+                        "the sidecars (outputs are bit-identical for a --seed on CPU)")
+    for modality in registry.modalities():
+        if not modality.run_options:
+            continue
+        mg = p.add_argument_group(f"{modality.title} ({modality.name})")
+        for opt in modality.run_options:
+            mg.add_argument(opt.flag, dest=opt.dest, default=opt.default, choices=opt.choices,
+                            type=opt.type, help=f"{opt.help} (default: {opt.default})")
     g = p.add_argument_group("resources and execution")
     g.add_argument("-w", "--work-dir", type=Path, default=None,
                    help="nipype working directory; a re-run with the same one resumes "
@@ -113,24 +123,26 @@ def clean_labels(values, prefix: str, what: str) -> list[str]:
 
 
 def parse_methods(values) -> dict[str, tuple[str, ...]]:
+    all_methods = {k: v for k, v in registry.all_methods().items() if v}
     if not values:
-        return dict(DEFAULT_METHODS)
+        return registry.default_methods()
     chosen: dict[str, tuple[str, ...]] = {}
     for token in values:
         for item in filter(None, token.split(";")):
             modality, sep, names = item.partition(":")
             modality = modality.strip().lower()
-            if not sep or modality not in ALL_METHODS:
-                raise UsageError(
-                    f"--methods {item!r}: expected MODALITY:METHOD[,METHOD] with MODALITY in "
-                    f"{', '.join(ALL_METHODS)} (e.g. bssfp:miracle,pinn)")
+            if not sep or modality not in all_methods:
+                known = {m.name for m in registry.modalities()}
+                why = (f"{modality} has no mapping method in this version" if sep and modality in known
+                       else f"expected MODALITY:METHOD[,METHOD] with MODALITY in {', '.join(all_methods)}")
+                raise UsageError(f"--methods {item!r}: {why} (e.g. bssfp:miracle,pinn)")
             wanted = [n.strip().lower() for n in names.split(",") if n.strip()]
             if wanted == ["all"]:
-                wanted = list(ALL_METHODS[modality])
-            unknown = [n for n in wanted if n not in ALL_METHODS[modality]]
+                wanted = list(all_methods[modality])
+            unknown = [n for n in wanted if n not in all_methods[modality]]
             if unknown or not wanted:
                 raise UsageError(f"--methods {item!r}: unknown method(s) {', '.join(unknown) or '(none given)'} "
-                                 f"for {modality} (available: {', '.join(ALL_METHODS[modality])})")
+                                 f"for {modality} (available: {', '.join(all_methods[modality])})")
             chosen[modality] = tuple(dict.fromkeys(chosen.get(modality, ()) + tuple(wanted)))
     # Modalities not named keep no methods: `--methods bssfp:miracle` runs MIRACLE only.
     return chosen
@@ -217,7 +229,8 @@ def build_config(args) -> Config:
         stop_on_first_crash=args.stop_on_first_crash,
         verbose=args.verbose,
         b1_prep_angle_deg=args.b1_prep_angle,
-        bssfp_denoise=args.bssfp_denoise,
+        device=args.device,
+        options={opt.dest: getattr(args, opt.dest) for m in registry.modalities() for opt in m.run_options},
     )
     if args.bids_filter_file is not None:
         from ..bids.discovery import load_filters
@@ -229,10 +242,10 @@ def build_config(args) -> Config:
         raise UsageError("--mem-gb must be positive")
     if not 0 < args.b1_prep_angle <= 180:
         raise UsageError("--b1-prep-angle must be in (0, 180] degrees")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    config.nprocs = args.nprocs or cores
+    config.nprocs = args.nprocs or available_cores()
     config.omp_nthreads = args.omp_nthreads or min(config.nprocs, 8)
     config.mem_gb = args.mem_gb
+    config.torch_device()  # --device cuda without a GPU fails now, with one line
     if args.use_plugin is not None:
         config.plugin_file = _resolve(args.use_plugin)
         load_plugin(config.plugin_file)
@@ -284,21 +297,34 @@ def write_inputs_record(config: Config, subject: str, sessions) -> Path:
 
 
 def _processable(sess, config) -> bool:
-    return bool(sess.bssfp) and bool(config.methods.get("bssfp"))
+    from ..bids.discovery import selected_modalities
+
+    return any(sess.inputs.get(m.name) for m in selected_modalities(config))
 
 
 def _nothing_to_do(sessions, config) -> InputError:
-    found = set()
+    """One line saying why nothing can be mapped: what was found and why each kind is idle."""
+    from ..bids.discovery import selected_modalities
+
+    selected = {m.name for m in selected_modalities(config)}
+    by_version, unselected, support = set(), set(), set()
     for s in sessions:
-        found |= {kind for kind, items in (("T1w", s.t1w), ("MRF", s.mrf), ("qMT", s.qmt),
-                                           ("IRT1", s.irt1), ("MESE", s.mese)) if items}
-        found |= {b.kind for b in s.b1}
-        found |= {Path(u.path).name.split("_")[-1].split(".")[0] for u in s.unprocessed}
+        for m in registry.modalities():
+            if s.inputs.get(m.name) and m.name not in selected:
+                (unselected if m.processes else by_version).add(m.suffixes[0])
+        by_version |= {Path(u.path).name.split("_")[-1].split(".")[0] for u in s.unprocessed}
+        support |= {b.kind for b in s.b1} | ({"T1w"} if s.t1w else set())
+    parts = [f"{', '.join(sorted(kinds))} ({why})" for kinds, why in (
+        (by_version, "not processed by this version"), (unselected, "not selected by --methods"),
+        (support, "used only beside an input that is mapped")) if kinds]
+    what = f"found {'; '.join(parts)}" if parts else "found no image data"
+    if config.bids_filters:
+        what += f"; --bids-filter-file selects {', '.join(sorted(config.bids_filters))} inputs only"
     skipped = [k for s in sessions for k in s.skipped]
-    what = f"found {', '.join(sorted(found))} (not processed by this version)" if found else "found no image data"
     detail = f"; {len(skipped)} input(s) skipped, first: {Path(skipped[0].path).name}: {skipped[0].reason}" \
         if skipped else ""
-    return InputError(config.bids_dir, f"no processable input (phase-cycled bSSFP) for the selected "
+    wanted = ", ".join(m.title for m in selected_modalities(config)) or "no modality selected by --methods"
+    return InputError(config.bids_dir, f"no processable input ({wanted}) for the selected "
                       f"participants: {what}{detail}", "see --dry-run for the full list")
 
 
@@ -329,7 +355,7 @@ def run_participant_level(config: Config) -> int:
     from ..utils.seeding import seed_everything
 
     seed_everything(config.seed)
-    init_derivatives(config.output_dir, config.bids_dir)
+    init_derivatives(config.output_dir, config.bids_dir, extra_ignore=registry.bidsignore_lines())
     subjects = list(dict.fromkeys(s.subject for s in runnable))
     for subject in subjects:
         write_inputs_record(config, subject, [s for s in sessions if s.subject == subject])
@@ -386,6 +412,14 @@ def run_participants(groups: dict, config: Config) -> dict[str, str]:
             node.config.setdefault("execution", {})["crashdump_dir"] = str(crash_dirs[subject])
         wf.add_nodes([sub_wf])
     plugin, plugin_args = plugin_settings(config)
+    from .progress import Progress, count_steps
+
+    progress = Progress(count_steps(wf), verbose=config.verbose)
+    if not plugin.endswith("Graph"):  # graph plugins submit everything at once and take no callback
+        plugin_args.setdefault("status_callback", progress)
+    for subject, sessions in groups.items():
+        print(f"{PROG}: sub-{subject}: " + "; ".join(_what_runs(s, config) for s in sessions), file=sys.stderr)
+    print(f"{PROG}: running {progress.total} steps with {plugin} (work directory {work_dir})", file=sys.stderr)
     started = time.time()
     try:
         wf.run(plugin=plugin, plugin_args=plugin_args)
@@ -397,11 +431,21 @@ def run_participants(groups: dict, config: Config) -> dict[str, str]:
                 failed[subject] = f"crash file(s): {', '.join(map(str, crashes[:3]))}"
         if not failed:
             failed = {s: f"nipype: {' '.join(str(exc).split())[:300]}" for s in groups}
+        print(f"{PROG}: {progress.summary()}", file=sys.stderr)
         if config.stop_on_first_crash:
             subject, where = next(iter(failed.items()))
             raise WorkflowError(f"sub-{subject}: the workflow failed (--stop-on-first-crash); {where}") from exc
         return failed
+    print(f"{PROG}: {progress.summary()}", file=sys.stderr)
     return {}
+
+
+def _what_runs(sess, config) -> str:
+    """``ses-1: bssfp pc12, irt1 ir`` (the mapped inputs of a session, by modality and acq)."""
+    from ..workflows.base import mapped_inputs
+
+    mapped = ", ".join(f"{m.name} {item.acq}" if item.acq else m.name for m, item in mapped_inputs(sess, config))
+    return (f"ses-{sess.session}: " if sess.session else "") + (mapped or "anatomy only")
 
 
 def write_report(subject: str, sessions, config: Config):

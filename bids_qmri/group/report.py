@@ -44,10 +44,17 @@ def _label(suffix, acq, units="") -> str:
     return f"{s} [{units}]" if units and units != "n/a" else s
 
 
+def _versus(row) -> str:
+    """``a vs b`` for a pair of one acquisition, ``a (acq-X) vs b (acq-Y)`` across acquisitions."""
+    if row["acq"] == row["acq_b"]:
+        return f"{row['method_a']} vs {row['method_b']}"
+    return f"{row['method_a']} (acq-{row['acq']}) vs {row['method_b']} (acq-{row['acq_b']})"
+
+
 def agreement_figure(df: pd.DataFrame, row: pd.Series, path: Path) -> Path:
     """Scatter (identity line) and Bland–Altman plot of one method pair."""
     p = tables.paired_values(df, row["atlas"], row["suffix"], row["acq"], row["method_a"],
-                             row["method_b"])
+                             row["method_b"], row["acq_b"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.5), layout="constrained")
     few = p["participant_id"].nunique() <= 12
     if few:  # a colour per participant, with a legend
@@ -62,7 +69,7 @@ def agreement_figure(df: pd.DataFrame, row: pd.Series, path: Path) -> Path:
     ax1.plot([lo, hi], [lo, hi], "k--", lw=1, label="identity")
     what = _label(row["suffix"], row["acq"], row["units"])
     ax1.set_xlabel(f"{row['method_a']} {what}")
-    ax1.set_ylabel(f"{row['method_b']} {what}")
+    ax1.set_ylabel(f"{row['method_b']} {_label(row['suffix'], row['acq_b'], row['units'])}")
     ci = (f"[{row['ccc_ci_low']:.3f}, {row['ccc_ci_high']:.3f}]"
           if np.isfinite(row["ccc_ci_low"]) else "(no CI)")
     ax1.set_title(f"CCC {row['ccc']:.3f} {ci}")
@@ -75,7 +82,8 @@ def agreement_figure(df: pd.DataFrame, row: pd.Series, path: Path) -> Path:
     ax2.set_ylabel(f"{row['method_a']} − {row['method_b']}")
     ax2.set_title(f"Bland–Altman: {row['mean_diff']:.3g} "
                   f"(LoA {row['loa_low']:.3g}, {row['loa_high']:.3g})")
-    fig.suptitle(f"atlas-{row['atlas']}: {row['method_a']} vs {row['method_b']}, {what}")
+    versus = _versus(row)
+    fig.suptitle(f"atlas-{row['atlas']}: {versus}, {row['suffix']}")
     return _save(fig, path)
 
 
@@ -166,12 +174,14 @@ def write_report(group_dir, *, collection, summaries: dict, agreement: pd.DataFr
 
     agreement_items = []
     for _, row in agreement.iterrows():
+        b = row["method_b"] if row["acq"] == row["acq_b"] else f"{row['method_b']}-acq-{row['acq_b']}"
         name = _safe("atlas-" + row["atlas"], row["suffix"], "acq-" + row["acq"],
-                     f"{row['method_a']}-vs-{row['method_b']}") + "_agreement.png"
+                     f"{row['method_a']}-vs-{b}") + "_agreement.png"
         df = collection.tables[row["atlas"]]
         written.append(agreement_figure(df, row, fig_dir / name))
-        agreement_items.append({"title": f"atlas-{row['atlas']} {_label(row['suffix'], row['acq'])}: "
-                                         f"{row['method_a']} vs {row['method_b']}",
+        title = (f"{_label(row['suffix'], row['acq'])}: {_versus(row)}" if row["acq"] == row["acq_b"]
+                 else f"{row['suffix']}: {_versus(row)}")
+        agreement_items.append({"title": f"atlas-{row['atlas']} {title}",
                                 "figure": f"figures/{name}"})
 
     box_items, rep_items = [], []

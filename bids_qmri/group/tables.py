@@ -8,7 +8,10 @@ Sessions
     each averaged over the participant's sessions), so that every participant counts once.
     ``agreement``: every (participant, session, region) with both methods is one pair; the
     bootstrap resamples participants with all their sessions and regions, which accounts for
-    sessions of one participant being correlated.
+    sessions of one participant being correlated. Methods are paired within an acquisition
+    (``acq`` = ``acq_b``) and across acquisitions for maps of the same quantity in the same
+    physical units (e.g. T1 from inversion recovery against T1 from pc-bSSFP); maps in arbitrary
+    units (e.g. M0) are compared within an acquisition only.
     ``repeatability``: the repeats are a participant's sessions (ROI tables have no run entity).
 """
 
@@ -26,7 +29,7 @@ MEASURE = ["atlas", "region_index", "region", "suffix", "method", "acq", "units"
 
 SUMMARY_COLUMNS = MEASURE + ["n_participants", "n_sessions", "mean", "sd", "mean_std"]
 AGREEMENT_COLUMNS = [
-    "atlas", "suffix", "acq", "units", "method_a", "method_b", "n_participants", "n_sessions",
+    "atlas", "suffix", "acq", "acq_b", "units", "method_a", "method_b", "n_participants", "n_sessions",
     "n_regions", "n_pairs", "ccc", "ccc_ci_low", "ccc_ci_high", "pearson_r", "mean_diff",
     "mean_diff_ci_low", "mean_diff_ci_high", "sd_diff", "loa_low", "loa_high", "n_bootstrap",
     "ci_method",
@@ -37,16 +40,22 @@ REPEATABILITY_COLUMNS = MEASURE + [
 ]
 CI_METHOD = "percentile, clustered bootstrap over participants"
 
-# Order in which methods are paired (method_a is the earlier one: the conventional fit first,
-# so that mean_diff = a − b reads as "reference minus network"). SPEC §4 method list.
-METHOD_ORDER = (
-    "miracle", "svnn", "pinn", "svnncomplex", "pinncomplex", "dictmatch", "mrfnet",
-    "mprage2mrf", "qmtnls", "qmtnet", "mle", "rim", "resnet",
-)
+# Units in which values of different acquisitions cannot be compared (scaled by the receiver).
+ARBITRARY_UNITS = ("arbitrary", "a.u.", "n/a", "")
+
+
+def method_order() -> tuple[str, ...]:
+    """Order in which methods are paired: the registry's (each modality's reference method, e.g.
+    the conventional fit, before its networks), so that mean_diff = a − b reads as "reference
+    minus network"."""
+    from bids_qmri import modalities
+
+    return modalities.method_order()
 
 
 def _method_key(m: str):
-    return (METHOD_ORDER.index(m), m) if m in METHOD_ORDER else (len(METHOD_ORDER), m)
+    order = method_order()
+    return (order.index(m), m) if m in order else (len(order), m)
 
 
 def _valid(df: pd.DataFrame) -> pd.DataFrame:
@@ -86,31 +95,39 @@ def _sort_key(col: pd.Series):
     return col
 
 
-def method_pairs(df: pd.DataFrame) -> list[tuple[str, str, str, str, str]]:
-    """(atlas, suffix, acq, method_a, method_b) for every pair of methods mapping one quantity
-    (same suffix, same acquisition) in the table."""
+def method_pairs(df: pd.DataFrame) -> list[tuple[str, str, str, str, str, str]]:
+    """(atlas, suffix, acq_a, method_a, acq_b, method_b) for every pair of maps of one quantity:
+    every two methods of one acquisition, and every two (acquisition, method) of different
+    acquisitions whose maps share physical units."""
     pairs = []
     d = _valid(df)
-    for (atlas, suffix, acq), sub in d.groupby(["atlas", "suffix", "acq"], sort=True):
-        methods = sorted(sub["method"].unique(), key=_method_key)
-        for a, b in combinations(methods, 2):
-            pairs.append((atlas, suffix, acq, a, b))
+    for (atlas, suffix), sub in d.groupby(["atlas", "suffix"], sort=True):
+        measures = sorted({(acq, m) for acq, m in zip(sub["acq"], sub["method"])},
+                          key=lambda am: (am[0], _method_key(am[1])))
+        units = {am: set(g["units"]) for am, g in sub.groupby(["acq", "method"])}
+        for (acq_a, a), (acq_b, b) in combinations(measures, 2):
+            if acq_a != acq_b:
+                shared = units[(acq_a, a)] & units[(acq_b, b)]
+                if len(shared) != 1 or next(iter(shared)) in ARBITRARY_UNITS:
+                    continue
+            pairs.append((atlas, suffix, acq_a, a, acq_b, b))
     return pairs
 
 
-def paired_values(df: pd.DataFrame, atlas, suffix, acq, method_a, method_b) -> pd.DataFrame:
-    """Rows (participant, session, atlas region) with both methods: columns x (a) and y (b).
+def paired_values(df: pd.DataFrame, atlas, suffix, acq, method_a, method_b, acq_b=None) -> pd.DataFrame:
+    """Rows (participant, session, atlas region) with both maps: columns x (``method_a`` of
+    ``acq``) and y (``method_b`` of ``acq_b``, default the same acquisition).
 
     Only atlas regions: the tissue rows of the ROI tables (negative ``region_index``: GM, WM,
     CSF, WholeBrain; see ``bids_qmri.anatomy.roistats``) overlap the regions and would count
     the same voxels twice.
     """
+    acq_b = acq if acq_b is None else acq_b
     d = _valid(df)
-    d = d[(d["atlas"] == atlas) & (d["suffix"] == suffix) & (d["acq"] == acq)
-          & (d["region_index"] >= 0)]
+    d = d[(d["atlas"] == atlas) & (d["suffix"] == suffix) & (d["region_index"] >= 0)]
     keys = ["participant_id", "session_id", "region_index", "region"]
-    a = d[d["method"] == method_a][keys + ["mean", "units"]]
-    b = d[d["method"] == method_b][keys + ["mean", "units"]]
+    a = d[(d["method"] == method_a) & (d["acq"] == acq)][keys + ["mean", "units"]]
+    b = d[(d["method"] == method_b) & (d["acq"] == acq_b)][keys + ["mean", "units"]]
     m = a.merge(b, on=keys, suffixes=("_a", "_b"))
     return m.rename(columns={"mean_a": "x", "mean_b": "y"}).sort_values(keys, ignore_index=True)
 
@@ -127,16 +144,18 @@ def agreement_table(tables: dict[str, pd.DataFrame], *, n_bootstrap: int, seed: 
     rows = []
     for atlas in sorted(tables):
         df = tables[atlas]
-        for _, suffix, acq, a, b in method_pairs(df):
-            p = paired_values(df, atlas, suffix, acq, a, b)
+        for _, suffix, acq, a, acq_b, b in method_pairs(df):
+            p = paired_values(df, atlas, suffix, acq, a, b, acq_b)
             if len(p) < 2:
                 continue
+            # the same acquisition keeps the generator key it always had
+            key = (atlas, suffix, acq, a, b) if acq_b == acq else (atlas, suffix, acq, a, acq_b, b)
             res = stats.agreement(
                 p["x"].to_numpy(), p["y"].to_numpy(), p["participant_id"].to_numpy(),
-                n_bootstrap=n_bootstrap, rng=pair_rng(seed, atlas, suffix, acq, a, b))
+                n_bootstrap=n_bootstrap, rng=pair_rng(seed, *key))
             units = sorted(set(p["units_a"]) | set(p["units_b"]))
             rows.append({
-                "atlas": atlas, "suffix": suffix, "acq": acq, "units": ",".join(units),
+                "atlas": atlas, "suffix": suffix, "acq": acq, "acq_b": acq_b, "units": ",".join(units),
                 "method_a": a, "method_b": b,
                 "n_participants": res.n_clusters,
                 "n_sessions": p[["participant_id", "session_id"]].drop_duplicates().shape[0],

@@ -1,11 +1,21 @@
-"""Where the pc-bSSFP networks come from: bundled files, the --model-dir cache, or training.
+"""Where networks come from: the user's own models, bundled files, the on-the-fly cache, or
+training now — for any modality, keyed by (modality, method, protocol key, seed).
 
-Layout of a model: ``<stem>.safetensors`` (weights, buffers, architecture metadata) and
-``<stem>.json`` (the model card, with the sha256 of the weights file). Stems are
-``<method>_npc<N>_<protocol key>``. Bundled models live in ``bids_qmri/models/bundled/``;
-models trained on the fly go to ``<model_dir>/<protocol key>/``. Parallel jobs that need the same
-model take a file lock, so one trains and the others wait and reuse; files appear by atomic
-rename only.
+A model is ``<stem>.safetensors`` (weights, buffers, the network class and its configuration:
+``bids_qmri.nets.io``) plus ``<stem>.json`` (the model card, with the sha256 of the weights).
+``<stem>`` is ``<method>_<protocol slug>`` (the slug is the protocol's ``slug()`` if it has one,
+e.g. ``npc12_97b5d39b3cee`` for pc-bSSFP, else its ``key()``). Lookup order:
+
+1. ``<model_dir>/<modality>/<key>/<stem>.safetensors`` — a model the user installed with
+   ``bids_qmri-train --model-dir`` (it replaces the bundled one, whatever ``--seed``);
+2. ``bids_qmri/models/bundled/<modality>/<stem>.safetensors`` — shipped with the package;
+3. ``<model_dir>/<modality>/<key>/<stem>_seed<S>.safetensors`` — trained on the fly by an
+   earlier run with ``--seed S`` (the seed is part of the name, so a run's outputs never depend
+   on which other seeds ran before it);
+4. trained now with the ``trainer`` the modality hands in, under a file lock (parallel jobs
+   that need the same model: one trains, the others wait and reuse), cached as in 3.
+
+Files appear by atomic rename only; lock files are removed after use.
 """
 
 from __future__ import annotations
@@ -17,17 +27,16 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from bids_qmri import __version__
-from bids_qmri.nets.mlp import BSSFPNet, load_net, save_net
-from bids_qmri.physics.bssfp import BSSFPProtocol
-from bids_qmri.training.bssfp import METHODS, TrainConfig, train_bssfp_net
+from bids_qmri.nets.io import load_net, save_net
 from bids_qmri.utils.atomic import atomic_path, write_json_atomic
 
 __all__ = [
     "BUNDLED_DIR",
-    "ON_THE_FLY",
+    "bundled_dir",
     "cache_dir",
     "get_model",
     "load_model",
@@ -40,24 +49,14 @@ log = logging.getLogger("bids_qmri.models.registry")
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 
-#: Settings for models trained on the fly when the protocol has no bundled model. Seed 000/001:
-#: one epoch over 400k samples already gives CoD > 0.93 (magnitude nets). Measured here on a
-#: non-bundled protocol (TR 5 ms, TE 2.5 ms, FA 20°, Npc 8; noise-free 50×50 grid, one CPU thread):
-#: svnn CoD 0.998/0.999 (T1/T2) in 8 s CPU, pinn 0.984/0.984 in 12 s, svnncomplex 0.997/0.999 in
-#: 9 s, pinncomplex 0.988/0.998 in 53 s (16 epochs). The complex PINN takes its residuals in
-#: standardised feature units, as the bundled ones (in raw units ΔB0 dominates the loss: 0.940/0.952
-#: at the same cost); for the magnitude PINN it made no clear difference (0.982/0.994).
-ON_THE_FLY = {
-    "svnn": {"n_samples": 100_000, "max_epochs": 8, "patience": 3},
-    "pinn": {"n_samples": 100_000, "max_epochs": 5, "patience": 3},
-    "svnncomplex": {"n_samples": 100_000, "max_epochs": 8, "patience": 3, "batch_size": 256, "lr": 1e-3},
-    "pinncomplex": {"n_samples": 100_000, "max_epochs": 16, "patience": 3, "batch_size": 256, "lr": 1e-3,
-                    "pinn_feature_scale": "input_std"},
-}
+
+def protocol_slug(protocol) -> str:
+    slug = getattr(protocol, "slug", None)
+    return slug() if callable(slug) else protocol.key()
 
 
-def model_stem(method: str, protocol: BSSFPProtocol) -> str:
-    return f"{method}_npc{protocol.npc}_{protocol.key()}"
+def model_stem(method: str, protocol) -> str:
+    return f"{method}_{protocol_slug(protocol)}"
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -68,7 +67,7 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def save_model(net: BSSFPNet, card: dict, directory: str | os.PathLike, stem: str, *, origin: str) -> Path:
+def save_model(net, card: dict, directory: str | os.PathLike, stem: str, *, origin: str) -> Path:
     """Write weights then card, each atomically; the card records the weights' sha256."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -89,7 +88,7 @@ def save_model(net: BSSFPNet, card: dict, directory: str | os.PathLike, stem: st
     return weights
 
 
-def load_model(weights: str | os.PathLike) -> tuple[BSSFPNet, dict]:
+def load_model(weights: str | os.PathLike):
     """Load weights and card; refuses a weights file whose checksum differs from its card."""
     weights = Path(weights)
     card_path = weights.with_suffix(".json")
@@ -111,48 +110,57 @@ def _locked(path: Path):
         try:
             yield
         finally:
+            with contextlib.suppress(OSError):
+                path.unlink()  # under the lock: a waiter holds its own open handle
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _find(directory: Path, stem: str) -> Path | None:
+def _find(directory: Path | None, stem: str) -> Path | None:
+    if directory is None:
+        return None
     w = directory / f"{stem}.safetensors"
     return w if w.is_file() and w.with_suffix(".json").is_file() else None
 
 
-def cache_dir(model_dir: str | os.PathLike, protocol: BSSFPProtocol) -> Path:
-    """Where ``--model-dir`` keeps the models of ``protocol`` (one folder per protocol key)."""
-    return Path(model_dir) / protocol.key()
+def cache_dir(model_dir: str | os.PathLike, modality: str, protocol) -> Path:
+    """Where ``--model-dir`` keeps the models of one modality and protocol."""
+    return Path(model_dir) / modality / protocol.key()
+
+
+def bundled_dir(modality: str) -> Path:
+    return BUNDLED_DIR / modality
 
 
 def get_model(
+    modality: str,
     method: str,
-    protocol: BSSFPProtocol,
+    protocol,
     *,
     model_dir: str | os.PathLike | None,
+    trainer: Callable[[], tuple] | None,
     seed: int = 0,
     allow_training: bool = True,
-    train_overrides: dict | None = None,
-) -> tuple[BSSFPNet, dict]:
-    """The network for ``method`` and ``protocol``: from ``model_dir``, bundled, or trained now
-    and cached in ``model_dir``.
-
-    A model in ``model_dir`` comes first, so a user's own model (``bids_qmri-train --model-dir``,
-    e.g. on a wider T1/T2 distribution) replaces a bundled one; the app itself only trains for
-    protocols without a bundled model. The returned card says where the model came from
-    (``origin``) and where its file is (``path``).
+):
+    """The network for ``(modality, method, protocol, seed)`` -> ``(net, card)``; see the module
+    docstring for the lookup order. ``trainer()`` returns ``(net, card)`` for this method,
+    protocol and seed (the modality builds it). The card says where the model came from
+    (``origin``) and where its file is (``path``); ``reused`` tells a cached model from a new one.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown network method {method!r}; use one of {sorted(METHODS)}")
     stem = model_stem(method, protocol)
-    cache = cache_dir(model_dir, protocol) if model_dir is not None else None
-    found = _find(cache, stem) if cache is not None else None
+    cache = cache_dir(model_dir, modality, protocol) if model_dir is not None else None
+    found = _find(cache, stem)
     if found is not None:
         net, card = load_model(found)
         return net, {**card, "path": str(found), "reused": True}
-    found = _find(BUNDLED_DIR, stem)
+    found = _find(bundled_dir(modality), stem)
     if found is not None:
         net, card = load_model(found)
         return net, {**card, "path": str(found)}
+    seeded = f"{stem}_seed{int(seed)}"
+    found = _find(cache, seeded)
+    if found is not None:
+        net, card = load_model(found)
+        return net, {**card, "path": str(found), "reused": True}
     if cache is None:
         if not allow_training:
             raise FileNotFoundError(f"no bundled {method} model for {protocol.describe()}")
@@ -160,19 +168,17 @@ def get_model(
             f"no bundled {method} model for {protocol.describe()}: pass --model-dir so a model "
             "can be trained and cached"
         )
-    if not allow_training:
+    if not allow_training or trainer is None:
         raise FileNotFoundError(f"no {method} model for {protocol.describe()} in {cache} and training is off")
-    with _locked(cache / f"{stem}.lock"):
-        found = _find(cache, stem)  # another job may have trained it while we waited
+    with _locked(cache / f".{seeded}.lock"):
+        found = _find(cache, seeded)  # another job may have trained it while we waited
         if found is None:
-            settings = {**ON_THE_FLY[method], **(train_overrides or {})}
-            log.info("training a %s model on the fly for %s (%s)", method, protocol.describe(), settings)
-            cfg = TrainConfig(method=method, seed=seed, **settings)
-            net, card = train_bssfp_net(protocol, cfg)
+            log.info("training a %s model on the fly for %s (seed %d)", method, protocol.describe(), seed)
+            net, card = trainer()
             card.pop("history", None)
-            save_model(net, card, cache, stem, origin="trained on the fly")
+            save_model(net, card, cache, seeded, origin="trained on the fly")
             write_json_atomic(cache / "protocol.json", protocol.as_dict())
-            found = cache / f"{stem}.safetensors"
+            found = cache / f"{seeded}.safetensors"
             net, card = load_model(found)
             return net, {**card, "path": str(found), "reused": False}
     net, card = load_model(found)

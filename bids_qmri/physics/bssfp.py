@@ -154,7 +154,7 @@ class BSSFPProtocol:
 
     @classmethod
     def from_input(cls, bssfp) -> BSSFPProtocol:
-        """From a ``bids_qmri.bids.inputs.BSSFPInput`` record."""
+        """From a ``bids_qmri.modalities.bssfp.inputs.BSSFPInput`` record."""
         return cls(
             float(bssfp.repetition_time),
             float(bssfp.echo_time),
@@ -195,6 +195,10 @@ class BSSFPProtocol:
         }
         blob = json.dumps(canon, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+    def slug(self) -> str:
+        """File-name label of the protocol for model files: ``npc<N>_<key>``."""
+        return f"npc{self.npc}_{self.key()}"
 
     def describe(self) -> str:
         return (

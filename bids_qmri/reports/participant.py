@@ -29,8 +29,15 @@ from . import figures
 
 LOGGER = logging.getLogger("bids_qmri.reports.participant")
 
+# BIDS qMRI map suffixes; the modalities' own map suffixes are added from the registry.
 MAP_SUFFIXES = ("T1map", "T2map", "M0map", "PDmap", "R1map", "R2map", "T2starmap", "TB1map", "fieldmap", "MTsat",
                 "MTRmap")
+
+
+def map_suffixes() -> tuple[str, ...]:
+    from bids_qmri import modalities
+
+    return tuple(dict.fromkeys(MAP_SUFFIXES + tuple(modalities.map_specs())))
 SOFTWARE = ("bids_qmri", "nipype", "antspyx", "nibabel", "numpy", "scipy", "torch", "pybids", "nilearn",
             "templateflow", "pandas", "matplotlib", "jinja2")
 
@@ -66,28 +73,24 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _session_inputs(sess) -> tuple[list[dict], list[dict], list[dict], list[str]]:
+def _session_inputs(sess, config=None) -> tuple[list[dict], list[dict], list[dict], list[str]]:
     """(inputs, skipped, unprocessed, notes) from a SessionInputs record or a JSON dict."""
+    from bids_qmri import modalities
+
     if isinstance(sess, dict):
         return ([], [dict(s) for s in sess.get("skipped", [])], [dict(s) for s in sess.get("unprocessed", [])],
                 list(sess.get("notes", [])))
     inputs = []
     for t in getattr(sess, "t1w", []) or []:
         inputs.append({"kind": "T1w", "files": [str(t)], "detail": ""})
-    for b in getattr(sess, "bssfp", []) or []:
-        detail = (f"TR {b.repetition_time * 1e3:.2f} ms, TE {b.echo_time * 1e3:.2f} ms, FA {b.flip_angle:g}°, "
-                  f"{b.n_cycles} phase cycles")
-        inputs.append({"kind": f"bSSFP (acq-{b.acq})" if b.acq else "bSSFP", "files": [str(p) for p in b.part_files.values()],
-                       "detail": detail})
+    for modality in modalities.modalities():
+        for item in (getattr(sess, "inputs", {}) or {}).get(modality.name, []):
+            _, detail = modality.plan_row(item, sess, config)
+            files = item.files.values() if isinstance(item.files, dict) else item.files
+            inputs.append({"kind": f"{modality.title} (acq-{item.acq})" if item.acq else modality.title,
+                           "files": [str(p) for p in files], "detail": detail})
     for b in getattr(sess, "b1", []) or []:
         inputs.append({"kind": b.kind, "files": [str(p) for p in b.files.values()], "detail": ""})
-    for kind in ("mrf", "qmt"):
-        for f in getattr(sess, kind, []) or []:
-            inputs.append({"kind": f.kind, "files": [str(p) for p in f.part_files.values()], "detail": ""})
-    for kind in ("irt1", "mese"):
-        for s in getattr(sess, kind, []) or []:
-            inputs.append({"kind": s.kind, "files": [str(p) for p in s.files],
-                           "detail": ", ".join(f"{v:g} s" for v in s.values)})
     skipped = [{"path": k.path, "reason": k.reason} for k in getattr(sess, "skipped", []) or []]
     unprocessed = [{"path": k.path, "reason": k.reason} for k in getattr(sess, "unprocessed", []) or []]
     return inputs, skipped, unprocessed, list(getattr(sess, "notes", []) or [])
@@ -108,11 +111,12 @@ def _label(path: Path) -> str:
 
 
 def _find_maps(sdir: Path) -> list[Path]:
+    suffixes = map_suffixes()
     maps = []
     for dt in ("anat", "fmap"):
         for p in sorted((sdir / dt).glob("*.nii.gz")) if (sdir / dt).is_dir() else []:
             e = parse_entities(p)
-            if e["suffix"] in MAP_SUFFIXES and "desc" in e and e.get("desc") not in ("ref", "brain", "preproc"):
+            if e["suffix"] in suffixes and "desc" in e and e.get("desc") not in ("ref", "brain", "preproc"):
                 maps.append(p)
             elif "EstimationAlgorithm" in _sidecar(p) and p not in maps:
                 maps.append(p)
@@ -169,6 +173,10 @@ def _build_session(out_root: Path, sdir: Path, prefix: str, fig_dir: Path, label
                              "src": _rel(png, out_root),
                              "caption": f"Red: edges of the T1w resampled onto the reference grid through {mat.name}."})
     # Maps
+    from bids_qmri import modalities
+
+    protocol_keys = modalities.protocol_fields()
+    order = modalities.method_order()
     maps = _find_maps(sdir)
     by_key: dict[tuple, list[Path]] = {}
     for p in maps:
@@ -193,14 +201,13 @@ def _build_session(out_root: Path, sdir: Path, prefix: str, fig_dir: Path, label
                 "map": p.name, "algorithm": side.get("EstimationAlgorithm", ""),
                 "reference": side.get("EstimationReference", ""),
                 "card": card if isinstance(card, dict) else ({"value": card} if card else {}),
-                "protocol": {k: side[k] for k in ("RepetitionTimeExcitation", "EchoTime", "FlipAngle",
-                                                  "PhaseIncrements") if k in side},
+                "protocol": {k: side[k] for k in protocol_keys if k in side},
             })
-    # Method differences: every method against the first one (MIRACLE when present).
+    # Method differences: every method against the reference one (its modality's first method).
     for (acq, suffix), paths in sorted(by_key.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
         if len(paths) < 2:
             continue
-        paths = sorted(paths, key=lambda q: (parse_entities(q).get("desc") != "miracle", q.name))
+        paths = sorted(paths, key=lambda q: (_rank(parse_entities(q).get("desc"), order), q.name))
         base = paths[0]
         base_img = nb.load(base)
         units = _sidecar(base).get("Units", "")
@@ -240,6 +247,10 @@ def _build_session(out_root: Path, sdir: Path, prefix: str, fig_dir: Path, label
         for row in df.itertuples(index=False):
             view.roi_rows.append([_fmt(v) for v in row])
     return view
+
+
+def _rank(method, order) -> int:
+    return order.index(method) if method in order else len(order)
 
 
 def _fmt(v):
@@ -293,7 +304,7 @@ def write_participant_report(output_dir, subject: str, sessions=None, config=Non
             s_lab = s.get("session_id") if isinstance(s, dict) else getattr(s, "session", None)
             s_lab = s_lab[4:] if isinstance(s_lab, str) and s_lab.startswith("ses-") else s_lab
             if s_lab == lab:
-                inputs, skipped, unprocessed, notes = _session_inputs(s)
+                inputs, skipped, unprocessed, notes = _session_inputs(s, config)
                 view.inputs += inputs
                 view.skipped += skipped
                 view.unprocessed += unprocessed

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from .. import CODE_URL, __version__
+from ..bids.basis import read_basis_tsv, write_basis_tsv  # noqa: F401 (read_basis_tsv: re-exported)
 from ..bids.derivatives import BIDS_VERSION, save_json, save_nifti, save_tsv
 from ..physics import bssfp, epg, mprage, noise, qmt, relaxation, svd
 from ..utils.atomic import write_text_atomic
@@ -379,31 +380,6 @@ def _dir(root: Path, sub: str, ses: str | None, datatype: str) -> Path:
 def _common_sidecar() -> dict:
     return {"MagneticFieldStrength": 3, "Manufacturer": "bids_qmri-synth (simulated)",
             "ManufacturersModelName": f"digital brain phantom, bids_qmri {__version__}"}
-
-
-def write_basis_tsv(path: Path, basis: torch.Tensor) -> Path:
-    """SVD basis ``[Nt, R]`` as TSV: one row per frame, columns ``sv<k>_real``, ``sv<k>_imag``.
-
-    Coefficients are ``frames @ basis`` (frames ``[..., Nt]``); frames ≈ ``coeffs @ basisᴴ``.
-    """
-    b = basis.numpy()
-    cols = {}
-    for k in range(b.shape[1]):
-        cols[f"sv{k + 1:02d}_real"] = b[:, k].real
-        cols[f"sv{k + 1:02d}_imag"] = b[:, k].imag
-    df = pd.DataFrame(cols)
-    text = df.to_csv(sep="\t", index=False, float_format="%.10g", lineterminator="\n")
-    write_text_atomic(path, text)
-    return path
-
-
-def read_basis_tsv(path) -> torch.Tensor:
-    """Inverse of :func:`write_basis_tsv`: complex128 ``[Nt, R]``."""
-    df = pd.read_csv(path, sep="\t")
-    n = len([c for c in df.columns if c.endswith("_real")])
-    re = np.stack([df[f"sv{k + 1:02d}_real"].to_numpy() for k in range(n)], axis=1)
-    im = np.stack([df[f"sv{k + 1:02d}_imag"].to_numpy() for k in range(n)], axis=1)
-    return torch.from_numpy(re + 1j * im)
 
 
 def _degrees(radians) -> list[float]:

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from bids_qmri.training.bssfp import DISTRIBUTIONS
+from bids_qmri.modalities.bssfp.training import DISTRIBUTIONS
 
 TRAINED_T1 = DISTRIBUTIONS["uniform"]["T1"]
 TRAINED_T2 = DISTRIBUTIONS["uniform"]["T2"]
@@ -68,7 +68,7 @@ def workflow_errors(bids: Path, out: Path, acq: str, methods, sub: str = "01") -
 def noise_floor(bids: Path, out: Path, acq: str, methods, protocol, model_dir: Path, *, snr: float,
                 sub: str = "01", seed: int = 11) -> dict:
     """The errors of ``workflow_errors`` without any image processing (see the module docstring)."""
-    from bids_qmri.fitting.bssfp import estimate_bssfp
+    from bids_qmri.modalities.bssfp.estimate import estimate_bssfp
     from bids_qmri.physics.bssfp import bssfp_signal
     from bids_qmri.physics.noise import add_complex_noise
     from bids_qmri.preproc.configurations import compute_configurations

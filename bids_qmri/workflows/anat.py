@@ -19,15 +19,6 @@ from nipype.pipeline import engine as pe
 ANAT_OUTPUTS = ["t1w_preproc", "t1w_mask", "dseg", "probseg", "atlas_dseg", "atlas_table", "atlas_name"]
 
 
-def _nthreads(config) -> int:
-    n = int(getattr(config, "omp_nthreads", 0) or 0)
-    if n <= 0:
-        import os
-
-        nprocs = int(getattr(config, "nprocs", 0) or 0) or (os.cpu_count() or 1)
-        n = min(nprocs, 8)
-    return n
-
 
 def _bias_correct(in_file, nthreads):
     from bids_qmri.anatomy.pipeline import bias_correct
@@ -99,7 +90,7 @@ def init_anat_wf(t1w: Path | str | None, subject: str, session: str | None, conf
     fallback = t1w is None
     if not fallback:
         inputnode.inputs.t1w = str(t1w)
-    nthreads = _nthreads(config)
+    nthreads = config.omp_threads()
     seed = int(getattr(config, "seed", 0) or 0)
 
     n4 = pe.Node(niu.Function(function=_bias_correct, input_names=["in_file", "nthreads"],

@@ -1,7 +1,10 @@
-"""Participant-level workflow: composes anatomy, bSSFP mapping and ROI statistics per session.
+"""Participant-level workflow: anatomy, every modality's mapping workflow and ROI statistics,
+per session.
 
-nipreps style: ``init_participant_wf`` only wires the sub-workflows that
-``workflows/{anat,bssfp,roi}.py`` build; all work happens in their nodes. The nipype working
+nipreps style: ``init_participant_wf`` only wires sub-workflows; all work happens in their nodes.
+The mapping workflows come from the modality registry (``Modality.init_workflow``), one per
+input of a modality this run maps; their reference images and maps are merged into lists for the
+ROI workflow, which matches each map to its reference image by ``acq``. The nipype working
 directory caches every node's result, so a re-run after a kill redoes only unfinished nodes.
 """
 
@@ -14,10 +17,10 @@ os.environ.setdefault("NIPYPE_NO_ET", "1")  # no telemetry, ever
 from nipype.interfaces import utility as niu  # noqa: E402
 from nipype.pipeline import engine as pe  # noqa: E402
 
-from ..bids.discovery import b1_for  # noqa: E402
+from ..bids.discovery import selected_modalities  # noqa: E402
 from ..bids.inputs import SessionInputs  # noqa: E402
+from ..modalities.base import workflow_label  # noqa: E402
 from .anat import init_anat_wf  # noqa: E402
-from .bssfp import init_bssfp_wf  # noqa: E402
 from .roi import init_roi_wf  # noqa: E402
 
 ANAT_FIELDS = ("t1w_preproc", "t1w_mask", "dseg", "probseg", "atlas_dseg", "atlas_table", "atlas_name")
@@ -31,21 +34,25 @@ def participant_wf_name(session_inputs: SessionInputs) -> str:
     return name + "_wf"
 
 
+def mapped_inputs(session_inputs: SessionInputs, config) -> list[tuple]:
+    """``(modality, input)`` pairs this run maps for the session, in registry order."""
+    return [(m, item) for m in selected_modalities(config) for item in session_inputs.inputs.get(m.name, [])]
+
+
 def init_participant_wf(session_inputs: SessionInputs, config) -> pe.Workflow:
     """Workflow for one participant and session.
 
     ``anat_wf`` (T1w preprocessing, tissues, atlas in T1w space; without a T1w it registers the
-    template to the first bSSFP reference image) and one ``bssfp_<acq>_wf`` per bSSFP input, each
-    with its matching B1 input (``IntendedFor``, else the session's first B1 map), feed one
-    ``roi_wf``: reference images and maps of all bSSFP inputs are merged into lists, and the ROI
-    workflow matches each map to its reference image by ``acq``.
+    template to the first mapped input's reference image) and one ``<modality>_<acq>_wf`` per
+    mapped input (B1 matched by the modality) feed one ``roi_wf``.
     """
     sess = session_inputs
     wf = pe.Workflow(name=participant_wf_name(sess))
     t1w = sess.t1w[0] if sess.t1w else None
     anat_wf = init_anat_wf(t1w, sess.subject, sess.session, config, name="anat_wf")
     roi_wf = init_roi_wf(sess.subject, sess.session, config, name="roi_wf")
-    n = len(sess.bssfp)
+    pairs = mapped_inputs(sess, config)
+    n = len(pairs)
     merge_ref = pe.Node(niu.Merge(n), name="merge_ref_images")
     merge_maps = pe.Node(niu.Merge(n), name="merge_maps")
     wf.connect([
@@ -53,14 +60,15 @@ def init_participant_wf(session_inputs: SessionInputs, config) -> pe.Workflow:
         (merge_ref, roi_wf, [("out", "inputnode.ref_image")]),
         (merge_maps, roi_wf, [("out", "inputnode.maps")]),
     ])
-    for index, bssfp in enumerate(sess.bssfp, start=1):
-        tag = bssfp.acq or str(index)
-        bssfp_wf = init_bssfp_wf(bssfp, b1_for(sess, bssfp), sess.subject, sess.session, config,
-                                 name=f"bssfp_{tag}_wf")
+    counts: dict[str, int] = {}
+    for index, (modality, item) in enumerate(pairs, start=1):
+        counts[modality.name] = counts.get(modality.name, 0) + 1
+        tag = workflow_label(item, counts[modality.name])
+        sub_wf = modality.init_workflow(item, sess, config, f"{modality.name}_{tag}_wf")
         wf.connect([
-            (bssfp_wf, merge_ref, [("outputnode.ref_image", f"in{index}")]),
-            (bssfp_wf, merge_maps, [("outputnode.maps", f"in{index}")]),
+            (sub_wf, merge_ref, [("outputnode.ref_image", f"in{index}")]),
+            (sub_wf, merge_maps, [("outputnode.maps", f"in{index}")]),
         ])
         if t1w is None and index == 1:
-            wf.connect(bssfp_wf, "outputnode.ref_image", anat_wf, "inputnode.ref_image")
+            wf.connect(sub_wf, "outputnode.ref_image", anat_wf, "inputnode.ref_image")
     return wf

@@ -2,9 +2,9 @@
 ROI statistics per map, method and region (``..._atlas-<A>_roistats.tsv``).
 
 A thin node over ``bids_qmri.anatomy.roistats.roi_analysis``. ``inputnode.ref_image`` and
-``inputnode.maps`` take a path or (nested) lists of paths, so several bSSFP (or other)
-workflows can feed one ROI workflow through a ``niu.Merge``; each map is matched to the
-reference image with the same ``acq`` label.
+``inputnode.maps`` take a path or (nested) lists of paths, so the workflows of every modality
+can feed one ROI workflow through a ``niu.Merge``; each map is matched to the reference image
+with the same ``acq`` label.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from .anat import ANAT_OUTPUTS, _nthreads
+from .anat import ANAT_OUTPUTS
 
 
 def _roi_stats(output_dir, subject, session, t1w_preproc, t1w_mask, probseg, atlas_dseg, atlas_table, atlas_name,
@@ -39,7 +39,7 @@ def init_roi_wf(subject: str, session: str | None, config, name: str = "roi_wf")
     stats.inputs.subject = subject
     stats.inputs.session = session
     stats.inputs.pv_threshold = float(getattr(config, "pv_threshold", 0.5))
-    stats.inputs.nthreads = _nthreads(config)
+    stats.inputs.nthreads = config.omp_threads()
     stats.inputs.seed = int(getattr(config, "seed", 0) or 0)
     wf.connect([
         (inputnode, stats, [(f, f) for f in ("t1w_preproc", "t1w_mask", "probseg", "atlas_dseg", "atlas_table",

@@ -1,1 +1,0 @@
-"""In-silico experiments that reproduce the seed papers' validations (``bids_qmri-insilico``)."""

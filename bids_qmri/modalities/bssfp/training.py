@@ -1,0 +1,380 @@
+"""Training of the pc-bSSFP networks from on-the-fly simulation (seeds 000/001; SPEC §7).
+
+Parameters are drawn from one of three distributions, signals are simulated with
+``bids_qmri.physics.bssfp`` (optionally with complex Gaussian noise, fresh for every batch),
+turned into receiver-phase-free, unit-norm configurations and network features, and the MLP is
+trained by the package's loop (``bids_qmri.training.loop``: Adam, early stopping).
+SVNN: MSE on the parameters scaled to [0, 1]. PINN: MSE between the input features and the
+features re-simulated from the prediction through the same physics and the same feature function.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from bids_qmri.modalities.bssfp.net import BSSFPNet, bssfp_features, input_names
+from bids_qmri.physics.bssfp import (
+    BSSFPProtocol,
+    bssfp_signal,
+    configurations,
+    normalise_configurations,
+    remove_receiver_phase,
+)
+from bids_qmri.physics.noise import add_complex_noise
+from bids_qmri.training.loop import LR_SCHEDULES, LoopSettings, train_loop, training_record
+
+__all__ = [
+    "B1_RANGE",
+    "DISTRIBUTIONS",
+    "METHODS",
+    "PINN_FEATURE_SCALES",
+    "TrainConfig",
+    "b0_range_hz",
+    "features_from_parameters",
+    "network_loss",
+    "parameter_ranges",
+    "sample_parameters",
+    "simulate_features",
+    "train_bssfp_net",
+]
+
+log = logging.getLogger("bids_qmri.modalities.bssfp.training")
+
+#: method -> (network kind, loss)
+METHODS = {
+    "svnn": ("magnitude", "svnn"),
+    "pinn": ("magnitude", "pinn"),
+    "svnncomplex": ("complex", "svnn"),
+    "pinncomplex": ("complex", "pinn"),
+}
+B1_RANGE = (0.7, 1.3)
+#: T1/T2 ranges in seconds (seed 000: the uniform and in-vivo ranges are brain mean ± 2 SD at 3 T)
+DISTRIBUTIONS = {
+    "uniform": {"T1": (0.36, 2.08), "T2": (0.02, 0.12)},
+    "uniform_extended": {"T1": (0.36, 5.0), "T2": (0.02, 2.5)},
+    "invivo": {"T1": (0.36, 2.08), "T2": (0.02, 0.12)},
+}
+# In-vivo-like density: the seed's density map came from subject data we do not have, so we use a
+# Gaussian mixture at typical 3 T white matter, grey matter and WM/GM/CSF partial-volume values
+# (T1 s, T2 s, SD T1, SD T2, weight), truncated to the uniform range.
+INVIVO_MIXTURE = (
+    (0.83, 0.045, 0.10, 0.006, 0.45),
+    (1.30, 0.060, 0.15, 0.009, 0.40),
+    (1.60, 0.085, 0.25, 0.018, 0.15),
+)
+
+
+def b0_range_hz(tr: float) -> tuple[float, float]:
+    """Off-resonance covered by the complex nets: θ = 2π·ΔB0·TR over (−π, π)."""
+    return (-1.0 / (2 * tr), 1.0 / (2 * tr))
+
+
+def parameter_ranges(distribution: str, kind: str, tr: float) -> dict[str, tuple[float, float]]:
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; use one of {sorted(DISTRIBUTIONS)}")
+    ranges = dict(DISTRIBUTIONS[distribution])
+    if kind == "complex":
+        ranges["B0"] = b0_range_hz(tr)
+    return ranges
+
+
+def _uniform(n, lo, hi, g, dtype):
+    return torch.empty(n, dtype=dtype).uniform_(lo, hi, generator=g)
+
+
+def sample_parameters(
+    distribution: str,
+    n: int,
+    generator: torch.Generator,
+    *,
+    tr: float,
+    with_b0: bool = False,
+    theta_margin: float = 0.0,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
+    """Draw ``n`` tissue parameter sets (T1, T2 in s, B1, B0 in Hz); T1 > T2 always.
+
+    With ``with_b0``, θ = 2π·ΔB0·TR is uniform in (−π, π) shrunk by ``theta_margin``·π at both ends.
+    """
+    ranges = parameter_ranges(distribution, "complex" if with_b0 else "magnitude", tr)
+    (t1_lo, t1_hi), (t2_lo, t2_hi) = ranges["T1"], ranges["T2"]
+    t1_parts, t2_parts, have = [], [], 0
+    while have < n:
+        m = max(2 * (n - have), 1024)
+        if distribution == "invivo":
+            comp = torch.tensor([c[4] for c in INVIVO_MIXTURE], dtype=dtype)
+            k = torch.multinomial(comp, m, replacement=True, generator=generator)
+            mix = torch.tensor([c[:4] for c in INVIVO_MIXTURE], dtype=dtype)[k]
+            z = torch.randn(m, 2, dtype=dtype, generator=generator)
+            t1 = mix[:, 0] + mix[:, 2] * z[:, 0]
+            t2 = mix[:, 1] + mix[:, 3] * z[:, 1]
+        else:
+            t1 = _uniform(m, t1_lo, t1_hi, generator, dtype)
+            t2 = _uniform(m, t2_lo, t2_hi, generator, dtype)
+        keep = (t1 > t2) & (t1 >= t1_lo) & (t1 <= t1_hi) & (t2 >= t2_lo) & (t2 <= t2_hi)
+        t1_parts.append(t1[keep])
+        t2_parts.append(t2[keep])
+        have += int(keep.sum())
+    out = {
+        "T1": torch.cat(t1_parts)[:n],
+        "T2": torch.cat(t2_parts)[:n],
+        "B1": _uniform(n, *B1_RANGE, generator, dtype),
+    }
+    if with_b0:
+        # θ uniform in (−π, π), open at both ends (seed 001: no training data on the phase wrap)
+        shrink = 1 - max(float(theta_margin), 1e-6)
+        lo, hi = b0_range_hz(tr)
+        out["B0"] = _uniform(n, lo * shrink, hi * shrink, generator, dtype)
+    else:
+        out["B0"] = torch.zeros(n, dtype=dtype)
+    return out
+
+
+def simulate_signal(params: dict[str, torch.Tensor], protocol: BSSFPProtocol) -> torch.Tensor:
+    """Complex pc-bSSFP signals ``[N, Npc]`` (M0 = 1) for parameter sets from ``sample_parameters``."""
+    dtype = params["T1"].dtype
+    return bssfp_signal(
+        params["T1"], params["T2"], 1.0, params["B1"], params["B0"],
+        tr=protocol.tr, te=protocol.te, flip_rad=protocol.flip_rad,
+        phase_increments_rad=protocol.phase_increments_rad(dtype),
+    )
+
+
+def signal_to_features(signal: torch.Tensor, b1: torch.Tensor, protocol: BSSFPProtocol, kind: str) -> torch.Tensor:
+    """Receiver-phase removal → configurations (−1, 0, 1) → unit norm → network features."""
+    phi = protocol.phase_increments_rad(signal.real.dtype)
+    f = normalise_configurations(configurations(remove_receiver_phase(signal), phi))
+    return bssfp_features(f, b1, kind)
+
+
+def features_from_parameters(t1, t2, b1, b0, protocol: BSSFPProtocol, kind: str) -> torch.Tensor:
+    """Noise-free features for given parameters (differentiable: the PINN re-simulation)."""
+    s = bssfp_signal(
+        t1, t2, 1.0, b1, b0, tr=protocol.tr, te=protocol.te, flip_rad=protocol.flip_rad,
+        phase_increments_rad=protocol.phase_increments_rad(t1.dtype),
+    )
+    return signal_to_features(s, b1, protocol, kind)
+
+
+def simulate_features(
+    params: dict[str, torch.Tensor],
+    protocol: BSSFPProtocol,
+    kind: str,
+    *,
+    snr: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Features of simulated signals, with complex noise at ``snr`` (seed definition) if given."""
+    s = simulate_signal(params, protocol)
+    if snr is not None and math.isfinite(snr):
+        s = add_complex_noise(s, snr, generator)
+    return signal_to_features(s, params["B1"], protocol, kind)
+
+
+PINN_FEATURE_SCALES = ("none", "input_std")
+
+
+def network_loss(
+    net: BSSFPNet,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    loss: str,
+    protocol: BSSFPProtocol,
+    *,
+    pinn_feature_scale: str = "none",
+) -> torch.Tensor:
+    """SVNN: MSE of the [0, 1]-scaled parameters. PINN: MSE of features re-simulated from the
+    prediction against the input features (B1, an input, is excluded: it is copied through).
+
+    ``pinn_feature_scale="input_std"`` takes the PINN residuals in the network's standardised input
+    units (divided by ``net.in_std``). Raw unit-norm features are dominated by Re/Im F±1, which
+    swing with θ, so ΔB0 outweighs T1/T2 and the loss is badly conditioned (complex nets: median
+    condition number of JᵀJ ~4e3 raw vs ~3e2–9e2 standardised, J = ∂features/∂outputs).
+    """
+    unit = net.forward_unit(x)
+    if loss == "svnn":
+        return torch.mean((unit - net.to_unit(target)) ** 2)
+    if loss == "pinn":
+        pred = net.to_physical(unit)
+        b1 = x[:, -1]
+        b0 = pred[:, 2] if net.kind == "complex" else torch.zeros_like(b1)
+        resim = features_from_parameters(pred[:, 0], pred[:, 1], b1, b0, protocol, net.kind)
+        residual = resim[:, :-1] - x[:, :-1]
+        if pinn_feature_scale == "input_std":
+            residual = residual / net.in_std[:-1]
+        elif pinn_feature_scale != "none":
+            raise ValueError(f"unknown pinn_feature_scale {pinn_feature_scale!r}; use one of {PINN_FEATURE_SCALES}")
+        return torch.mean(residual**2)
+    raise ValueError(f"unknown loss {loss!r}: use 'svnn' or 'pinn'")
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; defaults are the seed papers' (SPEC §7)."""
+
+    method: str = "pinn"
+    distribution: str = "uniform"
+    n_samples: int = 400_000
+    max_epochs: int = 300
+    patience: int = 25
+    batch_size: int = 128
+    lr: float = 2e-4
+    lr_schedule: str = "constant"  # "cosine": anneal to 0 over max_epochs (short budgets); "step": halve every 40
+    val_fraction: float = 0.1
+    snr: float | None = None  # training noise; None = noise-free (the seeds' choice)
+    # complex nets: leave |θ| > (1 − margin)·π out of training. A smooth network cannot jump from
+    # +π to −π where the signal wraps; samples there dominated the PINN loss (plateau ~6e-4)
+    theta_margin: float = 0.05
+    init_from: str | None = None  # continue from a saved network of the same kind (fine-tuning)
+    # PINN residuals in raw feature units (the seed's) or in the network's standardised input units
+    pinn_feature_scale: str = "none"
+    # weights returned: "best" (lowest validation loss, the seeds' early stopping) or "last" (the final
+    # epoch of an annealed schedule; where a few wrap samples make the validation loss noisy, e.g. Npc 4)
+    keep: str = "best"
+    seed: int = 0
+    threads: int = 1
+    device: str = "cpu"  # where the network trains; simulation stays on the CPU (seeded generator)
+    progress: bool | None = None  # None: a bar only on a terminal
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; use one of {sorted(METHODS)}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown distribution {self.distribution!r}; use one of {sorted(DISTRIBUTIONS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
+        if self.pinn_feature_scale not in PINN_FEATURE_SCALES:
+            raise ValueError(f"unknown pinn_feature_scale {self.pinn_feature_scale!r}; use one of {PINN_FEATURE_SCALES}")
+        if self.keep not in ("best", "last"):
+            raise ValueError(f"unknown keep {self.keep!r}; use 'best' or 'last'")
+        if self.n_samples < 20 or self.max_epochs < 1 or self.batch_size < 1:
+            raise ValueError("need at least 20 samples, 1 epoch and batch size 1")
+
+
+def _targets(params: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    keys = ("T1", "T2", "B0") if kind == "complex" else ("T1", "T2")
+    return torch.stack([params[k] for k in keys], dim=-1)
+
+
+def loop_settings(cfg: TrainConfig, desc: str) -> LoopSettings:
+    return LoopSettings(max_epochs=cfg.max_epochs, patience=cfg.patience, batch_size=cfg.batch_size, lr=cfg.lr,
+                        lr_schedule=cfg.lr_schedule, keep=cfg.keep, progress=cfg.progress, desc=desc)
+
+
+def train_bssfp_net(
+    protocol: BSSFPProtocol, cfg: TrainConfig, *, epoch_callback=None
+) -> tuple[BSSFPNet, dict]:
+    """Simulate, train and return ``(net, card)``; the card still lacks the weights checksum.
+
+    ``epoch_callback(epoch, net, val_loss)`` is called after every epoch (for learning curves).
+    """
+    kind, loss_name = METHODS[cfg.method]
+    device = torch.device(cfg.device)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    t_start = time.perf_counter()
+    try:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        params = sample_parameters(cfg.distribution, cfg.n_samples, gen, tr=protocol.tr,
+                                   with_b0=kind == "complex", theta_margin=cfg.theta_margin)
+        n_val = max(1, int(round(cfg.val_fraction * cfg.n_samples)))
+        n_train = cfg.n_samples - n_val
+        # noise-free features of the whole set; with training noise the signals are kept and
+        # noised afresh per batch
+        signal = simulate_signal(params, protocol)
+        clean = signal_to_features(signal, params["B1"], protocol, kind).float()
+        targets = _targets(params, kind).float().to(device)
+        b1 = params["B1"]
+        noisy = cfg.snr is not None and math.isfinite(cfg.snr)
+        if noisy:
+            val_x = signal_to_features(
+                add_complex_noise(signal[n_train:], cfg.snr, gen), b1[n_train:], protocol, kind
+            ).float()
+        else:
+            val_x = clean[n_train:]
+        val_x, val_y = val_x.to(device), targets[n_train:]
+        t_sim = time.perf_counter() - t_start
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            net = BSSFPNet(kind, parameter_ranges(cfg.distribution, kind, protocol.tr))
+        init = None
+        if cfg.init_from:
+            from bids_qmri.nets.io import load_net
+
+            start_net = load_net(cfg.init_from)
+            if getattr(start_net, "kind", None) != kind or start_net.ranges != net.ranges:
+                raise ValueError(f"{cfg.init_from}: a {getattr(start_net, 'kind', type(start_net).__name__)} network "
+                                 f"with other ranges cannot initialise {cfg.method} — pick a model of the same "
+                                 "method and distribution")
+            net.load_state_dict(start_net.state_dict())  # keeps its input statistics too
+            init = _file_digest(cfg.init_from)
+        else:
+            net.set_input_stats(clean[:n_train])
+        net.to(device)
+        clean = clean.to(device)
+
+        def batch(idx):
+            if noisy:
+                x = signal_to_features(add_complex_noise(signal[idx], cfg.snr, gen), b1[idx], protocol, kind).float()
+                return x.to(device), targets[idx]
+            return clean[idx], targets[idx]
+
+        def loss(model, xy):
+            return network_loss(model, xy[0], xy[1], loss_name, protocol, pinn_feature_scale=cfg.pinn_feature_scale)
+
+        def validate(model):
+            return loss(model, (val_x, val_y))
+
+        settings = loop_settings(cfg, f"{cfg.method} Npc{protocol.npc}")
+        result = train_loop(net, n_train=n_train, batch=batch, loss=loss, validate=validate, settings=settings,
+                            generator=gen, epoch_callback=epoch_callback, log=log)
+        net.to("cpu")
+    finally:
+        torch.set_num_threads(old_threads)
+
+    training = training_record(settings, result, n_train=n_train, n_val=n_val, simulation_s=t_sim,
+                               wall_s=time.perf_counter() - t_start)
+    training.update({k: v for k, v in asdict(cfg).items()
+                     if k not in ("progress", "extra", "method", "distribution", "init_from") and k not in training})
+    training.update(cfg.extra)
+    card = {
+        "name": f"bids_qmri-bssfp-{cfg.method}-npc{protocol.npc}-{protocol.key()}",
+        "modality": "bssfp",
+        "method": cfg.method,
+        "architecture": {"class": "BSSFPNet", "kind": kind, "hidden": net.hidden, "inputs": input_names(kind),
+                         "outputs": list(net.outputs), "activation": "ReLU", "output": "sigmoid"},
+        "loss": loss_name,
+        "protocol": protocol.as_dict(),
+        "protocol_key": protocol.key(),
+        "parameter_ranges": {k: list(v) for k, v in net.ranges.items()},
+        "units": {"T1": "s", "T2": "s", "B0": "Hz"},
+        "b1_range": list(B1_RANGE),
+        "distribution": cfg.distribution,
+        "training": training,
+        "validation_loss": result.best_loss if cfg.keep == "best" else result.final_loss,
+        "history": result.history,
+    }
+    if init is not None:
+        card["training"]["init_from"] = init
+    return net, card
+
+
+def _file_digest(path) -> dict:
+    import hashlib
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    out = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    card = path.with_suffix(".json")
+    if card.is_file():
+        # the whole chain: an earlier continuation keeps its own init_from (file, sha256, settings)
+        out["previous_training"] = json.loads(card.read_text()).get("training", {})
+    return out

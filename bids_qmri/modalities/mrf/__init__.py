@@ -1,0 +1,28 @@
+"""MR fingerprinting (seed 002; SPEC §3): FISP frames as a part pair, or SVD coefficients with
+their basis table. This version discovers and checks these inputs and lists them in the plan
+and the report; it has no mapping method yet (no ``methods``, no workflow)."""
+
+from __future__ import annotations
+
+from bids_qmri.bids.collect import collect_fingerprints, fingerprint_row
+from bids_qmri.modalities.base import Modality
+
+SUFFIX = "MRF"
+REQUIRED = ("FlipAngle", "RepetitionTimeExcitation", "EchoTime", "InversionTime", "MRFSequenceType")
+
+
+def _collect(sess, flists, layout, problems, check_content):
+    return collect_fingerprints(layout, SUFFIX, REQUIRED, flists.get(SUFFIX, []), problems, check_content)
+
+
+def _plan_row(item, sess, config):
+    return fingerprint_row(item, REQUIRED)
+
+
+MODALITY = Modality(
+    name="mrf", title="MR fingerprinting", suffixes=(SUFFIX,), required_metadata={SUFFIX: REQUIRED},
+    collect=_collect, plan_row=_plan_row, ref_suffix=SUFFIX,
+    uses_b1=True, protocol_keys=REQUIRED, bidsignore=("*_MRF.*", "*_MRFbasis.*"),
+)
+
+MODALITIES = (MODALITY,)

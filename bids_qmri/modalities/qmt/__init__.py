@@ -1,0 +1,29 @@
+"""Quantitative magnetisation transfer in the hybrid state (seed 003; SPEC §3): frames as a part
+pair, or SVD coefficients with their basis table. This version discovers and checks these inputs
+and lists them in the plan and the report; it has no mapping method yet (no ``methods``, no
+workflow)."""
+
+from __future__ import annotations
+
+from bids_qmri.bids.collect import collect_fingerprints, fingerprint_row
+from bids_qmri.modalities.base import Modality
+
+SUFFIX = "qMT"
+REQUIRED = ("FlipAngle", "RFPulseDuration", "RepetitionTimeExcitation")
+
+
+def _collect(sess, flists, layout, problems, check_content):
+    return collect_fingerprints(layout, SUFFIX, REQUIRED, flists.get(SUFFIX, []), problems, check_content)
+
+
+def _plan_row(item, sess, config):
+    return fingerprint_row(item, REQUIRED)
+
+
+MODALITY = Modality(
+    name="qmt", title="qMT (hybrid state)", suffixes=(SUFFIX,), required_metadata={SUFFIX: REQUIRED},
+    collect=_collect, plan_row=_plan_row, ref_suffix=SUFFIX,
+    uses_b1=True, protocol_keys=REQUIRED, bidsignore=("*_qMT.*", "*_qMTbasis.*"),
+)
+
+MODALITIES = (MODALITY,)
