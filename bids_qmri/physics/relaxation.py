@@ -1,7 +1,8 @@
 """Mono-exponential relaxometry models (seed 004).
 
 ``inversion_recovery`` is the three-parameter Look-Locker / IR model ``|A(1 − B e^{−TI/T1})|`` and
-``t2_decay`` the T2-preparation model ``|A e^{−TE/T2}|``. Parameters have shape ``[...]``; the
+``t2_decay`` the T2-preparation model ``|A e^{−TE/T2}|`` (``inversion_recovery(..., signed=True)``
+drops the modulus, for polarity-restored fitting). Parameters have shape ``[...]``; the
 time points ``ti``/``te`` (seconds) have shape ``[N]`` and the signal has shape ``[..., N]``.
 """
 
@@ -35,11 +36,18 @@ def inversion_recovery(
     b: torch.Tensor | float,
     t1: torch.Tensor | float,
     ti: torch.Tensor | Sequence[float],
+    *,
+    signed: bool = False,
 ) -> torch.Tensor:
-    """``|A (1 − B e^{−TI/T1})|`` -> ``[..., N]`` for inversion times ``ti`` ``[N]`` in seconds."""
+    """``|A (1 − B e^{−TI/T1})|`` -> ``[..., N]`` for inversion times ``ti`` ``[N]`` in seconds.
+
+    ``signed=True`` returns ``A (1 − B e^{−TI/T1})`` without the modulus: the real-valued model
+    of phase-sensitive (or polarity-restored) IR data, smooth through the null.
+    """
     a, b, t1 = _params(a, b, t1)
     ti = _times(ti, t1)
-    return (a[..., None] * (1.0 - b[..., None] * torch.exp(-ti / t1[..., None]))).abs()
+    s = a[..., None] * (1.0 - b[..., None] * torch.exp(-ti / t1[..., None]))
+    return s if signed else s.abs()
 
 
 def t2_decay(
