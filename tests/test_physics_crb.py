@@ -72,12 +72,14 @@ def test_monte_carlo_nlls_variance_approaches_crb():
     fits = np.array(fits)
     bound = crb.crb(t2_model, torch.tensor(truth), sigma).numpy()
     ratio = fits.var(axis=0) / bound
-    assert np.all(np.abs(ratio - 1) < 0.15), ratio
+    # variance / CRB measured 1.035 and 1.062 at seed 42 (0.98-1.06 over seeds 0-2); bound 1.5×
+    # the largest deviation
+    assert np.all(np.abs(ratio - 1) < 0.093), ratio
     loss = crb.crb_weighted_loss(torch.from_numpy(fits), torch.from_numpy(truth), torch.from_numpy(bound))
-    assert loss.item() == pytest.approx(1.0, abs=0.15)
-    # a deliberately noisier estimator is detected as inefficient
+    assert loss.item() == pytest.approx(1.0, abs=0.075)  # measured 1.049 (0.989-0.993 seeds 0-2)
+    # a deliberately noisier estimator is detected as inefficient (measured 1.55; 1.48-1.55)
     worse = fits + math.sqrt(bound[1]) * rng.normal(size=fits.shape) * np.array([0, 1])
-    assert crb.crb_weighted_loss(torch.from_numpy(worse), torch.from_numpy(truth), torch.from_numpy(bound)) > 1.3
+    assert crb.crb_weighted_loss(torch.from_numpy(worse), torch.from_numpy(truth), torch.from_numpy(bound)) > 1.4
 
 
 def test_sigma_per_sample_broadcasts():

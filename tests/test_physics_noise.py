@@ -14,11 +14,14 @@ def test_sigma_matches_seed_definition_empirically():
     noisy = noise.add_complex_noise(clean, snr, gen)
     resid = noisy - clean
     expected = 0.074 / (math.sqrt(2) * snr)
-    assert abs(resid.real.std().item() / expected - 1) < 0.01
-    assert abs(resid.imag.std().item() / expected - 1) < 0.01
-    # real and imaginary parts independent, zero mean
-    assert abs(torch.corrcoef(torch.stack([resid.real, resid.imag]))[0, 1].item()) < 0.01
-    assert abs(resid.mean().item()) < 5 * expected / math.sqrt(200_000)
+    # |SD ratio − 1| measured 3e-4 (real) and 3.7e-3 (imaginary) at this seed, ≤ 3.9e-3 over
+    # seeds 0-5 (its SE is 1/√(2N) = 1.6e-3); bound 1.5× the largest
+    assert abs(resid.real.std().item() / expected - 1) < 0.006
+    assert abs(resid.imag.std().item() / expected - 1) < 0.006
+    # real and imaginary parts independent, zero mean: |corr| measured 2.8e-3 (≤ 2.8e-3 over
+    # seeds 0-5, SE 2.2e-3); |mean| 0.75 SE (0.30-1.09 SE over seeds 0-5)
+    assert abs(torch.corrcoef(torch.stack([resid.real, resid.imag]))[0, 1].item()) < 0.0045
+    assert abs(resid.mean().item()) < 1.6 * expected / math.sqrt(200_000)
 
 
 def test_per_voxel_snr_broadcasts_and_seed_reproduces():
@@ -28,11 +31,13 @@ def test_per_voxel_snr_broadcasts_and_seed_reproduces():
     b = noise.add_complex_noise(clean, snr, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     ratio = a.real.std(dim=1) / (0.074 / (math.sqrt(2) * snr[:, 0]))
-    assert torch.allclose(ratio, torch.ones(2), atol=0.02)
+    # max |ratio − 1| measured 3.8e-3 (seed 3; 2.4e-3-5.4e-3 over seeds 0-4, SE 3.2e-3)
+    assert torch.allclose(ratio, torch.ones(2), atol=0.007)
 
 
 def test_rician_magnitude_of_pure_noise_is_rayleigh():
     gen = torch.Generator().manual_seed(1)
     mag = noise.add_rician_noise(torch.zeros(200_000, dtype=torch.float64), 10.0, gen)
     sigma = noise.noise_sigma(10.0)
-    assert abs(mag.mean().item() / (sigma * math.sqrt(math.pi / 2)) - 1) < 0.01
+    # measured 1.9e-3 (seed 1; 1.5e-3-3.1e-3 over seeds 0-4)
+    assert abs(mag.mean().item() / (sigma * math.sqrt(math.pi / 2)) - 1) < 0.0035

@@ -50,6 +50,6 @@ def test_fisp_dictionary_is_well_compressed_at_rank_10():
     assert basis.dtype == torch.complex64 and basis.shape == (300, 10)
     rec = svd.expand(svd.compress(d, basis, real_first=False), basis)
     err = (rec - d).abs().pow(2).sum() / d.abs().pow(2).sum()
-    assert err < 1e-3
+    assert err < 4.2e-6  # measured 2.76e-6 (float32)
     with pytest.raises(ValueError, match="rank"):
         svd.svd_basis(d, 0)
