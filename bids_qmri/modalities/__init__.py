@@ -18,6 +18,7 @@ PLUGINS = (
     "bids_qmri.modalities.bssfp",
     "bids_qmri.modalities.mrf",
     "bids_qmri.modalities.qmt",
+    "bids_qmri.modalities.relax",
 )
 
 __all__ = [

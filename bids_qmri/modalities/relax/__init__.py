@@ -1,0 +1,116 @@
+"""Relaxometry series (seed 004): inversion-recovery T1 (``IRT1``, ``inv-<i>``) and multi-echo
+spin-echo T2 (``MESE``, ``echo-<i>``), mapped by maximum likelihood (``mle``).
+
+Two modalities in one folder: they share the collector (``inputs``), the workflow (load, motion
+correction between the files, brain mask, estimate, derivatives) and the batched solver
+(``mle``); they differ in the model and the maps.
+"""
+
+from __future__ import annotations
+
+from bids_qmri.modalities.base import MapSpec, Method, Modality, RunOption
+
+from . import inputs
+
+
+def _estimate_ir(data, mask, protocol, context):
+    from .estimate import estimate_ir
+
+    return estimate_ir(data, mask, protocol, context)
+
+
+def _estimate_t2(data, mask, protocol, context):
+    from .estimate import estimate_t2
+
+    return estimate_t2(data, mask, protocol, context)
+
+
+def _collector(kind):
+    def collect(sess, flists, layout, problems, check_content):
+        return inputs.collect(kind, sess, flists, layout, problems, check_content)
+
+    return collect
+
+
+def _workflow(item, sess, config, name):
+    from .workflow import init_relax_wf
+
+    modality = IRT1 if item.kind == "IRT1" else MESE
+    return init_relax_wf(item, modality, sess.subject, sess.session, config, name=name)
+
+
+def _planned_outputs(item, sess, config):
+    from bids_qmri.bids.derivatives import derivative_path
+
+    modality = IRT1 if item.kind == "IRT1" else MESE
+    kw = dict(subject=sess.subject, session=sess.session, acq=item.acq)
+    out = [derivative_path("", **kw, suffix=modality.ref_suffix, desc="ref"),
+           derivative_path("", **kw, suffix="mask", desc="brain"),
+           derivative_path("", **kw, suffix=modality.ref_suffix, extension=".tsv", desc="motion")]
+    for m in (config.methods or {}).get(modality.name, ()):
+        out += [derivative_path("", **kw, datatype=spec.datatype, suffix=spec.suffix, desc=m)
+                for spec in modality.method(m).maps]
+    return out
+
+
+_REFERENCE = ("Sabidussi ER, Klein S, Caan MWA, et al. Recurrent inference machines as inverse problem "
+              "solvers for MR relaxometry. Med Image Anal 74:102220 (2021), doi:10.1016/j.media.2021.102220")
+M0 = MapSpec("M0map", "arbitrary", "signal amplitude A of the model (proton density × receive gain, T1 "
+                                   "weighting of the repetition time included)")
+
+IRT1 = Modality(
+    name="irt1",
+    title="inversion-recovery T1",
+    suffixes=("IRT1",),
+    required_metadata={"IRT1": ("InversionTime",)},
+    collect=_collector(inputs.IRT1),
+    plan_row=inputs.plan_row,
+    ref_suffix="IRT1",
+    methods=(Method(
+        "mle", "maximum-likelihood fit of |A(1 - B exp(-TI/T1))| (batched Levenberg-Marquardt, polarity restoration)",
+        _REFERENCE,
+        (MapSpec("T1map", "s", "longitudinal relaxation time", quantity="T1"), M0,
+         MapSpec("IEmap", "1", "inversion efficiency B of |A(1 - B exp(-TI/T1))| (2 = perfect inversion)",
+                 bids_suffix=False)),
+        _estimate_ir),),
+    protocol=inputs.protocol,
+    protocol_from_dict=inputs.SeriesProtocol.from_dict,
+    init_workflow=_workflow,
+    planned_outputs=_planned_outputs,
+    protocol_keys=("InversionTimes",),
+    bidsignore=("*_desc-ref_IRT1.*", "*_desc-motion_IRT1.*"),
+    run_options=(
+        RunOption("--relax-likelihood", "relax_likelihood", "gaussian", choices=("gaussian", "rician"),
+                  help="likelihood of the inversion-recovery and multi-echo T2 fits: gaussian (least squares, "
+                       "seed 004) or rician (magnitude noise, for low-SNR tails)"),
+        RunOption("--relax-sigma", "relax_sigma", None, type=float,
+                  help="noise σ per real channel in image units for the Rician likelihood; unset: estimated "
+                       "from the series' background voxels"),
+        RunOption("--relax-lambda-b", "relax_lambda_b", 0.0, type=float,
+                  help="Laplacian regularisation λ_B of the inversion efficiency B (seed 004), in nats per "
+                       "unit² of the Laplacian; 0: voxel-wise"),
+    ),
+)
+
+MESE = Modality(
+    name="mese",
+    title="multi-echo spin-echo T2",
+    suffixes=("MESE",),
+    required_metadata={"MESE": ("EchoTime",)},
+    collect=_collector(inputs.MESE),
+    plan_row=inputs.plan_row,
+    ref_suffix="MESE",
+    methods=(Method(
+        "mle", "maximum-likelihood fit of |A exp(-TE/T2)| (log-linear start, batched Levenberg-Marquardt)",
+        _REFERENCE,
+        (MapSpec("T2map", "s", "transverse relaxation time", quantity="T2"), M0),
+        _estimate_t2),),
+    protocol=inputs.protocol,
+    protocol_from_dict=inputs.SeriesProtocol.from_dict,
+    init_workflow=_workflow,
+    planned_outputs=_planned_outputs,
+    protocol_keys=("EchoTime",),
+    bidsignore=("*_desc-ref_MESE.*", "*_desc-motion_MESE.*"),
+)
+
+MODALITIES = (IRT1, MESE)
