@@ -8,8 +8,8 @@ vectorised over samples with ``torch.func.vmap``; ``fn`` is written for one samp
 ``bids_qmri.physics`` model supports because they broadcast over leading dims.
 ``mode="jvp"`` skips vmap and pushes one tangent per parameter through the whole batch
 (``fn`` must then broadcast over leading dims) — a fallback for models without vmap support;
-``mode="reverse"`` uses jacrev. In ``benchmarks/bench_physics.py`` the three cost about the same
-as central finite differences of the batched model (0.3–0.5× their rate) and are exact.
+``mode="reverse"`` uses jacrev. In ``benchmarks/bench_physics.py`` they run at 0.2–1.3× the rate of
+central finite differences of the batched model (IR 0.9–1.3×, qMT 0.2–0.3×) and are exact.
 """
 
 from __future__ import annotations
