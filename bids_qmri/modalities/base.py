@@ -147,6 +147,9 @@ class Modality:
     protocol_keys: tuple[str, ...] = ()
     # Extra lines for the derivatives' .bidsignore and the input dataset's .bidsignore snippet.
     bidsignore: tuple[str, ...] = ()
+    # Full references of the modality's approach and preprocessing, cited by the participant
+    # report beside its methods' own references whenever its maps are shown.
+    citations: tuple[str, ...] = ()
     # Options of ``bids_qmri`` that belong to this modality (-> ``config.options``).
     run_options: tuple[RunOption, ...] = ()
     # Optional hooks: ``bids_qmri-train`` support, ``bids_qmri-insilico`` subcommands.

@@ -270,9 +270,17 @@ def _versions() -> list[tuple[str, str]]:
 
 
 def _citations(methods: set[str]) -> list[str]:
+    """The references of the methods whose maps the report shows and of their modalities
+    (``bids_qmri.modalities``), then the software the app always uses."""
+    from bids_qmri import modalities
+
+    cites: list[str] = []
+    for modality in modalities.modalities():
+        seen = [m for m in modality.methods if m.name in methods]
+        if seen:
+            cites += list(modality.citations) + [m.reference for m in seen]
     data = json.loads(resources.files("bids_qmri.data").joinpath("reports/citations.json").read_text())
-    cites = [e["text"] for e in data["methods"].values() if methods & set(e["methods"])]
-    return cites + list(data["software"])
+    return list(dict.fromkeys(cites)) + list(data["software"])
 
 
 def write_participant_report(output_dir, subject: str, sessions=None, config=None) -> Path:

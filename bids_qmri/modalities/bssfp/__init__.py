@@ -70,13 +70,15 @@ T1 = MapSpec("T1map", "s", "longitudinal relaxation time", quantity="T1")
 T2 = MapSpec("T2map", "s", "transverse relaxation time", quantity="T2")
 B0 = MapSpec("fieldmap", "Hz", "off-resonance (ΔB0)", datatype="fmap", quantity="B0")
 
-_BIRK = ("Birk F, et al. Comparison of deep learning and iterative fitting frameworks for "
-         "multi-parametric relaxometry based on phase-cycled bSSFP (seed papers 000/001)")
+_BIRK = ("Birk F, Mahler L, Steiglechner J, Wang Q, Scheffler K, Heule R. Flexible and cost-effective deep learning "
+         "for accelerated multi-parametric relaxometry using phase-cycled bSSFP. Sci Rep 2025;15:4825. "
+         "doi:10.1038/s41598-025-88579-z (preprint: doi:10.21203/rs.3.rs-4049684/v1)")
 METHODS = (
     Method("miracle",
            "MIRACLE: alternating golden-section searches for T1 and T2 on the magnitudes of the "
            "SSFP configurations F-1, F0, F1 with B1-scaled flip angle (vectorised over voxels)",
-           "Nguyen D, Bieri O. Motion-insensitive rapid configuration relaxometry. Magn Reson Med 2017;78:518-526",
+           "Nguyen D, Bieri O. Motion-insensitive rapid configuration relaxometry. Magn Reson Med 2017;78:518-526. "
+           "doi:10.1002/mrm.26384",
            (T1, T2), partial(_estimate, "miracle")),
     Method("svnn", "SVNN: MLP 4-64-64-2 on |F-1|, |F0|, |F1|, B1 trained on simulated signals with a parameter loss",
            _BIRK, (T1, T2), partial(_estimate, "svnn"), partial(_train, "svnn")),
@@ -107,6 +109,12 @@ MODALITY = Modality(
     uses_b1=True,
     protocol_keys=("RepetitionTimeExcitation", "EchoTime", "FlipAngle", "PhaseIncrements"),
     bidsignore=("*_bSSFP.*",),
+    citations=(
+        _BIRK,
+        "Veraart J, Novikov DS, Christiaens D, Ades-Aron B, Sijbers J, Fieremans E. Denoising of diffusion MRI using random matrix theory. NeuroImage 2016;142:394-406. doi:10.1016/j.neuroimage.2016.08.016 (MP-PCA of the pc-bSSFP phase cycles)",
+        "Kellner E, Dhital B, Kiselev VG, Reisert M. Gibbs-ringing artifact removal based on local subvoxel-shifts. Magn Reson Med 2016;76(5):1574-1581. doi:10.1002/mrm.26054",
+        "Garyfallidis E, Brett M, Amirbekian B, et al. Dipy, a library for the analysis of diffusion MRI data. Front Neuroinform 2014;8:8. doi:10.3389/fninf.2014.00008 (MP-PCA and Gibbs-ringing implementations)",
+    ),
     run_options=(
         RunOption("--bssfp-denoise", "bssfp_denoise", "mppca", choices=("mppca", "none"),
                   help="denoising of the raw pc-bSSFP phase cycles before motion correction: MP-PCA on the "

@@ -22,33 +22,11 @@ __all__ = ["ALGORITHMS", "BSSFP_METHODS", "REFERENCES", "estimate", "estimate_bs
 
 log = logging.getLogger("bids_qmri.modalities.bssfp.estimate")
 
-BSSFP_METHODS = ("miracle", "svnn", "pinn", "svnncomplex", "pinncomplex")
+from bids_qmri.modalities.bssfp import METHODS  # noqa: E402 (the declaration holds the texts)
 
-_BIRK = (
-    "Birk F, et al. Comparison of deep learning and iterative fitting frameworks for "
-    "multi-parametric relaxometry based on phase-cycled bSSFP (seed papers 000/001)"
-)
-REFERENCES = {
-    "miracle": "Nguyen D, Bieri O. Motion-insensitive rapid configuration relaxometry. "
-               "Magn Reson Med 2017;78:518-526",
-    "svnn": _BIRK,
-    "pinn": _BIRK,
-    "svnncomplex": _BIRK,
-    "pinncomplex": _BIRK,
-}
-
-
-ALGORITHMS = {
-    "miracle": "MIRACLE: alternating golden-section searches for T1 and T2 on the magnitudes of the "
-               "SSFP configurations F-1, F0, F1 with B1-scaled flip angle (vectorised over voxels)",
-    "svnn": "SVNN: MLP 4-64-64-2 on |F-1|, |F0|, |F1|, B1 trained on simulated signals with a parameter loss",
-    "pinn": "PINN: MLP 4-64-64-2 on |F-1|, |F0|, |F1|, B1 trained on simulated signals with a "
-            "physics-informed signal loss",
-    "svnncomplex": "SVNN complex: MLP 6-256-256-3 on Re/Im of F-1, F0, F1 and B1 (T1, T2, off-resonance), "
-                   "parameter loss",
-    "pinncomplex": "PINN complex: MLP 6-256-256-3 on Re/Im of F-1, F0, F1 and B1 (T1, T2, off-resonance), "
-                   "physics-informed signal loss",
-}
+BSSFP_METHODS = tuple(m.name for m in METHODS)
+REFERENCES = {m.name: m.reference for m in METHODS}
+ALGORITHMS = {m.name: m.algorithm for m in METHODS}
 
 
 def predict(net, features: torch.Tensor, batch: int = 1 << 18, device: str = "cpu") -> np.ndarray:

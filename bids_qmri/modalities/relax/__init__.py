@@ -53,8 +53,14 @@ def _planned_outputs(item, sess, config):
     return out
 
 
-_REFERENCE = ("Sabidussi ER, Klein S, Caan MWA, et al. Recurrent inference machines as inverse problem "
-              "solvers for MR relaxometry. Med Image Anal 74:102220 (2021), doi:10.1016/j.media.2021.102220")
+REFERENCE = ("Sabidussi ER, Klein S, Caan MWA, Bazrafkan S, den Dekker AJ, Sijbers J, Niessen WJ, Poot DHJ. "
+             "Recurrent inference machines as inverse problem solvers for MR relaxometry. Med Image Anal "
+             "2021;74:102220. doi:10.1016/j.media.2021.102220")
+CITATIONS = (
+    REFERENCE,
+    "Barral JK, Gudmundson E, Stikov N, Etezadi-Amoli M, Stoica P, Nishimura DG. A robust methodology for in vivo "
+    "T1 mapping. Magn Reson Med 2010;64(4):1057-1067. doi:10.1002/mrm.22497 (polarity restoration)",
+)
 M0 = MapSpec("M0map", "arbitrary", "signal amplitude A of the model (proton density × receive gain, T1 "
                                    "weighting of the repetition time included)")
 
@@ -68,7 +74,7 @@ IRT1 = Modality(
     ref_suffix="IRT1",
     methods=(Method(
         "mle", "maximum-likelihood fit of |A(1 - B exp(-TI/T1))| (batched Levenberg-Marquardt, polarity restoration)",
-        _REFERENCE,
+        REFERENCE,
         (MapSpec("T1map", "s", "longitudinal relaxation time", quantity="T1"), M0,
          MapSpec("IEmap", "1", "inversion efficiency B of |A(1 - B exp(-TI/T1))| (2 = perfect inversion)",
                  bids_suffix=False)),
@@ -79,6 +85,7 @@ IRT1 = Modality(
     planned_outputs=_planned_outputs,
     protocol_keys=("InversionTimes",),
     bidsignore=("*_desc-ref_IRT1.*", "*_desc-motion_IRT1.*"),
+    citations=CITATIONS,
     run_options=(
         RunOption("--relax-likelihood", "relax_likelihood", "gaussian", choices=("gaussian", "rician"),
                   help="likelihood of the inversion-recovery and multi-echo T2 fits: gaussian (least squares, "
@@ -102,7 +109,7 @@ MESE = Modality(
     ref_suffix="MESE",
     methods=(Method(
         "mle", "maximum-likelihood fit of |A exp(-TE/T2)| (log-linear start, batched Levenberg-Marquardt)",
-        _REFERENCE,
+        REFERENCE,
         (MapSpec("T2map", "s", "transverse relaxation time", quantity="T2"), M0),
         _estimate_t2),),
     protocol=inputs.protocol,
@@ -111,6 +118,7 @@ MESE = Modality(
     planned_outputs=_planned_outputs,
     protocol_keys=("EchoTime",),
     bidsignore=("*_desc-ref_MESE.*", "*_desc-motion_MESE.*"),
+    citations=CITATIONS,
 )
 
 MODALITIES = (IRT1, MESE)

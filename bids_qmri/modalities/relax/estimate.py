@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-REFERENCE = ("Sabidussi ER, Klein S, Caan MWA, et al. Recurrent inference machines as inverse problem "
-             "solvers for MR relaxometry. Med Image Anal 74:102220 (2021), doi:10.1016/j.media.2021.102220 "
-             "(maximum-likelihood reference method)")
+from . import REFERENCE
+
 IR_ALGORITHM = ("maximum-likelihood fit of |A(1 - B exp(-TI/T1))| per voxel: batched Levenberg-Marquardt "
                 "with analytic Jacobians over all voxels, polarity restoration over the null position of "
                 "the magnitude data, {likelihood} likelihood{regularised}")
