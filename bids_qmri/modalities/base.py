@@ -30,7 +30,7 @@ The pieces a modality provides, in the order the app uses them:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol as _Protocol
@@ -187,16 +187,6 @@ class Modality:
         return out
 
 
-def input_files(item) -> list[Path]:
-    """The source files of an input record (every record has ``files``)."""
-    files = item.files
-    return [Path(p) for p in (files.values() if isinstance(files, dict) else files)]
-
-
 def workflow_label(item, index: int) -> str:
     """``acq`` label of an input, else its 1-based index: names its nipype sub-workflow."""
     return str(item.acq or index)
-
-
-def names(items: Sequence) -> list[str]:
-    return [Path(p).name for it in items for p in input_files(it)]
