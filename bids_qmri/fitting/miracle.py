@@ -25,11 +25,14 @@ for every voxel: the previous implementation). ``miracle_reference`` is the plai
 voxel-by-voxel loop of the original implementation, kept as the reference for the tests and
 the benchmark (``benchmarks/bench_bssfp.py`` compiles the same loop with numba).
 
-Agreement with the voxel loop (200 000 in-vivo-like voxels, seed protocol, SNR 25 and
-noise-free): median |relative difference| 3e-6 in T1 and T2, at most 1e-5, i.e. within the
-loop's own stopping tolerance (|ΔT| < 1e-3 ms between rounds does not bound the distance to the
-fixed point); median |relative error| against the noise-free truth 1.73e-5 / 1.88e-5 (T1 / T2)
-for the closed form vs 1.78e-5 / 1.90e-5 for the loop.
+Agreement with the voxel loop (``benchmarks/bench_bssfp.py``: 200 000 in-vivo-like voxels,
+seed protocol, SNR 25 and noise-free): median |relative difference| 3.2e-6 in T1 and T2, at most
+1.1e-5, i.e. within the loop's own stopping tolerance (|ΔT| < 1e-3 ms between rounds does not
+bound the distance to the fixed point); median |relative error| against the noise-free truth
+1.73e-5 / 1.87e-5 (T1 / T2) for the closed form vs 1.79e-5 / 1.91e-5 for the loop. Where the
+alternation contracts slowly (long T2: CSF partial volume) the loop stops at 200 rounds short of
+the fixed point (0.65 % in ``tests/test_miracle.py``); the closed form is the fixed point itself.
+Speed: ~0.15 µs per voxel on one thread, 40–70× the numba-compiled voxel loop on the same cores.
 """
 
 from __future__ import annotations
