@@ -32,6 +32,10 @@ bound the distance to the fixed point); median |relative error| against the nois
 1.73e-5 / 1.87e-5 (T1 / T2) for the closed form vs 1.79e-5 / 1.91e-5 for the loop. Where the
 alternation contracts slowly (long T2: CSF partial volume) the loop stops at 200 rounds short of
 the fixed point (0.65 % in ``tests/test_miracle.py``); the closed form is the fixed point itself.
+Checked on 20 000 voxels each of the extended range (T1 ≤ 5 s, T2 ≤ 2.5 s) noise-free, at SNR 25
+and 5, and of pure-noise magnitudes: every difference to the loop above 0.1 ms was the loop
+stopping short of the same fixed point (200 rounds, or steps < 1e-3 ms while still contracting
+slowly), never a different fixed point. ``rounds`` is 0 for closed-form voxels.
 Speed: ~0.15 µs per voxel on one thread, 40–70× the numba-compiled voxel loop on the same cores.
 """
 
