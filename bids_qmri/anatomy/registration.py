@@ -33,7 +33,9 @@ def set_seed(seed: int | None) -> None:
     """Make ANTs sampling reproducible (``--random-seed`` on every registration call)."""
     import ants
 
-    ants.config._random_seed = None if seed is None else int(seed) + 1  # ANTs treats 0 as "unset"
+    from bids_qmri.utils.seeding import ants_random_seed
+
+    ants.config._random_seed = None if seed is None else ants_random_seed(seed)
 
 
 def read(path_or_img):

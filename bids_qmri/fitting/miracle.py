@@ -4,20 +4,51 @@ T1 and T2 from the magnitudes of the SSFP configurations F−1, F0, F1 and B1, b
 golden-section searches (T1 step with T2 fixed, T2 step with T1 fixed) from T1 = 1000 ms until
 neither changes by more than 1e-3 ms (≤ 200 rounds), on [0, 5000] ms.
 
-``miracle`` runs the golden-section search for every voxel at once (torch, float64, chunked);
-``miracle_reference`` is the plain voxel-by-voxel loop of the original implementation, kept as the
-reference for the equivalence test and the benchmark.
+Where both steps' objectives reach zero inside the box, the alternation's fixed point is the
+joint root of the two MIRACLE equations, and that root has a closed form (derived here; checked
+against the voxel loop in ``tests/test_miracle.py``). With x = |F1|/|F0|, K = x + 1/x:
+
+* T1 step. (p − r)/q and (p + r)/q are the roots of q·y² − 2p·y + q = 0, so |F1|/|F0| = x
+  ⇔ 2p/q = K, which is *linear* in E1 for fixed E2:
+  E1 = N/D with N = 1 + c·E2² − h·E2, D = c + E2² − h·E2, h = (K/2)(1 + c), c = cos α.
+* T2 step on that curve: r = q·(1/x − x)/2 and (p − r)/q = x, and the T2 model
+  F−1/(E2·(F0 − F1)) simplifies to (E2 − x)/((1 − x)(1 − x·E2)), independent of E1 and α.
+  Equating it to |F−1|/(|F0| − |F1|) gives
+  **E2 = |F0|(|F−1| + |F1|) / (|F0|² + |F−1||F1|)**, and E1 follows from the T1 step.
+
+``miracle`` evaluates that closed form for every voxel at once (torch, float64, written in
+1 − E form: 1 − E2 = (|F0| − |F−1|)(|F0| − |F1|)/(|F0|² + |F−1||F1|), 1 − E1 = −(1 − c)(1 − E2²)/D,
+then T = −TR/log1p(−(1 − E))). Voxels whose joint root is not inside the box (or not finite)
+go through the literal alternating golden-section search, vectorised over those voxels only and
+dropping each voxel from the batch once it has converged (``solver="golden_section"`` runs it
+for every voxel: the previous implementation). ``miracle_reference`` is the plain
+voxel-by-voxel loop of the original implementation, kept as the reference for the tests and
+the benchmark (``benchmarks/bench_bssfp.py`` compiles the same loop with numba).
+
+Agreement with the voxel loop (``benchmarks/bench_bssfp.py``: 200 000 in-vivo-like voxels,
+seed protocol, SNR 25 and noise-free): median |relative difference| 3.2e-6 in T1 and T2, at most
+1.1e-5, i.e. within the loop's own stopping tolerance (|ΔT| < 1e-3 ms between rounds does not
+bound the distance to the fixed point); median |relative error| against the noise-free truth
+1.73e-5 / 1.87e-5 (T1 / T2) for the closed form vs 1.79e-5 / 1.91e-5 for the loop. Where the
+alternation contracts slowly (long T2: CSF partial volume) the loop stops at 200 rounds short of
+the fixed point (0.65 % in ``tests/test_miracle.py``); the closed form is the fixed point itself.
+Checked on 20 000 voxels each of the extended range (T1 ≤ 5 s, T2 ≤ 2.5 s) noise-free, at SNR 25
+and 5, and of pure-noise magnitudes: every difference to the loop above 0.1 ms was the loop
+stopping short of the same fixed point (200 rounds, or steps < 1e-3 ms while still contracting
+slowly), never a different fixed point. ``rounds`` is 0 for closed-form voxels.
+Speed: ~0.15 µs per voxel on one thread, 40–70× the numba-compiled voxel loop on the same cores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
 import numpy as np
 import torch
 
-__all__ = ["MIRACLE_DEFAULTS", "miracle", "miracle_reference", "t1_cost", "t2_cost"]
+__all__ = ["MIRACLE_DEFAULTS", "MIRACLE_SOLVERS", "miracle", "miracle_closed_form", "miracle_reference", "t1_cost", "t2_cost"]
 
 log = logging.getLogger("bids_qmri.fitting.miracle")
 
@@ -28,6 +59,9 @@ MIRACLE_DEFAULTS = {
     "tol": 1e-6,  # s (1e-3 ms): golden-section bracket width and convergence criterion
     "max_rounds": 200,
 }
+#: "closed_form": the joint root in closed form, the alternation only where it is outside the box;
+#: "golden_section": the alternation for every voxel (the previous implementation)
+MIRACLE_SOLVERS = ("closed_form", "golden_section")
 
 
 def t1_cost(t1, t2, ratio10, cos_a, tr):
@@ -127,6 +161,45 @@ def _miracle_chunk(m1, m0, p1, b1, *, tr, flip_rad, t1_init, bounds, tol, max_ro
     return t1, t2, rounds
 
 
+def miracle_closed_form(m1, m0, p1, b1, *, tr: float, flip_rad: float, bounds=MIRACLE_DEFAULTS["bounds"]):
+    """The alternation's fixed point in closed form (module docstring), elementwise.
+
+    ``m1, m0, p1``: |F−1|, |F0|, |F1| (tensors, any common scale, |F0| > |F1|); ``b1``: B1.
+    Returns ``(t1, t2, inside)``: T1, T2 (s) and whether the root lies inside ``bounds`` for both
+    (where it does not, the alternation ends elsewhere: on the box's edge or not at all).
+    Computed in the dtype of the inputs.
+    """
+    lo, hi = bounds
+    alpha = b1 * flip_rad
+    c = torch.cos(alpha)
+    one_minus_c = 2 * torch.sin(alpha / 2) ** 2
+    x = p1 / m0
+    s = m0 * m0 + m1 * p1
+    one_minus_e2 = (m0 - m1) * (m0 - p1) / s
+    e2 = m0 * (m1 + p1) / s
+    # x·D (D = c + E2² − h·E2, h = (x + 1/x)(1 + c)/2), multiplied by x so that x = 0 stays finite
+    xd = x * (c + e2 * e2) - 0.5 * (1 + x * x) * (1 + c) * e2
+    one_minus_e1 = -one_minus_c * one_minus_e2 * (1 + e2) * x / xd
+    t2 = -tr / torch.log1p(-one_minus_e2)
+    t1 = -tr / torch.log1p(-one_minus_e1)
+    inside = torch.isfinite(t1) & torch.isfinite(t2) & (t1 > lo) & (t1 <= hi) & (t2 > lo) & (t2 <= hi)
+    return t1, t2, inside
+
+
+@contextlib.contextmanager
+def _torch_threads(num_threads: int | None):
+    """torch's intra-op thread count for the block (process-global in torch; restored after)."""
+    if not num_threads:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(num_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def miracle(
     f_mag,
     b1,
@@ -139,16 +212,23 @@ def miracle(
     tol: float = MIRACLE_DEFAULTS["tol"],
     max_rounds: int = MIRACLE_DEFAULTS["max_rounds"],
     chunk: int = 262144,
+    solver: str = "closed_form",
+    num_threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vectorised MIRACLE over all voxels.
 
     ``f_mag``: ``[N, 3]`` magnitudes of (F−1, F0, F1) (any common scale); ``b1``: ``[N]``.
-    Returns T1 ``[N]`` (s), T2 ``[N]`` (s) and the number of alternation rounds per voxel.
+    Returns T1 ``[N]`` (s), T2 ``[N]`` (s) and the number of alternation rounds per voxel: 0 where
+    the closed form gave the fixed point, ≥ 1 where the golden-section alternation ran.
     Voxels whose configurations cannot be fitted (zero F0, |F1| ≥ |F0|) come out as NaN.
     ``te`` is accepted for symmetry with the protocol: in the T2 objective the TE factors
     cancel (e^{(TR−TE)/T2}/e^{−TE/T2} = 1/E2).
+    ``solver``: one of ``MIRACLE_SOLVERS`` (module docstring). ``num_threads``: torch threads for
+    this call (``None``: leave torch's setting); the result does not depend on it.
     """
     del te
+    if solver not in MIRACLE_SOLVERS:
+        raise ValueError(f"solver must be one of {MIRACLE_SOLVERS}, got {solver!r}")
     f = torch.as_tensor(np.asarray(f_mag), dtype=torch.float64).abs()
     b1 = torch.as_tensor(np.asarray(b1), dtype=torch.float64).reshape(-1)
     if f.ndim != 2 or f.shape[1] != 3 or f.shape[0] != b1.shape[0]:
@@ -158,15 +238,28 @@ def miracle(
     rounds = torch.zeros(f.shape[0], dtype=torch.int32)
     valid = torch.isfinite(f).all(1) & torch.isfinite(b1) & (f[:, 1] > f[:, 2]) & (f[:, 1] > 0)
     vidx = torch.nonzero(valid).reshape(-1)
-    with torch.no_grad():
+    n_alternation = 0
+    with torch.no_grad(), _torch_threads(num_threads):
         for start in range(0, vidx.numel(), chunk):
             sel = vidx[start : start + chunk]
-            a, b, r = _miracle_chunk(
-                f[sel, 0], f[sel, 1], f[sel, 2], b1[sel],
-                tr=tr, flip_rad=flip_rad, t1_init=t1_init, bounds=bounds, tol=tol,
-                max_rounds=max_rounds,
-            )
-            t1[sel], t2[sel], rounds[sel] = a, b, r
+            fs, bs = f[sel], b1[sel]
+            if solver == "closed_form":
+                a, b, inside = miracle_closed_form(fs[:, 0], fs[:, 1], fs[:, 2], bs, tr=tr, flip_rad=flip_rad,
+                                                   bounds=bounds)
+                t1[sel[inside]], t2[sel[inside]] = a[inside], b[inside]
+                rest = ~inside
+                sel, fs, bs = sel[rest], fs[rest], bs[rest]
+            if sel.numel():
+                n_alternation += sel.numel()
+                a, b, r = _miracle_chunk(
+                    fs[:, 0], fs[:, 1], fs[:, 2], bs,
+                    tr=tr, flip_rad=flip_rad, t1_init=t1_init, bounds=bounds, tol=tol,
+                    max_rounds=max_rounds,
+                )
+                t1[sel], t2[sel], rounds[sel] = a, b, r
+    if solver == "closed_form" and n_alternation:
+        log.info("MIRACLE: %d of %d voxels outside the closed form's box went through the alternation",
+                 n_alternation, vidx.numel())
     if int((rounds >= max_rounds).sum()):
         log.info("MIRACLE: %d voxels stopped at %d rounds", int((rounds >= max_rounds).sum()), max_rounds)
     return t1.numpy(), t2.numpy(), rounds.numpy()

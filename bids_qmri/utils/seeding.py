@@ -32,3 +32,10 @@ def torch_generator(seed: int):
     import torch
 
     return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+def ants_random_seed(seed: int) -> int:
+    """The seed to hand ANTs for ``--seed``: ANTs reads 0 as "seed from the clock" (measured: not
+    reproducible), so shift by one, and stay inside ITK's positive 32-bit range. The one formula
+    for every ANTs call (anatomy registration, motion correction)."""
+    return int(seed) % (2**31 - 2) + 1

@@ -75,8 +75,9 @@ _BIRK = ("Birk F, Mahler L, Steiglechner J, Wang Q, Scheffler K, Heule R. Flexib
          "doi:10.1038/s41598-025-88579-z (preprint: doi:10.21203/rs.3.rs-4049684/v1)")
 METHODS = (
     Method("miracle",
-           "MIRACLE: alternating golden-section searches for T1 and T2 on the magnitudes of the "
-           "SSFP configurations F-1, F0, F1 with B1-scaled flip angle (vectorised over voxels)",
+           "MIRACLE: T1 and T2 from the magnitudes of the SSFP configurations F-1, F0, F1 with B1-scaled flip "
+           "angle; the fixed point of the alternating golden-section searches in closed form, golden section "
+           "where it lies outside [0, 5] s (vectorised over voxels)",
            "Nguyen D, Bieri O. Motion-insensitive rapid configuration relaxometry. Magn Reson Med 2017;78:518-526. "
            "doi:10.1002/mrm.26384",
            (T1, T2), partial(_estimate, "miracle")),

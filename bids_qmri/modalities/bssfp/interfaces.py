@@ -111,7 +111,8 @@ class MotionCorrect(SimpleInterface):
         reg_dir = Path(runtime.cwd) / "registration"
         reg_dir.mkdir(exist_ok=True)
         ref = reference_index(data.shape[-1])
-        corrected, table = motion_correct(data, zooms, ref_index=ref, seed=self.inputs.seed, workdir=reg_dir)
+        corrected, table = motion_correct(data, zooms, ref_index=ref, seed=self.inputs.seed, workdir=reg_dir,
+                                          num_threads=self.inputs.num_threads)
         out = save_complex(Path(runtime.cwd) / "bssfp_moco.nii.gz", corrected, affine)
         mean_mag = np.abs(corrected).mean(axis=-1).astype(np.float32)
         ref_file = Path(runtime.cwd) / "bssfp_ref.nii.gz"

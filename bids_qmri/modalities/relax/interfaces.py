@@ -38,6 +38,7 @@ class _MotionInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="magnitude series [X, Y, Z, N]")
     ref_index = traits.Int(mandatory=True, desc="0-based reference volume")
     seed = traits.Int(0, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, desc="volumes registered at once")
     enabled = traits.Bool(True, usedefault=True)
 
 
@@ -69,7 +70,7 @@ class MotionCorrectSeries(SimpleInterface):
             reg_dir = Path(runtime.cwd) / "registration"
             reg_dir.mkdir(exist_ok=True)
             moved, table = motion_correct(data.astype(np.complex64), zooms, ref_index=self.inputs.ref_index,
-                                          seed=self.inputs.seed, workdir=reg_dir)
+                                          seed=self.inputs.seed, workdir=reg_dir, num_threads=self.inputs.num_threads)
             corrected = np.clip(moved.real, 0.0, None).astype(np.float32)
         else:
             corrected = data

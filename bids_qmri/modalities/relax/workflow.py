@@ -51,7 +51,8 @@ def init_relax_wf(series: SeriesInput, modality, subject: str, session: str | No
     symbol = "TI" if series.kind == "IRT1" else "TE"
 
     load = pe.Node(LoadSeries(in_files=sources), name="load")
-    moco = pe.Node(MotionCorrectSeries(ref_index=ref, seed=config.seed), name="motion_correct")
+    moco = pe.Node(MotionCorrectSeries(ref_index=ref, seed=config.seed, num_threads=omp), name="motion_correct",
+                   n_procs=omp)
     mask = pe.Node(BrainMask(), name="brain_mask")
     background = pe.Node(BackgroundMask(), name="background")
     ds = pe.Node(ReferenceDerivatives(
