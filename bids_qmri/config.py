@@ -38,6 +38,7 @@ class Config:
     participant_labels: list[str] = field(default_factory=list)  # without "sub-"
     session_labels: list[str] = field(default_factory=list)  # without "ses-"
     bids_filters: dict = field(default_factory=dict)
+    bids_filter_file: Path | None = None  # where bids_filters came from (named in messages)
     skip_bids_validation: bool = False
     nprocs: int = 0  # 0: all cores
     omp_nthreads: int = 0  # 0: min(nprocs, 8)

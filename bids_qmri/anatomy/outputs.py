@@ -9,8 +9,11 @@ import nibabel as nb
 import numpy as np
 import pandas as pd
 
-from bids_qmri.bids.derivatives import derivative_path, save_json, save_nifti, save_tsv, sidecar_path, tissue_dseg_table
+from bids_qmri.bids.derivatives import (
+    derivative_path, ensure_within_output, save_json, save_nifti, save_tsv, sidecar_path, tissue_dseg_table,
+)
 from bids_qmri.utils.atomic import atomic_path
+from bids_qmri.utils.hdf5 import copy_without_times
 
 from .segmentation import TISSUES
 
@@ -18,8 +21,13 @@ from .segmentation import TISSUES
 def _copy(src: str | Path, dest: Path, sidecar: dict | None = None) -> str:
     if sidecar is not None:
         save_json(sidecar_path(dest), sidecar)
-    with atomic_path(dest) as tmp:
-        shutil.copyfile(src, tmp)
+    with atomic_path(ensure_within_output(dest)) as tmp:
+        if str(dest).endswith(".h5"):
+            # ITK stamps every HDF5 object with its creation time: copied without the times so
+            # that a --seed gives byte-identical transforms (bids_qmri.utils.hdf5).
+            copy_without_times(src, tmp)
+        else:
+            shutil.copyfile(src, tmp)
     return str(dest)
 
 
@@ -63,7 +71,8 @@ def write_anat_derivatives(*, output_dir: str, subject: str, session: str | None
                 if not fallback else "template tissue priors warped by ANTs SyN (no T1w contrast to segment)")
     dseg_path = derivative_path(output_dir, **ents, acq=acq, suffix="dseg")
     out["dseg"] = _nifti(seg["dseg"], dseg_path, dict(common, SegmentationAlgorithm=seg_algo), np.uint8)
-    with atomic_path(derivative_path(output_dir, **ents, acq=acq, suffix="dseg", extension=".tsv")) as tmp:
+    with atomic_path(ensure_within_output(derivative_path(output_dir, **ents, acq=acq, suffix="dseg",
+                                                          extension=".tsv"))) as tmp:
         shutil.copyfile(tissue_dseg_table(), tmp)
     out["probseg"] = [
         _nifti(seg[t], derivative_path(output_dir, **ents, acq=acq, label=t, suffix="probseg"),

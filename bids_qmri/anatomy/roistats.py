@@ -141,7 +141,7 @@ def roi_analysis(*, subject: str, session: str | None, output_dir: str | Path, w
     """
     import shutil
 
-    from bids_qmri.bids.derivatives import derivative_path
+    from bids_qmri.bids.derivatives import derivative_path, ensure_within_output
     from bids_qmri.utils.atomic import atomic_path
 
     from . import registration as reg
@@ -158,7 +158,7 @@ def roi_analysis(*, subject: str, session: str | None, output_dir: str | Path, w
         dest = derivative_path(output_dir, subject=subject, session=session, datatype="anat", suffix="xfm",
                                extension=".mat", acq=ents.get("acq"), run=ents.get("run"),
                                from_=ents["suffix"], to_="T1w", mode="image")
-        with atomic_path(dest) as tmp:
+        with atomic_path(ensure_within_output(dest)) as tmp:
             shutil.copyfile(out["fwd"][0], tmp)
     frames = []
     cache: dict[tuple, list] = {}
@@ -210,28 +210,22 @@ def merge_roistats(dest: Path, new: pd.DataFrame) -> Path:
     the read-merge-write runs under an exclusive lock; rows with the same (suffix, method, acq)
     as a new row are replaced, so re-runs do not duplicate.
     """
-    import fcntl
-
     from bids_qmri.bids.derivatives import save_tsv
+    from bids_qmri.utils.locks import exclusive_lock
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = dest.parent / f".{dest.name}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if dest.is_file():
-                old = pd.read_csv(dest, sep="\t", keep_default_na=False, na_values=["n/a"])
-                for col in ("session_id", "method", "acq", "units"):
-                    old[col] = old[col].fillna("n/a").astype(str)
-                keys = set(zip(new["suffix"], new["method"], new["acq"]))
-                keep = [k not in keys for k in zip(old["suffix"], old["method"], old["acq"])]
-                old = old.loc[keep, COLUMNS]
-                new = pd.concat([old, new], ignore_index=True) if len(old) else new
-            new = new.sort_values(["acq", "suffix", "method", "region_index"], kind="stable").reset_index(drop=True)
-            save_tsv(dest, new[COLUMNS])
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive_lock(dest.parent / f".{dest.name}.lock"):  # removed after use
+        if dest.is_file():
+            old = pd.read_csv(dest, sep="\t", keep_default_na=False, na_values=["n/a"])
+            for col in ("session_id", "method", "acq", "units"):
+                old[col] = old[col].fillna("n/a").astype(str)
+            keys = set(zip(new["suffix"], new["method"], new["acq"]))
+            keep = [k not in keys for k in zip(old["suffix"], old["method"], old["acq"])]
+            old = old.loc[keep, COLUMNS]
+            new = pd.concat([old, new], ignore_index=True) if len(old) else new
+        new = new.sort_values(["acq", "suffix", "method", "region_index"], kind="stable").reset_index(drop=True)
+        save_tsv(dest, new[COLUMNS])
     return dest
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-import zlib
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -49,12 +49,41 @@ class BadImage(Exception):
     """One-line reason why an image cannot be used."""
 
 
-def check_image(path, *, ndim: tuple[int, ...], what: str = "image") -> nb.Nifti1Image:
-    """Load ``path`` and read all its voxels; raise ``BadImage`` with a one-line reason.
+# gzip (deflate) cannot compress better than about 1032:1, so a .nii.gz of N bytes cannot hold
+# more than this many bytes of header and voxels: a header claiming more is corrupt.
+GZIP_MAX_RATIO = 1100
 
-    Checks: not empty, readable NIfTI header, dimensionality in ``ndim`` (trailing singleton
-    dimensions ignored), complete (not truncated) data, finite values, not all zero. Data are
-    read volume by volume to bound memory.
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def check_header(path, *, ndim: tuple[int, ...] | None = None, what: str = "image",
+                 memory: int | None = None):
+    """Validate a NIfTI image from its header alone (no voxel is read); return the image proxy
+    or raise ``BadImage`` with a one-line reason.
+
+    Checks: not empty, a readable NIfTI-1/2 header, dimensionality in ``ndim`` (trailing
+    singleton dimensions ignored), no empty dimension, a real numeric datatype, the size the
+    header claims against the file (uncompressed: the file must hold it; gzip: deflate's maximal
+    ratio bounds it) and against the available ``memory`` (bytes; default: ``MemAvailable``) for
+    the data as float32, a finite invertible affine with voxel sizes in [1e-4, 1e4] mm, and qform
+    and sform (when both are set) placing the image at the same position within half a voxel.
     """
     path = Path(path)
     try:
@@ -65,17 +94,78 @@ def check_image(path, *, ndim: tuple[int, ...], what: str = "image") -> nb.Nifti
         raise BadImage("is an empty file (0 bytes)")
     try:
         img = nb.load(str(path))
-        shape = img.shape
-    except Exception as exc:  # nibabel raises ImageFileError, EOFError, gzip errors, ...
+        shape = tuple(int(s) for s in img.shape)
+        hdr = img.header
+        dtype = hdr.get_data_dtype()
+        offset = int(hdr.get("vox_offset", 0))
+        zooms = tuple(float(z) for z in hdr.get_zooms()[:3])
+    except Exception as exc:  # nibabel raises ImageFileError, HeaderDataError, EOFError, gzip errors, ...
         raise BadImage(f"is not a readable NIfTI image ({one_line(exc)})") from exc
+    if not isinstance(img, (nb.Nifti1Image, nb.Nifti2Image)):
+        raise BadImage(f"is a {type(img).__name__}, not a NIfTI image")
     eff = len(shape)
     while eff > 3 and shape[eff - 1] == 1:
         eff -= 1
-    if eff not in ndim:
+    if ndim is not None and eff not in ndim:
         want = " or ".join(f"{n}D" for n in ndim)
-        raise BadImage(f"has {eff}D shape {tuple(shape)} but a {want} {what} is expected")
-    if any(s == 0 for s in shape):
-        raise BadImage(f"has an empty dimension (shape {tuple(shape)})")
+        raise BadImage(f"has {eff}D shape {shape} but a {want} {what} is expected")
+    if any(s <= 0 for s in shape):
+        raise BadImage(f"has an empty dimension (shape {shape})")
+    if dtype.fields is not None or dtype.kind not in "uif":
+        raise BadImage(f"has datatype {dtype} (header code {int(hdr['datatype'])}); a real-valued "
+                       f"numeric {what} is expected")
+    claimed = math.prod(shape) * dtype.itemsize
+    if str(path).endswith(".gz"):
+        if offset + claimed > GZIP_MAX_RATIO * size:
+            raise BadImage(f"header claims shape {shape} of {dtype} ({_gb(claimed)}) but the {size}-byte "
+                           "compressed file cannot hold that: corrupt header")
+    elif offset + claimed > size:
+        raise BadImage(f"is truncated: the header claims {offset + claimed} bytes (shape {shape} of {dtype}) "
+                       f"but the file has {size}")
+    memory = available_memory() if memory is None else memory
+    need = math.prod(shape) * max(dtype.itemsize, 4)
+    if memory is not None and need > memory:
+        raise BadImage(f"header claims shape {shape}: {_gb(need)} in memory, more than the {_gb(memory)} "
+                       "available (a corrupt header, or run on a machine with more memory)")
+    if not all(math.isfinite(z) and 1e-4 <= z <= 1e4 for z in zooms):
+        raise BadImage(f"has invalid voxel sizes {zooms} in its header (pixdim; mm expected): fix the header")
+    affines = {}
+    for name in ("qform", "sform"):
+        code = int(hdr[f"{name}_code"])
+        if code <= 0:
+            continue
+        try:
+            aff = hdr.get_qform() if name == "qform" else hdr.get_sform()
+        except Exception as exc:  # e.g. an invalid quaternion
+            raise BadImage(f"has an invalid {name} ({one_line(exc)}): fix the header") from exc
+        affines[name] = aff
+    affines["affine"] = img.affine
+    for name, aff in affines.items():
+        aff = np.asarray(aff, dtype=float)
+        if not np.all(np.isfinite(aff)):
+            raise BadImage(f"has a non-finite {name} in its header: fix the header")
+        det = abs(float(np.linalg.det(aff[:3, :3])))
+        if not det > 1e-6 * float(np.prod(zooms)):
+            raise BadImage(f"has a non-invertible {name} (determinant {det:.3g}): the voxel-to-world "
+                           "mapping is degenerate — fix the header")
+    if "qform" in affines and "sform" in affines:
+        corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                            for k in (0, (shape[2] - 1) if len(shape) > 2 else 0)]).T
+        dist = float(np.max(np.linalg.norm((affines["qform"] @ corners - affines["sform"] @ corners)[:3], axis=0)))
+        if dist > 0.5 * min(zooms):
+            raise BadImage(f"has qform and sform that disagree by {dist:.3g} mm; tools that read one or the "
+                           "other place the image differently — fix the header (set one from the other)")
+    return img
+
+
+def check_image(path, *, ndim: tuple[int, ...], what: str = "image") -> nb.Nifti1Image:
+    """``check_header``, then read all voxels; raise ``BadImage`` with a one-line reason.
+
+    Data checks: complete (not truncated) data, finite values, not all zero. Data are read
+    volume by volume to bound memory.
+    """
+    img = check_header(path, ndim=ndim, what=what)
+    shape = img.shape
     n_bad = 0
     nonzero = False
     try:
@@ -89,7 +179,7 @@ def check_image(path, *, ndim: tuple[int, ...], what: str = "image") -> nb.Nifti
             vol = np.asanyarray(img.dataobj)
             n_bad = int(np.size(vol) - np.count_nonzero(np.isfinite(vol)))
             nonzero = bool(np.any(vol))
-    except (EOFError, OSError, ValueError, zlib.error) as exc:
+    except Exception as exc:  # EOFError, OSError, zlib.error, ValueError, ...: any unreadable data
         raise BadImage(f"is truncated or corrupt ({one_line(exc)})") from exc
     if n_bad:
         raise BadImage(f"contains {n_bad} NaN/Inf voxel(s)")
@@ -179,7 +269,21 @@ def part_pairs(flist, kind: str, required: tuple[str, ...], problems: Problems):
             problems.skip(parts[pair[0]].path, f"missing sidecar metadata {', '.join(missing)}",
                           f"add it to the JSON sidecar ({kind} needs {', '.join(required)})")
             continue
+        other = parts[pair[1]].get_metadata()
+        differ = [k for k in required if other.get(k) != meta.get(k)]
+        if differ:
+            problems.skip(parts[pair[1]].path,
+                          f"part-{pair[0]} and part-{pair[1]} sidecars disagree on " + "; ".join(
+                              f"{k} ({_describe(meta.get(k))} vs {_describe(other.get(k))})" for k in differ),
+                          "both parts of one acquisition need the same acquisition metadata")
+            continue
         yield key, parts, pair, meta
+
+
+def _describe(value) -> str:
+    if isinstance(value, list):
+        return f"{len(value)} values"
+    return "missing" if value is None else str(value)[:40]
 
 
 def find_basis(layout, data_file, kind: str) -> Path | None:

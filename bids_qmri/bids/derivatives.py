@@ -19,6 +19,7 @@ import nibabel as nb
 import numpy as np
 
 from .. import CODE_URL, __version__
+from ..errors import UsageError
 from ..utils.atomic import atomic_path, remove_stale_temporaries, write_json_atomic, write_text_atomic
 
 LOGGER = logging.getLogger("bids_qmri.bids.derivatives")
@@ -88,6 +89,69 @@ def derivative_path(output_dir, *, subject, session=None, datatype="anat", suffi
     return out
 
 
+class OutputTreeError(UsageError):
+    """An output path whose folders resolve outside the output tree (a planted symlink)."""
+
+
+def _outside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return False
+    except ValueError:
+        return True
+
+
+def ensure_within_output(path) -> Path:
+    """Refuse to write ``path`` through a symlink that leaves the output tree.
+
+    The output root is the folder above the path's innermost ``sub-<label>`` folder (top-level
+    files such as ``sub-X.html`` are replaced by an atomic rename, which replaces a link instead
+    of writing through it). Every existing folder between the root and the file must resolve
+    inside the resolved root; a planted ``OUTPUT_DIR/sub-01 -> /elsewhere`` (or a link deeper
+    down) raises ``OutputTreeError`` naming the link. Returns ``path``.
+    """
+    path = Path(path).absolute()
+    subs = [f for f in path.parents if f.name.startswith("sub-")]
+    if not subs:
+        return path
+    root = subs[0].parent
+    real_root = root.resolve()
+    chain, folder = [], path.parent
+    while folder != root:
+        chain.append(folder)
+        folder = folder.parent
+    for folder in reversed(chain):  # from the top: name the first link that leaves the tree
+        if folder.exists() or folder.is_symlink():
+            target = folder.resolve()
+            if _outside(target, real_root):
+                raise OutputTreeError(f"{folder} resolves to {target}, outside the output directory {root}: "
+                                      "refusing to write through a symlink — remove the link or choose another "
+                                      "OUTPUT_DIR")
+    return path
+
+
+def check_output_tree(output_dir) -> None:
+    """Start-up check of ``OUTPUT_DIR/sub-*``: no symlink in it (at any depth) may resolve outside
+    the output directory (``ensure_within_output`` guards each write as well)."""
+    root = Path(output_dir).absolute()
+    real_root = root.resolve()
+    if not root.is_dir():
+        return
+    for top in sorted(root.glob("sub-*")):
+        stack = [top]
+        while stack:
+            p = stack.pop()
+            if p.is_symlink():
+                target = p.resolve()
+                if _outside(target, real_root):
+                    raise OutputTreeError(f"{p} is a symlink to {target}, outside the output directory {root}: "
+                                          "refusing to write through it — remove the link or choose another "
+                                          "OUTPUT_DIR")
+                continue
+            if p.is_dir():
+                stack.extend(sorted(p.iterdir()))
+
+
 def bids_uri(bids_dir, path, dataset: str = "raw") -> str:
     """BIDS URI of ``path`` relative to ``bids_dir``: ``bids:raw:sub-01/anat/...``.
 
@@ -128,13 +192,13 @@ def map_sidecar(*, units, sources, algorithm, reference, acquisition, model_card
 
 
 def save_json(path, obj) -> Path:
-    return write_json_atomic(path, obj)
+    return write_json_atomic(ensure_within_output(path), obj)
 
 
 def save_tsv(path, dataframe) -> Path:
     """Write a pandas DataFrame as BIDS TSV (tab-separated, ``n/a`` for missing), atomically."""
     text = dataframe.to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n")
-    return write_text_atomic(path, text)
+    return write_text_atomic(ensure_within_output(path), text)
 
 
 def save_nifti(path, data, affine, *, header=None, sidecar=None) -> Path:
@@ -143,7 +207,7 @@ def save_nifti(path, data, affine, *, header=None, sidecar=None) -> Path:
     The sidecar is written first: the image appearing last marks the output as complete.
     Floating data is stored as float32; spatial units are set to mm and time to seconds.
     """
-    path = Path(path)
+    path = ensure_within_output(path)
     data = np.asanyarray(data)
     if np.iscomplexobj(data):
         raise ValueError(f"{path.name}: complex data cannot be written as one NIfTI map")

@@ -17,6 +17,7 @@ empty images); a file we only list must not be rejected for its content.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import defaultdict
@@ -104,12 +105,33 @@ def check_filters(filters, where: str = "--bids-filter-file") -> dict:
             raise UsageError(f"{where}: unknown input kind {kind!r} (use {', '.join(kinds)})")
         if not isinstance(query, dict):
             raise UsageError(f"{where}: the query for {kind!r} must be an object of entity: value")
+        for key in query:
+            if entity_name(key) is None:
+                raise UsageError(f"{where}: unknown BIDS entity {key!r} in the query for {kind!r} (use e.g. "
+                                 "acquisition/acq, run, echo, inv, part, desc, session, reconstruction/rec)")
     return {k.lower(): v for k, v in filters.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _pybids_entities() -> frozenset:
+    from bids.layout.models import Config as PybidsConfig
+
+    return frozenset(e for c in ("bids", "derivatives") for e in PybidsConfig.load(c).entities)
+
+
+def entity_name(key) -> str | None:
+    """The pybids entity a filter key names (full or short BIDS name), or None if unknown."""
+    known = _pybids_entities()
+    key = str(key)
+    for cand in (key, LONG.get(key), SHORT.get(key)):
+        if cand and cand in known:
+            return cand
+    return None
 
 
 def _matches(entities: dict, query: dict) -> bool:
     for key, want in query.items():
-        key = LONG.get(key, key)
+        key = entity_name(key) or key
         have = entities.get(key)
         wants = want if isinstance(want, list) else [want]
         ok = False
@@ -122,6 +144,24 @@ def _matches(entities: dict, query: dict) -> bool:
         if not ok:
             return False
     return True
+
+
+def unmatched_filters(config) -> list[str]:
+    """The ``--bids-filter-file`` kinds whose query selects none of the files of that kind (of the
+    selected participants), as ``kind {query}`` strings, for the "no processable input" message."""
+    filters = check_filters(config.bids_filters or {}, "bids filters")
+    if not filters:
+        return []
+    layout = build_layout(config.bids_dir)
+    subjects = select_subjects(layout, config)
+    out = []
+    for kind, query in filters.items():
+        suffixes = SHARED_KINDS.get(kind) or registry.get(kind).suffixes
+        files = [f for f in layout.get(subject=subjects, suffix=list(suffixes))
+                 if f.entities.get("extension", "") in NIFTI_EXT]
+        if not any(_matches(f.get_entities(), query) for f in files):
+            out.append(f"{kind} {json.dumps(query, sort_keys=True)} (matches none of {len(files)} {kind} file(s))")
+    return out
 
 
 def build_layout(bids_dir):
@@ -389,13 +429,14 @@ def format_plan(sessions: list[SessionInputs], config) -> str:
                 info = f"B1 map, Units {units}"
             rows.append((b1.kind, "-", files_cell(b1.files.values()), info))
         uses_b1 = any(registry.get(n).uses_b1 and sess.inputs.get(n) for n in selected)
+        support = []  # B1 and T1w serve mapped inputs: idle here, but this version uses them
         if sess.b1 and not uses_b1:
-            idle.append(sess.b1[0].kind)
+            support.append(sess.b1[0].kind)
         for i, p in enumerate(sess.t1w):
             rows.append(("T1w", "-", Path(p).name, "used for anatomy" if i == 0 and mapped
                          else "not used (only the first T1w is used)" if mapped else ""))
         if sess.t1w and not mapped:
-            idle.append("T1w")
+            support.append("T1w")
         if rows:
             lines += _table(("kind", "acq", "files", "metadata used"), rows, indent=4)
         else:
@@ -405,6 +446,8 @@ def format_plan(sessions: list[SessionInputs], config) -> str:
             lines.append(f"  found, not processed by this version: {', '.join(idle)}")
         if unselected:
             lines.append(f"  found, not selected by --methods: {', '.join(sorted(set(unselected)))}")
+        if support:
+            lines.append(f"  found, used only beside a mapped input that needs it: {', '.join(sorted(set(support)))}")
         for note in sess.notes:
             lines.append(f"  note: {note}")
         outputs = planned_outputs(sess, config)

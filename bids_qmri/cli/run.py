@@ -9,6 +9,7 @@ gets a crash report file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import logging
 import os
@@ -236,6 +237,7 @@ def build_config(args) -> Config:
         from ..bids.discovery import load_filters
 
         config.bids_filters = load_filters(args.bids_filter_file)
+        config.bids_filter_file = _resolve(args.bids_filter_file)
     if args.nprocs < 0 or args.omp_nthreads < 0:
         raise UsageError("--nprocs and --omp-nthreads must be >= 0 (0: automatic)")
     if args.mem_gb is not None and args.mem_gb <= 0:
@@ -319,7 +321,14 @@ def _nothing_to_do(sessions, config) -> InputError:
         (support, "used only beside an input that is mapped")) if kinds]
     what = f"found {'; '.join(parts)}" if parts else "found no image data"
     if config.bids_filters:
-        what += f"; --bids-filter-file selects {', '.join(sorted(config.bids_filters))} inputs only"
+        from ..bids.discovery import unmatched_filters
+
+        source = getattr(config, "bids_filter_file", None) or "bids filters"
+        misses = unmatched_filters(config)
+        if misses:
+            what += f"; --bids-filter-file {source} selects nothing for {'; '.join(misses)}"
+        else:
+            what += f"; --bids-filter-file {source} selects {', '.join(sorted(config.bids_filters))} inputs only"
     skipped = [k for s in sessions for k in s.skipped]
     detail = f"; {len(skipped)} input(s) skipped, first: {Path(skipped[0].path).name}: {skipped[0].reason}" \
         if skipped else ""
@@ -329,7 +338,6 @@ def _nothing_to_do(sessions, config) -> InputError:
 
 
 def run_participant_level(config: Config) -> int:
-    from ..bids.derivatives import init_derivatives
     from ..bids.discovery import check_bids_dir, check_participants, discover, format_plan
 
     check_bids_dir(config.bids_dir)
@@ -352,6 +360,26 @@ def run_participant_level(config: Config) -> int:
     from ..anatomy.atlases import resolve_atlas
 
     resolve_atlas(config.atlas)  # an unknown or broken --atlas fails now, not hours later
+    from ..bids.derivatives import check_output_tree
+
+    check_output_tree(config.output_dir)  # a symlink planted at OUTPUT_DIR/sub-* fails now
+    from ..utils.tempdirs import private_tempdir, remove_stale_tempdirs
+
+    # Every dependency's temporary files go to WORK_DIR/tmp/<this run> (TMPDIR and tempfile,
+    # inherited by nipype's workers), removed when the run ends; a killed run's folder is removed
+    # by the next run.
+    tmp_parent = Path(config.resolved_work_dir()) / "tmp"
+    remove_stale_tempdirs(tmp_parent)
+    try:
+        with private_tempdir(tmp_parent):
+            return _run_runnable(sessions, runnable, config)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp_parent.rmdir()  # only when empty: other runs may share the work directory
+
+
+def _run_runnable(sessions, runnable, config: Config) -> int:
+    from ..bids.derivatives import init_derivatives
     from ..utils.seeding import seed_everything
 
     seed_everything(config.seed)
@@ -399,6 +427,9 @@ def run_participants(groups: dict, config: Config) -> dict[str, str]:
         "monitoring": {"enabled": False},
     })
     nlogging.update_logging(ncfg)  # nipype set its levels from its defaults when imported
+    from ..utils.logs import quiet_nipype_crashes
+
+    quiet_nipype_crashes(config.verbose)  # one line per failed node below; tracebacks in the crash files
     wf = pe.Workflow(name="bids_qmri_wf", base_dir=str(work_dir))
     crash_dirs = {}
     for subject, sessions in groups.items():
@@ -424,9 +455,14 @@ def run_participants(groups: dict, config: Config) -> dict[str, str]:
     try:
         wf.run(plugin=plugin, plugin_args=plugin_args)
     except Exception as exc:  # nipype raises RuntimeError (or the node's exception when Linear)
+        from ..utils.logs import crash_summary
+
         failed = {}
         for subject, crash_dir in crash_dirs.items():
             crashes = sorted(p for p in crash_dir.glob("crash-*") if p.stat().st_mtime >= started - 1)
+            for crash in crashes:
+                print(f"{PROG}: sub-{subject}: failed step {crash_summary(crash)} (traceback: {crash})",
+                      file=sys.stderr)
             if crashes:
                 failed[subject] = f"crash file(s): {', '.join(map(str, crashes[:3]))}"
         if not failed:

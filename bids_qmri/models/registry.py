@@ -20,9 +20,7 @@ Files appear by atomic rename only; lock files are removed after use.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import fcntl
 import hashlib
 import json
 import logging
@@ -31,8 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bids_qmri import __version__
+from bids_qmri.errors import InputError
 from bids_qmri.nets.io import load_net, save_net
 from bids_qmri.utils.atomic import atomic_path, write_json_atomic
+from bids_qmri.utils.locks import exclusive_lock
 
 __all__ = [
     "BUNDLED_DIR",
@@ -88,31 +88,40 @@ def save_model(net, card: dict, directory: str | os.PathLike, stem: str, *, orig
     return weights
 
 
+class ModelFileError(InputError, ValueError):
+    """A model file (weights or card) that cannot be used: one line naming the file."""
+
+
 def load_model(weights: str | os.PathLike):
-    """Load weights and card; refuses a weights file whose checksum differs from its card."""
+    """Load weights and card; refuses a weights file whose checksum differs from its card, and
+    turns any failure to read either file into a ``ModelFileError`` naming it (a file that is
+    not safetensors, a broken card, tensors that do not fit the network, ...)."""
     weights = Path(weights)
     card_path = weights.with_suffix(".json")
-    card = json.loads(card_path.read_text())
-    digest = sha256_file(weights)
+    fix = "replace it, or delete it and its card to use the bundled model or retrain"
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelFileError(card_path, f"model card cannot be read ({_one_line(exc)})", fix) from exc
+    if not isinstance(card, dict):
+        raise ModelFileError(card_path, "model card is not a JSON object", fix)
+    try:
+        digest = sha256_file(weights)
+    except OSError as exc:
+        raise ModelFileError(weights, f"cannot be read ({exc.strerror})", fix) from exc
     if card.get("sha256") != digest:
-        raise ValueError(
-            f"{weights}: checksum {digest[:12]} does not match its model card {card_path.name} — "
-            "delete both files to retrain"
-        )
-    return load_net(weights), card
+        raise ModelFileError(weights, f"checksum {digest[:12]} does not match its model card {card_path.name}",
+                             "delete both files to retrain")
+    try:
+        net = load_net(weights)
+    except Exception as exc:  # SafetensorError, ValueError, RuntimeError (state dict), ...: never trusted
+        raise ModelFileError(weights, f"is not a usable bids_qmri model file ({_one_line(exc)})", fix) from exc
+    return net, card
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                path.unlink()  # under the lock: a waiter holds its own open handle
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+def _one_line(exc) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def _find(directory: Path | None, stem: str) -> Path | None:
@@ -170,7 +179,7 @@ def get_model(
         )
     if not allow_training or trainer is None:
         raise FileNotFoundError(f"no {method} model for {protocol.describe()} in {cache} and training is off")
-    with _locked(cache / f".{seeded}.lock"):
+    with exclusive_lock(cache / f".{seeded}.lock"):
         found = _find(cache, seeded)  # another job may have trained it while we waited
         if found is None:
             log.info("training a %s model on the fly for %s (seed %d)", method, protocol.describe(), seed)

@@ -28,10 +28,15 @@ def _save(fig, out_png, title: str = "", dpi: int = 90) -> Path:
     """Title, write (creating the figures folder) and close a figure; returns its path."""
     if title:
         fig.suptitle(title, fontsize=10)
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    from bids_qmri.bids.derivatives import ensure_within_output
+    from bids_qmri.utils.atomic import atomic_path
+
+    out_png = ensure_within_output(out_png)
+    try:
+        with atomic_path(out_png) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
     return out_png
 
 

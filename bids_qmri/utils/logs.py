@@ -25,3 +25,53 @@ def setup_logging(verbose: int = 0, stream=None) -> logging.Logger:
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
         logging.getLogger(name).setLevel(nipype_level)
     return logger
+
+
+# nipype's messages about a failed node: the first carries the whole traceback.
+_CRASH_MESSAGES = ("Node %s failed to run on host", "Saving crash info to", "could not run node")
+
+
+class NipypeCrashFilter(logging.Filter):
+    """Drops nipype's per-node crash messages (one carries the full traceback): the CLI prints
+    one summary line per failed node instead (``failed_node_lines``); the traceback stays in
+    the crash file, and on the terminal with ``-v``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not (record.levelno >= logging.ERROR and
+                    (msg.startswith(_CRASH_MESSAGES) or "Traceback (most recent call last)" in record.getMessage()))
+
+
+def quiet_nipype_crashes(verbose: int = 0) -> None:
+    """Install ``NipypeCrashFilter`` on nipype's workflow logger unless ``verbose``."""
+    logger = logging.getLogger("nipype.workflow")
+    for f in [f for f in logger.filters if isinstance(f, NipypeCrashFilter)]:
+        logger.removeFilter(f)
+    if verbose <= 0:
+        logger.addFilter(NipypeCrashFilter())
+
+
+def crash_summary(crash_file) -> str:
+    """One line from a nipype text crash file: ``<node> (<input file>): <exception message>``."""
+    import re
+    from pathlib import Path
+
+    text = Path(crash_file).read_text(encoding="utf-8", errors="replace")
+    node = re.search(r"^Node: (.+)$", text, re.M)
+    node = node.group(1).strip() if node else Path(crash_file).name
+    node = node.split(".", 1)[1] if node.startswith("bids_qmri_wf.") else node
+    inputs = text.split("Node inputs:", 1)[1] if "Node inputs:" in text else ""
+    source = ""
+    for line in inputs.splitlines():
+        key, sep, value = line.partition(" = ")
+        value = value.strip().strip("'\"[]")
+        if sep and value.startswith("/") and re.search(r"\.(nii(\.gz)?|json|tsv|h5|mat)$", value):
+            source = Path(value).name
+            if key.strip() in ("in_file", "in_files", "source", "t1w"):
+                break
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b.*", ln)
+              and not ln.startswith(("nipype.pipeline.engine.nodes.NodeExecutionError", "NodeExecutionError",
+                                     "RuntimeError: Exception raised while executing Node"))]
+    message = errors[-1] if errors else (lines[-1] if lines else "no message")
+    return f"{node}" + (f" ({source})" if source else "") + f": {message[:300]}"
