@@ -194,6 +194,64 @@ def test_phantom_anatomy_and_fields_are_plausible():
     assert p.head_mask.sum() > 1.3 * brain.sum()
 
 
+def test_gaussian_mixture_recovers_known_components():
+    """The EM behind the colin27 classification, on integer-valued samples (as image intensities)
+    of a mixture with known parameters off any grid: shared-variance and per-class fits."""
+    rng = np.random.default_rng(4)
+    w, mu, sd = np.array([0.09, 0.52, 0.39]), np.array([46.3, 83.7, 108.2]), np.array([8.3, 8.3, 8.3])
+    n = 400_000
+    cls = rng.choice(3, n, p=w)
+    x = np.round(rng.normal(mu[cls], sd[cls]))
+    fw, fmu, fsd = ph._gaussian_mixture_1d(x, 3, tied=True)
+    # Rounding to integers adds 1/12 to the variance.
+    np.testing.assert_allclose(fmu, mu, atol=0.3)
+    np.testing.assert_allclose(fsd, np.sqrt(sd**2 + 1 / 12), rtol=0.02)
+    np.testing.assert_allclose(fw, w, atol=0.01)
+    sd2 = np.array([14.1, 9.2, 4.4])
+    x = np.round(rng.normal(mu[cls], sd2[cls]))
+    fw, fmu, fsd = ph._gaussian_mixture_1d(x, 3)
+    np.testing.assert_allclose(fmu, mu, atol=0.5)
+    np.testing.assert_allclose(fsd, np.sqrt(sd2**2 + 1 / 12), rtol=0.03)
+    np.testing.assert_allclose(fw, w, atol=0.01)
+
+
+@pytest.mark.skipif(not ph.COLIN27_BRAIN.is_file(), reason="mricron-data (Colin27) not installed")
+def test_colin27_anatomy_is_a_plausible_head_unlike_the_template():
+    """The colin27 anatomy: adult tissue volumes, and far from the pipeline's template, so that
+    a pipeline that only reproduced its template would score badly on it."""
+    from bids_qmri.anatomy.segmentation import dice
+
+    colin, mni = ph._crisp_tissues("colin27"), ph._crisp_tissues("mni152")
+    ml = {t: float(v.sum()) / 1e3 for t, v in zip(("GM", "WM", "CSF"), colin[:3])}
+    print("Colin27 tissue volumes (ml)", ml)
+    assert 650 < ml["GM"] < 1050 and 550 < ml["WM"] < 950 and 0.05 < ml["CSF"] / sum(ml.values()) < 0.15
+    assert sum(v.sum() for v in colin[:3]) == np.clip(sum(colin[:3]), 0, 1).sum()  # one tissue per voxel
+    # Both anatomies are 1 mm MNI-space grids offset by whole voxels: compare the labels directly.
+    offset = np.rint(np.linalg.solve(mni[3], colin[3][:, 3])[:3]).astype(int)
+    window = tuple(slice(o, o + n) for o, n in zip(offset, colin[0].shape))
+    scores = {t: dice(m[window] > 0.5, c > 0.5) for t, m, c in zip(("GM", "WM", "CSF"), mni[:3], colin[:3])}
+    print("template labels vs Colin27 labels, Dice", scores)
+    # Measured GM 0.635, WM 0.693, CSF 0.355 (the pipeline reaches 0.77-0.80 / 0.81-0.86 at 3 mm).
+    assert scores["GM"] < 0.72 and scores["WM"] < 0.76 and scores["CSF"] < 0.5
+    p = ph.make_phantom(np.random.default_rng(11), 6.0, anatomy="colin27")
+    assert p.anatomy == "colin27"
+    brain = p.brain_mask
+    assert brain.sum() * 216e-3 == pytest.approx(sum(ml.values()), rel=0.2)
+    # The head shell surrounds the brain inside the grid.
+    assert p.head_mask.sum() > 1.3 * brain.sum()
+    assert not p.head_mask[[0, -1]].any() and not p.head_mask[:, [0, -1]].any() and not p.head_mask[:, :, -1].any()
+
+
+def test_unavailable_anatomy_is_a_one_line_usage_error(monkeypatch, tmp_path):
+    from bids_qmri.errors import UsageError
+
+    monkeypatch.setattr(ph, "COLIN27_BRAIN", tmp_path / "missing" / "ch2bet.nii.gz")
+    with pytest.raises(UsageError, match="apt-get install mricron-data, or use --anatomy mni152"):
+        ds.SynthOptions(anatomy="colin27").validate()
+    with pytest.raises(UsageError, match="choose from mni152, colin27"):
+        ds.SynthOptions(anatomy="icbm").validate()
+
+
 def test_deformation_is_small_and_invertible():
     grid = ph.reference_grid(4.0)
     scaling, disp = ph._deformation(np.random.default_rng(5), grid, 3.0)
@@ -343,6 +401,7 @@ def _cli(*args):
     (["--resolution", "0.1"], "--resolution"),
     (["--kinds", "dwi"], "--kinds"),
     (["--npc", "2"], "--npc"),
+    (["--anatomy", "icbm"], "--anatomy"),
 ])
 def test_cli_bad_arguments_give_one_line_error(tmp_path, args, needle):
     out = tmp_path / "out"

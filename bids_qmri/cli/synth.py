@@ -1,7 +1,8 @@
 """``bids_qmri-synth``: write a synthetic BIDS dataset with its ground truth (SPEC §2).
 
     bids_qmri-synth OUT_DIR [--participants N] [--sessions M] [--resolution MM] [--snr X]
-                    [--seed S] [--no-motion] [--npc N] [--kinds KIND ...] [--nprocs N] [-v]
+                    [--seed S] [--no-motion] [--npc N] [--kinds KIND ...]
+                    [--anatomy {mni152,colin27}] [--nprocs N] [-v]
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def _snr(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..synth.dataset import ALL_KINDS, DEFAULT_KINDS
+    from ..synth.phantom import ANATOMIES, DEFAULT_ANATOMY
 
     p = _OneLineParser(
         prog=PROG,
@@ -63,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bSSFP phase cycles, increments pi(2j-1)/N (default 12)")
     p.add_argument("--kinds", nargs="+", choices=ALL_KINDS, default=list(DEFAULT_KINDS),
                    metavar="KIND", help=f"input kinds to simulate (default all: {' '.join(ALL_KINDS)})")
+    p.add_argument("--anatomy", choices=ANATOMIES, default=DEFAULT_ANATOMY,
+                   help="the phantom's head: mni152 (the MNI152 2009 maps, the same template the "
+                        "pipeline registers to: optimistic for anatomy scores) or colin27 (Colin27 "
+                        "from Debian mricron-data, tissues by a Gaussian mixture on its intensities; "
+                        f"never seen by the pipeline) (default {DEFAULT_ANATOMY})")
     p.add_argument("--nprocs", type=int, default=1, metavar="N",
                    help="simulate up to N participants in parallel processes (default 1; the "
                         "files are identical whatever N)")
@@ -86,7 +93,7 @@ def main(argv=None) -> int:
         options = SynthOptions(participants=args.participants, sessions=args.sessions,
                                resolution=args.resolution, snr=args.snr, seed=args.seed,
                                motion=not args.no_motion, npc=args.npc,
-                               kinds=tuple(dict.fromkeys(args.kinds)))
+                               kinds=tuple(dict.fromkeys(args.kinds)), anatomy=args.anatomy)
         if args.nprocs < 1:
             raise UsageError(f"--nprocs must be at least 1, got {args.nprocs}")
         start = time.perf_counter()

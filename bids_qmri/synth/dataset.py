@@ -82,6 +82,7 @@ class SynthOptions:
     motion: bool = True
     npc: int = 12
     kinds: tuple[str, ...] = DEFAULT_KINDS
+    anatomy: str = ph.DEFAULT_ANATOMY  # the phantom's head (phantom.ANATOMIES)
 
     def validate(self) -> None:
         from ..errors import UsageError
@@ -101,6 +102,7 @@ class SynthOptions:
         bad = [k for k in self.kinds if k not in ALL_KINDS]
         if bad or not self.kinds:
             raise UsageError(f"unknown --kinds {', '.join(bad) or '(none)'}: choose from {', '.join(ALL_KINDS)}")
+        ph.check_anatomy(self.anatomy)
 
 
 @dataclass
@@ -428,7 +430,7 @@ def _provenance(options: SynthOptions) -> str:
     return (f"bids_qmri-synth --participants {options.participants} --sessions {options.sessions} "
             f"--resolution {options.resolution:g} --snr {options.snr:g} --seed {options.seed} "
             f"--npc {options.npc}{'' if options.motion else ' --no-motion'} "
-            f"--kinds {' '.join(options.kinds)}")
+            f"--kinds {' '.join(options.kinds)} --anatomy {options.anatomy}")
 
 
 README_TEXT = """\
@@ -437,9 +439,10 @@ Synthetic quantitative MRI dataset written by bids_qmri-synth
 
 Generated with: {provenance}
 
-A digital brain phantom (a crisp GM/WM/CSF anatomy made from the MNI152 2009 template maps in
-nilearn, each tissue keeping its volume; a skull/fat/skin head shell; random smooth deformation
-per participant; partial volume from the voxel size) with tissue T1, T2 and proton density
+A digital brain phantom (a crisp GM/WM/CSF anatomy: --anatomy mni152 from the MNI152 2009
+template maps in nilearn, each tissue keeping its volume; --anatomy colin27 from the Colin27 head
+of Debian mricron-data classified by a Gaussian mixture on its intensities; a skull/fat/skin head
+shell; random smooth deformation per participant; partial volume from the voxel size) with tissue T1, T2 and proton density
 drawn per participant from Sabidussi et al. Table 1, qMT parameters, a smooth B1 field and a
 susceptibility-based off-resonance field. Sessions of one participant share the tissue
 parameters; B1/B0 fields, head position, receiver phase and noise are new in every session.
@@ -792,7 +795,8 @@ def simulate_participant(root: Path, options: SynthOptions, p: int) -> list[str]
     torch.set_num_threads(1)
     sub = f"{p + 1:02d}"
     LOGGER.info("sub-%s: building the phantom at %g mm", sub, options.resolution)
-    phantom = ph.make_phantom(_rng(options.seed, p, 0, _PURPOSE["phantom"]), options.resolution)
+    phantom = ph.make_phantom(_rng(options.seed, p, 0, _PURPOSE["phantom"]), options.resolution,
+                              anatomy=options.anatomy)
     done = []
     for s, ses in enumerate(session_labels(options.sessions)):
         sim = SessionSimulator(root, options, sub, ses, p, s, phantom)

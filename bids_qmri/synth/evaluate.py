@@ -1,4 +1,4 @@
-"""pc-bSSFP maps of a workflow run against a synthetic dataset's ground truth.
+"""pc-bSSFP maps of a workflow run against a synthetic dataset's ground truth, and ROI biases.
 
 Shared by the workflow tests and ``benchmarks/bench_bssfp_accuracy.py``. Accuracy is the median
 |relative error| of T1 and T2 in brain tissue: GM and WM of the ground-truth segmentation inside
@@ -11,14 +11,23 @@ The *noise floor* is the same voxels simulated from the ground truth with noise 
 SNR and estimated directly (true B1, no image processing, no denoising): what one voxel's noise
 alone costs each estimator. The workflow's denoising can go below it; motion, interpolation and
 B1 processing add to it.
+
+*ROI biases* (``truth_as_maps``, ``tissue_roi_biases``; ``benchmarks/bench_anat.py --roi`` and
+``tests/test_anat_dice.py``): the ground-truth T1/T2 maps on the bSSFP grid enter the ROI step as
+a perfect method's maps; the tissue means of the ROI table (our segmentation) are compared with
+the same means on the truth's own tissue fractions (fraction >= 0.5 on both sides), so what
+remains is the cost of segmentation and registration alone.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import torch
 
 from bids_qmri.modalities.bssfp.training import DISTRIBUTIONS
@@ -104,3 +113,44 @@ def error_table(errors: dict, floor: dict) -> str:
             rows.append(f"{method:12s} {suffix:6s} {errors[method, suffix, 'all']:9.2f}% {floor[method, suffix, 'all']:7.2f}% "
                         f"{errors[method, suffix, 'trained']:7.2f}% {floor[method, suffix, 'trained']:7.2f}%")
     return "\n".join(rows)
+
+
+def truth_as_maps(bids: Path, anat_dir: Path, acq: str = "pc12", sub: str = "01") -> tuple[str, list[str]]:
+    """Write, under ``anat_dir``, the bSSFP mean magnitude as the reference image
+    (``..._desc-ref_bSSFP``) and the ground-truth T1/T2 on its grid as maps of a method named
+    ``truth``; returns (reference path, map paths) for the ROI step."""
+    anat_dir = Path(anat_dir)
+    anat_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"sub-{sub}_acq-{acq}"
+    mag = nib.load(Path(bids) / f"sub-{sub}" / "anat" / f"{stem}_part-mag_bSSFP.nii.gz")
+    ref = anat_dir / f"{stem}_desc-ref_bSSFP.nii.gz"
+    nib.save(nib.Nifti1Image(mag.get_fdata(dtype=np.float32).mean(-1), mag.affine), ref)
+    maps = []
+    for suffix in SUFFIXES:
+        dest = anat_dir / f"{stem}_desc-truth_{suffix}.nii.gz"
+        nib.save(nib.load(_truth_dir(bids, sub) / "anat" / f"{stem}_{suffix}.nii.gz"), dest)
+        dest.with_name(dest.name.replace(".nii.gz", ".json")).write_text(
+            json.dumps({"Units": "s", "EstimationAlgorithm": "ground truth", "SkullStripped": False}))
+        maps.append(str(dest))
+    return str(ref), maps
+
+
+def tissue_roi_biases(bids: Path, roistats_tsv: Path, acq: str = "pc12", sub: str = "01") -> dict[str, float]:
+    """``{"T1 GM": %, "T1 WM": %, "T1 WholeBrain": %, "T2 ...": %}``: the ROI table's tissue means of
+    the ``truth`` maps relative to the same means on the truth's fractions (bSSFP grid)."""
+    gt = _truth_dir(bids, sub) / "anat"
+    stem = f"sub-{sub}_acq-{acq}"
+    load = lambda name: np.asanyarray(nib.load(gt / f"{stem}_{name}.nii.gz").dataobj).astype(float)  # noqa: E731
+    fr = {t: load(f"label-{t}_probseg") for t in ("GM", "WM", "CSF")}
+    brain = load("desc-brain_mask") > 0
+    df = pd.read_csv(roistats_tsv, sep="\t", na_values="n/a", keep_default_na=False)
+    df = df[df["method"] == "truth"]
+    biases = {}
+    for suffix in SUFFIXES:
+        values = load(suffix)
+        rows = df[df.suffix == suffix].set_index("region")
+        for tissue, sel in (("GM", fr["GM"] >= 0.5), ("WM", fr["WM"] >= 0.5),
+                            ("WholeBrain", (fr["GM"] + fr["WM"]) >= 0.5)):
+            direct = values[brain & sel].mean()
+            biases[f"{suffix[:2]} {tissue}"] = 100 * float(rows.loc[tissue, "mean"] / direct - 1)
+    return biases

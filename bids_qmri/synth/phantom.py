@@ -1,7 +1,19 @@
 """Digital brain phantom: tissue fractions, tissue parameters and field maps per participant.
 
-The anatomy comes from the MNI152 2009 template shipped in nilearn (GM/WM probability maps and
-brain mask, offline), made crisp: each 1 mm template voxel is one tissue (GM, WM, or CSF =
+Two anatomies (``ANATOMIES``, ``bids_qmri-synth --anatomy``):
+
+- ``mni152`` (the default, kept for continuity): the MNI152 2009 template shipped in nilearn
+  (GM/WM probability maps and brain mask, offline). The pipeline registers to this very template
+  and uses its maps as Atropos priors, so on this phantom anatomy scores measure a pipeline
+  finding its own template (optimistic by construction).
+- ``colin27``: the Colin27 single-subject head of Debian ``mricron-data`` (``ch2bet.nii.gz``: the
+  1 mm T1w inside its brain extraction), classified into GM/WM/CSF here by a three-class
+  Gaussian mixture on its intensities with morphological clean-up (:func:`_crisp_colin27`), not
+  by the pipeline under test. The pipeline never uses Colin27 as a registration target, prior
+  or initialiser (``anatomy.templates.synthetic_head``), so this phantom measures segmentation
+  and normalisation on a head the pipeline has never seen.
+
+The MNI152 anatomy is made crisp: each 1 mm template voxel is one tissue (GM, WM, or CSF =
 intracranial hull minus GM and WM), each tissue keeping its volume (see _crisp_tissues). A
 population map's fuzziness is inter-subject variability, not anything one head has; an
 individual brain has sharp tissue boundaries, and its partial volume comes from the acquisition's
@@ -30,6 +42,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -94,6 +107,12 @@ LARMOR_HZ = 127.74e6
 HEAD_CENTRE_MM = np.array([0.0, -18.0, 10.0])
 MARGIN_MM = 22.0
 
+#: Anatomies the phantom can be built from (see the module docstring); the first is the default.
+ANATOMIES = ("mni152", "colin27")
+DEFAULT_ANATOMY = "mni152"
+#: Colin27 (Holmes et al. 1998) as Debian mricron-data ships it: 1 mm, MNI space, brain-extracted.
+COLIN27_BRAIN = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
+
 
 @dataclass
 class Grid:
@@ -124,6 +143,7 @@ class Phantom:
     air: np.ndarray  # sinus air fraction (drives ΔB0)
     displacement: np.ndarray  # [3, *shape] mm, head space -> template space (after scaling)
     scaling: np.ndarray  # [3] global scaling factors
+    anatomy: str = DEFAULT_ANATOMY  # which head the tissues come from (ANATOMIES)
 
     @property
     def labels(self) -> np.ndarray:
@@ -167,8 +187,112 @@ def _template() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return arrs[0], arrs[1], arrs[2], np.asarray(gm.affine, dtype=np.float64)
 
 
+def check_anatomy(anatomy: str) -> str:
+    """``anatomy`` if it can be built offline, else a one-line ``UsageError`` saying what to do."""
+    from ..errors import UsageError
+
+    if anatomy not in ANATOMIES:
+        raise UsageError(f"unknown --anatomy {anatomy!r}: choose from {', '.join(ANATOMIES)}")
+    if anatomy == "colin27" and not COLIN27_BRAIN.is_file():
+        raise UsageError(f"--anatomy colin27 needs Colin27 from Debian mricron-data ({COLIN27_BRAIN} is "
+                         "missing): apt-get install mricron-data, or use --anatomy mni152")
+    return anatomy
+
+
+def _crisp_tissues(anatomy: str = DEFAULT_ANATOMY) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """GM, WM, CSF indicators (float32, one tissue per 1 mm voxel) of ``anatomy`` and their affine."""
+    check_anatomy(anatomy)
+    return _crisp_colin27() if anatomy == "colin27" else _crisp_mni152()
+
+
+def _gaussian_mixture_1d(x: np.ndarray, k: int, *, tied: bool = False, iterations: int = 500,
+                         tol: float = 1e-9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Maximum-likelihood mixture of ``k`` Gaussians on the samples ``x`` by EM (``tied``: one
+    variance shared by all components).
+
+    EM runs on the distinct values with their counts (the same likelihood as on every sample;
+    images hold few distinct intensities), from the k equal-count quantile bins
+    (deterministic). Returns (weights, means, SDs) sorted by mean.
+    """
+    values, counts = np.unique(np.asarray(x, dtype=np.float64), return_counts=True)
+    counts = counts.astype(np.float64)
+    cum = np.cumsum(counts) / counts.sum()
+    bins = np.minimum((cum * k - 1e-9).astype(int), k - 1)
+    r = np.eye(k)[bins]  # initial responsibilities: quantile bins
+    previous = -np.inf
+    for _ in range(iterations):
+        n = (r * counts[:, None]).sum(axis=0)
+        w = n / counts.sum()
+        mu = (r * (counts * values)[:, None]).sum(axis=0) / n
+        var = (r * counts[:, None] * (values[:, None] - mu) ** 2).sum(axis=0) / n
+        sd = np.sqrt(np.full(k, (w * var).sum()) if tied else var) + 1e-6
+        logp = np.log(w) - np.log(sd) - 0.5 * ((values[:, None] - mu) / sd) ** 2
+        top = logp.max(axis=1, keepdims=True)
+        loglik = float((counts * (top[:, 0] + np.log(np.exp(logp - top).sum(axis=1)))).sum() / counts.sum())
+        r = np.exp(logp - top)
+        r /= r.sum(axis=1, keepdims=True)
+        if loglik - previous < tol:
+            break
+        previous = loglik
+    order = np.argsort(mu)
+    return w[order], mu[order], sd[order]
+
+
 @functools.lru_cache(maxsize=1)
-def _crisp_tissues() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _crisp_colin27() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Colin27's crisp GM/WM/CSF at 1 mm, classified from its own T1w intensities.
+
+    The intracranial hull is the brain extraction closed over the outer sulci as for MNI152
+    (3 mm Gaussian, soft threshold at 0.5) with holes filled; hull voxels outside the extraction
+    are CSF. Inside it a three-class Gaussian mixture on the intensities (EM, no spatial prior,
+    no template) labels each voxel by its most probable class (dark CSF, GM, bright WM). The
+    classes share one variance: Colin27 averages 27 scans, so a class's width is mostly partial
+    volume at its borders, not noise. With a variance per class the narrow WM peak (SD 3.7 vs
+    12.1 for GM) moved the GM/WM threshold from the histogram's valley (~100) to 107 and gave
+    GM 1153 / WM 466 ml; shared: threshold 96, GM 863 / WM 757 ml, CSF 8.6 % of the hull. Clean-up:
+    WM keeps its largest connected component (isolated bright voxels at the surface, vessels and
+    dura, become GM), and connected GM or CSF specks of fewer than 8 voxels take the label of
+    the majority of their neighbours.
+    """
+    import nibabel as nb
+
+    img = nb.load(COLIN27_BRAIN)
+    t1 = np.asarray(img.dataobj, dtype=np.float64)
+    aff = np.asarray(img.affine, dtype=np.float64)
+    brain = ndimage.binary_fill_holes(t1 > 0)
+    hull = ndimage.gaussian_filter(brain.astype(np.float64), 3.0) >= 0.5
+    hull = ndimage.binary_fill_holes(hull | brain)
+    w, mu, sd = _gaussian_mixture_1d(t1[brain], 3, tied=True)
+    x = t1[brain][:, None]
+    logp = np.log(w) - np.log(sd) - 0.5 * ((x - mu) / sd) ** 2
+    labels = np.zeros(t1.shape, np.uint8)  # 1 CSF, 2 GM, 3 WM (by mean intensity)
+    labels[hull] = 1
+    labels[brain] = logp.argmax(axis=1).astype(np.uint8) + 1
+    LOGGER.info("Colin27 mixture: means %s, SDs %s, weights %s", mu.round(1), sd.round(1), w.round(3))
+    # WM: the largest connected component.
+    comp, n = ndimage.label(labels == 3)
+    if n > 1:
+        sizes = ndimage.sum_labels(np.ones_like(comp), comp, index=np.arange(1, n + 1))
+        labels[(comp > 0) & (comp != 1 + int(np.argmax(sizes)))] = 2
+    # Specks: small GM or CSF components take their neighbours' majority label.
+    for cls in (2, 1):
+        comp, n = ndimage.label(labels == cls)
+        if n == 0:
+            continue
+        sizes = ndimage.sum_labels(np.ones_like(comp), comp, index=np.arange(1, n + 1))
+        small = np.isin(comp, 1 + np.flatnonzero(sizes < 8))
+        if not small.any():
+            continue
+        ring = ndimage.binary_dilation(small) & ~small & hull
+        counts = [ndimage.uniform_filter((labels == c) & ring, 3) for c in (1, 2, 3)]
+        labels[small] = 1 + np.argmax(np.stack([c[small] for c in counts]), axis=0).astype(np.uint8)
+    labels[~hull] = 0
+    gm, wm, csf = ((labels == c).astype(np.float32) for c in (2, 3, 1))
+    return gm, wm, csf, aff
+
+
+@functools.lru_cache(maxsize=1)
+def _crisp_mni152() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One crisp anatomy on the 1 mm template: GM, WM, CSF indicators (float32) and the affine.
 
     Soft fractions first: the intracranial hull is the brain mask closed over sulci (3 mm
@@ -199,9 +323,13 @@ def _crisp_tissues() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return is_gm.astype(np.float32), is_wm.astype(np.float32), is_csf.astype(np.float32), aff
 
 
-def reference_grid(resolution_mm: float) -> Grid:
-    """Axis-aligned RAS grid covering the template brain plus the head layers and a margin."""
-    _, _, mask, aff = _template()
+def reference_grid(resolution_mm: float, anatomy: str = DEFAULT_ANATOMY) -> Grid:
+    """Axis-aligned RAS grid covering the anatomy's brain plus the head layers and a margin."""
+    if check_anatomy(anatomy) == "mni152":
+        _, _, mask, aff = _template()
+    else:
+        gm, wm, csf, aff = _crisp_tissues(anatomy)
+        mask = gm + wm + csf
     idx = np.argwhere(mask > 0)
     lo = aff[:3, :3] @ idx.min(axis=0) + aff[:3, 3] - MARGIN_MM
     hi = aff[:3, :3] @ idx.max(axis=0) + aff[:3, 3] + MARGIN_MM
@@ -269,9 +397,10 @@ def template_coordinates(grid: Grid, scaling: np.ndarray, displacement: np.ndarr
 
 
 @functools.lru_cache(maxsize=2)
-def _template_at(resolution_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _template_at(resolution_mm: float, anatomy: str = DEFAULT_ANATOMY
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The crisp tissues low-pass filtered for sampling at ``resolution_mm`` (anti-aliasing)."""
-    gm, wm, csf, aff = _crisp_tissues()
+    gm, wm, csf, aff = _crisp_tissues(anatomy)
     if resolution_mm > 1.0:
         sigma = math.sqrt(resolution_mm**2 - 1.0) / 2.3548  # FWHM of the coarser voxel
         gm, wm, csf = (ndimage.gaussian_filter(v, sigma) for v in (gm, wm, csf))
@@ -287,11 +416,11 @@ def _sample_template(volume: np.ndarray, affine: np.ndarray, coords_mm: np.ndarr
     return np.clip(out.reshape(shp), 0.0, 1.0)
 
 
-def build_anatomy(grid: Grid, scaling: np.ndarray, displacement: np.ndarray
+def build_anatomy(grid: Grid, scaling: np.ndarray, displacement: np.ndarray, anatomy: str = DEFAULT_ANATOMY
                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Tissue fractions (GM, WM, CSF and head layers) and sinus air on ``grid``."""
     res = float(grid.zooms.min())
-    gm_t, wm_t, csf_t, aff = _template_at(res)
+    gm_t, wm_t, csf_t, aff = _template_at(res, anatomy)
     coords = template_coordinates(grid, scaling, displacement)
     gm, wm, csf = (_sample_template(v, aff, coords) for v in (gm_t, wm_t, csf_t))
     # The indicators partition the template, so their filtered, linearly interpolated values sum
@@ -376,13 +505,13 @@ def draw_tissue_parameters(rng: np.random.Generator, grid: Grid,
 
 
 def make_phantom(rng: np.random.Generator, resolution_mm: float = 2.0,
-                 max_displacement_mm: float = 3.0) -> Phantom:
-    """One participant's phantom on the reference grid at ``resolution_mm``."""
-    grid = reference_grid(resolution_mm)
+                 max_displacement_mm: float = 3.0, anatomy: str = DEFAULT_ANATOMY) -> Phantom:
+    """One participant's phantom on the reference grid at ``resolution_mm`` from ``anatomy``."""
+    grid = reference_grid(resolution_mm, anatomy)
     scaling, disp = _deformation(rng, grid, max_displacement_mm)
-    fractions, air = build_anatomy(grid, scaling, disp)
+    fractions, air = build_anatomy(grid, scaling, disp, anatomy)
     params, means = draw_tissue_parameters(rng, grid, fractions)
-    return Phantom(grid, fractions, params, means, air, disp.astype(np.float32), scaling)
+    return Phantom(grid, fractions, params, means, air, disp.astype(np.float32), scaling, anatomy)
 
 
 # --------------------------------------------------------------------------------------------
