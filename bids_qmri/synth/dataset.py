@@ -250,35 +250,10 @@ def _cache_dir() -> Path:
 
 
 def _disk_cached(name: str, key_parts, compute) -> dict[str, torch.Tensor]:
-    """``compute()`` (a dict of tensors) cached as ``<name>-<hash of key_parts>.pt``.
+    """``compute()`` (a dict of tensors) cached in ``_cache_dir()`` (``utils.cache.disk_cached``)."""
+    from ..utils.cache import disk_cached
 
-    Loaded with ``weights_only=True``; an unreadable cache file is recomputed and replaced.
-    Values are bit-identical whether computed or loaded, so --seed reproducibility holds.
-    """
-    import hashlib
-
-    from ..utils.atomic import atomic_path
-
-    key = hashlib.sha256()
-    for part in key_parts:
-        if isinstance(part, (np.ndarray, torch.Tensor)):
-            key.update(np.ascontiguousarray(np.asarray(part), dtype=np.float64).tobytes())
-        else:
-            key.update(repr(part).encode())
-    path = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.pt"
-    if path.is_file():
-        try:
-            return torch.load(path, weights_only=True)
-        except Exception as exc:  # a truncated or foreign file: rebuild it
-            LOGGER.warning("ignoring unreadable cache %s (%s)", path, exc)
-    value = compute()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save(value, tmp)
-    except OSError as exc:  # read-only home: keep going without the cache
-        LOGGER.warning("cannot cache %s in %s (%s)", name, path.parent, exc.strerror or exc)
-    return value
+    return disk_cached(_cache_dir(), name, key_parts, compute)
 
 
 MRF_AXES = {

@@ -1,0 +1,225 @@
+"""Dictionary matching for any signal model (SPEC §5 "solvers that take any model"; seed 002).
+
+A *dictionary* is a table of simulated signals (atoms) ``[A, K]`` at known parameter values
+``[A, P]``; a *signal* is matched to the atom with the largest normalised inner product
+``|⟨d, s⟩| / ‖d‖`` (McGivney 2014), which is invariant to the signal's complex scale, and that
+scale ``⟨d, s⟩ / ‖d‖²`` is the proton density (complex M0). Nothing here knows the physics: the
+caller gives a ``simulate(params [n, P]) -> complex [n, Nt]`` function.
+
+- :func:`simulate_dictionary` evaluates ``simulate`` chunk by chunk (bounded memory, progress
+  bar) and projects each chunk onto a temporal basis when one is given;
+  :func:`dictionary_gram` accumulates ``DᴴD`` chunk by chunk for the dictionary's own SVD
+  (``physics.svd.basis_from_gram``), so a frames dictionary never has to be held in memory.
+- :func:`match`: chunked complex GEMM over voxels × atoms with a running argmax. The argmax is
+  exact for the scores computed (no clustering or tree search) and ties go to the lowest atom
+  index (``torch.max`` returns the first maximum within a block; a later block must be strictly
+  larger). ``groups``: each signal may be matched against one sub-dictionary only (e.g. the
+  atoms at the voxel's known B1).
+- :func:`refine_gauss_newton`: a few Gauss–Newton steps of the variable-projection residual
+  ``s − d(θ) ⟨d(θ), s⟩/‖d(θ)‖²`` in the parameters, starting at the match and kept inside a box
+  (the winning grid cell), with a forward-difference Jacobian of ``simulate``; a step that does
+  not lower the residual is not taken.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+LOGGER = logging.getLogger("bids_qmri.fitting.dictmatch")
+
+__all__ = ["MatchResult", "simulate_dictionary", "dictionary_gram", "normalise_atoms", "match",
+           "refine_gauss_newton", "chunk_peak_bytes"]
+
+Simulate = Callable[[torch.Tensor], torch.Tensor]  # params [n, P] -> complex [n, Nt]
+
+
+def _progress(total: int, desc: str, progress: bool | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="atom", disable=None if progress is None else not progress,
+                leave=False)
+
+
+def simulate_dictionary(simulate: Simulate, params: torch.Tensor, *, basis: torch.Tensor | None = None,
+                        chunk: int = 2048, dtype: torch.dtype = torch.complex64, progress: bool | None = None,
+                        desc: str = "dictionary") -> torch.Tensor:
+    """Atoms ``[A, Nt]`` (or ``[A, R]`` projected on ``basis`` ``[Nt, R]``: ``atoms = signals @ basis``)
+    of ``simulate`` at ``params`` ``[A, P]``, ``chunk`` atoms at a time, stored as ``dtype``."""
+    params = torch.as_tensor(params)
+    n = params.shape[0]
+    out = None
+    with _progress(n, desc, progress) as bar:
+        for lo in range(0, n, chunk):
+            sig = simulate(params[lo:lo + chunk])
+            if basis is not None:
+                sig = sig.to(basis.dtype) @ basis
+            if out is None:
+                out = torch.empty((n, sig.shape[-1]), dtype=dtype)
+            out[lo:lo + sig.shape[0]] = sig.to(dtype)
+            bar.update(sig.shape[0])
+    if out is None:
+        raise ValueError("empty dictionary: no parameter values")
+    return out
+
+
+def dictionary_gram(simulate: Simulate, params: torch.Tensor, *, chunk: int = 2048, progress: bool | None = None,
+                    desc: str = "dictionary SVD") -> torch.Tensor:
+    """``DᴴD`` ``[Nt, Nt]`` (complex128) of the dictionary of ``simulate`` at ``params``, chunk by chunk."""
+    params = torch.as_tensor(params)
+    gram = None
+    with _progress(params.shape[0], desc, progress) as bar:
+        for lo in range(0, params.shape[0], chunk):
+            sig = simulate(params[lo:lo + chunk]).to(torch.complex128)
+            g = sig.mH @ sig
+            gram = g if gram is None else gram + g
+            bar.update(sig.shape[0])
+    if gram is None:
+        raise ValueError("empty dictionary: no parameter values")
+    return gram
+
+
+def chunk_peak_bytes(chunk: int, n_frames: int, rank: int, n_atoms: int, *, state_arrays: int = 12) -> int:
+    """Estimated peak memory of building a dictionary: ``state_arrays`` float32 work arrays of
+    ``chunk × n_frames`` (simulation) plus the stored ``n_atoms × rank`` complex64 atoms."""
+    return int(4 * state_arrays * chunk * n_frames + 8 * n_atoms * rank)
+
+
+def normalise_atoms(atoms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(atoms / ‖atoms‖, ‖atoms‖)`` over the last axis (a zero atom stays zero)."""
+    norms = torch.linalg.vector_norm(atoms, dim=-1)
+    return atoms / norms.clamp_min(torch.finfo(norms.dtype).tiny)[..., None], norms
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """``index`` ``[V]`` (into the full dictionary; −1 where the signal is zero or not finite),
+    ``score`` ``[V]`` (``|⟨d̂, s⟩|/‖s‖``, 1 for a perfect match), ``scale`` ``[V]`` complex
+    (``⟨d, s⟩/‖d‖²``: the signal ≈ scale · atom)."""
+
+    index: torch.Tensor
+    score: torch.Tensor
+    scale: torch.Tensor
+
+
+def _match_block(signals: torch.Tensor, atoms_h: torch.Tensor, atom_chunk: int):
+    """Running (max |score|², argmax) of ``signals [v, R]`` against ``atoms_h [R, A]`` (conjugated)."""
+    v = signals.shape[0]
+    best = torch.full((v,), -1.0, dtype=signals.real.dtype)
+    arg = torch.zeros(v, dtype=torch.long)
+    for lo in range(0, atoms_h.shape[1], atom_chunk):
+        ip = signals @ atoms_h[:, lo:lo + atom_chunk]
+        power = torch.view_as_real(ip).square().sum(-1)  # |⟨d̂, s⟩|² (no square root needed)
+        value, idx = power.max(dim=1)  # first maximum within the block
+        better = value > best  # strictly: an earlier block keeps a tie
+        best = torch.where(better, value, best)
+        arg = torch.where(better, idx + lo, arg)
+    return best, arg
+
+
+def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | None = None,
+          atom_groups: list[slice] | None = None, voxel_chunk: int = 1024, atom_chunk: int = 2048,
+          atom_norms: tuple[torch.Tensor, torch.Tensor] | None = None) -> MatchResult:
+    """Best atom of ``atoms`` ``[A, R]`` for each signal of ``signals`` ``[V, R]`` (complex).
+
+    ``atom_groups`` (list of slices of the atom axis) with ``groups`` ``[V]`` (index into
+    ``atom_groups``, −1: not matched) restricts each signal to its own sub-dictionary.
+    ``atom_norms``: ``normalise_atoms(atoms)`` if already computed. The computation runs in the
+    dtype of ``atoms`` (complex64: single-precision GEMM).
+    """
+    atoms = torch.as_tensor(atoms)
+    signals = torch.as_tensor(signals).to(atoms.dtype)
+    if signals.shape[-1] != atoms.shape[-1]:
+        raise ValueError(f"signals have {signals.shape[-1]} coefficients, atoms {atoms.shape[-1]}")
+    unit, norms = atom_norms if atom_norms is not None else normalise_atoms(atoms)
+    n = signals.shape[0]
+    if atom_groups is None:
+        atom_groups = [slice(0, atoms.shape[0])]
+        groups = torch.zeros(n, dtype=torch.long)
+    elif groups is None:
+        raise ValueError("atom_groups needs groups (the group of each signal)")
+    groups = torch.as_tensor(groups, dtype=torch.long)
+    finite = torch.isfinite(torch.view_as_real(signals)).all(-1).all(-1)
+    snorm = torch.linalg.vector_norm(torch.where(finite[:, None], signals, 0), dim=-1)
+    usable = finite & (snorm > 0) & (groups >= 0)
+    index = torch.full((n,), -1, dtype=torch.long)
+    for g, sl in enumerate(atom_groups):
+        rows = torch.nonzero(usable & (groups == g)).flatten()
+        if rows.numel() == 0:
+            continue
+        atoms_h = unit[sl].mH.contiguous()  # [R, A_g]
+        for lo in range(0, rows.numel(), voxel_chunk):
+            sel = rows[lo:lo + voxel_chunk]
+            _, arg = _match_block(signals[sel], atoms_h, atom_chunk)
+            index[sel] = arg + (sl.start or 0)
+    ok = index >= 0
+    safe = index.clamp_min(0)
+    ip = torch.linalg.vecdot(unit[safe], signals)  # Σ conj(d̂) s
+    score = torch.where(ok, ip.abs() / snorm.clamp_min(torch.finfo(snorm.dtype).tiny), 0.0)
+    scale = torch.where(ok, ip / norms[safe].clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+    return MatchResult(index=index, score=score, scale=scale)
+
+
+def _projected_residual(signals: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """Real ``[n, 2R]`` residual of ``signals`` after removing its projection on ``model`` (VarPro)."""
+    scale = torch.linalg.vecdot(model, signals) / torch.linalg.vecdot(model, model).real.clamp_min(1e-30)
+    r = signals - scale[:, None] * model
+    return torch.view_as_real(r).flatten(1)
+
+
+def refine_gauss_newton(simulate: Simulate, signals: torch.Tensor, x0: torch.Tensor, lower: torch.Tensor,
+                        upper: torch.Tensor, *, iterations: int = 4, step: float = 1e-3,
+                        chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Refine parameters ``x0`` ``[N, P]`` of ``signals`` ``[N, R]`` within ``[lower, upper]``.
+
+    ``simulate(x [n, P]) -> [n, R]`` complex model signals (any complex scale is projected out).
+    Every evaluation runs the model at ``x`` and at ``x + step·e_p`` (one call on ``P + 1``
+    stacked batches: residual and forward-difference Jacobian). Each iteration solves the
+    ``P × P`` Gauss–Newton system (damping 1e-6 of the diagonal), clamps the step to the box and
+    keeps it only if it lowers ``‖r‖²``; a row whose step is refused stops there. Returns
+    ``(x [N, P], cost [N] = ‖r‖² at x, cost at x0 [N])``.
+    """
+    x0 = torch.as_tensor(x0, dtype=torch.float64)
+    lower = torch.as_tensor(lower, dtype=torch.float64).expand_as(x0)
+    upper = torch.as_tensor(upper, dtype=torch.float64).expand_as(x0)
+    n, p = x0.shape
+    out_x, out_cost, start_cost = x0.clone(), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    eye = torch.eye(p, dtype=torch.float64)
+
+    def evaluate(s, x):
+        shifted = torch.cat([x] + [x + step * eye[k] for k in range(p)])
+        models = simulate(shifted).to(torch.complex128).reshape(p + 1, x.shape[0], -1)
+        r0 = _projected_residual(s, models[0])
+        jac = torch.stack([(_projected_residual(s, models[k + 1]) - r0) / step for k in range(p)], -1)
+        return r0, jac
+
+    for lo in range(0, n, chunk):
+        s = torch.as_tensor(signals[lo:lo + chunk]).to(torch.complex128)
+        x = x0[lo:lo + chunk].clone()
+        lo_b, hi_b = lower[lo:lo + chunk], upper[lo:lo + chunk]
+        r, jac = evaluate(s, x)
+        cost = r.square().sum(-1)
+        start_cost[lo:lo + chunk] = cost
+        active = torch.isfinite(cost)
+        for _ in range(iterations):
+            rows = torch.nonzero(active).flatten()
+            if rows.numel() == 0:
+                break
+            j = jac[rows]
+            jtj = j.mT @ j
+            jtr = (j.mT @ r[rows][..., None])[..., 0]
+            damp = 1e-6 * torch.diagonal(jtj, dim1=-2, dim2=-1).clamp_min(1e-30)
+            delta = torch.linalg.solve(jtj + torch.diag_embed(damp), -jtr)
+            trial = torch.minimum(torch.maximum(x[rows] + delta, lo_b[rows]), hi_b[rows])
+            trial = torch.where(torch.isfinite(trial), trial, x[rows])
+            r_t, jac_t = evaluate(s[rows], trial)
+            c_t = r_t.square().sum(-1)
+            better = c_t < cost[rows]
+            acc = rows[better]
+            x[acc], r[acc], jac[acc], cost[acc] = trial[better], r_t[better], jac_t[better], c_t[better]
+            active[rows[~better]] = False
+        out_x[lo:lo + chunk], out_cost[lo:lo + chunk] = x, cost
+    return out_x, out_cost, start_cost

@@ -1,0 +1,140 @@
+"""Generic dictionary matching (fitting.dictmatch): dictionary entries against direct simulator
+calls, exact argmax against a brute-force search (ties included), chunked Gram SVD against the
+direct SVD, Gauss–Newton refinement against off-grid truth."""
+
+import numpy as np
+import pytest
+import torch
+
+from bids_qmri.fitting import dictmatch
+from bids_qmri.physics import epg, svd
+
+SCHEDULE = epg.default_fisp_schedule(120)
+
+
+def fisp(params):
+    """params [n, 3] = (T1, T2, B1)."""
+    return epg.fisp_mrf(params[:, 0], params[:, 1], params[:, 2], **SCHEDULE)
+
+
+def grid_params():
+    t1, t2, b1 = np.meshgrid([0.4, 0.9, 1.7, 3.1], [0.03, 0.08, 0.25], [0.8, 1.1], indexing="ij")
+    return torch.from_numpy(np.stack([t1.ravel(), t2.ravel(), b1.ravel()], -1))
+
+
+def test_dictionary_entries_equal_direct_fisp_calls():
+    params = grid_params()
+    d = dictmatch.simulate_dictionary(fisp, params, chunk=5, dtype=torch.complex128, progress=False)
+    assert d.shape == (len(params), 120)
+    for k in (0, 7, 13, len(params) - 1):  # one atom at a time, outside any chunk
+        direct = epg.fisp_mrf(float(params[k, 0]), float(params[k, 1]), float(params[k, 2]), **SCHEDULE)
+        torch.testing.assert_close(d[k], direct.to(torch.complex128), rtol=0, atol=1e-6)
+    basis = svd.svd_basis(d, 6)
+    projected = dictmatch.simulate_dictionary(fisp, params, basis=basis, chunk=4, dtype=torch.complex128,
+                                              progress=False)
+    torch.testing.assert_close(projected, d @ basis, rtol=1e-6, atol=1e-7)
+
+
+def test_chunked_gram_basis_equals_direct_svd():
+    params = grid_params().double()
+
+    def sim(p):
+        return epg.fisp_mrf(p[:, 0], p[:, 1], p[:, 2], **SCHEDULE)
+
+    d = sim(params)
+    gram = dictmatch.dictionary_gram(sim, params, chunk=7, progress=False)
+    basis, sv, kept = svd.basis_from_gram(gram, energy=0.999)
+    _, s_ref, vh_ref = np.linalg.svd(d.numpy(), full_matrices=False)
+    energy = np.cumsum(s_ref**2) / np.sum(s_ref**2)
+    rank = int(np.searchsorted(energy, 0.999) + 1)
+    assert basis.shape == (120, rank) and kept >= 0.999 and kept == pytest.approx(energy[rank - 1], rel=1e-9)
+    np.testing.assert_allclose(sv.numpy(), s_ref[:rank], rtol=1e-8)
+    np.testing.assert_allclose(basis.numpy() @ basis.numpy().conj().T,
+                               vh_ref[:rank].conj().T @ vh_ref[:rank], atol=1e-8)
+    assert svd.rank_for_energy(torch.tensor([3.0, 4.0]), 0.64) == 2  # 9/25 < 0.64 <= 1
+    assert svd.rank_for_energy(torch.tensor([4.0, 3.0]), 0.64) == 1
+
+
+def brute_force(signals, atoms):
+    unit = atoms / np.linalg.norm(atoms, axis=1, keepdims=True)
+    power = np.abs(signals @ unit.conj().T) ** 2
+    return power.argmax(axis=1)  # numpy: first maximum on ties
+
+
+def test_match_is_the_exact_argmax_of_a_brute_force_search():
+    rng = np.random.default_rng(5)
+    atoms = rng.normal(size=(1000, 9)) + 1j * rng.normal(size=(1000, 9))
+    signals = rng.normal(size=(300, 9)) + 1j * rng.normal(size=(300, 9))
+    res = dictmatch.match(torch.from_numpy(signals), torch.from_numpy(atoms), voxel_chunk=37, atom_chunk=101)
+    np.testing.assert_array_equal(res.index.numpy(), brute_force(signals, atoms))
+    # scale: a scaled atom is recovered with its complex scale
+    m0 = 2.5 * np.exp(1j * 0.7)
+    res = dictmatch.match(torch.from_numpy(m0 * atoms[[3, 500]]), torch.from_numpy(atoms))
+    np.testing.assert_array_equal(res.index.numpy(), [3, 500])
+    np.testing.assert_allclose(res.scale.numpy(), [m0, m0], rtol=1e-12)
+    np.testing.assert_allclose(res.score.numpy(), [1.0, 1.0], rtol=1e-12)
+
+
+def test_ties_go_to_the_lowest_atom_index_across_chunks():
+    # Atoms with entries ±1 ± i (norm exactly 4 at R = 8) and integer signals: every score is
+    # computed exactly, whatever the GEMM blocking, so equal scores are true ties.
+    rng = np.random.default_rng(11)
+    atoms = rng.choice([-1.0, 1.0], size=(700, 8)) + 1j * rng.choice([-1.0, 1.0], size=(700, 8))
+    atoms[[150, 420, 699]] = atoms[77]  # duplicates in later atom chunks
+    signals = rng.integers(-3, 4, size=(400, 8)) + 1j * rng.integers(-3, 4, size=(400, 8))
+    signals[:20] = 3 * atoms[77]
+    expected = brute_force(signals, atoms)
+    unit = atoms / 4.0
+    power = np.abs(signals @ unit.conj().T) ** 2
+    n_ties = int(((power == power.max(1, keepdims=True)).sum(1) > 1).sum())
+    assert n_ties > 50  # the test really exercises ties
+    for dtype in (torch.complex128, torch.complex64):
+        a = torch.from_numpy(atoms).to(dtype)
+        # float32 norms of 4 may round (vector_norm scales); exact unit atoms keep the ties exact
+        norms = (a / 4.0, torch.full((700,), 4.0, dtype=a.real.dtype)) if dtype == torch.complex64 else None
+        res = dictmatch.match(torch.from_numpy(signals).to(dtype), a, voxel_chunk=64, atom_chunk=100,
+                              atom_norms=norms)
+        np.testing.assert_array_equal(res.index.numpy(), expected)
+    assert (res.index[:20] == 77).all()
+
+
+def test_grouped_match_searches_only_the_signal_sub_dictionary():
+    rng = np.random.default_rng(2)
+    atoms = rng.normal(size=(600, 6)) + 1j * rng.normal(size=(600, 6))
+    signals = rng.normal(size=(200, 6)) + 1j * rng.normal(size=(200, 6))
+    groups = rng.integers(-1, 3, size=200)
+    slices = [slice(0, 250), slice(250, 251), slice(251, 600)]
+    res = dictmatch.match(torch.from_numpy(signals), torch.from_numpy(atoms), groups=torch.from_numpy(groups),
+                          atom_groups=slices, voxel_chunk=50, atom_chunk=64)
+    for g, sl in enumerate(slices):
+        rows = groups == g
+        np.testing.assert_array_equal(res.index.numpy()[rows], sl.start + brute_force(signals[rows], atoms[sl]))
+    assert (res.index.numpy()[groups < 0] == -1).all()
+    # zero and non-finite signals are not matched
+    bad = torch.from_numpy(signals[:3]).clone()
+    bad[0] = 0
+    bad[1, 2] = complex("nan")
+    res = dictmatch.match(bad, torch.from_numpy(atoms))
+    assert res.index.tolist()[:2] == [-1, -1] and res.index[2] >= 0
+
+
+def test_gauss_newton_refinement_leaves_the_grid():
+    # Noise-free fingerprints at off-grid values; the grid cell around each is the box.
+    gen = torch.Generator().manual_seed(3)
+    n = 40
+    log_t1 = torch.empty(n, dtype=torch.float64).uniform_(np.log(0.5), np.log(2.5), generator=gen)
+    log_t2 = torch.empty(n, dtype=torch.float64).uniform_(np.log(0.03), np.log(0.2), generator=gen)
+    b1 = torch.empty(n, dtype=torch.float64).uniform_(0.8, 1.2, generator=gen)
+    m0 = torch.exp(1j * torch.linspace(0, 3, n, dtype=torch.float64)) * 3.0
+    signals = m0[:, None] * epg.fisp_mrf(log_t1.exp(), log_t2.exp(), b1, **SCHEDULE)
+    cell = 0.2  # log units: a coarse grid
+    x0 = torch.stack([torch.floor(log_t1 / cell) * cell, torch.floor(log_t2 / cell) * cell], -1)
+
+    def sim(x):
+        return epg.fisp_mrf(x[:, 0].exp(), x[:, 1].exp(), b1.repeat(len(x) // n), **SCHEDULE)
+
+    x, cost, cost0 = dictmatch.refine_gauss_newton(sim, signals, x0, x0, x0 + cell, iterations=6, chunk=n)
+    truth = torch.stack([log_t1, log_t2], -1)
+    assert (x0 - truth).abs().max() > 0.05
+    assert (x - truth).abs().max() < 1e-3
+    assert (cost <= cost0).all() and ((x >= x0) & (x <= x0 + cell)).all()
