@@ -5,9 +5,7 @@ magnitude models and against central finite differences; shapes for any series l
 tiny overfit shows the whole chain (physics gradient → cell → updates → eq. 6 loss) learns.
 """
 
-import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -182,3 +182,33 @@ def test_train_cli_for_a_series(tmp_path, capsys):
     assert main(base + ["--modality", "irt1", "--sidecar", str(sidecar)]) == 0
     card = json.loads(next(tmp_path.glob("resnet_n6_*.json")).read_text())
     assert card["times_s"] == list(TI) and card["architecture"]["channels"] == [4]
+
+
+def test_insilico_tables_and_the_mle_cv_scales_with_sigma(tmp_path, monkeypatch):
+    """``bids_qmri-insilico rim``: files and columns; the MLE's CV falls as 1/SNR at high SNR and
+    its bias vanishes (asymptotic efficiency) — a check of the Monte Carlo harness itself."""
+    import pandas as pd
+
+    from bids_qmri.cli.insilico import main
+
+    for method in training.LEARNED_METHODS:
+        monkeypatch.setitem(models.ON_THE_FLY, method, dict(TINY))
+    out = tmp_path / "out"
+    assert main(["rim", str(out), "--models", "t2", "--snr", "20", "200", "--mc", "24", "--size", "40",
+                 "--model-dir", str(tmp_path / "models")]) == 0
+    df = pd.read_csv(out / "relax_bias_cv.tsv", sep="\t")
+    assert set(df["method"]) == {"rim", "resnet", "mle"} and set(df["parameter"]) == {"A", "T2"}
+    mle = df[(df["method"] == "mle") & (df["parameter"] == "T2")].set_index("snr")
+    assert mle.loc[20, "cv_median"] / mle.loc[200, "cv_median"] == pytest.approx(10.0, rel=0.25)
+    assert abs(mle.loc[200, "rel_bias_median"]) < 0.005
+    assert (out / "relax_bias_cv.png").stat().st_size > 1000
+    blur = pd.read_csv(out / "relax_blur.tsv", sep="\t")
+    assert set(blur["structure"]) == {"point_hypo", "point_hyper", "line_horz", "line_vert"}
+    assert set(blur["scenario"]) == {"E1", "E2"} and set(blur["region"]) == {"structure", "neighbourhood"}
+    assert (blur[blur["region"] == "structure"].groupby("structure")["voxels"].first().to_dict()
+            == {"point_hypo": 1, "point_hyper": 1, "line_horz": 7, "line_vert": 7})
+    assert main(["rim", str(out), "--models", "ir", "--methods", "rim", "mle", "--snr", "30", "--mc", "4",
+                 "--size", "40", "--model-dir", str(tmp_path / "models")]) == 0
+    lists = pd.read_csv(out / "relax_ti_lists.tsv", sep="\t")
+    assert set(lists["ti_list"]) == {"model", "seed23", "seed31"}
+    assert set(lists["n_times"]) == {6, 23, 31}

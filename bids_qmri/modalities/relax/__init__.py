@@ -54,6 +54,12 @@ def _train_from_args(modality, args, parser):
     return train_from_args_for(modality)(args, parser)
 
 
+def _add_insilico(sub):
+    from .cli import add_insilico_command
+
+    return add_insilico_command(sub)
+
+
 def _learned(kind_maps):
     rim_text = ("recurrent inference machine: 6 steps of a convolutional GRU cell on the estimate and the autograd "
                 "likelihood gradient, slice by slice (seed 004)")
@@ -142,6 +148,7 @@ IRT1 = Modality(
     ),
     add_train_arguments=_add_train_arguments,
     train_from_args=partial(_train_from_args, "irt1"),
+    add_insilico_commands=_add_insilico,
 )
 
 MESE = Modality(

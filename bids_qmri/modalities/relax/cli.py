@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from bids_qmri.errors import EXIT_USAGE
 
@@ -76,3 +77,49 @@ def train_from_args_for(modality: str):
         return protocol, net, card
 
     return train_from_args
+
+
+# ---------------------------------------------------------------------- bids_qmri-insilico
+def add_insilico_command(sub) -> None:
+    from bids_qmri.synth.dataset import IRT1_TIS, MESE_TES
+
+    from .insilico import DEFAULT_SNRS
+
+    p = sub.add_parser(
+        "rim",
+        help="IRT1/MESE: RIM, ResNet and MLE bias and CV vs SNR, blur test, one RIM across TI lists (seed 004)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--models", nargs="+", default=["ir", "t2"], choices=["ir", "t2"])
+    p.add_argument("--ir-times", nargs="+", type=float, default=list(IRT1_TIS), metavar="S",
+                   help="inversion times (s); default: the synthetic dataset's")
+    p.add_argument("--t2-times", nargs="+", type=float, default=list(MESE_TES), metavar="S",
+                   help="echo times (s); default: the synthetic dataset's")
+    p.add_argument("--methods", nargs="+", default=["rim", "resnet", "mle"], choices=["rim", "resnet", "mle"])
+    p.add_argument("--snr", nargs="+", type=float, default=list(DEFAULT_SNRS))
+    p.add_argument("--mc", type=int, default=100, help="noise realisations per SNR")
+    p.add_argument("--size", type=int, default=64, help="test image size (pixels, 1.5 mm)")
+    p.add_argument("--blur-snr", type=float, default=30.0)
+    p.add_argument("--lists-snr", type=float, default=10.0)
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="cache for networks trained on the fly (only needed off the bundled TI/TE lists)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_insilico)
+
+
+def _run_insilico(args, parser) -> int:
+    if args.mc < 2 or args.size < 16 or min(args.snr) <= 0:
+        parser.exit(EXIT_USAGE, "bids_qmri-insilico: error: --mc must be ≥ 2, --size ≥ 16 and SNRs positive\n")
+    import torch
+
+    from .insilico import run_relax_insilico
+
+    torch.set_num_threads(1)
+    models = {k: tuple(args.ir_times if k == "ir" else args.t2_times) for k in args.models}
+    written = run_relax_insilico(args.out_dir, models=models, methods=tuple(args.methods), snrs=tuple(args.snr),
+                                 n_mc=args.mc, size=args.size, blur_snr=args.blur_snr, lists_snr=args.lists_snr,
+                                 model_dir=args.model_dir, seed=args.seed)
+    for path in written:
+        print(path)
+    return 0

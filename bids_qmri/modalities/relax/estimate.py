@@ -110,11 +110,12 @@ LEARNED_ALGORITHM = {
 MODEL_TEXT = {"ir": "|A(1 - B exp(-TI/T1))|", "t2": "|A exp(-TE/T2)|"}
 
 
-def infer_volume(net, signal: np.ndarray, mask: np.ndarray, times, kind: str, *, slices_per_batch: int = 4
-                 ) -> tuple[dict[str, np.ndarray], float]:
+def infer_volume(net, signal: np.ndarray, mask: np.ndarray, times, kind: str, *, slices_per_batch: int = 4,
+                 scale_mask: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], float]:
     """Maps of a learned network over a volume ``signal`` ``[X, Y, Z, N]``, slice by slice along
     the third axis (slices without mask voxels are skipped) -> (``{parameter: [X, Y, Z]}`` NaN
-    outside ``mask``, the signal scale). A comes back in the units of ``signal``."""
+    outside ``mask``, the signal scale: median over ``scale_mask``, default ``mask``, of the
+    maximum over the series). A comes back in the units of ``signal``."""
     import torch
 
     from . import rim
@@ -122,7 +123,7 @@ def infer_volume(net, signal: np.ndarray, mask: np.ndarray, times, kind: str, *,
     mask = np.asarray(mask, dtype=bool)
     x = torch.as_tensor(np.asarray(signal, dtype=np.float32))
     x = torch.nan_to_num(x, nan=0.0).clamp_min(0.0)
-    mip = x.amax(-1)[torch.as_tensor(mask)]
+    mip = x.amax(-1)[torch.as_tensor(mask if scale_mask is None else np.asarray(scale_mask, dtype=bool))]
     scale = float(mip.median()) if mip.numel() and float(mip.median()) > 0 else 1.0
     x = (x / scale).permute(2, 3, 0, 1)  # [Z, N, X, Y]
     times_t = torch.as_tensor(np.asarray(times, dtype=np.float32))
