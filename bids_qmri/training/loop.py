@@ -52,6 +52,7 @@ class LoopSettings:
     lr_step: int = 40
     lr_gamma: float = 0.5
     keep: str = "best"  # weights returned: lowest validation loss, or the final epoch ("last")
+    max_seconds: float | None = None  # wall-time cap: no new epoch starts after it (not reproducible)
     progress: bool | None = None  # None: a bar only on a terminal
     desc: str = "training"
 
@@ -62,6 +63,8 @@ class LoopSettings:
             raise ValueError(f"unknown keep {self.keep!r}; use 'best' or 'last'")
         if self.max_epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError("need at least 1 epoch, batch size 1 and patience 1")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
 
 
 @dataclass
@@ -70,6 +73,7 @@ class LoopResult:
     best_epoch: int = 0
     best_loss: float = math.inf
     epoch_times: list[float] = field(default_factory=list)
+    stopped_by_time: bool = False
 
     @property
     def final_loss(self) -> float:
@@ -102,6 +106,7 @@ def train_loop(
     sched = _scheduler(opt, settings)
     result = LoopResult()
     best_state, stale = None, 0
+    t_start = time.perf_counter()
     bar = tqdm(range(1, settings.max_epochs + 1), desc=settings.desc,
                disable=None if settings.progress is None else not settings.progress, leave=False)
     for epoch in bar:
@@ -136,6 +141,11 @@ def train_loop(
                 if log is not None:
                     log.info("early stopping after epoch %d (best %d)", epoch, result.best_epoch)
                 break
+        if settings.max_seconds is not None and time.perf_counter() - t_start >= settings.max_seconds:
+            result.stopped_by_time = True
+            if log is not None:
+                log.info("time budget of %.0f s reached after epoch %d", settings.max_seconds, epoch)
+            break
     bar.close()
     if settings.keep == "best" and best_state is not None:
         net.load_state_dict(best_state)
@@ -155,6 +165,7 @@ def training_record(settings: LoopSettings, result: LoopResult, *, n_train: int,
         "simulation_s": round(simulation_s, 3),
         "mean_epoch_s": round(sum(result.epoch_times) / max(1, len(result.epoch_times)), 3),
         "wall_s": round(wall_s, 3),
+        "stopped_by_time_budget": result.stopped_by_time,
         "optimizer": "Adam",
         "torch": torch.__version__,
         "platform": platform.machine(),

@@ -97,3 +97,86 @@ def estimate_t2(data: dict, mask: np.ndarray, protocol, context) -> tuple[dict, 
         "voxels_invalid": int((~np.asarray(fit["valid"], dtype=bool)).sum()),
     }
     return maps, provenance
+
+
+LEARNED_ALGORITHM = {
+    "rim": ("recurrent inference machine (seed 004): {steps} steps of a convolutional GRU cell on the current "
+            "estimate and the autograd gradient of the Gaussian log-likelihood of {model}, applied slice by slice "
+            "(2D, as trained) to the series divided by the median over the brain mask of its maximum"),
+    "resnet": ("ResNet (seed 004 baseline): {blocks} residual blocks of zero-padded 3x3 convolutions mapping the "
+               "{n} images of the series to the maps of {model}, slice by slice (2D), series divided by the median "
+               "over the brain mask of its maximum"),
+}
+MODEL_TEXT = {"ir": "|A(1 - B exp(-TI/T1))|", "t2": "|A exp(-TE/T2)|"}
+
+
+def infer_volume(net, signal: np.ndarray, mask: np.ndarray, times, kind: str, *, slices_per_batch: int = 4,
+                 scale_mask: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], float]:
+    """Maps of a learned network over a volume ``signal`` ``[X, Y, Z, N]``, slice by slice along
+    the third axis (slices without mask voxels are skipped) -> (``{parameter: [X, Y, Z]}`` NaN
+    outside ``mask``, the signal scale: median over ``scale_mask``, default ``mask``, of the
+    maximum over the series). A comes back in the units of ``signal``."""
+    import torch
+
+    from . import rim
+
+    mask = np.asarray(mask, dtype=bool)
+    x = torch.as_tensor(np.asarray(signal, dtype=np.float32))
+    x = torch.nan_to_num(x, nan=0.0).clamp_min(0.0)
+    mip = x.amax(-1)[torch.as_tensor(mask if scale_mask is None else np.asarray(scale_mask, dtype=bool))]
+    scale = float(mip.median()) if mip.numel() and float(mip.median()) > 0 else 1.0
+    x = (x / scale).permute(2, 3, 0, 1)  # [Z, N, X, Y]
+    times_t = torch.as_tensor(np.asarray(times, dtype=np.float32))
+    names = rim.PARAMETERS[kind]
+    out = {n: np.full(mask.shape, np.nan, dtype=np.float32) for n in names}
+    slices = [z for z in range(mask.shape[2]) if mask[..., z].any()]
+    net.eval()
+    with torch.no_grad():
+        for start in range(0, len(slices), slices_per_batch):
+            zs = slices[start:start + slices_per_batch]
+            est = rim.to_physical(net(x[zs], times_t)[-1], kind).numpy()  # [b, Q, X, Y]
+            for i, z in enumerate(zs):
+                m = mask[..., z]
+                for q, n in enumerate(names):
+                    out[n][..., z][m] = est[i, q][m]
+    out["A"] *= scale
+    return out, scale
+
+
+def estimate_learned(method: str, data: dict, mask: np.ndarray, protocol, context) -> tuple[dict, dict]:
+    """The contract's ``estimate`` for ``rim`` and ``resnet`` (IRT1 and MESE series)."""
+    import torch
+
+    from .models import get_model
+
+    kind = "ir" if protocol.time_key == "InversionTime" else "t2"
+    options = context.options or {}
+    overrides = {}
+    if options.get("relax_train_iterations"):
+        overrides["iterations"] = int(options["relax_train_iterations"])
+    threads = max(1, int(context.num_threads or 1))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        net, card = get_model(method, protocol, model_dir=context.model_dir, seed=context.seed,
+                              allow_training=context.allow_training, threads=threads, train_overrides=overrides)
+        maps, scale = infer_volume(net, data["signal"], mask, protocol.times, kind)
+    finally:
+        torch.set_num_threads(old)
+    cfg = net.config()
+    algorithm = LEARNED_ALGORITHM[method].format(steps=cfg.get("steps"), blocks=len(cfg.get("channels", ())),
+                                                 n=cfg.get("n_times"), model=MODEL_TEXT[kind])
+    out = {"M0map": maps["A"]}
+    if kind == "ir":
+        out.update({"T1map": maps["T1"], "IEmap": maps["B"]})
+    else:
+        out["T2map"] = maps["T2"]
+    provenance = {
+        "method": method,
+        "algorithm": algorithm,
+        "reference": REFERENCE,
+        "model_card": card,
+        "settings": {"signal_scale": scale, "times_s": [float(t) for t in protocol.times],
+                     "model_times_s": card.get("times_s"), "architecture": cfg},
+    }
+    return out, provenance

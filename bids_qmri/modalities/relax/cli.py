@@ -1,0 +1,125 @@
+"""The relaxometry series' parts of ``bids_qmri-train`` (RIM and ResNet for an IRT1 or MESE
+series: the time points, a CPU budget, the architecture)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bids_qmri.errors import EXIT_USAGE
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .training import RelaxTrainConfig
+
+    d = RelaxTrainConfig()
+    g = parser.add_argument_group("IRT1 / MESE series: rim, resnet (--modality irt1 or mese; --sidecar: a map "
+                                  "sidecar with InversionTimes or EchoTime list, or these values)")
+    g.add_argument("--times", type=float, nargs="+", metavar="S",
+                   help="inversion times (irt1) or echo times (mese) of the series, in seconds")
+    g.add_argument("--iterations", type=int, default=None,
+                   help=f"mini-batches to train (default {d.iterations}, seed 004)")
+    g.add_argument("--budget-minutes", type=float, default=None,
+                   help="stop after this much wall time (checked after every epoch of --iterations-per-epoch "
+                        "mini-batches; the card records the iterations run)")
+    g.add_argument("--iterations-per-epoch", type=int, default=d.iterations_per_epoch,
+                   help="mini-batches between validations")
+    g.add_argument("--anatomy-resolution", type=float, default=d.resolution_mm,
+                   help="voxel size (mm) of the digital brain the training patches are cut from")
+    g.add_argument("--rim-hidden", type=int, default=d.hidden, help="RIM feature channels (seed 004: 36)")
+    g.add_argument("--rim-steps", type=int, default=d.steps, help="RIM steps J (seed 004: 6)")
+    g.add_argument("--rim-gru-kernel", type=int, default=d.gru_kernel, help="kernel of the RIM's GRU convolutions")
+    g.add_argument("--resnet-channels", type=int, nargs="+", default=list(d.resnet_channels),
+                   help="widths of the ResNet's residual blocks (seed 004: 40 40 80 80 160 320 160 80 80 40 6)")
+
+
+def _protocol(args, parser, modality: str):
+    from .inputs import SeriesProtocol
+
+    key = "InversionTime" if modality == "irt1" else "EchoTime"
+    if args.sidecar is not None:
+        try:
+            proto = SeriesProtocol.from_dict(json.loads(args.sidecar.read_text()))
+        except (OSError, ValueError, KeyError) as exc:
+            parser.exit(EXIT_USAGE, f"bids_qmri-train: error: {args.sidecar}: no InversionTimes / EchoTime list "
+                                    f"({exc}) — give a map sidecar of the series, or --times\n")
+        if proto.time_key != key:
+            parser.exit(EXIT_USAGE, f"bids_qmri-train: error: {args.sidecar} describes a {proto.time_key} series, "
+                                    f"not {modality} — pass the other --modality\n")
+        return proto
+    if not args.times:
+        parser.exit(EXIT_USAGE, "bids_qmri-train: error: give --times (seconds) or --sidecar for the series\n")
+    times = tuple(sorted(float(t) for t in args.times))
+    if times[0] <= 0 or times[-1] > 30 or len(set(times)) != len(times):
+        parser.exit(EXIT_USAGE, "bids_qmri-train: error: --times must be distinct positive times in seconds "
+                                "(not milliseconds)\n")
+    return SeriesProtocol(key, times)
+
+
+def train_from_args_for(modality: str):
+    def train_from_args(args, parser):
+        from .training import RelaxTrainConfig, train_relax_net
+
+        protocol = _protocol(args, parser, modality)
+        given = {"iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr}
+        try:
+            cfg = RelaxTrainConfig(
+                method=args.method, seed=args.seed, threads=args.threads,
+                iterations_per_epoch=args.iterations_per_epoch, resolution_mm=args.anatomy_resolution,
+                max_seconds=None if args.budget_minutes is None else 60.0 * args.budget_minutes,
+                hidden=args.rim_hidden, steps=args.rim_steps, gru_kernel=args.rim_gru_kernel,
+                resnet_channels=tuple(args.resnet_channels), **{k: v for k, v in given.items() if v is not None})
+            net, card = train_relax_net("ir" if modality == "irt1" else "t2", protocol.times, cfg)
+        except ValueError as exc:
+            parser.exit(EXIT_USAGE, f"bids_qmri-train: error: {exc}\n")
+        card.pop("history", None)
+        return protocol, net, card
+
+    return train_from_args
+
+
+# ---------------------------------------------------------------------- bids_qmri-insilico
+def add_insilico_command(sub) -> None:
+    from bids_qmri.synth.dataset import IRT1_TIS, MESE_TES
+
+    from .insilico import DEFAULT_SNRS
+
+    p = sub.add_parser(
+        "rim",
+        help="IRT1/MESE: RIM, ResNet and MLE bias and CV vs SNR, blur test, one RIM across TI lists (seed 004)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--models", nargs="+", default=["ir", "t2"], choices=["ir", "t2"])
+    p.add_argument("--ir-times", nargs="+", type=float, default=list(IRT1_TIS), metavar="S",
+                   help="inversion times (s); default: the synthetic dataset's")
+    p.add_argument("--t2-times", nargs="+", type=float, default=list(MESE_TES), metavar="S",
+                   help="echo times (s); default: the synthetic dataset's")
+    p.add_argument("--methods", nargs="+", default=["rim", "resnet", "mle"], choices=["rim", "resnet", "mle"])
+    p.add_argument("--snr", nargs="+", type=float, default=list(DEFAULT_SNRS))
+    p.add_argument("--mc", type=int, default=100, help="noise realisations per SNR")
+    p.add_argument("--size", type=int, default=64, help="test image size (pixels, 1.5 mm)")
+    p.add_argument("--blur-snr", type=float, default=30.0)
+    p.add_argument("--lists-snr", type=float, default=10.0)
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="cache for networks trained on the fly (only needed off the bundled TI/TE lists)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_insilico)
+
+
+def _run_insilico(args, parser) -> int:
+    if args.mc < 2 or args.size < 16 or min(args.snr) <= 0:
+        parser.exit(EXIT_USAGE, "bids_qmri-insilico: error: --mc must be ≥ 2, --size ≥ 16 and SNRs positive\n")
+    import torch
+
+    from .insilico import run_relax_insilico
+
+    torch.set_num_threads(1)
+    models = {k: tuple(args.ir_times if k == "ir" else args.t2_times) for k in args.models}
+    written = run_relax_insilico(args.out_dir, models=models, methods=tuple(args.methods), snrs=tuple(args.snr),
+                                 n_mc=args.mc, size=args.size, blur_snr=args.blur_snr, lists_snr=args.lists_snr,
+                                 model_dir=args.model_dir, seed=args.seed)
+    for path in written:
+        print(path)
+    return 0

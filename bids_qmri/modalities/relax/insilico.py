@@ -1,0 +1,262 @@
+"""In-silico validation of the relaxometry estimators (seed 004 Fig. 2, 3 and 9):
+``bids_qmri-insilico rim``.
+
+Test image: one ``size``×``size`` slice of the digital brain with Table 1 parameters
+(``simulate.simulate_patches`` with its own seed, noise-free), B of a typical patch; noise:
+complex Gaussian at σ = ``A_REFERENCE``/SNR, magnitude taken, ``n_mc`` realisations per SNR.
+Per voxel over the realisations: relative bias (mean/truth − 1) and CV (SD/mean); tables give
+their median and quartiles over the brain voxels. Estimators: the RIM and the ResNet through
+``estimate.infer_volume`` (the code a run uses; realisations are the slices), the MLE through
+``mle.fit_inversion_recovery`` / ``fit_t2_decay``.
+
+1. ``relax_bias_cv.tsv`` (+ PNG): Fig. 2, bias and CV vs SNR for A, B, T1 (IR) and A, T2 (T2).
+2. ``relax_blur.tsv``: Fig. 3, small structures (a hypo- and a hyper-intense 1-voxel point, a
+   1×7 horizontal and a 7×1 vertical hypo-intense line) in white matter; relative bias and CV on
+   the structure and its 8-neighbourhood, with (E2) and without (E1) the structures.
+3. ``relax_ti_lists.tsv``: Fig. 9, the RIM of one TI list applied to other TI lists (seed 004's
+   23 and 31 TIs) beside the MLE, at one SNR.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import rim
+from .estimate import infer_volume
+from .inputs import SeriesProtocol
+from .simulate import A_REFERENCE, simulate_patches
+
+__all__ = ["DEFAULT_SNRS", "SEED_TI_LISTS", "monte_carlo", "run_relax_insilico", "test_image"]
+
+log = logging.getLogger("bids_qmri.modalities.relax.insilico")
+
+DEFAULT_SNRS = (3, 5, 10, 30, 60, 100)
+#: seed 004 Table 2 inversion times (s)
+SEED_TI_LISTS = {
+    "seed23": tuple(t / 1000 for t in (172, 204, 237, 270, 303, 335, 368, 401, 434, 467, 499, 532, 565, 598, 630, 663,
+                                       696, 729, 761, 794, 827, 860, 893)),
+    "seed31": tuple(t / 1000 for t in (139, 166, 193, 219, 246, 272, 299, 325, 352, 379, 405, 432, 458, 485, 511, 538,
+                                       565, 591, 618, 644, 671, 697, 724, 751, 777, 804, 838, 857, 883, 915, 937)),
+}
+STRUCTURE_VALUES = {"hypo": {"T1": 0.4, "T2": 0.03}, "hyper": {"T1": 3.0, "T2": 0.5}}
+
+
+def test_image(kind: str, size: int, seed: int, resolution_mm: float = 1.5) -> dict:
+    """Noise-free truth ``{"params": [Q, H, W] physical (A in Table 1 units), "brain": [H, W]}``."""
+    p = simulate_patches(kind, (0.1, 1.0), 1, np.random.default_rng([seed, 2004]), resolution_mm=resolution_mm,
+                         size=size, sigma=0.0, b=1.9, dtype=torch.float64)
+    params = rim.to_physical(p.target, kind)[0]
+    params[0] = params[0] * p.scale[0]
+    return {"params": params, "brain": p.brain[0] & (params[0] > 0.05)}
+
+
+def _signal(params: torch.Tensor, times, kind: str) -> torch.Tensor:
+    """Noise-free magnitudes ``[N, H, W]`` of physical ``params`` ``[Q, H, W]``."""
+    return rim.signal_model(rim.to_network(params, kind)[None], torch.as_tensor(times, dtype=params.dtype), kind)[0]
+
+
+def _noisy(clean: torch.Tensor, sigma: float, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` Rician realisations ``[n, N, H, W]``."""
+    shape = (n, *clean.shape)
+    re = clean[None] + sigma * torch.randn(shape, generator=gen, dtype=clean.dtype)
+    im = sigma * torch.randn(shape, generator=gen, dtype=clean.dtype)
+    return torch.hypot(re, im)
+
+
+def _estimate(method: str, net, noisy: torch.Tensor, brain: np.ndarray, times, kind: str) -> np.ndarray:
+    """Estimates ``[n, Q, H, W]`` (NaN where none) of every realisation."""
+    n = noisy.shape[0]
+    names = rim.PARAMETERS[kind]
+    if method == "mle":
+        from .mle import fit_inversion_recovery, fit_t2_decay
+
+        rows = noisy.permute(0, 2, 3, 1)[:, torch.as_tensor(brain)].reshape(-1, noisy.shape[1]).numpy()
+        fit = (fit_inversion_recovery if kind == "ir" else fit_t2_decay)(rows, np.asarray(times))
+        out = np.full((n, len(names), *brain.shape), np.nan)
+        for q, name in enumerate(names):
+            out[:, q][:, brain] = fit[name].reshape(n, -1)
+        return out
+    volume = noisy.permute(2, 3, 0, 1).float().numpy()  # [H, W, n, N]: realisations as slices
+    mask = np.repeat(brain[:, :, None], n, axis=2)
+    maps, _ = infer_volume(net, volume, mask, times, kind, slices_per_batch=8)
+    return np.stack([np.moveaxis(maps[name], 2, 0) for name in names], 1).astype(np.float64)
+
+
+def _voxel_stats(est: np.ndarray, truth: np.ndarray, where: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Relative bias and CV per voxel of ``where`` for every parameter -> ``[Q, V]`` each."""
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # voxels the MLE never fitted stay NaN
+        mean = np.nanmean(est, 0)
+        sd = np.nanstd(est, 0)
+    return (mean / truth - 1)[:, where], (sd / np.abs(mean))[:, where]
+
+
+def _summary(values: np.ndarray) -> dict:
+    v = values[np.isfinite(values)]
+    if not v.size:
+        return {"median": math.nan, "q25": math.nan, "q75": math.nan}
+    q25, med, q75 = np.percentile(v, [25, 50, 75])
+    return {"median": float(med), "q25": float(q25), "q75": float(q75)}
+
+
+def monte_carlo(kind: str, times, nets: dict, *, snrs=DEFAULT_SNRS, n_mc: int = 100, size: int = 64, seed: int = 0,
+                image: dict | None = None) -> pd.DataFrame:
+    """Fig. 2 rows: method, snr, parameter, bias and CV (median, quartiles over brain voxels)."""
+    image = image or test_image(kind, size, seed)
+    params, brain = image["params"], image["brain"].numpy()
+    clean = _signal(params, times, kind)
+    truth = params.numpy()
+    rows = []
+    for snr in snrs:
+        gen = torch.Generator().manual_seed(seed * 1000 + int(snr))
+        noisy = _noisy(clean, A_REFERENCE / snr, n_mc, gen)
+        for method, net in nets.items():
+            est = _estimate(method, net, noisy, brain, times, kind)
+            bias, cv = _voxel_stats(est, truth, brain)
+            failed = float(np.isnan(est[:, -1][:, brain]).mean())
+            for q, name in enumerate(rim.PARAMETERS[kind]):
+                b, c = _summary(bias[q]), _summary(cv[q])
+                rows.append({"model": kind, "method": method, "snr": snr, "parameter": name,
+                             "rel_bias_median": b["median"], "rel_bias_q25": b["q25"], "rel_bias_q75": b["q75"],
+                             "cv_median": c["median"], "cv_q25": c["q25"], "cv_q75": c["q75"],
+                             "failed_fraction": failed, "n_mc": n_mc, "voxels": int(brain.sum())})
+    return pd.DataFrame(rows)
+
+
+def _structures(brain: np.ndarray, params: torch.Tensor, kind: str) -> dict[str, np.ndarray]:
+    """Masks of the four structures, placed at white-matter-like voxels far from each other."""
+    h, w = brain.shape
+    t = params[-1].numpy()
+    wm_like = brain & (t < np.nanpercentile(t[brain], 40))
+    placed: list[tuple[int, int]] = []
+    shapes = {"point_hypo": [(0, 0)], "point_hyper": [(0, 0)], "line_horz": [(0, d) for d in range(-3, 4)],
+              "line_vert": [(d, 0) for d in range(-3, 4)]}
+    out = {}
+    cand = [tuple(x) for x in np.argwhere(wm_like)]
+    for name, offsets in shapes.items():
+        for r, c in cand:
+            pts = [(r + dr, c + dc) for dr, dc in offsets]
+            if not all(5 <= y < h - 5 and 5 <= x < w - 5 and brain[y, x] for y, x in pts):
+                continue
+            if any(abs(r - pr) < 10 and abs(c - pc) < 10 for pr, pc in placed):
+                continue
+            placed.append((r, c))
+            m = np.zeros_like(brain)
+            for y, x in pts:
+                m[y, x] = True
+            out[name] = m
+            break
+    return out
+
+
+def blur_test(kind: str, times, nets: dict, *, snr: float = 30, n_mc: int = 100, size: int = 64,
+              seed: int = 0) -> pd.DataFrame:
+    """Fig. 3 rows: structure, region (structure / neighbourhood), scenario E1/E2, method, bias, CV."""
+    from scipy import ndimage
+
+    image = test_image(kind, size, seed)
+    params, brain = image["params"], image["brain"].numpy()
+    structs = _structures(brain, params, kind)
+    e2 = params.clone()
+    tname = rim.PARAMETERS[kind][-1]
+    for name, m in structs.items():
+        e2[-1][torch.as_tensor(m)] = STRUCTURE_VALUES["hyper" if "hyper" in name else "hypo"][tname]
+    rows = []
+    for scenario, p in (("E1", params), ("E2", e2)):
+        gen = torch.Generator().manual_seed(seed * 1000 + 77)
+        noisy = _noisy(_signal(p, times, kind), A_REFERENCE / snr, n_mc, gen)
+        for method, net in nets.items():
+            est = _estimate(method, net, noisy, brain, times, kind)
+            for name, m in structs.items():
+                ring = ndimage.binary_dilation(m, np.ones((3, 3), bool)) & ~m & brain
+                for region, where in (("structure", m), ("neighbourhood", ring)):
+                    bias, cv = _voxel_stats(est, p.numpy(), where)
+                    rows.append({"model": kind, "method": method, "snr": snr, "scenario": scenario, "structure": name,
+                                 "region": region, "parameter": tname, "voxels": int(where.sum()),
+                                 "rel_bias_mean": float(np.nanmean(bias[-1])),
+                                 "abs_rel_bias_mean": float(np.nanmean(np.abs(bias[-1]))),
+                                 "cv_mean": float(np.nanmean(cv[-1]))})
+    return pd.DataFrame(rows)
+
+
+def ti_lists(net, model_times, *, snr: float = 10, n_mc: int = 50, size: int = 64, seed: int = 0) -> pd.DataFrame:
+    """Fig. 9 rows: the RIM trained for ``model_times`` on other TI lists, beside the MLE."""
+    lists = {"model": tuple(model_times), **SEED_TI_LISTS}
+    image = test_image("ir", size, seed)
+    rows = []
+    for label, times in lists.items():
+        df = monte_carlo("ir", times, {"rim": net, "mle": None}, snrs=(snr,), n_mc=n_mc, seed=seed, image=image)
+        df = df[df["parameter"] == "T1"].assign(ti_list=label, n_times=len(times))
+        rows.append(df)
+    return pd.concat(rows, ignore_index=True)
+
+
+def _plot_bias_cv(df: pd.DataFrame, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bids_qmri.modalities.bssfp.insilico import _save_fig
+
+    groups = list(dict.fromkeys(zip(df["model"], df["parameter"])))
+    fig, axes = plt.subplots(2, len(groups), figsize=(3.2 * len(groups), 6), squeeze=False)
+    for j, (model, par) in enumerate(groups):
+        d = df[(df["model"] == model) & (df["parameter"] == par)]
+        for method, dm in d.groupby("method", sort=False):
+            for i, key in enumerate(("rel_bias", "cv")):
+                ax = axes[i, j]
+                ax.errorbar(dm["snr"], 100 * dm[f"{key}_median"],
+                            yerr=[100 * (dm[f"{key}_median"] - dm[f"{key}_q25"]),
+                                  100 * (dm[f"{key}_q75"] - dm[f"{key}_median"])], marker="o", capsize=3,
+                            label=method)
+                ax.set_xscale("log")
+                ax.set_xlabel("SNR")
+                ax.set_ylabel(("relative bias" if key == "rel_bias" else "CV") + " (%)")
+                ax.set_title(f"{model}: {par}")
+                ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def run_relax_insilico(out_dir, *, models: dict, methods=("rim", "resnet", "mle"), snrs=DEFAULT_SNRS, n_mc: int = 100,
+                       size: int = 64, blur_snr: float = 30, lists_snr: float = 10, model_dir=None, seed: int = 0,
+                       allow_training: bool = True) -> list[Path]:
+    """``models``: ``{"ir": times, "t2": times}`` (seconds) — the series to test; the networks come
+    from the model registry (bundled, ``model_dir`` or trained on the fly)."""
+    from bids_qmri.modalities.bssfp.insilico import _save_tsv
+
+    from .models import get_model
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mc, blur, lists = [], [], []
+    for kind, times in models.items():
+        protocol = SeriesProtocol("InversionTime" if kind == "ir" else "EchoTime", tuple(float(t) for t in times))
+        nets = {}
+        for method in methods:
+            if method == "mle":
+                nets[method] = None
+            else:
+                nets[method], card = get_model(method, protocol, model_dir=model_dir, seed=seed,
+                                               allow_training=allow_training)
+                log.info("%s %s: %s", kind, method, card.get("path"))
+        mc.append(monte_carlo(kind, protocol.times, nets, snrs=snrs, n_mc=n_mc, size=size, seed=seed))
+        blur.append(blur_test(kind, protocol.times, nets, snr=blur_snr, n_mc=n_mc, size=size, seed=seed))
+        if kind == "ir" and "rim" in nets:
+            lists.append(ti_lists(nets["rim"], protocol.times, snr=lists_snr, n_mc=max(2, n_mc // 2), size=size,
+                                  seed=seed))
+    mc_df = pd.concat(mc, ignore_index=True)
+    written = [_save_tsv(mc_df, out_dir / "relax_bias_cv.tsv"), _plot_bias_cv(mc_df, out_dir / "relax_bias_cv.png"),
+               _save_tsv(pd.concat(blur, ignore_index=True), out_dir / "relax_blur.tsv")]
+    if lists:
+        written.append(_save_tsv(pd.concat(lists, ignore_index=True), out_dir / "relax_ti_lists.tsv"))
+    return written

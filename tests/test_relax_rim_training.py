@@ -1,0 +1,214 @@
+"""Training data, training and inference of the relaxometry RIM/ResNet (seed 004 §4.2).
+
+Truth: seed 004 Table 1 moments and the half-normal B, the Rayleigh law of noise-only voxels,
+the forward model of the patches' own targets, and bitwise reproducibility under a seed.
+Training here is tiny (seconds); accuracy of real training is measured by
+``bids_qmri-insilico rim`` and recorded in the bundled models' cards.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bids_qmri.modalities.base import EstimateContext
+from bids_qmri.modalities.relax import IRT1, MESE, models, rim, simulate, training
+from bids_qmri.modalities.relax.estimate import infer_volume
+from bids_qmri.modalities.relax.inputs import SeriesProtocol
+
+TI = (0.1, 0.3, 0.6, 1.0, 1.6, 2.5)
+TE = (0.010, 0.020, 0.040, 0.080, 0.160, 0.320)
+RES = 3.0  # coarse anatomy keeps the tests fast
+TINY = {"iterations": 2, "iterations_per_epoch": 1, "batch_size": 2, "patch": 16, "n_val": 2, "resolution_mm": RES,
+        "hidden": 6, "steps": 2, "resnet_channels": (6,), "resnet_width": 6}
+
+
+def test_tissue_draws_follow_table1():
+    rng = np.random.default_rng(11)
+    frac = np.zeros((len(simulate.PHANTOM_TISSUES), 1, 200))
+    wm = list(simulate.PHANTOM_TISSUES).index("WM")
+    frac[wm] = 1.0
+    medians, spreads = [], []
+    for _ in range(400):  # one patch per draw
+        m = simulate._tissue_maps(frac, rng)
+        medians.append([np.median(m[k]) for k in ("T1", "T2", "A")])
+        spreads.append(np.std(m["T1"]) / np.mean(m["T1"]))
+    medians = np.array(medians)
+    mu_t1, sd_t1, mu_t2, sd_t2, mu_a, _ = simulate.TABLE1["WM"]
+    assert medians[:, 0].mean() == pytest.approx(mu_t1, abs=0.04)
+    assert medians[:, 0].std() == pytest.approx(sd_t1, rel=0.15)
+    assert medians[:, 1].mean() == pytest.approx(mu_t2, abs=0.005)
+    assert medians[:, 2].mean() == pytest.approx(mu_a, abs=0.02)
+    assert np.mean(spreads) == pytest.approx(simulate.VOXEL_VARIATION, rel=0.15)  # voxel-wise variation
+
+
+def test_partial_volume_mixes_rates():
+    frac = np.zeros((len(simulate.PHANTOM_TISSUES), 1, 1))
+    tissues = list(simulate.PHANTOM_TISSUES)
+    frac[tissues.index("GM")] = 0.5
+    frac[tissues.index("CSF")] = 0.5
+    draws = simulate.VOXEL_VARIATION
+    try:
+        simulate.VOXEL_VARIATION = 0.0
+        rng = np.random.default_rng(3)
+        got = simulate._tissue_maps(frac, rng)
+    finally:
+        simulate.VOXEL_VARIATION = draws
+    rng = np.random.default_rng(3)  # replay the draws: GM then CSF, each T1, T2, A in tissue order
+    values = {}
+    for tissue in tissues:
+        m1, s1, m2, s2, ma, sa = simulate.TABLE1[simulate.PHANTOM_TISSUES[tissue]]
+        t1 = np.clip(rng.normal(m1, s1), *simulate.BOUNDS["T1"])
+        t2 = np.clip(min(rng.normal(m2, s2), 0.9 * t1), *simulate.BOUNDS["T2"])
+        values[tissue] = (t1, t2, np.clip(rng.normal(ma, sa), *simulate.BOUNDS["A"]))
+    (g1, g2, ga), (c1, c2, ca) = values["GM"], values["CSF"]
+    assert got["T1"][0, 0] == pytest.approx(1.0 / (0.5 / g1 + 0.5 / c1))
+    assert got["T2"][0, 0] == pytest.approx(1.0 / (0.5 / g2 + 0.5 / c2))
+    assert got["A"][0, 0] == pytest.approx(0.5 * ga + 0.5 * ca)
+
+
+def test_patches_b_noise_and_forward_model():
+    rng = np.random.default_rng(5)
+    p = simulate.simulate_patches("ir", TI, 120, rng, resolution_mm=RES, dtype=torch.float64)
+    assert p.signal.shape == (120, 6, 40, 40) and p.target.shape == (120, 3, 40, 40)
+    b = rim.to_physical(p.target, "ir")[:, 1]
+    per_patch = b[:, 20, 20]
+    assert torch.all(b == per_patch[:, None, None])  # one B per patch
+    assert float(per_patch.max()) <= 2.0 and float(per_patch.min()) > 1.0
+    half_normal_mean = simulate.B_HALF_NORMAL_SIGMA * math.sqrt(2 / math.pi)
+    assert float((2 - per_patch).mean()) == pytest.approx(half_normal_mean, abs=0.03)
+    lo, hi = simulate.SIGMA_RANGE
+    assert float(p.sigma.min()) >= lo and float(p.sigma.max()) <= hi
+    # noise-only voxels are Rayleigh: E[m²] = 2σ²
+    air = p.weight == 0
+    m2 = ((p.signal * p.scale[:, None, None, None]) ** 2).mean(1)
+    ratio = [float(m2[i][air[i]].mean() / (2 * p.sigma[i] ** 2)) for i in range(120) if air[i].sum() > 200]
+    assert len(ratio) > 10 and np.median(ratio) == pytest.approx(1.0, abs=0.1)
+    # without noise the signal is the model of the targets (same coordinates and scale)
+    clean = simulate.simulate_patches("t2", TE, 4, np.random.default_rng(6), resolution_mm=RES, sigma=1e-12,
+                                      dtype=torch.float64)
+    model = rim.signal_model(clean.target, torch.tensor(TE, dtype=torch.float64), "t2")
+    head = clean.weight.bool()[:, None].expand_as(model)
+    torch.testing.assert_close(clean.signal[head], model[head], rtol=1e-6, atol=1e-9)
+
+
+def _state(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", training.LEARNED_METHODS)
+def test_training_is_reproducible_and_carded(method):
+    cfg = training.RelaxTrainConfig(method=method, seed=3, **TINY)
+    net1, card = training.train_relax_net("t2", TE, cfg)
+    net2, _ = training.train_relax_net("t2", TE, training.RelaxTrainConfig(method=method, seed=3, **TINY))
+    s1, s2 = _state(net1), _state(net2)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    net3, _ = training.train_relax_net("t2", TE, training.RelaxTrainConfig(method=method, seed=4, **TINY))
+    assert any(not torch.equal(s1[k], v) for k, v in _state(net3).items())
+    assert card["method"] == method and card["times_s"] == list(TE) and card["modality"] == "mese"
+    assert card["training"]["iterations_run"] == 2 and len(card["history"]) == 2
+    assert {"median_abs_rel_error_T2", "median_abs_rel_error_A"} <= set(card["validation"])
+
+
+def _volume(kind, times, seed):
+    p = simulate.simulate_patches(kind, times, 3, np.random.default_rng(seed), resolution_mm=RES, size=20,
+                                  sigma=0.01)
+    signal = (p.signal * p.scale[:, None, None, None]).permute(2, 3, 0, 1).numpy()  # [X, Y, Z, N]
+    return 700.0 * signal, p.brain.permute(1, 2, 0).numpy()
+
+
+def test_volume_inference_is_slice_by_slice_and_masked():
+    torch.manual_seed(0)
+    net = rim.RIM("ir", hidden=6, steps=2).eval()
+    signal, mask = _volume("ir", TI, 7)
+    maps, scale = infer_volume(net, signal, mask, TI, "ir", slices_per_batch=2)
+    assert set(maps) == {"A", "B", "T1"}
+    for v in maps.values():
+        assert np.isnan(v[~mask]).all() and np.isfinite(v[mask]).all()
+    assert scale == pytest.approx(float(np.median(signal.max(-1)[mask])), rel=1e-6)
+    # each slice alone gives the same maps (2D inference; nothing leaks across slices)
+    for z in range(mask.shape[2]):
+        alone, _ = infer_volume(net, signal[:, :, z:z + 1], mask[:, :, z:z + 1], TI, "ir")
+        with torch.no_grad():
+            direct = rim.to_physical(net(torch.as_tensor(signal[:, :, z].transpose(2, 0, 1)[None] / scale,
+                                                         dtype=torch.float32), torch.tensor(TI))[-1], "ir")[0]
+        m = mask[..., z]
+        np.testing.assert_allclose(maps["T1"][..., z][m], direct[2].numpy()[m], rtol=1e-5)
+        np.testing.assert_allclose(maps["A"][..., z][m], scale * direct[0].numpy()[m], rtol=1e-5)
+        assert alone["T1"].shape[2] == 1
+
+
+@pytest.mark.parametrize("modality,kind,times", [(IRT1, "ir", TI), (MESE, "t2", TE[:5])])
+def test_estimate_through_the_contract_trains_once_and_caches(modality, kind, times, tmp_path, monkeypatch):
+    for method in training.LEARNED_METHODS:
+        monkeypatch.setitem(models.ON_THE_FLY, method, dict(TINY))
+    signal, mask = _volume(kind, times, 8)
+    protocol = SeriesProtocol("InversionTime" if kind == "ir" else "EchoTime", tuple(times))
+    context = EstimateContext(model_dir=tmp_path, seed=2)
+    for method in ("rim", "resnet"):
+        spec = modality.method(method)
+        assert not spec.default  # learned methods run when --methods names them
+        maps, prov = spec.estimate({"signal": signal}, mask, protocol, context)
+        assert set(maps) == {s.suffix for s in spec.maps}
+        for v in maps.values():
+            assert np.isnan(v[~mask]).all() and np.isfinite(v[mask]).all()
+        assert prov["model_card"]["origin"] == "trained on the fly" and prov["model_card"]["reused"] is False
+        again, prov2 = spec.estimate({"signal": signal}, mask, protocol, context)
+        assert prov2["model_card"]["reused"] is True
+        for k in maps:
+            np.testing.assert_array_equal(maps[k], again[k])
+        cached = list((tmp_path / modality.name / protocol.key()).glob(f"{method}_n{len(times)}_*_seed2.json"))
+        assert len(cached) == 1 and json.loads(cached[0].read_text())["times_s"] == list(times)
+
+
+def test_train_cli_for_a_series(tmp_path, capsys):
+    from bids_qmri.cli.train import main
+
+    base = ["--method", "resnet", "--iterations", "1", "--iterations-per-epoch", "1", "--batch-size", "2",
+            "--anatomy-resolution", str(RES), "--resnet-channels", "4", "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        main(base)  # rim/resnet belong to irt1 and mese
+    assert exc.value.code != 0
+    with pytest.raises(SystemExit) as exc:
+        main(base + ["--modality", "mese", "--times", "10", "20", "40"])
+    assert exc.value.code != 0 and "milliseconds" in capsys.readouterr().err
+    sidecar = tmp_path / "ir.json"
+    sidecar.write_text(json.dumps({"InversionTimes": list(TI)}))
+    with pytest.raises(SystemExit) as exc:
+        main(base + ["--modality", "mese", "--sidecar", str(sidecar)])
+    assert exc.value.code != 0 and "InversionTime series" in capsys.readouterr().err
+    assert main(base + ["--modality", "irt1", "--sidecar", str(sidecar)]) == 0
+    card = json.loads(next(tmp_path.glob("resnet_n6_*.json")).read_text())
+    assert card["times_s"] == list(TI) and card["architecture"]["channels"] == [4]
+
+
+def test_insilico_tables_and_the_mle_cv_scales_with_sigma(tmp_path, monkeypatch):
+    """``bids_qmri-insilico rim``: files and columns; the MLE's CV falls as 1/SNR at high SNR and
+    its bias vanishes (asymptotic efficiency) — a check of the Monte Carlo harness itself."""
+    import pandas as pd
+
+    from bids_qmri.cli.insilico import main
+
+    for method in training.LEARNED_METHODS:
+        monkeypatch.setitem(models.ON_THE_FLY, method, dict(TINY))
+    out = tmp_path / "out"
+    assert main(["rim", str(out), "--models", "t2", "--snr", "20", "200", "--mc", "24", "--size", "40",
+                 "--model-dir", str(tmp_path / "models")]) == 0
+    df = pd.read_csv(out / "relax_bias_cv.tsv", sep="\t")
+    assert set(df["method"]) == {"rim", "resnet", "mle"} and set(df["parameter"]) == {"A", "T2"}
+    mle = df[(df["method"] == "mle") & (df["parameter"] == "T2")].set_index("snr")
+    assert mle.loc[20, "cv_median"] / mle.loc[200, "cv_median"] == pytest.approx(10.0, rel=0.25)
+    assert abs(mle.loc[200, "rel_bias_median"]) < 0.005
+    assert (out / "relax_bias_cv.png").stat().st_size > 1000
+    blur = pd.read_csv(out / "relax_blur.tsv", sep="\t")
+    assert set(blur["structure"]) == {"point_hypo", "point_hyper", "line_horz", "line_vert"}
+    assert set(blur["scenario"]) == {"E1", "E2"} and set(blur["region"]) == {"structure", "neighbourhood"}
+    assert (blur[blur["region"] == "structure"].groupby("structure")["voxels"].first().to_dict()
+            == {"point_hypo": 1, "point_hyper": 1, "line_horz": 7, "line_vert": 7})
+    assert main(["rim", str(out), "--models", "ir", "--methods", "rim", "mle", "--snr", "30", "--mc", "4",
+                 "--size", "40", "--model-dir", str(tmp_path / "models")]) == 0
+    lists = pd.read_csv(out / "relax_ti_lists.tsv", sep="\t")
+    assert set(lists["ti_list"]) == {"model", "seed23", "seed31"}
+    assert set(lists["n_times"]) == {6, 23, 31}
