@@ -187,6 +187,10 @@ def motion_correct(
     ``num_threads``: cycles registered at once (each registration single-threaded); the output
     does not depend on it.
     """
+    if not workdir:  # the transforms are only read here: a private folder, removed afterwards
+        with tempfile.TemporaryDirectory(prefix="bids_qmri_moco_") as tmp:
+            return motion_correct(data, zooms, ref_index=ref_index, seed=seed, workdir=tmp,
+                                  interpolator=interpolator, num_threads=num_threads)
     import ants
 
     data = np.asarray(data)
@@ -197,7 +201,7 @@ def motion_correct(
     demodulated = data * np.conj(receiver)[..., None]
     fixed = ants_image(magnitude[..., ref_index], zooms)
     centre = (np.asarray(data.shape[:3], dtype=np.float64) - 1) / 2 * np.asarray(zooms, dtype=np.float64)
-    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bids_qmri_moco_"))
+    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     corrected = np.empty_like(data, dtype=np.complex64)
     corrected[..., ref_index] = data[..., ref_index]

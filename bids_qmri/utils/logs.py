@@ -27,19 +27,22 @@ def setup_logging(verbose: int = 0, stream=None) -> logging.Logger:
     return logger
 
 
-# nipype's messages about a failed node: the first carries the whole traceback.
+# nipype's messages about a failed node (one carries the whole traceback), errors and warnings.
 _CRASH_MESSAGES = ("Node %s failed to run on host", "Saving crash info to", "could not run node")
+_CRASH_WARNINGS = ("[Node] Error on", "Storing result file without outputs")
 
 
 class NipypeCrashFilter(logging.Filter):
     """Drops nipype's per-node crash messages (one carries the full traceback): the CLI prints
-    one summary line per failed node instead (``failed_node_lines``); the traceback stays in
-    the crash file, and on the terminal with ``-v``."""
+    one summary line per failed node instead (``crash_summary``); the traceback stays in the
+    crash file, and on the terminal with ``-v``. Installed before nipype forks its workers,
+    which inherit it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        msg = str(record.msg)
-        return not (record.levelno >= logging.ERROR and
-                    (msg.startswith(_CRASH_MESSAGES) or "Traceback (most recent call last)" in record.getMessage()))
+        msg = str(record.msg).lstrip()
+        if record.levelno >= logging.ERROR:
+            return not (msg.startswith(_CRASH_MESSAGES) or "Traceback (most recent call last)" in record.getMessage())
+        return not (record.levelno >= logging.WARNING and msg.startswith(_CRASH_WARNINGS))
 
 
 def quiet_nipype_crashes(verbose: int = 0) -> None:
