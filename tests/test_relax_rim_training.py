@@ -212,3 +212,17 @@ def test_insilico_tables_and_the_mle_cv_scales_with_sigma(tmp_path, monkeypatch)
     lists = pd.read_csv(out / "relax_ti_lists.tsv", sep="\t")
     assert set(lists["ti_list"]) == {"model", "seed23", "seed31"}
     assert set(lists["n_times"]) == {6, 23, 31}
+
+
+def test_learned_methods_are_planned_when_named():
+    from types import SimpleNamespace
+
+    from bids_qmri import modalities as registry
+
+    assert "rim" not in registry.default_methods().get("irt1", ()) and "mle" in registry.default_methods()["irt1"]
+    item = SimpleNamespace(acq="ir", kind="IRT1")
+    sess = SimpleNamespace(subject="01", session=None)
+    planned = [str(p) for p in IRT1.planned_outputs(item, sess, SimpleNamespace(methods={"irt1": ("mle", "rim")}))]
+    assert any(p.endswith("_acq-ir_desc-rim_T1map.nii.gz") for p in planned)
+    assert any(p.endswith("_acq-ir_desc-rim_IEmap.nii.gz") for p in planned)
+    assert not any("desc-resnet" in p for p in planned)
