@@ -130,11 +130,17 @@ def test_gauss_newton_refinement_leaves_the_grid():
     cell = 0.2  # log units: a coarse grid
     x0 = torch.stack([torch.floor(log_t1 / cell) * cell, torch.floor(log_t2 / cell) * cell], -1)
 
-    def sim(x):
-        return epg.fisp_mrf(x[:, 0].exp(), x[:, 1].exp(), b1.repeat(len(x) // n), **SCHEDULE)
+    def sim(x, b):
+        return epg.fisp_mrf(x[:, 0].exp(), x[:, 1].exp(), b[:, 0], **SCHEDULE)
 
-    x, cost, cost0 = dictmatch.refine_gauss_newton(sim, signals, x0, x0, x0 + cell, iterations=6, chunk=n)
+    res = dictmatch.refine_gauss_newton(sim, signals, x0, x0, x0 + cell, fixed=b1[:, None], iterations=6, chunk=17)
+    x = res.x
     truth = torch.stack([log_t1, log_t2], -1)
     assert (x0 - truth).abs().max() > 0.05
     assert (x - truth).abs().max() < 1e-3
-    assert (cost <= cost0).all() and ((x >= x0) & (x <= x0 + cell)).all()
+    assert (res.cost <= res.start_cost).all() and ((x >= x0) & (x <= x0 + cell)).all()
+    torch.testing.assert_close(res.scale, m0, rtol=1e-3, atol=0)
+    # chord method (Jacobian of the start kept): slower convergence, same minimum
+    chord = dictmatch.refine_gauss_newton(sim, signals, x0, x0, x0 + cell, fixed=b1[:, None], iterations=12,
+                                          update_jacobian=False)
+    assert (chord.x - truth).abs().max() < 1e-3 and (chord.cost <= chord.start_cost).all()

@@ -32,7 +32,7 @@ import torch
 LOGGER = logging.getLogger("bids_qmri.fitting.dictmatch")
 
 __all__ = ["MatchResult", "simulate_dictionary", "dictionary_gram", "normalise_atoms", "match",
-           "refine_gauss_newton", "chunk_peak_bytes"]
+           "RefineResult", "refine_gauss_newton", "chunk_peak_bytes"]
 
 Simulate = Callable[[torch.Tensor], torch.Tensor]  # params [n, P] -> complex [n, Nt]
 
@@ -170,37 +170,60 @@ def _projected_residual(signals: torch.Tensor, model: torch.Tensor) -> torch.Ten
     return torch.view_as_real(r).flatten(1)
 
 
+@dataclass(frozen=True)
+class RefineResult:
+    """``x`` ``[N, P]`` refined parameters, ``cost`` ``‖r‖²`` there, ``start_cost`` at ``x0``,
+    ``scale`` ``[N]`` complex: the signal ≈ scale · simulate(x)."""
+
+    x: torch.Tensor
+    cost: torch.Tensor
+    start_cost: torch.Tensor
+    scale: torch.Tensor
+
+
 def refine_gauss_newton(simulate: Simulate, signals: torch.Tensor, x0: torch.Tensor, lower: torch.Tensor,
-                        upper: torch.Tensor, *, iterations: int = 4, step: float = 1e-3,
-                        chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        upper: torch.Tensor, *, fixed: torch.Tensor | None = None, iterations: int = 4,
+                        step: float = 1e-3, chunk: int = 512, update_jacobian: bool = True) -> RefineResult:
     """Refine parameters ``x0`` ``[N, P]`` of ``signals`` ``[N, R]`` within ``[lower, upper]``.
 
-    ``simulate(x [n, P]) -> [n, R]`` complex model signals (any complex scale is projected out).
+    ``simulate(x [n, P]) -> [n, R]`` complex model signals (any complex scale is projected out);
+    with ``fixed`` ``[N, Q]`` (per-row constants such as a known B1) ``simulate(x, fixed_rows)``.
     Every evaluation runs the model at ``x`` and at ``x + step·e_p`` (one call on ``P + 1``
     stacked batches: residual and forward-difference Jacobian). Each iteration solves the
     ``P × P`` Gauss–Newton system (damping 1e-6 of the diagonal), clamps the step to the box and
-    keeps it only if it lowers ``‖r‖²``; a row whose step is refused stops there. Returns
-    ``(x [N, P], cost [N] = ‖r‖² at x, cost at x0 [N])``.
+    keeps it only if it lowers ``‖r‖²``; a row whose step is refused stops there.
+    ``update_jacobian=False``: the Jacobian of the start point is kept (chord method), so each
+    iteration costs one model evaluation instead of ``P + 1`` (linear instead of quadratic
+    convergence, fine from a grid node inside one cell of the minimum).
     """
     x0 = torch.as_tensor(x0, dtype=torch.float64)
     lower = torch.as_tensor(lower, dtype=torch.float64).expand_as(x0)
     upper = torch.as_tensor(upper, dtype=torch.float64).expand_as(x0)
     n, p = x0.shape
-    out_x, out_cost, start_cost = x0.clone(), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    out_x = x0.clone()
+    out_cost, start_cost = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    out_scale = torch.zeros(n, dtype=torch.complex128)
     eye = torch.eye(p, dtype=torch.float64)
 
-    def evaluate(s, x):
-        shifted = torch.cat([x] + [x + step * eye[k] for k in range(p)])
-        models = simulate(shifted).to(torch.complex128).reshape(p + 1, x.shape[0], -1)
+    def evaluate(s, x, f, jacobian=True):
+        shifted = torch.cat([x] + [x + step * eye[k] for k in range(p)]) if jacobian else x
+        if f is None:
+            sig = simulate(shifted)
+        else:
+            sig = simulate(shifted, f.repeat(len(shifted) // len(x), *([1] * (f.dim() - 1))))
+        models = sig.to(torch.complex128).reshape(-1, x.shape[0], sig.shape[-1])
         r0 = _projected_residual(s, models[0])
-        jac = torch.stack([(_projected_residual(s, models[k + 1]) - r0) / step for k in range(p)], -1)
-        return r0, jac
+        jac = torch.stack([(_projected_residual(s, models[k + 1]) - r0) / step for k in range(p)], -1) \
+            if jacobian else None
+        scale = torch.linalg.vecdot(models[0], s) / torch.linalg.vecdot(models[0], models[0]).real.clamp_min(1e-30)
+        return r0, jac, scale
 
     for lo in range(0, n, chunk):
         s = torch.as_tensor(signals[lo:lo + chunk]).to(torch.complex128)
         x = x0[lo:lo + chunk].clone()
         lo_b, hi_b = lower[lo:lo + chunk], upper[lo:lo + chunk]
-        r, jac = evaluate(s, x)
+        f = None if fixed is None else torch.as_tensor(fixed)[lo:lo + chunk]
+        r, jac, scale = evaluate(s, x, f)
         cost = r.square().sum(-1)
         start_cost[lo:lo + chunk] = cost
         active = torch.isfinite(cost)
@@ -215,11 +238,14 @@ def refine_gauss_newton(simulate: Simulate, signals: torch.Tensor, x0: torch.Ten
             delta = torch.linalg.solve(jtj + torch.diag_embed(damp), -jtr)
             trial = torch.minimum(torch.maximum(x[rows] + delta, lo_b[rows]), hi_b[rows])
             trial = torch.where(torch.isfinite(trial), trial, x[rows])
-            r_t, jac_t = evaluate(s[rows], trial)
+            r_t, jac_t, scale_t = evaluate(s[rows], trial, None if f is None else f[rows], update_jacobian)
             c_t = r_t.square().sum(-1)
             better = c_t < cost[rows]
             acc = rows[better]
-            x[acc], r[acc], jac[acc], cost[acc] = trial[better], r_t[better], jac_t[better], c_t[better]
+            x[acc], r[acc], cost[acc] = trial[better], r_t[better], c_t[better]
+            if update_jacobian:
+                jac[acc] = jac_t[better]
+            scale[acc] = scale_t[better]
             active[rows[~better]] = False
-        out_x[lo:lo + chunk], out_cost[lo:lo + chunk] = x, cost
-    return out_x, out_cost, start_cost
+        out_x[lo:lo + chunk], out_cost[lo:lo + chunk], out_scale[lo:lo + chunk] = x, cost, scale
+    return RefineResult(x=out_x, cost=out_cost, start_cost=start_cost, scale=out_scale)

@@ -1,28 +1,146 @@
-"""MR fingerprinting (seed 002; SPEC §3): FISP frames as a part pair, or SVD coefficients with
-their basis table. This version discovers and checks these inputs and lists them in the plan
-and the report; it has no mapping method yet (no ``methods``, no workflow)."""
+"""MR fingerprinting (seed 002; SPEC §3, §6): FISP frames as a part pair, or SVD coefficients with
+their basis table, mapped by dictionary matching (``dictmatch``, with Gauss–Newton refinement
+inside the winning grid cell).
+
+The pieces: ``protocol`` (the schedule, its checks), ``dictionary`` (grid, FISP-EPG atoms, SVD,
+disk cache), ``estimate`` (the method), ``interfaces`` + ``workflow`` (nipype). The solver is the
+generic ``bids_qmri.fitting.dictmatch``.
+"""
 
 from __future__ import annotations
 
 from bids_qmri.bids.collect import collect_fingerprints, fingerprint_row
-from bids_qmri.modalities.base import Modality
+from bids_qmri.modalities.base import MapSpec, Method, Modality, RunOption
 
 SUFFIX = "MRF"
 REQUIRED = ("FlipAngle", "RepetitionTimeExcitation", "EchoTime", "InversionTime", "MRFSequenceType")
 
 
 def _collect(sess, flists, layout, problems, check_content):
-    return collect_fingerprints(layout, SUFFIX, REQUIRED, flists.get(SUFFIX, []), problems, check_content)
+    from .protocol import schedule_problem
+
+    out = []
+    for item in collect_fingerprints(layout, SUFFIX, REQUIRED, flists.get(SUFFIX, []), problems, check_content):
+        first = next(iter(item.part_files.values()))
+        problem = schedule_problem(item.metadata)
+        if problem is None and check_content:
+            problem = _length_problem(item)
+        if problem:
+            problems.skip(first, *problem)
+            continue
+        out.append(item)
+    return out
+
+
+def _length_problem(item):
+    """Frames (or basis rows) against the schedule's length (headers and the basis table only)."""
+    from bids_qmri.bids.basis import read_basis_tsv
+    from bids_qmri.bids.collect import header_volumes
+
+    from .protocol import MRFProtocol
+
+    n = MRFProtocol.from_dict(item.metadata).n_frames
+    first = next(iter(item.part_files.values()))
+    if item.basis_file is None:
+        k = header_volumes(first)
+        if k is not None and k != n:
+            return (f"{k} frames but the sidecar schedule (FlipAngle, RepetitionTimeExcitation) has {n}",
+                    "give one flip angle and one TR per frame")
+        return None
+    try:
+        basis = read_basis_tsv(item.basis_file)
+    except ValueError as exc:
+        return str(exc).split(": ", 1)[-1], f"fix {item.basis_file.name}"
+    k = header_volumes(first)
+    if basis.shape[0] != n or (k is not None and basis.shape[1] != k):
+        return (f"{item.basis_file.name} is {basis.shape[0]} frames x rank {basis.shape[1]} but the schedule has {n} "
+                f"frames and the data {k} coefficients", "use the basis the coefficients were computed with")
+    return None
 
 
 def _plan_row(item, sess, config):
     return fingerprint_row(item, REQUIRED)
 
 
+def _protocol(item):
+    from .protocol import protocol
+
+    return protocol(item)
+
+
+def _protocol_from_dict(d):
+    from .protocol import MRFProtocol
+
+    return MRFProtocol.from_dict(d)
+
+
+def _estimate_dictmatch(data, mask, protocol, context):
+    from .estimate import estimate_dictmatch
+
+    return estimate_dictmatch(data, mask, protocol, context)
+
+
+def _workflow(item, sess, config, name):
+    from bids_qmri.bids.collect import b1_for
+
+    from .workflow import init_mrf_wf
+
+    return init_mrf_wf(item, b1_for(sess, item), sess.subject, sess.session, config, name=name)
+
+
+def _planned_outputs(item, sess, config):
+    from bids_qmri.bids.derivatives import derivative_path
+
+    kw = dict(subject=sess.subject, session=sess.session, acq=item.acq)
+    out = [derivative_path("", **kw, suffix=SUFFIX, desc="ref"), derivative_path("", **kw, suffix="mask", desc="brain")]
+    if sess.b1:
+        out.append(derivative_path("", **kw, datatype="fmap", suffix="TB1map", desc=SUFFIX.lower()))
+    for m in (config.methods or {}).get(MODALITY.name, ()):
+        out += [derivative_path("", **kw, datatype=spec.datatype, suffix=spec.suffix, desc=m)
+                for spec in MODALITY.method(m).maps]
+    return out
+
+
+T1 = MapSpec("T1map", "s", "longitudinal relaxation time", quantity="T1")
+T2 = MapSpec("T2map", "s", "transverse relaxation time", quantity="T2")
+M0 = MapSpec("M0map", "arbitrary", "proton density x receive gain: modulus of the complex scale between the "
+                                   "fingerprint and its dictionary atom")
+_REFERENCE = ("Ma D, Gulani V, Seiberlich N, et al. Magnetic resonance fingerprinting. Nature 2013;495:187-192. "
+              "doi:10.1038/nature11971; Jiang Y, Ma D, Seiberlich N, Gulani V, Griswold MA. MR fingerprinting "
+              "using FISP with spiral readout. Magn Reson Med 2015;74:1621-1631. doi:10.1002/mrm.25559")
+
+METHODS = (
+    Method("dictmatch",
+           "dictionary matching (maximum normalised inner product over a FISP-EPG dictionary at the voxel's B1, "
+           "SVD-compressed, exact argmax) with Gauss-Newton refinement inside the winning grid cell",
+           _REFERENCE, (T1, T2, M0), _estimate_dictmatch),
+)
+
 MODALITY = Modality(
     name="mrf", title="MR fingerprinting", suffixes=(SUFFIX,), required_metadata={SUFFIX: REQUIRED},
     collect=_collect, plan_row=_plan_row, ref_suffix=SUFFIX,
-    uses_b1=True, protocol_keys=REQUIRED, bidsignore=("*_MRF.*", "*_MRFbasis.*"),
+    methods=METHODS, protocol=_protocol, protocol_from_dict=_protocol_from_dict,
+    init_workflow=_workflow, planned_outputs=_planned_outputs,
+    uses_b1=True, protocol_keys=("MRFSequenceType", "EchoTime", "InversionTime"),
+    bidsignore=("*_MRF.*", "*_MRFbasis.*"),
+    citations=(
+        "McGivney DF, Pierre E, Ma D, Jiang Y, Saybasili H, Gulani V, Griswold MA. SVD compression for magnetic "
+        "resonance fingerprinting in the time domain. IEEE Trans Med Imaging 2014;33(12):2311-2322. "
+        "doi:10.1109/TMI.2014.2337321",
+        "Weigel M. Extended phase graphs: dephasing, RF pulses, and echoes - pure and simple. J Magn Reson Imaging "
+        "2015;41(2):266-295. doi:10.1002/jmri.24619",
+    ),
+    run_options=(
+        RunOption("--mrf-refine", "mrf_refine", "on", choices=("on", "off"),
+                  help="MRF dictmatch: Gauss-Newton refinement of T1/T2 inside the winning dictionary cell at the "
+                       "voxel's own B1 (on, default) or plain grid matching (off)"),
+        RunOption("--mrf-grid-steps", "mrf_grid_steps", 80, type=int,
+                  help="MRF dictionary: log-spaced grid points over T1 0.1-5 s and over T2 0.01-2 s (T2 < T1); "
+                       "default 80"),
+        RunOption("--mrf-b1-step", "mrf_b1_step", 0.05, type=float,
+                  help="MRF dictionary: B1 grid step over 0.6-1.4 (each voxel matched at its nearest B1 value); "
+                       "default 0.05"),
+    ),
 )
 
 MODALITIES = (MODALITY,)

@@ -1,0 +1,117 @@
+"""MR fingerprinting workflow (seed 002; SPEC §3, §4, §6).
+
+::
+
+    load (part pair → complex, receiver phase removed; basis TSV checked) → brain_mask (RMS magnitude)
+        → b1 (convert, register, resample, median; B1 = 1 without a B1 map) ─┐
+                                                      estimate_<method> (one per method)
+                                                      derivatives (reference image, mask, B1 as used)
+
+Outputs (``acq-<label>`` the MRF acquisition's label): ``anat/..._acq-<label>_desc-<method>_{T1map,
+T2map,M0map}.nii.gz`` with the schedule summary, dictionary grid, hash and SVD rank in the
+sidecars; ``anat/..._acq-<label>_desc-ref_MRF.nii.gz`` (RMS magnitude over frames or
+coefficients), ``anat/..._acq-<label>_desc-brain_mask.nii.gz`` and, with a B1 map,
+``fmap/..._acq-<label>_desc-mrf_TB1map.nii.gz``. MRF data are single volumes: no motion table.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")  # no telemetry, ever
+
+from nipype.interfaces import utility as niu  # noqa: E402
+from nipype.pipeline import engine as pe  # noqa: E402
+
+from bids_qmri.bids.inputs import B1Input, FingerprintInput  # noqa: E402
+from bids_qmri.interfaces.b1 import PrepareB1  # noqa: E402
+from bids_qmri.interfaces.maps import EstimateMaps  # noqa: E402
+from bids_qmri.interfaces.reference import BrainMask, ReferenceDerivatives  # noqa: E402
+
+from .interfaces import LoadFingerprints  # noqa: E402
+from .protocol import protocol as mrf_protocol  # noqa: E402
+
+
+def init_mrf_wf(item: FingerprintInput, b1: B1Input | None, subject: str, session: str | None, config,
+                name: str = "mrf_wf") -> pe.Workflow:
+    """Map one MRF acquisition with every method of ``config.methods["mrf"]``.
+
+    outputnode: ``ref_image`` (written reference), ``brain_mask``, ``maps``.
+    """
+    from . import MODALITY
+
+    wf = pe.Workflow(name=name)
+    outputnode = pe.Node(niu.IdentityInterface(fields=["ref_image", "brain_mask", "maps"]), name="outputnode")
+    protocol = mrf_protocol(item)
+    omp = config.omp_threads()
+    common = {"output_dir": str(config.output_dir), "bids_dir": str(config.bids_dir), "subject": subject}
+    if session:
+        common["session"] = session
+    if item.acq:
+        common["acq"] = item.acq
+    sources = [str(p) for p in item.files] + ([str(p) for p in b1.files.values()] if b1 else [])
+    options = {k: v for k, v in (getattr(config, "options", {}) or {}).items() if k.startswith("mrf_")}
+
+    load = pe.Node(LoadFingerprints(part_files={k: str(v) for k, v in item.part_files.items()},
+                                    n_frames=protocol.n_frames), name="load")
+    if item.basis_file:
+        load.inputs.basis_file = str(item.basis_file)
+    mask = pe.Node(BrainMask(), name="brain_mask")
+    b1_node = pe.Node(PrepareB1(prep_angle_deg=float(config.b1_prep_angle_deg), seed=config.seed, num_threads=omp),
+                      name="b1", n_procs=omp)
+    if b1 is not None:
+        b1_node.inputs.kind = b1.kind
+        b1_node.inputs.files = {k: str(v) for k, v in b1.files.items()}
+        b1_node.inputs.metadata = {k: dict(v) for k, v in (b1.metadata or {}).items()}
+    kind = "SVD coefficients" if item.basis_file else "frames"
+    ds = pe.Node(ReferenceDerivatives(
+        suffix=MODALITY.ref_suffix, title=MODALITY.title, sources=sources, protocol=protocol.as_dict(),
+        ref_description=f"RMS magnitude over the MRF {kind} (receiver phase removed)", **common), name="derivatives")
+    wf.connect([
+        (load, mask, [("ref_image", "in_file")]),
+        (load, b1_node, [("ref_image", "ref_image")]),
+        (mask, b1_node, [("out_file", "mask_file")]),
+        (load, ds, [("ref_image", "ref_image")]),
+        (mask, ds, [("out_file", "mask_file")]),
+        (b1_node, ds, [("out_file", "b1_file"), ("info", "b1_info"), ("sources", "b1_sources")]),
+        (ds, outputnode, [("ref_image", "ref_image"), ("brain_mask", "brain_mask")]),
+    ])
+    methods = tuple(config.methods.get(MODALITY.name, ()))
+    if not methods:
+        outputnode.inputs.maps = []
+        return wf
+    sidecar_info = {**protocol.summary(), "MRFInput": kind,
+                    "ReceiverPhaseRemoval": "s * exp(-i arg sum_k s_k) per voxel"}
+    data = pe.Node(niu.Merge(3), name="data_files")
+    infos = pe.Node(niu.Merge(1), name="sidecar_infos")
+    merge = pe.Node(niu.Merge(len(methods), ravel_inputs=True), name="merge_maps")
+    wf.connect([
+        (load, data, [("out_file", "in1")]),
+        (b1_node, data, [("out_file", "in2")]),
+        (b1_node, infos, [("info", "in1")]),
+    ])
+    if item.basis_file:
+        wf.connect(load, "basis", data, "in3")
+    else:
+        data.inputs.in3 = []
+    for index, method in enumerate(methods, start=1):
+        est = pe.Node(EstimateMaps(modality=MODALITY.name, method=method, protocol=protocol.as_dict(),
+                                   model_dir=str(config.model_dir), seed=config.seed, device=config.torch_device(),
+                                   num_threads=omp, sources=sources, sidecar_info=sidecar_info, options=options,
+                                   **common),
+                      name=f"estimate_{method}", n_procs=omp)
+        wf.connect([
+            (data, est, [(("out", _roles), "data_files")]),
+            (mask, est, [("out_file", "mask_file")]),
+            (infos, est, [("out", "info")]),
+            (est, merge, [("out_maps", f"in{index}")]),
+        ])
+    wf.connect(merge, "out", outputnode, "maps")
+    return wf
+
+
+def _roles(files):
+    roles = {"signal": files[0], "b1": files[1]}
+    if len(files) > 2 and files[2]:
+        roles["basis"] = files[2]
+    return roles

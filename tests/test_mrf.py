@@ -1,0 +1,212 @@
+"""MR fingerprinting (the mrf modality): schedule checks and skips, the dictmatch method through
+the contract against fingerprints simulated directly by ``fisp_mrf`` at random off-grid values,
+frames vs coefficient input, and the workflow on the synthetic phantom (GM+WM median |relative
+error| ≤ 3 % T1, ≤ 5 % T2 for dictmatch+refine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from bids_qmri import modalities
+from bids_qmri.bids.derivatives import init_derivatives
+from bids_qmri.bids.discovery import discover
+from bids_qmri.config import Config
+from bids_qmri.modalities.base import EstimateContext
+from bids_qmri.modalities.mrf.protocol import MRFProtocol, schedule_problem
+from bids_qmri.physics import epg, svd
+from helpers import save_img, validate_bids, write_json
+
+SCHEDULE = epg.default_fisp_schedule(300)
+PROTOCOL = MRFProtocol(tuple(float(v) for v in np.degrees(SCHEDULE["flip_rad"].numpy())),
+                       tuple(float(v) for v in SCHEDULE["tr"].numpy()), SCHEDULE["te"], SCHEDULE["ti"])
+SMALL = {"mrf_grid_steps": 30, "mrf_b1_step": 0.1}
+
+
+def _meta(n=10, **kw):
+    return {"FlipAngle": [10.0] * n, "RepetitionTimeExcitation": [0.012] * n, "EchoTime": 0.002,
+            "InversionTime": 0.02, "MRFSequenceType": "FISP", **kw}
+
+
+# ------------------------------------------------------------------------------ protocol, inputs
+def test_protocol_round_trip_key_and_schedule():
+    again = MRFProtocol.from_dict(json.loads(json.dumps(PROTOCOL.as_dict())))
+    assert again == PROTOCOL and again.key() == PROTOCOL.key() and PROTOCOL.n_frames == 300
+    other = MRFProtocol.from_dict(_meta(300))
+    assert other.key() != PROTOCOL.key()
+    sched = PROTOCOL.schedule()
+    torch.testing.assert_close(sched["flip_rad"], SCHEDULE["flip_rad"])
+    assert "300 frames" in PROTOCOL.describe()
+    # a scalar TR is one TR for every frame
+    assert MRFProtocol.from_dict(_meta(4, RepetitionTimeExcitation=0.01)).tr == (0.01,) * 4
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"RepetitionTimeExcitation": [0.012] * 9}, "FlipAngle has 10 values but RepetitionTimeExcitation has 9"),
+    ({"MRFSequenceType": "bSSFP"}, "not supported"),
+    ({"RepetitionTimeExcitation": [12.0] * 10}, "milliseconds"),
+    ({"EchoTime": 0.02}, "not shorter than the shortest TR"),
+    ({"FlipAngle": ["a"] * 10}, "not a list of numbers"),
+])
+def test_schedule_problems(change, words):
+    problem, fix = schedule_problem(_meta(**change))
+    assert words in problem and fix and "\n" not in problem + fix
+    assert schedule_problem(_meta()) is None
+
+
+def _dataset(root: Path, metas: dict[str, dict], frames=10) -> Path:
+    from test_discovery import make_bssfp_dataset
+
+    bids = make_bssfp_dataset(root, b1=None)
+    anat = bids / "sub-01" / "anat"
+    data = np.random.default_rng(0).random((4, 4, 3, frames)) + 0.1
+    for acq, meta in metas.items():
+        for part in ("mag", "phase"):
+            save_img(anat / f"sub-01_acq-{acq}_part-{part}_MRF.nii.gz", data)
+        write_json(anat / f"sub-01_acq-{acq}_MRF.json", meta)
+    return bids
+
+
+def test_disagreeing_schedule_lengths_are_skipped_with_one_line(tmp_path):
+    bids = _dataset(tmp_path / "bids", {"good": _meta(10), "bad": _meta(10, RepetitionTimeExcitation=[0.012] * 7),
+                                        "short": _meta(8)})
+    (sess,) = discover(Config(bids_dir=bids, output_dir=tmp_path / "out", methods={"mrf": ("dictmatch",)}))
+    assert [i.acq for i in sess.inputs["mrf"]] == ["good"]
+    reasons = {Path(s.path).name: s.reason for s in sess.skipped}
+    bad = reasons["sub-01_acq-bad_part-mag_MRF.nii.gz"]
+    assert "FlipAngle has 10 values but RepetitionTimeExcitation has 7" in bad and "\n" not in bad
+    assert "10 frames but the sidecar schedule" in reasons["sub-01_acq-short_part-mag_MRF.nii.gz"]
+
+
+# ------------------------------------------------------------------------------------ estimate
+def _fingerprints(n, seed, snr=None):
+    g = torch.Generator().manual_seed(seed)
+    u = lambda lo, hi: torch.empty(n, dtype=torch.float64).uniform_(lo, hi, generator=g)  # noqa: E731
+    t1, t2, b1 = u(np.log(0.5), np.log(2.5)).exp(), u(np.log(0.03), np.log(0.2)).exp(), u(0.75, 1.25)
+    m0 = u(0.5, 2.0) * torch.exp(1j * u(-3, 3))
+    sig = m0[:, None] * epg.fisp_mrf(t1, t2, b1, **SCHEDULE)
+    if snr:
+        sigma = sig.abs().mean() / snr
+        sig = sig + sigma * torch.complex(torch.randn(sig.shape, generator=g, dtype=torch.float64),
+                                          torch.randn(sig.shape, generator=g, dtype=torch.float64))
+    return sig, {"T1map": t1, "T2map": t2, "M0map": m0.abs(), "b1": b1}
+
+
+def _estimate(data, options, tmp_path, shape=(20, 20, 1)):
+    method = modalities.get("mrf").method("dictmatch")
+    data = {k: (v.reshape(*shape, -1) if v.ndim == 2 and k == "signal" else v) for k, v in data.items()}
+    ctx = EstimateContext(model_dir=tmp_path / "models", options={**SMALL, **options})
+    return method.estimate(data, np.ones(shape, bool), PROTOCOL, ctx)
+
+
+def _median_rel(maps, truth):
+    return {k: float(np.median(np.abs(maps[k].ravel() / truth[k].numpy() - 1))) for k in ("T1map", "T2map", "M0map")}
+
+
+def test_dictmatch_recovers_off_grid_fingerprints_and_refinement_leaves_the_grid(tmp_path):
+    sig, truth = _fingerprints(400, seed=1)
+    data = {"signal": sig.numpy(), "b1": truth["b1"].numpy().reshape(20, 20, 1)}
+    grid_maps, grid_prov = _estimate(data, {"mrf_refine": "off"}, tmp_path)
+    ref_maps, ref_prov = _estimate(data, {}, tmp_path)
+    grid, refined = _median_rel(grid_maps, truth), _median_rel(ref_maps, truth)
+    # grid matching is quantised: log step ln(50)/29 = 13 % in T1 (B1 step 0.1 as well)
+    assert 0.005 < grid["T1map"] < 0.08 and grid["T2map"] < 0.12
+    # refinement at the voxel's own B1: noise-free truth within the EPG state cap's error
+    assert refined["T1map"] < 0.003 and refined["T2map"] < 0.005 and refined["M0map"] < 0.003
+    assert ref_prov["RefinementMedianResidualReduction"] > 10 and grid_prov["Refinement"] is False
+    every, _ = _estimate(data, {"mrf_refine_jacobian": "every"}, tmp_path)
+    assert _median_rel(every, truth)["T1map"] < 0.003
+    assert ref_prov["SVDRank"] >= 5 and ref_prov["DictionaryGrid"]["T1Steps"] == 30
+    assert ref_prov["DictionaryB1Values"] == [0.8, 0.9, 1.0, 1.1, 1.2]  # B1 in [0.75, 1.25]: nearest values
+    # B1 missing (NaN): B1 = 1 is used, only that slice is simulated
+    nob1 = {"signal": data["signal"], "b1": np.full((20, 20, 1), np.nan)}
+    _, prov = _estimate(nob1, {"mrf_refine": "off"}, tmp_path)
+    assert prov["DictionaryB1Values"] == [1.0]
+
+
+def test_noisy_accuracy_and_frames_equal_coefficients(tmp_path):
+    sig, truth = _fingerprints(400, seed=2, snr=20)
+    b1 = truth["b1"].numpy().reshape(20, 20, 1)
+    frames, _ = _estimate({"signal": sig.numpy(), "b1": b1}, {}, tmp_path)
+    err = _median_rel(frames, truth)
+    assert err["T1map"] < 0.03 and err["T2map"] < 0.05, err
+    # the same data as coefficients on a basis of their own (another dictionary's SVD, rank 12)
+    t1, t2, b = (g.flatten() for g in torch.meshgrid(torch.linspace(0.2, 4, 15), torch.linspace(0.01, 0.5, 15),
+                                                     torch.tensor([0.7, 1.0, 1.3]), indexing="ij"))
+    basis = svd.svd_basis(epg.fisp_mrf(t1, t2, b, **SCHEDULE), 12).to(torch.complex128)
+    coeffs = (sig @ basis).numpy()
+    coef_maps, prov = _estimate({"signal": coeffs, "b1": b1, "basis": basis.numpy()[:, :, None]}, {}, tmp_path)
+    assert prov["SVDRank"] == 12 and "given" in prov["SVDBasis"]
+    for key in ("T1map", "T2map", "M0map"):
+        rel = np.abs(coef_maps[key] / frames[key] - 1)
+        assert np.median(rel) < 0.003 and np.quantile(rel, 0.95) < 0.03, (key, np.median(rel))
+
+
+# ------------------------------------------------------------------------------- the workflow
+def _synth(out: Path, *extra) -> Path:
+    exe = Path(sys.executable).parent / "bids_qmri-synth"
+    cmd = [str(exe), str(out), "--participants", "1", "--sessions", "0", "--resolution", "6",
+           "--seed", "1", "--kinds", "mrf", "tb1tfl", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def mrf_run(tmp_path_factory):
+    from bids_qmri.workflows.base import mapped_inputs
+
+    root = tmp_path_factory.mktemp("mrf")
+    bids = _synth(root / "bids")
+    out, work = root / "out", root / "work"
+    config = Config(bids_dir=bids, output_dir=out, work_dir=work, methods={"mrf": ("dictmatch",)},
+                    nprocs=1, omp_nthreads=1, seed=1, device="cpu", model_dir=root / "models",
+                    options={"mrf_grid_steps": 40, "mrf_b1_step": 0.1, "mrf_refine_iterations": 2})
+    (sess,) = discover(config)
+    init_derivatives(out, bids, extra_ignore=modalities.bidsignore_lines())
+    ((modality, item),) = [(m, i) for m, i in mapped_inputs(sess, config) if m.name == "mrf"]
+    wf = modality.init_workflow(item, sess, config, "mrf_wf")
+    wf.base_dir = str(work)
+    wf.run(plugin="Linear")
+    return bids, out
+
+
+@pytest.mark.slow
+def test_synthetic_phantom_gm_wm_accuracy(mrf_run):
+    bids, out = mrf_run
+    anat = out / "sub-01" / "anat"
+    gt = bids / "derivatives" / "groundtruth" / "sub-01"
+    mask = nib.load(anat / "sub-01_acq-fisp_desc-brain_mask.nii.gz").get_fdata() > 0
+    dseg = nib.load(gt / "anat" / "sub-01_acq-fisp_dseg.nii.gz").get_fdata()
+    tissue = mask & np.isin(dseg, (1, 2))
+    assert tissue.sum() > 300
+    for suffix, limit in (("T1map", 0.03), ("T2map", 0.05)):
+        est = nib.load(anat / f"sub-01_acq-fisp_desc-dictmatch_{suffix}.nii.gz").get_fdata()
+        truth = nib.load(gt / "anat" / f"sub-01_acq-fisp_{suffix}.nii.gz").get_fdata()
+        rel = np.median(np.abs(est[tissue] / truth[tissue] - 1))
+        assert rel <= limit, (suffix, rel)
+
+
+@pytest.mark.slow
+def test_outputs_sidecars_and_validator(mrf_run):
+    bids, out = mrf_run
+    anat = out / "sub-01" / "anat"
+    side = json.loads((anat / "sub-01_acq-fisp_desc-dictmatch_T1map.json").read_text())
+    assert side["Units"] == "s" and side["MRFSequenceType"] == "FISP" and side["NumberOfFrames"] == 1000
+    prov = side["Provenance"]
+    assert prov["SVDRank"] == 10 and len(prov["DictionaryHash"]) == 16 and prov["DictionaryGrid"]["T1Steps"] == 40
+    assert side["B1Source"] == "TB1TFL" and side["MRFInput"] == "SVD coefficients"
+    assert (anat / "sub-01_acq-fisp_desc-ref_MRF.nii.gz").is_file()
+    assert (out / "sub-01" / "fmap" / "sub-01_acq-fisp_desc-mrf_TB1map.nii.gz").is_file()
+    assert json.loads((anat / "sub-01_acq-fisp_desc-dictmatch_M0map.json").read_text())["Units"] == "arbitrary"
+    result = validate_bids(out, derivative=True)
+    assert result.ok, result.summary()
