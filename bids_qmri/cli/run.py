@@ -323,7 +323,7 @@ def _nothing_to_do(sessions, config) -> InputError:
     if config.bids_filters:
         from ..bids.discovery import unmatched_filters
 
-        source = getattr(config, "bids_filter_file", None) or "bids filters"
+        source = config.bids_filter_file or "bids filters"
         misses = unmatched_filters(config)
         if misses:
             what += f"; --bids-filter-file {source} selects nothing for {'; '.join(misses)}"

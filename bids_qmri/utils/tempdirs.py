@@ -26,9 +26,15 @@ PREFIX = "bids_qmri-tmp-"
 def private_tempdir(parent=None, prefix: str = PREFIX):
     """Yield a fresh folder (under ``parent``, else the current temp dir) that ``tempfile`` and
     ``TMPDIR`` point to inside the block; restore both and remove the folder afterwards."""
-    if parent is not None:
-        Path(parent).mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=prefix + _owner_tag(), dir=parent))
+    for attempt in range(3):  # another run sharing ``parent`` may remove it when it empties
+        if parent is not None:
+            Path(parent).mkdir(parents=True, exist_ok=True)
+        try:
+            path = Path(tempfile.mkdtemp(prefix=prefix + _owner_tag(), dir=parent))
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     old_dir, old_env = tempfile.tempdir, os.environ.get("TMPDIR")
     tempfile.tempdir = str(path)
     os.environ["TMPDIR"] = str(path)
