@@ -202,6 +202,7 @@ def test_outputs_sidecars_and_validator(mrf_run):
     anat = out / "sub-01" / "anat"
     side = json.loads((anat / "sub-01_acq-fisp_desc-dictmatch_T1map.json").read_text())
     assert side["Units"] == "s" and side["MRFSequenceType"] == "FISP" and side["NumberOfFrames"] == 1000
+    assert len(side["RepetitionTimesExcitation"]) == 1000 and "RepetitionTimeExcitation" not in side
     prov = side["Provenance"]
     assert prov["SVDRank"] == 10 and len(prov["DictionaryHash"]) == 16 and prov["DictionaryGrid"]["T1Steps"] == 40
     assert side["B1Source"] == "TB1TFL" and side["MRFInput"] == "SVD coefficients"
