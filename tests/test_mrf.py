@@ -177,6 +177,9 @@ def mrf_run(tmp_path_factory):
     wf = modality.init_workflow(item, sess, config, "mrf_wf")
     wf.base_dir = str(work)
     wf.run(plugin="Linear")
+    from bids_qmri.reports.participant import write_participant_report
+
+    write_participant_report(out, sess.subject, [sess], config)
     return bids, out
 
 
@@ -211,3 +214,32 @@ def test_outputs_sidecars_and_validator(mrf_run):
     assert json.loads((anat / "sub-01_acq-fisp_desc-dictmatch_M0map.json").read_text())["Units"] == "arbitrary"
     result = validate_bids(out, derivative=True)
     assert result.ok, result.summary()
+
+
+@pytest.mark.slow
+def test_report_shows_the_maps_and_the_fingerprint_fits(mrf_run):
+    _, out = mrf_run
+    png = out / "sub-01" / "figures" / "sub-01_acq-fisp_desc-dictmatch_fingerprints.png"
+    assert png.is_file() and png.stat().st_size > 10_000
+    html = (out / "sub-01.html").read_text()
+    assert "<h3>MR fingerprinting</h3>" in html and "figures/sub-01_acq-fisp_desc-dictmatch_fingerprints.png" in html
+    assert "sub-01_acq-fisp_desc-dictmatch_T1map" in html
+
+
+# ------------------------------------------------------------------------------------ in silico
+def test_insilico_refinement_is_efficient_and_unbiased(tmp_path):
+    from bids_qmri.cli.insilico import main
+
+    import pandas as pd
+
+    assert main(["mrf", str(tmp_path / "ins"), "--snr", "30", "--mc", "30", "--frames", "300",
+                 "--grid-steps", "30"]) == 0
+    t = pd.read_csv(tmp_path / "ins" / "mrf_insilico.tsv", sep="\t")
+    assert len(t) == 6 and (tmp_path / "ins" / "mrf_insilico.png").stat().st_size > 10_000
+    ref = t[t.method == "dictmatch+refine"]
+    grid = t[t.method == "dictmatch"]
+    # refinement: near-unbiased and close to the Cramér–Rao bound (normalised CRB loss ≈ 1)
+    assert (ref.T1_median_bias_pct.abs() < 1.0).all() and (ref.T2_median_bias_pct.abs() < 2.0).all()
+    assert ref.T1_normalised_crb_loss.between(0.3, 2.0).all() and ref.T2_normalised_crb_loss.between(0.3, 2.0).all()
+    # grid matching on a coarse grid: far from the bound (quantisation dominates at this SNR)
+    assert (grid.T1_normalised_crb_loss > 3).any()

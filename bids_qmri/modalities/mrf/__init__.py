@@ -88,6 +88,22 @@ def _workflow(item, sess, config, name):
     return init_mrf_wf(item, b1_for(sess, item), sess.subject, sess.session, config, name=name)
 
 
+def _report_figures(fig_dir, prefix):
+    out = []
+    for png in sorted(fig_dir.glob(f"{prefix}_*_fingerprints.png")):
+        out.append({"section": "MR fingerprinting", "title": f"Fingerprint fits: {png.name[:-len('_fingerprints.png')]}",
+                    "path": png, "caption": "Measured |fingerprint| (grey; SVD coefficients expanded with their basis) "
+                                            "and the fit M0 * FISP-EPG(T1, T2, B1) of the maps (red) at four voxels "
+                                            "at the 10-90 % quantiles of T1."})
+    return out
+
+
+def _add_insilico(sub):
+    from .insilico import add_insilico_command
+
+    return add_insilico_command(sub)
+
+
 def _planned_outputs(item, sess, config):
     from bids_qmri.bids.derivatives import derivative_path
 
@@ -120,7 +136,8 @@ MODALITY = Modality(
     name="mrf", title="MR fingerprinting", suffixes=(SUFFIX,), required_metadata={SUFFIX: REQUIRED},
     collect=_collect, plan_row=_plan_row, ref_suffix=SUFFIX,
     methods=METHODS, protocol=_protocol, protocol_from_dict=_protocol_from_dict,
-    init_workflow=_workflow, planned_outputs=_planned_outputs,
+    init_workflow=_workflow, planned_outputs=_planned_outputs, report_figures=_report_figures,
+    add_insilico_commands=_add_insilico,
     uses_b1=True, protocol_keys=("MRFSequenceType", "EchoTime", "InversionTime"),
     bidsignore=("*_MRF.*", "*_MRFbasis.*"),
     citations=(

@@ -10,7 +10,7 @@ estimates are neither quantised to the T1/T2 grid nor to the B1 grid.
 
 Options (``context.options``): ``mrf_refine`` (``on``/``off``), ``mrf_grid_steps`` (T1 and T2 grid points,
 default 80), ``mrf_b1_step`` (default 0.05), ``mrf_svd_energy`` (rank of the own basis for frames
-input, default 0.999), ``mrf_refine_iterations`` (default 3), ``mrf_refine_jacobian`` (``start``:
+input, default 0.999), ``mrf_refine_iterations`` (default 2), ``mrf_refine_jacobian`` (``start``:
 the Jacobian of the matched node is kept, one EPG simulation per iteration; ``every``: Gauss–Newton
 proper, ``P + 1`` simulations per iteration).
 """
@@ -87,7 +87,7 @@ def estimate_dictmatch(data: dict, mask: np.ndarray, protocol, context) -> tuple
     """T1map, T2map (s) and M0map (arbitrary) of the masked voxels."""
     options = dict(context.options or {})
     refine = options.get("mrf_refine", "on") not in ("off", False)
-    iterations = int(options.get("mrf_refine_iterations") or 3)
+    iterations = int(options.get("mrf_refine_iterations") or 2)
     every = options.get("mrf_refine_jacobian", "start") == "every"
     grid = grid_from_options(options)
     cache_dir = Path(context.model_dir or ".") / "mrf" / "dictionaries"
