@@ -5,6 +5,8 @@
   of the same shapes ``[V, R] @ [R, A]`` (chunked the same way, result discarded): target ≥ 70 %
   of it; also against the two real GEMMs alone (what the argmax costs on top);
 - dictionary generation time per atom (FISP EPG, 1000 frames, the app's state cap, chunked);
+- mrfnet inference (``modalities.mrf.net`` architecture) against matching the same voxels
+  (target ≥ 20× faster);
 - memory of matching a 1 mm whole brain (1.5 M voxels) against a 100 k-atom dictionary: the
   inputs plus one score block (``voxel_chunk × atom_chunk``), measured as the resident-set growth
   of a match on a voxel subset and extrapolated by the input size.
@@ -86,6 +88,21 @@ def main() -> None:
     inputs = whole * r * 8 + a * r * 8 * 2
     print(f"  memory, whole brain: inputs {inputs / 2**20:.0f} MiB + score block {block / 2**20:.0f} MiB "
           f"(resident growth of this run {max(rss1 - rss0, 0) / 1024:.0f} MiB)")
+
+    # mrfnet inference (the architecture of modalities.mrf.net; weights do not change the cost)
+    from bids_qmri.modalities.mrf.net import LOG_RANGES, features
+    from bids_qmri.nets.mlp import ScaledMLP
+
+    net = ScaledMLP(2 * r, 128, ("logT1", "logT2", "logNorm"), {**LOG_RANGES, "logNorm": (-5.0, 5.0)}, depth=3).eval()
+    b1 = torch.ones(v)
+
+    def infer():
+        with torch.no_grad():
+            net(features(signals, b1))
+
+    t_net = _best_of(infer)
+    print(f"mrfnet inference, {v} voxels: {t_net:.4f} s; matching against {a} atoms / mrfnet = {t_match / t_net:.0f}x "
+          f"(target >= 20x)")
 
     sched = epg.default_fisp_schedule(1000)
     x = torch.stack([torch.full((args.dict_atoms,), 0.0).uniform_(-2.3, 1.6, generator=g),

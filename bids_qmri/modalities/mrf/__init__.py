@@ -80,6 +80,12 @@ def _estimate_dictmatch(data, mask, protocol, context):
     return estimate_dictmatch(data, mask, protocol, context)
 
 
+def _estimate_mrfnet(data, mask, protocol, context):
+    from .estimate import estimate_mrfnet
+
+    return estimate_mrfnet(data, mask, protocol, context)
+
+
 def _workflow(item, sess, config, name):
     from bids_qmri.bids.collect import b1_for
 
@@ -130,6 +136,12 @@ METHODS = (
            "dictionary matching (maximum normalised inner product over a FISP-EPG dictionary at the voxel's B1, "
            "SVD-compressed, exact argmax) with Gauss-Newton refinement inside the winning grid cell",
            _REFERENCE, (T1, T2, M0), _estimate_dictmatch),
+    Method("mrfnet",
+           "MLP on the unit-norm SVD coefficients and B1 -> log T1, log T2 (M0 from the predicted norm), trained on the "
+           "fly for the schedule and basis (CRB-weighted or MSE loss, --mrf-net-loss)",
+           _REFERENCE + "; Zhang X, Duchemin Q, Liu K, et al. Cramer-Rao bound-informed training of neural networks "
+                        "for quantitative MRI. Magn Reson Med 2022;88:436-448. doi:10.1002/mrm.29206",
+           (T1, T2, M0), _estimate_mrfnet, default=False),
 )
 
 MODALITY = Modality(
@@ -154,6 +166,8 @@ MODALITY = Modality(
         RunOption("--mrf-grid-steps", "mrf_grid_steps", 80, type=int,
                   help="MRF dictionary: log-spaced grid points over T1 0.1-5 s and over T2 0.01-2 s (T2 < T1); "
                        "default 80"),
+        RunOption("--mrf-net-loss", "mrf_net_loss", "crb", choices=("crb", "mse"),
+                  help="MRF mrfnet: training loss, Cramer-Rao-bound weighted (crb, seed 003) or plain MSE"),
         RunOption("--mrf-b1-step", "mrf_b1_step", 0.05, type=float,
                   help="MRF dictionary: B1 grid step over 0.6-1.4 (each voxel matched at its nearest B1 value); "
                        "default 0.05"),
