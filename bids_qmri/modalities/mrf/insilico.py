@@ -4,7 +4,8 @@ Cramér–Rao efficiency (seeds 002/003).
 For a few tissue-like (T1, T2) points, fingerprints of the default FISP schedule (B1 = 1, M0 = 1)
 get complex Gaussian noise of σ = mean|s| / (√2·SNR) per channel (the seed definition of SNR
 relative to the mean signal magnitude), are compressed on the dictionary's own SVD basis and
-mapped by ``dictmatch`` without and with refinement. Per tissue, SNR and method: median relative
+mapped by ``dictmatch`` without and with refinement and by ``mrfnet`` trained with the MSE and
+with the CRB-weighted loss. Per tissue, SNR and method: median relative
 bias, coefficient of variation and RMSE of T1 and T2, and the CRB efficiency
 ``CRB(log T) / var(log T̂)`` (1 for an efficient unbiased estimator; NaN when grid matching puts
 every draw on one node) with the normalised CRB loss
@@ -25,7 +26,8 @@ LOGGER = logging.getLogger("bids_qmri.modalities.mrf.insilico")
 
 #: (T1, T2) in seconds: white matter, grey matter and a long-T2 (CSF-partial-volume) point.
 TISSUES = {"WM": (0.85, 0.06), "GM": (1.4, 0.09), "long": (2.5, 0.4)}
-METHODS = {"dictmatch": {"mrf_refine": "off"}, "dictmatch+refine": {"mrf_refine": "on"}}
+METHODS = {"dictmatch": {"mrf_refine": "off"}, "dictmatch+refine": {"mrf_refine": "on"},
+           "mrfnet-mse": {"mrf_net_loss": "mse"}, "mrfnet-crb": {"mrf_net_loss": "crb"}}
 
 
 def _crb_log(schedule: dict, t1: float, t2: float, sigma: float) -> np.ndarray:
@@ -41,7 +43,9 @@ def _crb_log(schedule: dict, t1: float, t2: float, sigma: float) -> np.ndarray:
 
 
 def run_mrf_insilico(out_dir: Path, *, snrs=(100.0, 50.0, 25.0, 10.0), n_mc: int = 200, frames: int = 1000,
-                     grid_steps: int = 80, seed: int = 0, model_dir: Path | None = None) -> list[Path]:
+                     grid_steps: int = 80, seed: int = 0, model_dir: Path | None = None,
+                     methods=tuple(METHODS), net_samples: int | None = None,
+                     net_epochs: int | None = None) -> list[Path]:
     """Writes ``mrf_insilico.tsv`` and ``mrf_insilico.png`` into ``out_dir``; returns their paths."""
     import pandas as pd
 
@@ -49,7 +53,7 @@ def run_mrf_insilico(out_dir: Path, *, snrs=(100.0, 50.0, 25.0, 10.0), n_mc: int
     from bids_qmri.modalities.base import EstimateContext
     from bids_qmri.physics import epg
 
-    from .estimate import estimate_dictmatch, grid_from_options
+    from .estimate import estimate_dictmatch, estimate_mrfnet, grid_from_options
     from .protocol import MRFProtocol
 
     out_dir = Path(out_dir)
@@ -70,11 +74,13 @@ def run_mrf_insilico(out_dir: Path, *, snrs=(100.0, 50.0, 25.0, 10.0), n_mc: int
                                   torch.randn(n_mc, frames, generator=gen, dtype=torch.float64))
             signal = (clean[None, :] + sigma * noise).numpy().reshape(n_mc, 1, 1, frames)
             bound = _crb_log(schedule, t1, t2, sigma)
-            for method, opts in METHODS.items():
+            for method in methods:
+                net_opts = {"mrf_net_samples": net_samples, "mrf_net_epochs": net_epochs}
                 ctx = EstimateContext(model_dir=cache, seed=seed,
-                                      options={"mrf_grid_steps": grid_steps, **opts})
-                maps, _ = estimate_dictmatch({"signal": signal, "b1": np.ones((n_mc, 1, 1))},
-                                             np.ones((n_mc, 1, 1), bool), protocol, ctx)
+                                      options={"mrf_grid_steps": grid_steps, **METHODS[method], **net_opts})
+                estimate = estimate_mrfnet if method.startswith("mrfnet") else estimate_dictmatch
+                maps, _ = estimate({"signal": signal, "b1": np.ones((n_mc, 1, 1))},
+                                   np.ones((n_mc, 1, 1), bool), protocol, ctx)
                 row = {"tissue": tissue, "T1_true_s": t1, "T2_true_s": t2, "snr": snr, "method": method, "n": n_mc}
                 for k, (name, true) in enumerate((("T1", t1), ("T2", t2))):
                     est = maps[f"{name}map"].ravel().astype(np.float64)
@@ -125,13 +131,17 @@ def _plot(table, out_png: Path, title: str) -> Path:
 
 
 def add_insilico_command(sub) -> None:
-    p = sub.add_parser("mrf", help="MRF: accuracy, precision and CRB efficiency vs SNR (dictmatch, +refine)")
+    p = sub.add_parser("mrf", help="MRF: accuracy, precision and CRB efficiency vs SNR (dictmatch, +refine, "
+                                   "mrfnet MSE vs CRB loss)")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--snr", nargs="+", type=float, default=[100.0, 50.0, 25.0, 10.0])
     p.add_argument("--mc", type=int, default=200, help="noise draws per tissue and SNR")
     p.add_argument("--frames", type=int, default=1000, help="frames of the default FISP schedule")
     p.add_argument("--grid-steps", type=int, default=80, help="dictionary T1 and T2 grid points")
     p.add_argument("--model-dir", type=Path, default=None, help="dictionary cache (default: OUT_DIR/models)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--net-samples", type=int, default=None, help="mrfnet training samples (default: the app's)")
+    p.add_argument("--net-epochs", type=int, default=None, help="mrfnet training epochs (default: the app's)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run)
 
@@ -144,6 +154,8 @@ def _run(args, parser) -> int:
                                 "positive --snr values are needed\n")
     torch.set_num_threads(1)
     for path in run_mrf_insilico(args.out_dir, snrs=tuple(args.snr), n_mc=args.mc, frames=args.frames,
-                                 grid_steps=args.grid_steps, seed=args.seed, model_dir=args.model_dir):
+                                 grid_steps=args.grid_steps, seed=args.seed, model_dir=args.model_dir,
+                                 methods=tuple(args.methods), net_samples=args.net_samples,
+                                 net_epochs=args.net_epochs):
         print(path)
     return EXIT_OK
