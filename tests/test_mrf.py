@@ -177,6 +177,9 @@ def mrf_run(tmp_path_factory):
     wf = modality.init_workflow(item, sess, config, "mrf_wf")
     wf.base_dir = str(work)
     wf.run(plugin="Linear")
+    from bids_qmri.reports.participant import write_participant_report
+
+    write_participant_report(out, sess.subject, [sess], config)
     return bids, out
 
 
@@ -202,6 +205,7 @@ def test_outputs_sidecars_and_validator(mrf_run):
     anat = out / "sub-01" / "anat"
     side = json.loads((anat / "sub-01_acq-fisp_desc-dictmatch_T1map.json").read_text())
     assert side["Units"] == "s" and side["MRFSequenceType"] == "FISP" and side["NumberOfFrames"] == 1000
+    assert len(side["RepetitionTimesExcitation"]) == 1000 and "RepetitionTimeExcitation" not in side
     prov = side["Provenance"]
     assert prov["SVDRank"] == 10 and len(prov["DictionaryHash"]) == 16 and prov["DictionaryGrid"]["T1Steps"] == 40
     assert side["B1Source"] == "TB1TFL" and side["MRFInput"] == "SVD coefficients"
@@ -210,3 +214,62 @@ def test_outputs_sidecars_and_validator(mrf_run):
     assert json.loads((anat / "sub-01_acq-fisp_desc-dictmatch_M0map.json").read_text())["Units"] == "arbitrary"
     result = validate_bids(out, derivative=True)
     assert result.ok, result.summary()
+
+
+@pytest.mark.slow
+def test_report_shows_the_maps_and_the_fingerprint_fits(mrf_run):
+    _, out = mrf_run
+    png = out / "sub-01" / "figures" / "sub-01_acq-fisp_desc-dictmatch_fingerprints.png"
+    assert png.is_file() and png.stat().st_size > 10_000
+    html = (out / "sub-01.html").read_text()
+    assert "<h3>MR fingerprinting</h3>" in html and "figures/sub-01_acq-fisp_desc-dictmatch_fingerprints.png" in html
+    assert "sub-01_acq-fisp_desc-dictmatch_T1map" in html
+
+
+# ------------------------------------------------------------------------------------ in silico
+def test_insilico_refinement_is_efficient_and_unbiased(tmp_path):
+    from bids_qmri.cli.insilico import main
+
+    import pandas as pd
+
+    assert main(["mrf", str(tmp_path / "ins"), "--snr", "30", "--mc", "30", "--frames", "300",
+                 "--grid-steps", "30", "--net-samples", "4000", "--net-epochs", "3"]) == 0
+    t = pd.read_csv(tmp_path / "ins" / "mrf_insilico.tsv", sep="\t")
+    assert len(t) == 12 and (tmp_path / "ins" / "mrf_insilico.png").stat().st_size > 10_000
+    assert set(t.method) == {"dictmatch", "dictmatch+refine", "mrfnet-mse", "mrfnet-crb"}
+    assert t.T1_normalised_crb_loss.min() > 0.3  # nothing beats the bound by much (30 draws)
+    ref = t[t.method == "dictmatch+refine"]
+    grid = t[t.method == "dictmatch"]
+    # refinement: near-unbiased and close to the Cramér–Rao bound (normalised CRB loss ≈ 1)
+    assert (ref.T1_median_bias_pct.abs() < 1.0).all() and (ref.T2_median_bias_pct.abs() < 2.0).all()
+    assert ref.T1_normalised_crb_loss.between(0.3, 2.0).all() and ref.T2_normalised_crb_loss.between(0.3, 2.0).all()
+    # grid matching on a coarse grid: far from the bound (quantisation dominates at this SNR)
+    assert (grid.T1_normalised_crb_loss > 3).any()
+
+
+# ------------------------------------------------------------------------------------- mrfnet
+def test_mrfnet_trains_on_the_fly_caches_and_recovers_off_grid_fingerprints(tmp_path):
+    sig, truth = _fingerprints(400, seed=4, snr=30)
+    data = {"signal": sig.numpy(), "b1": truth["b1"].numpy().reshape(20, 20, 1)}
+    method = modalities.get("mrf").method("mrfnet")
+    assert method.default is False
+    cards = {}
+    for loss in ("mse", "crb"):
+        ctx = EstimateContext(model_dir=tmp_path / "models", seed=3,
+                              options={**SMALL, "mrf_net_loss": loss, "mrf_net_samples": 12000, "mrf_net_epochs": 10})
+        maps, prov = method.estimate({k: (v.reshape(20, 20, 1, -1) if k == "signal" else v) for k, v in data.items()},
+                                     np.ones((20, 20, 1), bool), PROTOCOL, ctx)
+        err = _median_rel(maps, truth)
+        # a briefly trained network (12 k samples, 10 epochs); the refined match reaches < 1 % here
+        assert err["T1map"] < 0.08 and err["T2map"] < 0.10 and err["M0map"] < 0.10, (loss, err)
+        card = prov["model_card"]
+        assert card["loss"] == loss and card["reused"] is False and len(card["sha256"]) == 64
+        assert set(card["heldout_normalised_crb_loss"]) == {"logT1", "logT2"}
+        assert all(v >= 0.5 for v in card["heldout_normalised_crb_loss"].values())  # no estimator beats the bound
+        cards[loss] = card
+    assert cards["mse"]["protocol_key"] != cards["crb"]["protocol_key"]
+    # the cached model is found again (same schedule, basis, loss and seed): identical maps
+    again, prov = method.estimate({k: (v.reshape(20, 20, 1, -1) if k == "signal" else v) for k, v in data.items()},
+                                  np.ones((20, 20, 1), bool), PROTOCOL, ctx)
+    assert prov["model_card"]["reused"] is True
+    np.testing.assert_array_equal(again["T1map"], maps["T1map"])

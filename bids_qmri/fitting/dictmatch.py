@@ -10,10 +10,10 @@ caller gives a ``simulate(params [n, P]) -> complex [n, Nt]`` function.
   bar) and projects each chunk onto a temporal basis when one is given;
   :func:`dictionary_gram` accumulates ``DᴴD`` chunk by chunk for the dictionary's own SVD
   (``physics.svd.basis_from_gram``), so a frames dictionary never has to be held in memory.
-- :func:`match`: chunked complex GEMM over voxels × atoms with a running argmax. The argmax is
-  exact for the scores computed (no clustering or tree search) and ties go to the lowest atom
-  index (``torch.max`` returns the first maximum within a block; a later block must be strictly
-  larger). ``groups``: each signal may be matched against one sub-dictionary only (e.g. the
+- :func:`match`: chunked GEMM over voxels × atoms (the complex inner products as two real GEMMs)
+  with a running argmax. The argmax is exact for the scores computed (no clustering or tree
+  search) and ties go to the lowest atom index (``torch.max`` returns the first maximum within a
+  block; a later block must be strictly larger). ``groups``: each signal may be matched against one sub-dictionary only (e.g. the
   atoms at the voxel's known B1).
 - :func:`refine_gauss_newton`: a few Gauss–Newton steps of the variable-projection residual
   ``s − d(θ) ⟨d(θ), s⟩/‖d(θ)‖²`` in the parameters, starting at the match and kept inside a box
@@ -105,23 +105,41 @@ class MatchResult:
     scale: torch.Tensor
 
 
-def _match_block(signals: torch.Tensor, atoms_h: torch.Tensor, atom_chunk: int):
-    """Running (max |score|², argmax) of ``signals [v, R]`` against ``atoms_h [R, A]`` (conjugated)."""
+def _real_atoms(atoms_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real GEMM operands of conjugated unit atoms ``atoms_h [R, A]``: with ``s_r = [Re s, Im s]``,
+    ``Re⟨d̂, s⟩ = s_r @ re`` and ``Im⟨d̂, s⟩ = s_r @ im`` (two real GEMMs: on CPU about 3× faster
+    than one complex GEMM of the same shapes, and their outputs are contiguous)."""
+    re = torch.cat([atoms_h.real, -atoms_h.imag], 0).contiguous()
+    im = torch.cat([atoms_h.imag, atoms_h.real], 0).contiguous()
+    return re, im
+
+
+def _match_block(signals: torch.Tensor, atoms_re: torch.Tensor, atoms_im: torch.Tensor, atom_chunk: int):
+    """Running (max |score|², argmax) of ``signals [v, R]`` against the real operands of the atoms."""
     v = signals.shape[0]
-    best = torch.full((v,), -1.0, dtype=signals.real.dtype)
+    s_r = torch.cat([signals.real, signals.imag], 1).contiguous()
+    best = torch.full((v,), -1.0, dtype=s_r.dtype)
     arg = torch.zeros(v, dtype=torch.long)
-    for lo in range(0, atoms_h.shape[1], atom_chunk):
-        ip = signals @ atoms_h[:, lo:lo + atom_chunk]
-        power = torch.view_as_real(ip).square().sum(-1)  # |⟨d̂, s⟩|² (no square root needed)
-        value, idx = power.max(dim=1)  # first maximum within the block
-        better = value > best  # strictly: an earlier block keeps a tie
-        best = torch.where(better, value, best)
-        arg = torch.where(better, idx + lo, arg)
+    # Reused output blocks: a fresh multi-MB allocation per block costs page faults.
+    buf_re = torch.empty((v, atom_chunk), dtype=s_r.dtype)
+    buf_im = torch.empty((v, atom_chunk), dtype=s_r.dtype)
+    n_atoms = atoms_re.shape[1]
+    for lo in range(0, n_atoms, atom_chunk):
+        n = min(atom_chunk, n_atoms - lo)
+        power = torch.matmul(s_r, atoms_re[:, lo:lo + n], out=buf_re[:, :n] if n == atom_chunk else None)
+        im = torch.matmul(s_r, atoms_im[:, lo:lo + n], out=buf_im[:, :n] if n == atom_chunk else None)
+        power.square_().addcmul_(im, im)  # |⟨d̂, s⟩|² (no square root needed)
+        value = power.amax(dim=1)
+        rows = torch.nonzero(value > best).flatten()  # strictly: an earlier block keeps a tie
+        if rows.numel():
+            _, idx = power[rows].max(dim=1)  # the first maximum within the block
+            best[rows] = value[rows]
+            arg[rows] = idx + lo
     return best, arg
 
 
 def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | None = None,
-          atom_groups: list[slice] | None = None, voxel_chunk: int = 1024, atom_chunk: int = 2048,
+          atom_groups: list[slice] | None = None, voxel_chunk: int = 1024, atom_chunk: int = 256,
           atom_norms: tuple[torch.Tensor, torch.Tensor] | None = None) -> MatchResult:
     """Best atom of ``atoms`` ``[A, R]`` for each signal of ``signals`` ``[V, R]`` (complex).
 
@@ -150,10 +168,10 @@ def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | 
         rows = torch.nonzero(usable & (groups == g)).flatten()
         if rows.numel() == 0:
             continue
-        atoms_h = unit[sl].mH.contiguous()  # [R, A_g]
+        atoms_re, atoms_im = _real_atoms(unit[sl].mH)  # [2R, A_g] each
         for lo in range(0, rows.numel(), voxel_chunk):
             sel = rows[lo:lo + voxel_chunk]
-            _, arg = _match_block(signals[sel], atoms_h, atom_chunk)
+            _, arg = _match_block(signals[sel], atoms_re, atoms_im, atom_chunk)
             index[sel] = arg + (sl.start or 0)
     ok = index >= 0
     safe = index.clamp_min(0)

@@ -101,3 +101,17 @@ class PrepareB1(SimpleInterface):
         return runtime
 
 
+
+
+def init_b1_node(b1, config, num_threads: int, name: str = "b1"):
+    """A ``PrepareB1`` node for a modality workflow: the session's ``B1Input`` (or None: B1 = 1)
+    with the run's preparation angle, seed and threads; connect ``ref_image`` and ``mask_file``."""
+    from nipype.pipeline import engine as pe
+
+    node = pe.Node(PrepareB1(prep_angle_deg=float(config.b1_prep_angle_deg), seed=config.seed,
+                             num_threads=num_threads), name=name, n_procs=num_threads)
+    if b1 is not None:
+        node.inputs.kind = b1.kind
+        node.inputs.files = {k: str(v) for k, v in b1.files.items()}
+        node.inputs.metadata = {k: dict(v) for k, v in (b1.metadata or {}).items()}
+    return node

@@ -152,6 +152,9 @@ class Modality:
     citations: tuple[str, ...] = ()
     # Options of ``bids_qmri`` that belong to this modality (-> ``config.options``).
     run_options: tuple[RunOption, ...] = ()
+    # Figures the workflow wrote under ``sub-X/figures/`` for the participant report:
+    # ``(figures_dir, prefix) -> [{"section", "title", "path", "caption"}]`` (prefix ``sub-X[_ses-Y]``).
+    report_figures: Callable[..., list[dict]] | None = None
     # Optional hooks: ``bids_qmri-train`` support, ``bids_qmri-insilico`` subcommands.
     add_train_arguments: Callable | None = None
     train_from_args: Callable | None = None

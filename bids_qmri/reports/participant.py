@@ -203,6 +203,18 @@ def _build_session(out_root: Path, sdir: Path, prefix: str, fig_dir: Path, label
                 "card": card if isinstance(card, dict) else ({"value": card} if card else {}),
                 "protocol": {k: side[k] for k in protocol_keys if k in side},
             })
+    # Figures the modalities' workflows wrote for the report (e.g. fingerprint fits).
+    for modality in modalities.modalities():
+        if modality.report_figures is None:
+            continue
+        try:
+            extra = modality.report_figures(fig_dir, prefix)
+        except Exception as exc:  # a failed figure must not cost the whole report
+            view.warnings.append(f"{modality.title} report figures failed: {exc}")
+            continue
+        for f in extra:
+            view.figures.append({"section": f["section"], "title": f["title"], "src": _rel(Path(f["path"]), out_root),
+                                 "caption": f.get("caption", "")})
     # Method differences: every method against the reference one (its modality's first method).
     for (acq, suffix), paths in sorted(by_key.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
         if len(paths) < 2:

@@ -34,7 +34,7 @@ from nipype.interfaces import utility as niu  # noqa: E402
 from nipype.pipeline import engine as pe  # noqa: E402
 
 from bids_qmri.bids.inputs import B1Input  # noqa: E402
-from bids_qmri.interfaces.b1 import PrepareB1  # noqa: E402
+from bids_qmri.interfaces.b1 import init_b1_node  # noqa: E402
 from bids_qmri.interfaces.maps import EstimateMaps  # noqa: E402
 from bids_qmri.interfaces.reference import BrainMask, ReferenceDerivatives  # noqa: E402
 from bids_qmri.physics.bssfp import BSSFPProtocol  # noqa: E402
@@ -88,12 +88,7 @@ def init_bssfp_wf(bssfp: BSSFPInput, b1: B1Input | None, subject: str, session: 
                                         gibbs_removal=gibbs, num_threads=omp),
                     name="configurations", n_procs=omp)
     mask = pe.Node(BrainMask(), name="brain_mask")
-    b1_node = pe.Node(PrepareB1(prep_angle_deg=float(config.b1_prep_angle_deg), seed=config.seed, num_threads=omp),
-                      name="b1", n_procs=omp)
-    if b1 is not None:
-        b1_node.inputs.kind = b1.kind
-        b1_node.inputs.files = {k: str(v) for k, v in b1.files.items()}
-        b1_node.inputs.metadata = {k: dict(v) for k, v in (b1.metadata or {}).items()}
+    b1_node = init_b1_node(b1, config, omp)
     ds = pe.Node(ReferenceDerivatives(
         suffix=MODALITY.ref_suffix, title=MODALITY.title, sources=sources, protocol=protocol.as_dict(),
         ref_description="mean magnitude over the motion-corrected phase cycles (bSSFP reference grid)",

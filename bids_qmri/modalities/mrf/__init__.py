@@ -80,12 +80,34 @@ def _estimate_dictmatch(data, mask, protocol, context):
     return estimate_dictmatch(data, mask, protocol, context)
 
 
+def _estimate_mrfnet(data, mask, protocol, context):
+    from .estimate import estimate_mrfnet
+
+    return estimate_mrfnet(data, mask, protocol, context)
+
+
 def _workflow(item, sess, config, name):
     from bids_qmri.bids.collect import b1_for
 
     from .workflow import init_mrf_wf
 
     return init_mrf_wf(item, b1_for(sess, item), sess.subject, sess.session, config, name=name)
+
+
+def _report_figures(fig_dir, prefix):
+    out = []
+    for png in sorted(fig_dir.glob(f"{prefix}_*_fingerprints.png")):
+        out.append({"section": "MR fingerprinting", "title": f"Fingerprint fits: {png.name[:-len('_fingerprints.png')]}",
+                    "path": png, "caption": "Measured |fingerprint| (grey; SVD coefficients expanded with their basis) "
+                                            "and the fit M0 * FISP-EPG(T1, T2, B1) of the maps (red) at four voxels "
+                                            "at the 10-90 % quantiles of T1."})
+    return out
+
+
+def _add_insilico(sub):
+    from .insilico import add_insilico_command
+
+    return add_insilico_command(sub)
 
 
 def _planned_outputs(item, sess, config):
@@ -114,13 +136,20 @@ METHODS = (
            "dictionary matching (maximum normalised inner product over a FISP-EPG dictionary at the voxel's B1, "
            "SVD-compressed, exact argmax) with Gauss-Newton refinement inside the winning grid cell",
            _REFERENCE, (T1, T2, M0), _estimate_dictmatch),
+    Method("mrfnet",
+           "MLP on the unit-norm SVD coefficients and B1 -> log T1, log T2 (M0 from the predicted norm), trained on the "
+           "fly for the schedule and basis (CRB-weighted or MSE loss, --mrf-net-loss)",
+           _REFERENCE + "; Zhang X, Duchemin Q, Liu K, et al. Cramer-Rao bound-informed training of neural networks "
+                        "for quantitative MRI. Magn Reson Med 2022;88:436-448. doi:10.1002/mrm.29206",
+           (T1, T2, M0), _estimate_mrfnet, default=False),
 )
 
 MODALITY = Modality(
     name="mrf", title="MR fingerprinting", suffixes=(SUFFIX,), required_metadata={SUFFIX: REQUIRED},
     collect=_collect, plan_row=_plan_row, ref_suffix=SUFFIX,
     methods=METHODS, protocol=_protocol, protocol_from_dict=_protocol_from_dict,
-    init_workflow=_workflow, planned_outputs=_planned_outputs,
+    init_workflow=_workflow, planned_outputs=_planned_outputs, report_figures=_report_figures,
+    add_insilico_commands=_add_insilico,
     uses_b1=True, protocol_keys=("MRFSequenceType", "EchoTime", "InversionTime"),
     bidsignore=("*_MRF.*", "*_MRFbasis.*"),
     citations=(
@@ -137,6 +166,8 @@ MODALITY = Modality(
         RunOption("--mrf-grid-steps", "mrf_grid_steps", 80, type=int,
                   help="MRF dictionary: log-spaced grid points over T1 0.1-5 s and over T2 0.01-2 s (T2 < T1); "
                        "default 80"),
+        RunOption("--mrf-net-loss", "mrf_net_loss", "crb", choices=("crb", "mse"),
+                  help="MRF mrfnet: training loss, Cramer-Rao-bound weighted (crb, seed 003) or plain MSE"),
         RunOption("--mrf-b1-step", "mrf_b1_step", 0.05, type=float,
                   help="MRF dictionary: B1 grid step over 0.6-1.4 (each voxel matched at its nearest B1 value); "
                        "default 0.05"),

@@ -10,7 +10,7 @@ estimates are neither quantised to the T1/T2 grid nor to the B1 grid.
 
 Options (``context.options``): ``mrf_refine`` (``on``/``off``), ``mrf_grid_steps`` (T1 and T2 grid points,
 default 80), ``mrf_b1_step`` (default 0.05), ``mrf_svd_energy`` (rank of the own basis for frames
-input, default 0.999), ``mrf_refine_iterations`` (default 3), ``mrf_refine_jacobian`` (``start``:
+input, default 0.999), ``mrf_refine_iterations`` (default 2), ``mrf_refine_jacobian`` (``start``:
 the Jacobian of the matched node is kept, one EPG simulation per iteration; ``every``: Gauss–Newton
 proper, ``P + 1`` simulations per iteration).
 """
@@ -87,7 +87,7 @@ def estimate_dictmatch(data: dict, mask: np.ndarray, protocol, context) -> tuple
     """T1map, T2map (s) and M0map (arbitrary) of the masked voxels."""
     options = dict(context.options or {})
     refine = options.get("mrf_refine", "on") not in ("off", False)
-    iterations = int(options.get("mrf_refine_iterations") or 3)
+    iterations = int(options.get("mrf_refine_iterations") or 2)
     every = options.get("mrf_refine_jacobian", "start") == "every"
     grid = grid_from_options(options)
     cache_dir = Path(context.model_dir or ".") / "mrf" / "dictionaries"
@@ -151,3 +151,42 @@ def estimate_dictmatch(data: dict, mask: np.ndarray, protocol, context) -> tuple
     m0 = torch.where(ok, m0, torch.nan).numpy()
     maps = {"T1map": _volume(t1, mask), "T2map": _volume(t2, mask), "M0map": _volume(m0, mask)}
     return maps, provenance
+
+
+#: On-the-fly training settings of mrfnet (options ``mrf_net_samples`` / ``mrf_net_epochs`` override).
+NET_TRAINING = {"n_samples": 40_000, "max_epochs": 30, "patience": 5}
+NET_ALGORITHM = ("mrfnet: MLP (3 x {hidden} ReLU) on the unit-norm SVD coefficients (first coefficient real) and B1 "
+                 "-> log T1, log T2 and the log norm of the noise-free coefficients (M0 = ||c|| / norm); trained on "
+                 "the fly on FISP-EPG fingerprints for this schedule and basis with the {loss} loss")
+
+
+def estimate_mrfnet(data: dict, mask: np.ndarray, protocol, context) -> tuple[dict, dict]:
+    """T1map, T2map (s) and M0map of the masked voxels by the fingerprint network."""
+    from bids_qmri.models.registry import get_model
+
+    from .net import NetProtocol, basis_key, features, train_mrfnet
+
+    options = dict(context.options or {})
+    loss = str(options.get("mrf_net_loss") or "crb")
+    grid = grid_from_options(options)
+    cache_dir = Path(context.model_dir or ".") / "mrf" / "dictionaries"
+    coeffs, basis, b1, source = prepare_signals(data, mask, protocol, grid, cache_dir, options)
+    net_protocol = NetProtocol(protocol, basis_key(basis), loss)
+    settings = {**NET_TRAINING, **{k: int(options[o]) for k, o in (("n_samples", "mrf_net_samples"),
+                                                                 ("max_epochs", "mrf_net_epochs")) if options.get(o)}}
+    net, card = get_model("mrf", "mrfnet", net_protocol, model_dir=context.model_dir,
+                          trainer=lambda: train_mrfnet(net_protocol, basis, seed=context.seed, **settings),
+                          seed=context.seed, allow_training=context.allow_training)
+    b1_t = torch.from_numpy(np.clip(b1, 0.6, 1.4)).float()
+    with torch.no_grad():
+        pred = torch.cat([net(features(coeffs[lo:lo + 65536], b1_t[lo:lo + 65536]))
+                          for lo in range(0, len(coeffs), 65536)]) if len(coeffs) else torch.zeros(0, 3)
+    norm = torch.linalg.vector_norm(coeffs, dim=-1).double()
+    ok = norm > 0
+    t1 = torch.where(ok, pred[:, 0].double().exp(), torch.nan).numpy()
+    t2 = torch.where(ok, pred[:, 1].double().exp(), torch.nan).numpy()
+    m0 = torch.where(ok, norm / pred[:, 2].double().exp(), torch.nan).numpy()
+    provenance = {"method": "mrfnet", "algorithm": NET_ALGORITHM.format(hidden=net.hidden, loss=loss),
+                  "reference": REFERENCE, "model_card": card, **source, "Loss": loss,
+                  "VoxelsB1OutsideTraining": int(((b1 < 0.6) | (b1 > 1.4)).sum())}
+    return {"T1map": _volume(t1, mask), "T2map": _volume(t2, mask), "M0map": _volume(m0, mask)}, provenance

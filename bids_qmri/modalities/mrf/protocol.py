@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from bids_qmri.bids.collect import number, number_list
 
 SEQUENCES = ("FISP",)
+# BIDS defines RepetitionTimeExcitation as one number (FlipAngle may be a list): the derivatives'
+# sidecars keep the per-frame TRs under their own key.
+SIDECAR_TR = "RepetitionTimesExcitation"
 
 
 def schedule_problem(meta: dict) -> tuple[str, str] | None:
@@ -54,6 +57,9 @@ class MRFProtocol:
 
     @classmethod
     def from_dict(cls, meta: dict) -> "MRFProtocol":
+        """From a raw sidecar or from ``as_dict()`` (which keeps the TR list under ``SIDECAR_TR``)."""
+        if SIDECAR_TR in meta and "RepetitionTimeExcitation" not in meta:
+            meta = {**meta, "RepetitionTimeExcitation": meta[SIDECAR_TR]}
         problem = schedule_problem(meta)
         if problem:
             raise ValueError(f"{problem[0]} ({problem[1]})")
@@ -90,7 +96,7 @@ class MRFProtocol:
 
     def as_dict(self) -> dict:
         return {"MRFSequenceType": self.sequence, "FlipAngle": list(self.flip_deg),
-                "RepetitionTimeExcitation": list(self.tr), "EchoTime": self.te, "InversionTime": self.ti}
+                SIDECAR_TR: list(self.tr), "EchoTime": self.te, "InversionTime": self.ti}
 
     def schedule(self) -> dict:
         """``physics.epg.fisp_mrf`` keyword arguments (float64 tensors, radians, seconds)."""

@@ -11,7 +11,9 @@ Outputs (``acq-<label>`` the MRF acquisition's label): ``anat/..._acq-<label>_de
 T2map,M0map}.nii.gz`` with the schedule summary, dictionary grid, hash and SVD rank in the
 sidecars; ``anat/..._acq-<label>_desc-ref_MRF.nii.gz`` (RMS magnitude over frames or
 coefficients), ``anat/..._acq-<label>_desc-brain_mask.nii.gz`` and, with a B1 map,
-``fmap/..._acq-<label>_desc-mrf_TB1map.nii.gz``. MRF data are single volumes: no motion table.
+``fmap/..._acq-<label>_desc-mrf_TB1map.nii.gz``; for the report,
+``sub-X/figures/..._acq-<label>_desc-<method>_fingerprints.png`` (measured vs fitted fingerprints
+at four voxels). MRF data are single volumes: no motion table.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from nipype.interfaces import utility as niu  # noqa: E402
 from nipype.pipeline import engine as pe  # noqa: E402
 
 from bids_qmri.bids.inputs import B1Input, FingerprintInput  # noqa: E402
-from bids_qmri.interfaces.b1 import PrepareB1  # noqa: E402
+from bids_qmri.interfaces.b1 import init_b1_node  # noqa: E402
 from bids_qmri.interfaces.maps import EstimateMaps  # noqa: E402
 from bids_qmri.interfaces.reference import BrainMask, ReferenceDerivatives  # noqa: E402
 
-from .interfaces import LoadFingerprints  # noqa: E402
+from .interfaces import FingerprintFitFigure, LoadFingerprints  # noqa: E402
 from .protocol import protocol as mrf_protocol  # noqa: E402
 
 
@@ -57,12 +59,7 @@ def init_mrf_wf(item: FingerprintInput, b1: B1Input | None, subject: str, sessio
     if item.basis_file:
         load.inputs.basis_file = str(item.basis_file)
     mask = pe.Node(BrainMask(), name="brain_mask")
-    b1_node = pe.Node(PrepareB1(prep_angle_deg=float(config.b1_prep_angle_deg), seed=config.seed, num_threads=omp),
-                      name="b1", n_procs=omp)
-    if b1 is not None:
-        b1_node.inputs.kind = b1.kind
-        b1_node.inputs.files = {k: str(v) for k, v in b1.files.items()}
-        b1_node.inputs.metadata = {k: dict(v) for k, v in (b1.metadata or {}).items()}
+    b1_node = init_b1_node(b1, config, omp)
     kind = "SVD coefficients" if item.basis_file else "frames"
     ds = pe.Node(ReferenceDerivatives(
         suffix=MODALITY.ref_suffix, title=MODALITY.title, sources=sources, protocol=protocol.as_dict(),
@@ -100,12 +97,20 @@ def init_mrf_wf(item: FingerprintInput, b1: B1Input | None, subject: str, sessio
                                    num_threads=omp, sources=sources, sidecar_info=sidecar_info, options=options,
                                    **common),
                       name=f"estimate_{method}", n_procs=omp)
+        fig = pe.Node(FingerprintFitFigure(protocol=protocol.as_dict(), output_dir=str(config.output_dir)),
+                      name=f"figure_{method}")
         wf.connect([
             (data, est, [(("out", _roles), "data_files")]),
             (mask, est, [("out_file", "mask_file")]),
             (infos, est, [("out", "info")]),
             (est, merge, [("out_maps", f"in{index}")]),
+            (est, fig, [("out_maps", "maps")]),
+            (load, fig, [("out_file", "signal")]),
+            (b1_node, fig, [("out_file", "b1")]),
+            (mask, fig, [("out_file", "mask_file")]),
         ])
+        if item.basis_file:
+            wf.connect(load, "basis", fig, "basis")
     wf.connect(merge, "out", outputnode, "maps")
     return wf
 
