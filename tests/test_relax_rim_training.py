@@ -140,7 +140,7 @@ def test_volume_inference_is_slice_by_slice_and_masked():
         assert alone["T1"].shape[2] == 1
 
 
-@pytest.mark.parametrize("modality,kind,times", [(IRT1, "ir", TI), (MESE, "t2", TE[:5])])
+@pytest.mark.parametrize("modality,kind,times", [(IRT1, "ir", TI[1:]), (MESE, "t2", TE[:5])])  # no bundled model
 def test_estimate_through_the_contract_trains_once_and_caches(modality, kind, times, tmp_path, monkeypatch):
     for method in training.LEARNED_METHODS:
         monkeypatch.setitem(models.ON_THE_FLY, method, dict(TINY))
@@ -226,3 +226,22 @@ def test_learned_methods_are_planned_when_named():
     assert any(p.endswith("_acq-ir_desc-rim_T1map.nii.gz") for p in planned)
     assert any(p.endswith("_acq-ir_desc-rim_IEmap.nii.gz") for p in planned)
     assert not any("desc-resnet" in p for p in planned)
+
+
+@pytest.mark.parametrize("method", training.LEARNED_METHODS)
+@pytest.mark.parametrize("kind,times", [("ir", TI), ("t2", TE)])
+def test_bundled_models_for_the_synthetic_lists(method, kind, times):
+    """The shipped models load for the synthetic dataset's TI/TE lists (checksums checked) and
+    beat the initial guess on fresh patches (another seed, another voxel size than
+    training, SNR 30); their full accuracy is in the cards and bids_qmri-insilico rim."""
+    protocol = SeriesProtocol("InversionTime" if kind == "ir" else "EchoTime", times)
+    net, card = models.get_model(method, protocol, model_dir=None, allow_training=False)
+    assert card["origin"].startswith("bundled") and card["times_s"] == list(times)
+    patches = simulate.simulate_patches(kind, times, 6, np.random.default_rng(2024), resolution_mm=RES,
+                                        sigma=simulate.sigma_for_snr(30))
+    name = rim.PARAMETERS[kind][-1]
+    err = training.evaluate_patches(net, patches, times, kind)[f"median_abs_rel_error_{name}"]
+    start = rim.to_physical(rim.initial_estimate(patches.signal, kind), kind)[:, -1]
+    truth = rim.to_physical(patches.target, kind)[:, -1]
+    err0 = float((start / truth - 1)[patches.brain].abs().median())
+    assert err < 0.2 and err < 0.9 * err0  # measured (SNR 30): rim 17 % / 9 %, resnet 6 % / 7 % (IR / T2)
