@@ -55,3 +55,68 @@ def test_tissue_dice_at_1mm(tmp_path):
     # best intensity threshold gives CSF 0.90: thin sulcal CSF is partial volume even at 1 mm.
     assert scores["GM"] >= 0.9 and scores["WM"] >= 0.9 and scores["CSF"] >= 0.8
     assert brain >= 0.97
+
+
+# The phantom the pipeline has never seen (bids_qmri-synth --anatomy colin27): Colin27's head with
+# its own Gaussian-mixture tissue classes; neither a registration target, a prior nor the
+# initialiser of the pipeline (the MNI152 phantom above is its own template, optimistic by
+# construction). 3 mm keeps the test cheap; other seeds and 1 mm are measured with
+# benchmarks/bench_anat.py --anatomy colin27 --roi and listed in the README.
+UNSEEN_SEED = 2
+
+
+def test_unseen_head_dice_and_roi_bias_at_3mm(tmp_path):
+    from nipype.pipeline import engine as pe
+
+    from bids_qmri.anatomy.roistats import roi_analysis
+    from bids_qmri.anatomy.segmentation import dice
+    from bids_qmri.bids.derivatives import init_derivatives
+    from bids_qmri.config import Config
+    from bids_qmri.synth.dataset import SynthOptions, write_dataset
+    from bids_qmri.synth.evaluate import tissue_roi_biases, truth_as_maps
+    from bids_qmri.synth.phantom import COLIN27_BRAIN
+    from bids_qmri.workflows.anat import init_anat_wf
+
+    if not COLIN27_BRAIN.is_file():
+        pytest.skip("mricron-data (Colin27) not installed")
+    bids = tmp_path / "bids"
+    write_dataset(bids, SynthOptions(participants=1, sessions=0, resolution=3.0, seed=UNSEEN_SEED,
+                                     kinds=("t1w", "bssfp"), anatomy="colin27"), progress=False)
+    out = tmp_path / "out"
+    config = Config(bids_dir=bids, output_dir=out, work_dir=tmp_path / "work", omp_nthreads=2, nprocs=2, seed=0)
+    init_derivatives(out, bids, extra_ignore=bidsignore_lines())
+    t1w = bids / f"sub-{SUB}" / "anat" / f"sub-{SUB}_acq-mprage_T1w.nii.gz"
+    wf = pe.Workflow(name="test_anat_unseen", base_dir=str(tmp_path / "work"))
+    wf.add_nodes([init_anat_wf(t1w, SUB, None, config)])
+    wf.run(plugin="Linear")
+    anat = out / f"sub-{SUB}" / "anat"
+
+    def load(path: Path) -> np.ndarray:
+        return np.asanyarray(nb.load(path).dataobj)
+
+    truth = load(bids / "derivatives" / "groundtruth" / f"sub-{SUB}" / "anat" / f"sub-{SUB}_acq-mprage_dseg.nii.gz")
+    ours = load(anat / f"sub-{SUB}_dseg.nii.gz")
+    scores = {t: dice(truth == i, ours == i) for i, t in ((1, "GM"), (2, "WM"), (3, "CSF"))}
+    brain = dice(truth > 0, ours > 0)
+
+    ref, maps = truth_as_maps(bids, tmp_path / "maps")
+    tsv = roi_analysis(subject=SUB, session=None, output_dir=tmp_path / "roi", work_dir=tmp_path / "roiwork",
+                       t1w=str(anat / f"sub-{SUB}_desc-preproc_T1w.nii.gz"),
+                       mask=str(anat / f"sub-{SUB}_desc-brain_mask.nii.gz"),
+                       probseg=[str(anat / f"sub-{SUB}_label-{t}_probseg.nii.gz") for t in ("GM", "WM", "CSF")],
+                       atlas_dseg=str(anat / f"sub-{SUB}_atlas-AAL_dseg.nii.gz"),
+                       atlas_table=str(anat / f"sub-{SUB}_atlas-AAL_dseg.tsv"), atlas_name="AAL",
+                       ref_images=[ref], maps=maps, nthreads=2)
+    bias = tissue_roi_biases(bids, tsv)
+    print("unseen head, 3 mm, seed", UNSEEN_SEED, "Dice", scores, "brain", brain, "ROI bias %", bias)
+    # Measured (benchmarks/bench_anat.py --resolution 3 --anatomy colin27 --seeds 2 3 4 --roi; this
+    # workflow gives the benchmark's numbers within ~0.01): this seed GM 0.754, WM 0.716, CSF 0.633,
+    # brain 0.960; seeds 2-4 in the README's table. Same participant on the MNI152 phantom: GM 0.815,
+    # WM 0.795, CSF 0.692, brain 0.975. Bounds: the lowest of seeds 2-4 minus ~0.02.
+    assert scores["GM"] >= 0.73 and scores["WM"] >= 0.69 and scores["CSF"] >= 0.44
+    assert brain >= 0.95
+    # ROI biases (%), this seed: T1 GM -6.1 (our GM takes in WM voxels), WM -1.6, WholeBrain -1.7;
+    # T2 GM -1.8, WM +0.6, WholeBrain -1.1 (MNI152 phantom, same participant: T1 within 1.3 %,
+    # T2 within 0.9 %); other seeds in the README. Bounds: seeds 2-4 pass with ~1.5 % to spare.
+    assert abs(bias["T1 GM"]) <= 9.0 and abs(bias["T1 WM"]) <= 7.5 and abs(bias["T1 WholeBrain"]) <= 5.0
+    assert max(abs(bias[f"T2 {t}"]) for t in ("GM", "WM", "WholeBrain")) <= 5.0
