@@ -109,14 +109,15 @@ def test_unseen_head_dice_and_roi_bias_at_3mm(tmp_path):
                        ref_images=[ref], maps=maps, nthreads=2)
     bias = tissue_roi_biases(bids, tsv)
     print("unseen head, 3 mm, seed", UNSEEN_SEED, "Dice", scores, "brain", brain, "ROI bias %", bias)
-    # Measured (benchmarks/bench_anat.py --resolution 3 --anatomy colin27 --seeds 2 3 4 --roi; this
-    # workflow gives the benchmark's numbers within ~0.01): this seed GM 0.754, WM 0.716, CSF 0.633,
-    # brain 0.960; seeds 2-4 in the README's table. Same participant on the MNI152 phantom: GM 0.815,
-    # WM 0.795, CSF 0.692, brain 0.975. Bounds: the lowest of seeds 2-4 minus ~0.02.
-    assert scores["GM"] >= 0.73 and scores["WM"] >= 0.69 and scores["CSF"] >= 0.44
+    # Measured: this test GM 0.752, WM 0.701, CSF 0.635, brain 0.961; benchmarks/bench_anat.py
+    # --resolution 3 --anatomy colin27 --seeds 2 3 4 --roi: this seed 0.754 / 0.716 / 0.633 / 0.960,
+    # seeds 3 and 4 in the README's table (seed 2 draws the weakest GM/WM T1 contrast of the three).
+    # Same participant on the MNI152 phantom: GM 0.815, WM 0.795, CSF 0.692, brain 0.975. Bounds:
+    # the lowest of seeds 2-4 minus ~0.02.
+    assert scores["GM"] >= 0.73 and scores["WM"] >= 0.68 and scores["CSF"] >= 0.44
     assert brain >= 0.95
-    # ROI biases (%), this seed: T1 GM -6.1 (our GM takes in WM voxels), WM -1.6, WholeBrain -1.7;
-    # T2 GM -1.8, WM +0.6, WholeBrain -1.1 (MNI152 phantom, same participant: T1 within 1.3 %,
+    # ROI biases (%), this test: T1 GM -6.3 (our GM takes in WM voxels), WM -1.9, WholeBrain -1.6;
+    # T2 GM -1.6, WM +0.6, WholeBrain -1.0 (MNI152 phantom, same participant: T1 within 1.3 %,
     # T2 within 0.9 %); other seeds in the README. Bounds: seeds 2-4 pass with ~1.5 % to spare.
     assert abs(bias["T1 GM"]) <= 9.0 and abs(bias["T1 WM"]) <= 7.5 and abs(bias["T1 WholeBrain"]) <= 5.0
     assert max(abs(bias[f"T2 {t}"]) for t in ("GM", "WM", "WholeBrain")) <= 5.0
