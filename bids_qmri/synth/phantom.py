@@ -14,7 +14,7 @@ Two anatomies (``ANATOMIES``, ``bids_qmri-synth --anatomy``):
   and normalisation on a head the pipeline has never seen.
 
 The MNI152 anatomy is made crisp: each 1 mm template voxel is one tissue (GM, WM, or CSF =
-intracranial hull minus GM and WM), each tissue keeping its volume (see _crisp_tissues). A
+intracranial hull minus GM and WM), each tissue keeping its volume (see _crisp_mni152). A
 population map's fuzziness is inter-subject variability, not anything one head has; an
 individual brain has sharp tissue boundaries, and its partial volume comes from the acquisition's
 voxel size (here: anti-aliasing and interpolation onto the participant's grid). With the fuzzy
