@@ -34,20 +34,6 @@ _NILEARN_FILES = {
 }
 
 
-# A head (skull and scalp kept) and brain-extracted T1w in MNI space for the initial affine
-# when the template itself is brain-only (the nilearn copy): a brain-only template matched to a
-# head by mutual information grows to the scalp. Debian mricron-data ships Colin27 ("ch2").
-MRICRON_HEAD = Path("/usr/share/mricron/templates/ch2.nii.gz")
-MRICRON_HEAD_BRAIN = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
-
-
-def head_template() -> tuple[Path, Path] | None:
-    """(head T1w, brain-extracted T1w) in MNI space for initialisation, or None if absent."""
-    if MRICRON_HEAD.is_file() and MRICRON_HEAD_BRAIN.is_file():
-        return MRICRON_HEAD, MRICRON_HEAD_BRAIN
-    return None
-
-
 @dataclass
 class Template:
     """A template in memory: images share one grid; priors are probabilities in [0, 1]."""
@@ -57,11 +43,41 @@ class Template:
     t1w: nb.Nifti1Image
     mask: nb.Nifti1Image
     priors: dict[str, nb.Nifti1Image]  # "GM", "WM", "CSF"
-    brain_only: bool = False  # the T1w has no skull/scalp (needs a head template to initialise)
+    brain_only: bool = False  # the T1w has no skull/scalp (initialised with synthetic_head)
 
     @property
     def zooms(self) -> tuple[float, ...]:
         return tuple(float(z) for z in self.t1w.header.get_zooms()[:3])
+
+
+#: Shell of the synthetic head (``synthetic_head``), mm from the template's brain mask: a dark
+#: band (CSF and the skull's outer table), then a bright scalp (marrow, fat and skin together).
+SYNTHETIC_HEAD_DARK_MM = 5.0
+SYNTHETIC_HEAD_SCALP_MM = 12.0
+
+
+def synthetic_head(tpl: Template) -> nb.Nifti1Image:
+    """A T1w-like head in the template's space made from the template's own brain, for the
+    initial affine when the template is brain-only.
+
+    A brain-only template matched to a head by mutual information grows to the scalp, so the
+    first affine needs a head. Rather than another subject's head (any real head would also be a
+    candidate phantom anatomy: see ``bids_qmri.synth.phantom``), the head is the template's T1w
+    inside its brain mask wrapped in a generic shell by distance from the mask: dark up to
+    ``SYNTHETIC_HEAD_DARK_MM`` (CSF and skull), scalp up to ``SYNTHETIC_HEAD_SCALP_MM`` at the
+    brain's 90th intensity percentile (fat is bright on T1w), then air; smoothed by 1 mm. It only
+    initialises the brain affine that follows (``anatomy.pipeline.register_template``).
+    """
+    from scipy import ndimage
+
+    t1 = tpl.t1w.get_fdata(dtype=np.float32)
+    mask = tpl.mask.get_fdata(dtype=np.float32) > 0.5
+    zooms = tpl.zooms
+    dist = ndimage.distance_transform_edt(~mask, sampling=zooms)
+    scalp = (dist > SYNTHETIC_HEAD_DARK_MM) & (dist <= SYNTHETIC_HEAD_SCALP_MM)
+    head = np.where(mask, t1, 0.0) + scalp * float(np.percentile(t1[mask], 90))
+    head = ndimage.gaussian_filter(head, [1.0 / z for z in zooms])
+    return _as_float_image(head, tpl.t1w)
 
 
 def _as_float_image(data: np.ndarray, ref: nb.spatialimages.SpatialImage) -> nb.Nifti1Image:

@@ -14,7 +14,7 @@ Two anatomies (``ANATOMIES``, ``bids_qmri-synth --anatomy``):
   and normalisation on a head the pipeline has never seen.
 
 The MNI152 anatomy is made crisp: each 1 mm template voxel is one tissue (GM, WM, or CSF =
-intracranial hull minus GM and WM), each tissue keeping its volume (see _crisp_tissues). A
+intracranial hull minus GM and WM), each tissue keeping its volume (see _crisp_mni152). A
 population map's fuzziness is inter-subject variability, not anything one head has; an
 individual brain has sharp tissue boundaries, and its partial volume comes from the acquisition's
 voxel size (here: anti-aliasing and interpolation onto the participant's grid). With the fuzzy
@@ -249,7 +249,7 @@ def _crisp_colin27() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     classes share one variance: Colin27 averages 27 scans, so a class's width is mostly partial
     volume at its borders, not noise. With a variance per class the narrow WM peak (SD 3.7 vs
     12.1 for GM) moved the GM/WM threshold from the histogram's valley (~100) to 107 and gave
-    GM 1153 / WM 466 ml; shared: threshold 96, GM 863 / WM 757 ml, CSF 8.6 % of the hull. Clean-up:
+    GM 1153 / WM 466 ml; shared: threshold 96, GM 866 / WM 756 / CSF 150 ml (8.5 % of the hull). Clean-up:
     WM keeps its largest connected component (isolated bright voxels at the surface, vessels and
     dura, become GM), and connected GM or CSF specks of fewer than 8 voxels take the label of
     the majority of their neighbours.
@@ -268,7 +268,7 @@ def _crisp_colin27() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     labels = np.zeros(t1.shape, np.uint8)  # 1 CSF, 2 GM, 3 WM (by mean intensity)
     labels[hull] = 1
     labels[brain] = logp.argmax(axis=1).astype(np.uint8) + 1
-    LOGGER.info("Colin27 mixture: means %s, SDs %s, weights %s", mu.round(1), sd.round(1), w.round(3))
+    LOGGER.debug("Colin27 mixture: means %s, SDs %s, weights %s", mu.round(1), sd.round(1), w.round(3))
     # WM: the largest connected component.
     comp, n = ndimage.label(labels == 3)
     if n > 1:
@@ -284,7 +284,7 @@ def _crisp_colin27() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if not small.any():
             continue
         ring = ndimage.binary_dilation(small) & ~small & hull
-        counts = [ndimage.uniform_filter((labels == c) & ring, 3) for c in (1, 2, 3)]
+        counts = [ndimage.uniform_filter(((labels == c) & ring).astype(np.float32), 3) for c in (1, 2, 3)]
         labels[small] = 1 + np.argmax(np.stack([c[small] for c in counts]), axis=0).astype(np.uint8)
     labels[~hull] = 0
     gm, wm, csf = ((labels == c).astype(np.float32) for c in (2, 3, 1))
@@ -323,13 +323,14 @@ def _crisp_mni152() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return is_gm.astype(np.float32), is_wm.astype(np.float32), is_csf.astype(np.float32), aff
 
 
-def reference_grid(resolution_mm: float, anatomy: str = DEFAULT_ANATOMY) -> Grid:
-    """Axis-aligned RAS grid covering the anatomy's brain plus the head layers and a margin."""
-    if check_anatomy(anatomy) == "mni152":
-        _, _, mask, aff = _template()
-    else:
-        gm, wm, csf, aff = _crisp_tissues(anatomy)
-        mask = gm + wm + csf
+def reference_grid(resolution_mm: float) -> Grid:
+    """Axis-aligned RAS grid covering the template brain plus the head layers and a margin.
+
+    The same grid for every anatomy (Colin27 lies in MNI space and fits it with 8 mm to spare at
+    the top, the closest side), so that one seed draws the same participant on it, deformation,
+    tissue values and fields alike, whatever the anatomy: the phantoms differ only in the head.
+    """
+    _, _, mask, aff = _template()
     idx = np.argwhere(mask > 0)
     lo = aff[:3, :3] @ idx.min(axis=0) + aff[:3, 3] - MARGIN_MM
     hi = aff[:3, :3] @ idx.max(axis=0) + aff[:3, 3] + MARGIN_MM
@@ -507,7 +508,7 @@ def draw_tissue_parameters(rng: np.random.Generator, grid: Grid,
 def make_phantom(rng: np.random.Generator, resolution_mm: float = 2.0,
                  max_displacement_mm: float = 3.0, anatomy: str = DEFAULT_ANATOMY) -> Phantom:
     """One participant's phantom on the reference grid at ``resolution_mm`` from ``anatomy``."""
-    grid = reference_grid(resolution_mm, anatomy)
+    grid = reference_grid(resolution_mm)
     scaling, disp = _deformation(rng, grid, max_displacement_mm)
     fractions, air = build_anatomy(grid, scaling, disp, anatomy)
     params, means = draw_tissue_parameters(rng, grid, fractions)
