@@ -68,7 +68,7 @@ def test_closed_form_zeroes_both_steps_objectives():
     ca = torch.cos(b * p.flip_rad)
     cost1 = t1_cost(c1_, c2_, m[:, 2] / m[:, 1], ca, p.tr)
     cost2 = t2_cost(c2_, c1_, m[:, 0] / (m[:, 1] - m[:, 2]), ca, p.tr, p.te)
-    assert cost1.max() < 6e-14 and cost2.max() < 4.5e-14
+    assert cost1.max() < 1e-11 and cost2.max() < 1e-11  # round-off, 1e4 below a 1e-3 ms shift
 
 
 def test_vectorised_matches_voxel_loop():
