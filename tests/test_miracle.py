@@ -68,7 +68,7 @@ def test_closed_form_zeroes_both_steps_objectives():
     ca = torch.cos(b * p.flip_rad)
     cost1 = t1_cost(c1_, c2_, m[:, 2] / m[:, 1], ca, p.tr)
     cost2 = t2_cost(c2_, c1_, m[:, 0] / (m[:, 1] - m[:, 2]), ca, p.tr, p.te)
-    assert cost1.max() < 6e-14 and cost2.max() < 4.5e-14
+    assert cost1.max() < 1e-11 and cost2.max() < 1e-11  # round-off, 1e4 below a 1e-3 ms shift
 
 
 def test_vectorised_matches_voxel_loop():
@@ -111,14 +111,16 @@ def test_outside_the_box_goes_through_the_alternation():
 def test_long_t2_where_the_alternation_does_not_converge():
     """CSF-like voxels: the alternation contracts so slowly that 200 rounds stop 0.65 % short of
     the fixed point; the closed form is the fixed point (noise-free, Npc 256: measured 3.1e-13 in
-    T1, 5.2e-14 in T2)."""
+    T1, 5.2e-14 in T2 in one run, 2.9e-13 / 9.0e-14 in another: float64 round-off, which moves with
+    the summation order of the 256-cycle DFT; the bound, 1e-11, is round-off and ~1e9 below the
+    loop's 0.65 %)."""
     p = BSSFPProtocol.with_default_increments(4.8e-3, 2.4e-3, 15.0, 256)
     t1 = torch.tensor([3.0, 4.0, 4.5, 2.0], dtype=torch.float64)
     t2 = torch.tensor([1.5, 2.0, 2.4, 1.8], dtype=torch.float64)
     b1 = torch.tensor([0.8, 1.0, 1.2, 0.9], dtype=torch.float64)
     f = BSSFPModel(p).configurations(t1, t2, 1.0, b1, 0.0).abs().numpy()
     est1, est2, _ = miracle(f, b1.numpy(), tr=p.tr, te=p.te, flip_rad=p.flip_rad)
-    assert np.abs(est1 / t1.numpy() - 1).max() < 4.6e-13 and np.abs(est2 / t2.numpy() - 1).max() < 7.7e-14
+    assert np.abs(est1 / t1.numpy() - 1).max() < 1e-11 and np.abs(est2 / t2.numpy() - 1).max() < 1e-11
     _, _, rounds = miracle(f, b1.numpy(), tr=p.tr, te=p.te, flip_rad=p.flip_rad, solver="golden_section")
     assert (rounds == 200).all()
 
