@@ -159,3 +159,14 @@ class EstimateMaps(SimpleInterface):
                 "SkullStripped": False, "Sources": sources})
         self._results.update(out_maps=written, provenance=jsonable(provenance))
         return runtime
+
+
+def node_common(item, subject: str, session: str | None, config) -> dict:
+    """Inputs every writing node of a modality workflow shares (output and BIDS folders and the
+    entities of ``item``: subject, session, acq)."""
+    common = {"output_dir": str(config.output_dir), "bids_dir": str(config.bids_dir), "subject": subject}
+    if session:
+        common["session"] = session
+    if item.acq:
+        common["acq"] = item.acq
+    return common

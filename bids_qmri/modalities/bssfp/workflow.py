@@ -35,7 +35,7 @@ from nipype.pipeline import engine as pe  # noqa: E402
 
 from bids_qmri.bids.inputs import B1Input  # noqa: E402
 from bids_qmri.interfaces.b1 import init_b1_node  # noqa: E402
-from bids_qmri.interfaces.maps import EstimateMaps  # noqa: E402
+from bids_qmri.interfaces.maps import EstimateMaps, node_common  # noqa: E402
 from bids_qmri.interfaces.reference import BrainMask, ReferenceDerivatives  # noqa: E402
 from bids_qmri.physics.bssfp import BSSFPProtocol  # noqa: E402
 
@@ -50,16 +50,6 @@ PREPROCESSING_REFERENCE = (
     "(2025) doi:10.1038/s41598-025-88579-z; preprint doi:10.21203/rs.3.rs-4049684/v1"
 )
 DEFAULT_DENOISE = "mppca"
-
-
-def node_common(item, subject: str, session: str | None, config) -> dict:
-    """Inputs every writing node of a modality workflow shares."""
-    common = {"output_dir": str(config.output_dir), "bids_dir": str(config.bids_dir), "subject": subject}
-    if session:
-        common["session"] = session
-    if item.acq:
-        common["acq"] = item.acq
-    return common
 
 
 def init_bssfp_wf(bssfp: BSSFPInput, b1: B1Input | None, subject: str, session: str | None, config,

@@ -27,7 +27,7 @@ from nipype.pipeline import engine as pe  # noqa: E402
 
 from bids_qmri.bids.inputs import B1Input, FingerprintInput  # noqa: E402
 from bids_qmri.interfaces.b1 import init_b1_node  # noqa: E402
-from bids_qmri.interfaces.maps import EstimateMaps  # noqa: E402
+from bids_qmri.interfaces.maps import EstimateMaps, node_common  # noqa: E402
 from bids_qmri.interfaces.reference import BrainMask, ReferenceDerivatives  # noqa: E402
 
 from .interfaces import FingerprintFitFigure, LoadFingerprints  # noqa: E402
@@ -46,11 +46,7 @@ def init_mrf_wf(item: FingerprintInput, b1: B1Input | None, subject: str, sessio
     outputnode = pe.Node(niu.IdentityInterface(fields=["ref_image", "brain_mask", "maps"]), name="outputnode")
     protocol = mrf_protocol(item)
     omp = config.omp_threads()
-    common = {"output_dir": str(config.output_dir), "bids_dir": str(config.bids_dir), "subject": subject}
-    if session:
-        common["session"] = session
-    if item.acq:
-        common["acq"] = item.acq
+    common = node_common(item, subject, session, config)
     sources = [str(p) for p in item.files] + ([str(p) for p in b1.files.values()] if b1 else [])
     options = {k: v for k, v in (getattr(config, "options", {}) or {}).items() if k.startswith("mrf_")}
 

@@ -23,7 +23,7 @@ from nipype.interfaces import utility as niu  # noqa: E402
 from nipype.pipeline import engine as pe  # noqa: E402
 
 from bids_qmri.bids.inputs import SeriesInput  # noqa: E402
-from bids_qmri.interfaces.maps import EstimateMaps  # noqa: E402
+from bids_qmri.interfaces.maps import EstimateMaps, node_common  # noqa: E402
 from bids_qmri.interfaces.reference import BrainMask, ReferenceDerivatives  # noqa: E402
 
 from .inputs import protocol as series_protocol  # noqa: E402
@@ -41,11 +41,7 @@ def init_relax_wf(series: SeriesInput, modality, subject: str, session: str | No
     outputnode = pe.Node(niu.IdentityInterface(fields=["ref_image", "brain_mask", "maps"]), name="outputnode")
     protocol = series_protocol(series)
     omp = config.omp_threads()
-    common = {"output_dir": str(config.output_dir), "bids_dir": str(config.bids_dir), "subject": subject}
-    if session:
-        common["session"] = session
-    if series.acq:
-        common["acq"] = series.acq
+    common = node_common(series, subject, session, config)
     sources = [str(p) for p in series.files]
     ref = reference_volume(len(series.files))
     symbol = "TI" if series.kind == "IRT1" else "TE"
