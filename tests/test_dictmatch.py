@@ -144,3 +144,31 @@ def test_gauss_newton_refinement_leaves_the_grid():
     chord = dictmatch.refine_gauss_newton(sim, signals, x0, x0, x0 + cell, fixed=b1[:, None], iterations=12,
                                           update_jacobian=False)
     assert (chord.x - truth).abs().max() < 1e-3 and (chord.cost <= chord.start_cost).all()
+
+
+def test_real_atoms_take_the_stacked_real_gemm_and_keep_the_exact_argmax_and_ties():
+    # Real atoms (FISP fingerprints on a real basis) go through one real GEMM of [Re s; Im s]:
+    # the same argmax as brute force, ties to the lowest index across atom chunks.
+    rng = np.random.default_rng(8)
+    atoms = rng.normal(size=(900, 7))
+    signals = rng.normal(size=(250, 7)) + 1j * rng.normal(size=(250, 7))
+    res = dictmatch.match(torch.from_numpy(signals), torch.from_numpy(atoms + 0j), voxel_chunk=41, atom_chunk=97)
+    np.testing.assert_array_equal(res.index.numpy(), brute_force(signals, atoms + 0j))
+    m0 = 1.5 * np.exp(-1j * 2.0)
+    res = dictmatch.match(torch.from_numpy(m0 * atoms[[5, 800]]), torch.from_numpy(atoms))  # real dtype input too
+    np.testing.assert_array_equal(res.index.numpy(), [5, 800])
+    np.testing.assert_allclose(res.scale.numpy(), [m0, m0], rtol=1e-12)
+    # ties: ±1 atoms (norm exactly 4 at R = 16), integer signals, duplicates in later chunks
+    tie_atoms = rng.choice([-1.0, 1.0], size=(500, 16))
+    tie_atoms[[130, 499]] = tie_atoms[12]
+    tie_sig = rng.integers(-3, 4, size=(300, 16)) + 1j * rng.integers(-3, 4, size=(300, 16))
+    tie_sig[:10] = (2 - 1j) * tie_atoms[12]
+    # exact integer arithmetic for the truth (|z|² through abs() would round: sqrt then square)
+    power = (tie_sig.real @ tie_atoms.T) ** 2 + (tie_sig.imag @ tie_atoms.T) ** 2
+    expected = power.argmax(axis=1)  # numpy: first maximum on ties
+    assert int(((power == power.max(1, keepdims=True)).sum(1) > 1).sum()) > 30
+    a = torch.from_numpy(tie_atoms).to(torch.complex64)
+    res = dictmatch.match(torch.from_numpy(tie_sig).to(torch.complex64), a, voxel_chunk=64, atom_chunk=100,
+                          atom_norms=(a / 4.0, torch.full((500,), 4.0)))
+    np.testing.assert_array_equal(res.index.numpy(), expected)
+    assert (res.index[:10] == 12).all()

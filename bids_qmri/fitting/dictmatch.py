@@ -10,8 +10,9 @@ caller gives a ``simulate(params [n, P]) -> complex [n, Nt]`` function.
   bar) and projects each chunk onto a temporal basis when one is given;
   :func:`dictionary_gram` accumulates ``DᴴD`` chunk by chunk for the dictionary's own SVD
   (``physics.svd.basis_from_gram``), so a frames dictionary never has to be held in memory.
-- :func:`match`: chunked GEMM over voxels × atoms (the complex inner products as two real GEMMs)
-  with a running argmax. The argmax is exact for the scores computed (no clustering or tree
+- :func:`match`: chunked GEMM over voxels × atoms (the complex inner products as two real GEMMs,
+  or one real GEMM of the stacked ``[Re s; Im s]`` when the atoms are real) with ``|·|²`` and a
+  running argmax per block (no square root, no full score matrix). The argmax is exact for the scores computed (no clustering or tree
   search) and ties go to the lowest atom index (``torch.max`` returns the first maximum within a
   block; a later block must be strictly larger). ``groups``: each signal may be matched against one sub-dictionary only (e.g. the
   atoms at the voxel's known B1).
@@ -114,20 +115,35 @@ def _real_atoms(atoms_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return re, im
 
 
-def _match_block(signals: torch.Tensor, atoms_re: torch.Tensor, atoms_im: torch.Tensor, atom_chunk: int):
-    """Running (max |score|², argmax) of ``signals [v, R]`` against the real operands of the atoms."""
+def _match_block(signals: torch.Tensor, atoms_re: torch.Tensor, atoms_im: torch.Tensor | None, atom_chunk: int):
+    """Running (max |score|², argmax) of ``signals [v, R]`` against the real operands of the atoms.
+
+    ``atoms_im is None``: the atoms are real (``atoms_re`` is ``[R, A]``, the unit atoms' real
+    part) and one real GEMM of the stacked ``[Re s; Im s]`` ``[2v, R]`` gives both the real and the
+    imaginary part of every inner product (half the multiply-adds of the complex product).
+    """
     v = signals.shape[0]
-    s_r = torch.cat([signals.real, signals.imag], 1).contiguous()
+    if atoms_im is None:
+        s_r = torch.cat([signals.real, signals.imag], 0).contiguous()  # [2v, R]
+        rows_out = 2 * v
+    else:
+        s_r = torch.cat([signals.real, signals.imag], 1).contiguous()  # [v, 2R]
+        rows_out = v
     best = torch.full((v,), -1.0, dtype=s_r.dtype)
     arg = torch.zeros(v, dtype=torch.long)
     # Reused output blocks: a fresh multi-MB allocation per block costs page faults.
-    buf_re = torch.empty((v, atom_chunk), dtype=s_r.dtype)
-    buf_im = torch.empty((v, atom_chunk), dtype=s_r.dtype)
+    buf_re = torch.empty((rows_out, atom_chunk), dtype=s_r.dtype)
+    buf_im = torch.empty((v, atom_chunk), dtype=s_r.dtype) if atoms_im is not None else None
     n_atoms = atoms_re.shape[1]
     for lo in range(0, n_atoms, atom_chunk):
         n = min(atom_chunk, n_atoms - lo)
-        power = torch.matmul(s_r, atoms_re[:, lo:lo + n], out=buf_re[:, :n] if n == atom_chunk else None)
-        im = torch.matmul(s_r, atoms_im[:, lo:lo + n], out=buf_im[:, :n] if n == atom_chunk else None)
+        full = n == atom_chunk
+        out = torch.matmul(s_r, atoms_re[:, lo:lo + n], out=buf_re[:, :n] if full else None)
+        if atoms_im is None:
+            power, im = out[:v], out[v:]
+        else:
+            power = out
+            im = torch.matmul(s_r, atoms_im[:, lo:lo + n], out=buf_im[:, :n] if full else None)
         power.square_().addcmul_(im, im)  # |⟨d̂, s⟩|² (no square root needed)
         value = power.amax(dim=1)
         rows = torch.nonzero(value > best).flatten()  # strictly: an earlier block keeps a tie
@@ -146,9 +162,13 @@ def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | 
     ``atom_groups`` (list of slices of the atom axis) with ``groups`` ``[V]`` (index into
     ``atom_groups``, −1: not matched) restricts each signal to its own sub-dictionary.
     ``atom_norms``: ``normalise_atoms(atoms)`` if already computed. The computation runs in the
-    dtype of ``atoms`` (complex64: single-precision GEMM).
+    dtype of ``atoms`` (complex64: single-precision GEMM). Real atoms (imaginary part exactly zero,
+    as FISP fingerprints on a real SVD basis are) take one real GEMM of ``[Re s; Im s]`` instead of
+    two, with the same scores.
     """
     atoms = torch.as_tensor(atoms)
+    if not atoms.is_complex():
+        atoms = atoms.to(torch.complex128 if atoms.dtype == torch.float64 else torch.complex64)
     signals = torch.as_tensor(signals).to(atoms.dtype)
     if signals.shape[-1] != atoms.shape[-1]:
         raise ValueError(f"signals have {signals.shape[-1]} coefficients, atoms {atoms.shape[-1]}")
@@ -164,11 +184,16 @@ def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | 
     snorm = torch.linalg.vector_norm(torch.where(finite[:, None], signals, 0), dim=-1)
     usable = finite & (snorm > 0) & (groups >= 0)
     index = torch.full((n,), -1, dtype=torch.long)
+    real_atoms = not bool(unit.imag.any())
     for g, sl in enumerate(atom_groups):
         rows = torch.nonzero(usable & (groups == g)).flatten()
         if rows.numel() == 0:
             continue
-        atoms_re, atoms_im = _real_atoms(unit[sl].mH)  # [2R, A_g] each
+        sub = unit[sl]
+        if real_atoms:
+            atoms_re, atoms_im = sub.real.mT.contiguous(), None  # [R, A_g]
+        else:
+            atoms_re, atoms_im = _real_atoms(sub.mH)  # [2R, A_g] each
         for lo in range(0, rows.numel(), voxel_chunk):
             sel = rows[lo:lo + voxel_chunk]
             _, arg = _match_block(signals[sel], atoms_re, atoms_im, atom_chunk)
