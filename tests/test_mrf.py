@@ -122,8 +122,10 @@ def test_dictmatch_recovers_off_grid_fingerprints_and_refinement_leaves_the_grid
     # refinement at the voxel's own B1: noise-free truth within the EPG state cap's error
     assert refined["T1map"] < 0.003 and refined["T2map"] < 0.005 and refined["M0map"] < 0.003
     assert ref_prov["RefinementMedianResidualReduction"] > 10 and grid_prov["Refinement"] is False
-    every, _ = _estimate(data, {"mrf_refine_jacobian": "every"}, tmp_path)
-    assert _median_rel(every, truth)["T1map"] < 0.003
+    assert ref_prov["RefinementVoxelsOnEPG"] < 20 and "interpolated" in ref_prov["RefinementModel"]
+    for options in ({"mrf_refine_model": "epg"}, {"mrf_refine_model": "epg", "mrf_refine_jacobian": "every"}):
+        epg_maps, epg_prov = _estimate(data, options, tmp_path)
+        assert _median_rel(epg_maps, truth)["T1map"] < 0.003 and "RefinementModel" not in epg_prov
     assert ref_prov["SVDRank"] >= 5 and ref_prov["DictionaryGrid"]["T1Steps"] == 30
     assert ref_prov["DictionaryB1Values"] == [0.8, 0.9, 1.0, 1.1, 1.2]  # B1 in [0.75, 1.25]: nearest values
     # B1 missing (NaN): B1 = 1 is used, only that slice is simulated

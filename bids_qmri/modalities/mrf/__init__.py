@@ -163,6 +163,10 @@ MODALITY = Modality(
         RunOption("--mrf-refine", "mrf_refine", "on", choices=("on", "off"),
                   help="MRF dictmatch: Gauss-Newton refinement of T1/T2 inside the winning dictionary cell at the "
                        "voxel's own B1 (on, default) or plain grid matching (off)"),
+        RunOption("--mrf-refine-model", "mrf_refine_model", "dictionary", choices=("dictionary", "epg"),
+                  help="MRF dictmatch refinement model: an interpolant of the dictionary's own atoms (dictionary, "
+                       "default; microseconds per voxel) or the EPG simulated at the voxel's B1 (epg; milliseconds "
+                       "per voxel)"),
         RunOption("--mrf-grid-steps", "mrf_grid_steps", 80, type=int,
                   help="MRF dictionary: log-spaced grid points over T1 0.1-5 s and over T2 0.01-2 s (T2 < T1); "
                        "default 80"),

@@ -134,6 +134,18 @@ def dictionary(schedule: dict, grid: DictionaryGrid, b1_values, basis: torch.Ten
     return torch.cat(parts), slices
 
 
+def node_index(grid: DictionaryGrid, b1_indices, slices: list[slice]) -> torch.Tensor:
+    """``[T1 steps, T2 steps, B1 values]`` atom row of each grid node in the dictionary made of the
+    B1 slices ``b1_indices`` (indices into ``grid.b1_values``) at ``slices``; −1 where there is none
+    (T2 ≥ T1, or a B1 slice not simulated)."""
+    keep = np.less.outer(grid.log_t2, grid.log_t1).T  # [T1, T2]: T2 < T1
+    local = np.where(keep, np.cumsum(keep.ravel()).reshape(keep.shape) - 1, -1)
+    out = np.full(keep.shape + (len(grid.b1_values),), -1, dtype=np.int64)
+    for k, sl in zip(b1_indices, slices):
+        out[:, :, int(k)] = np.where(local >= 0, local + sl.start, -1)
+    return torch.from_numpy(out)
+
+
 def dictionary_hash(schedule: dict, grid: DictionaryGrid, n_states, basis: torch.Tensor) -> str:
     """Hash of what determines the dictionary (for the sidecars)."""
     return cache_key(_key(schedule, grid, n_states) + [torch.view_as_real(torch.as_tensor(basis).to(torch.complex128))])
