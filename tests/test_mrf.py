@@ -304,3 +304,35 @@ def test_mrfnet_crb_weights_equal_an_independent_fisher_calculation():
         torch.testing.assert_close(exact[i], independent, rtol=1e-4, atol=0)
         # forward differences (step 1e-3) in float32: within 1 % of the bound (measured <= 0.18 %)
         torch.testing.assert_close(weights[i], independent, rtol=1e-2, atol=0)
+
+
+def test_bids_qmri_train_mrfnet_installs_a_model_the_app_then_uses(tmp_path, capsys):
+    from bids_qmri.cli.train import main
+
+    side = tmp_path / "sub-01_acq-fisp_MRF.json"
+    write_json(side, {**PROTOCOL.as_dict(), "RepetitionTimeExcitation": list(PROTOCOL.tr)})
+    models = tmp_path / "models"
+    assert main(["--modality", "mrf", "--method", "mrfnet", "--loss", "mse", "--sidecar", str(side),
+                 "--mrf-grid-steps", "30", "--samples", "3000", "--epochs", "2", "--seed", "5",
+                 "--model-dir", str(models)]) == 0
+    (weights,) = list(models.glob("mrf/*/mrfnet_mse_*.safetensors"))
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert card["loss"] == "mse" and card["training"]["n_train"] == 2700 and card["cpu_s"] > 0
+    assert set(card["heldout_median_abs_rel_error"]) >= {"T1", "T2"}
+    assert all(v > 0 for v in card["heldout_normalised_crb_loss"].values())
+    # the app finds the installed model for frames input at B1 = 1 (no B1 map) on the same grid
+    sig, truth = _fingerprints(16, seed=6, snr=50)
+    data = {"signal": sig.numpy().reshape(4, 4, 1, -1), "b1": np.full((4, 4, 1), np.nan)}
+    ctx = EstimateContext(model_dir=models, seed=9, allow_training=False,
+                          options={**SMALL, "mrf_net_loss": "mse"})
+    _, prov = modalities.get("mrf").method("mrfnet").estimate(data, np.ones((4, 4, 1), bool), PROTOCOL, ctx)
+    assert prov["model_card"]["sha256"] == card["sha256"]
+    # a bad sidecar: one line, usage exit
+    bad = tmp_path / "bad.json"
+    write_json(bad, {"MRFSequenceType": "FISP", "FlipAngle": [10, 20], "RepetitionTimeExcitation": [0.01] * 3,
+                     "EchoTime": 0.002, "InversionTime": 0.02})
+    with pytest.raises(SystemExit) as exc:
+        main(["--modality", "mrf", "--method", "mrfnet", "--sidecar", str(bad), "--out-dir", str(tmp_path / "o")])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "FlipAngle has 2 values" in err[0]

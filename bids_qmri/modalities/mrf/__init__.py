@@ -3,8 +3,9 @@ their basis table, mapped by dictionary matching (``dictmatch``, with Gauss–Ne
 inside the winning grid cell).
 
 The pieces: ``protocol`` (the schedule, its checks), ``dictionary`` (grid, FISP-EPG atoms, SVD,
-disk cache), ``estimate`` (the method), ``interfaces`` + ``workflow`` (nipype). The solver is the
-generic ``bids_qmri.fitting.dictmatch``.
+disk cache), ``estimate`` (the methods), ``net`` (mrfnet), ``cli`` (``bids_qmri-train --modality mrf
+--method mrfnet``), ``interfaces`` + ``workflow`` (nipype). The solver is the generic
+``bids_qmri.fitting.dictmatch``.
 """
 
 from __future__ import annotations
@@ -86,6 +87,27 @@ def _estimate_mrfnet(data, mask, protocol, context):
     return estimate_mrfnet(data, mask, protocol, context)
 
 
+def _train_mrfnet(protocol, seed=0, device="cpu"):
+    """mrfnet for an MRF protocol read through the dictionary's own SVD basis at B1 = 1 (the CRB loss)."""
+    from .cli import training_basis
+    from .net import NetProtocol, basis_key, train_mrfnet
+
+    basis = training_basis(protocol)
+    return train_mrfnet(NetProtocol(protocol, basis_key(basis), "crb"), basis, seed=seed)
+
+
+def _add_train_arguments(parser):
+    from .cli import add_train_arguments
+
+    return add_train_arguments(parser)
+
+
+def _train_from_args(args, parser):
+    from .cli import train_from_args
+
+    return train_from_args(args, parser)
+
+
 def _workflow(item, sess, config, name):
     from bids_qmri.bids.collect import b1_for
 
@@ -141,7 +163,7 @@ METHODS = (
            "fly for the schedule and basis (CRB-weighted or MSE loss, --mrf-net-loss)",
            _REFERENCE + "; Zhang X, Duchemin Q, Liu K, et al. Cramer-Rao bound-informed training of neural networks "
                         "for quantitative MRI. Magn Reson Med 2022;88:436-448. doi:10.1002/mrm.29206",
-           (T1, T2, M0), _estimate_mrfnet, default=False),
+           (T1, T2, M0), _estimate_mrfnet, _train_mrfnet, default=False),
 )
 
 MODALITY = Modality(
@@ -150,6 +172,7 @@ MODALITY = Modality(
     methods=METHODS, protocol=_protocol, protocol_from_dict=_protocol_from_dict,
     init_workflow=_workflow, planned_outputs=_planned_outputs, report_figures=_report_figures,
     add_insilico_commands=_add_insilico,
+    add_train_arguments=_add_train_arguments, train_from_args=_train_from_args,
     uses_b1=True, protocol_keys=("MRFSequenceType", "EchoTime", "InversionTime"),
     bidsignore=("*_MRF.*", "*_MRFbasis.*"),
     citations=(
