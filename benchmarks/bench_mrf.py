@@ -186,3 +186,7 @@ def main() -> None:
     print(f"  on the EPG (chord, 2 iterations): {1e3 * t_epg / ne:.2f} ms/voxel ({ne} voxels); 1 mm brain "
           f"{t_epg * whole / ne / 3600:.1f} h; interpolant faster by {t_epg / ne / (t_int / nv):.0f}x "
           f"(dictionary of 4 B1 slices built in {t_dict:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -283,16 +283,18 @@ def test_mrfnet_crb_weights_equal_an_independent_fisher_calculation():
     # fisp_mrf signal with the Fisher information assembled here, at off-grid samples.
     from bids_qmri.modalities.mrf.net import _unit_sigma_crb
 
+    sched = epg.default_fisp_schedule(100)  # short: forward-mode AD through the EPG loop is slow
+
     t1, t2, b = (g.flatten() for g in torch.meshgrid(torch.linspace(0.2, 4, 10), torch.linspace(0.01, 0.5, 10),
                                                      torch.tensor([0.7, 1.0, 1.3]), indexing="ij"))
-    basis = svd.svd_basis(epg.fisp_mrf(t1, t2, b, **SCHEDULE), 10).to(torch.complex64)
+    basis = svd.svd_basis(epg.fisp_mrf(t1, t2, b, **sched), 10).to(torch.complex64)
     x = torch.tensor([[np.log(1.23), np.log(0.083), 0.93], [np.log(0.71), np.log(0.047), 1.17]], dtype=torch.float64)
-    weights = _unit_sigma_crb(SCHEDULE, basis, x)
-    exact = _unit_sigma_crb(SCHEDULE, basis, x, jacobian="exact")
+    weights = _unit_sigma_crb(sched, basis, x)
+    exact = _unit_sigma_crb(sched, basis, x, jacobian="exact")
     b128 = basis.to(torch.complex128)
     for i in range(len(x)):
         def f(th):
-            return epg.fisp_mrf(th[0].exp(), th[1].exp(), x[i, 2], n_states=40, **SCHEDULE).to(torch.complex128) @ b128
+            return epg.fisp_mrf(th[0].exp(), th[1].exp(), x[i, 2], n_states=40, **sched).to(torch.complex128) @ b128
         h, cols = 1e-5, []
         for k in range(2):
             e = torch.zeros(2, dtype=torch.float64)

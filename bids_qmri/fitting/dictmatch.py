@@ -316,12 +316,13 @@ def _interpolant(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     out = table
     for f in range(u.shape[1]):
         w = lagrange_weights(u[:, f], FREE_STENCIL).to(out.dtype)  # [n, 5]
-        out = torch.einsum("na,na...->n...", w, out)
+        # broadcast multiply-add (a batched 1 x 5 GEMM per signal would be far slower)
+        out = (w.reshape(*w.shape, *([1] * (out.dim() - 2))) * out).sum(1)
     return out
 
 
 def refine_on_grid(signals: torch.Tensor, atoms: torch.Tensor, node_index: torch.Tensor, start: torch.Tensor,
-                   free: tuple[bool, ...], *, iterations: int = 4, chunk: int = 16384
+                   free: tuple[bool, ...], *, iterations: int = 4, chunk: int = 2048
                    ) -> tuple[RefineResult, torch.Tensor]:
     """Refinement inside the winning cell on an interpolant of the dictionary itself (no simulation).
 
@@ -377,12 +378,12 @@ def refine_on_grid(signals: torch.Tensor, atoms: torch.Tensor, node_index: torch
         sel = torch.nonzero(ok).flatten()
         if sel.numel() == 0:
             continue
-        table = atoms[rows[sel].clamp_min(0)].to(torch.complex128)  # [k, w_1, …, w_D, R]
+        table = atoms[rows[sel].clamp_min(0)]  # [k, w_1, …, w_D, R]
         # contract the fixed axes (last first, so the axis numbers of the others stay put)
         fixed_axes = [d for d in range(len(dims)) if not free[d]]
         for d, w in zip(reversed(fixed_axes), reversed(fixed_w)):
-            table = torch.movedim(table, d + 1, -1)
-            table = (table * w[sel].to(table.dtype).reshape(len(sel), *([1] * (table.dim() - 2)), -1)).sum(-1)
+            table = torch.einsum("nk...,nk->n...", torch.movedim(table, d + 1, 1), w[sel].to(table.dtype))
+        table = table.to(torch.complex128)
         # free axes: table is now [k, 5, …, 5, R]; the model's coordinates are relative to the base
         base_free = torch.stack([bases[d][sel] for d in free_axes], 1).double()
         x0 = pos[sel][:, free_axes] - base_free
