@@ -262,9 +262,11 @@ def test_mrfnet_trains_on_the_fly_caches_and_recovers_off_grid_fingerprints(tmp_
         maps, prov = method.estimate({k: (v.reshape(20, 20, 1, -1) if k == "signal" else v) for k, v in data.items()},
                                      np.ones((20, 20, 1), bool), PROTOCOL, ctx)
         err = _median_rel(maps, truth)
-        # a briefly trained network (12 k samples, 10 epochs); the refined match reaches < 1 % here
-        assert err["T1map"] < 0.08 and err["T2map"] < 0.10 and err["M0map"] < 0.10, (loss, err)
+        # a briefly trained network (12 k samples, 10 epochs); measured T1 3.5 / 3.3 %, T2 5.3 / 5.7 %,
+        # M0 2.0 / 5.4 % (mse / crb); dictmatch+refine reaches 0.19 / 0.40 / 0.18 % on these data
+        assert err["T1map"] < 0.06 and err["T2map"] < 0.09 and err["M0map"] < 0.09, (loss, err)
         card = prov["model_card"]
+        assert card["cpu_s"] > 0 and set(card["heldout_median_abs_rel_error"]) >= {"T1", "T2"}
         assert card["loss"] == loss and card["reused"] is False and len(card["sha256"]) == 64
         assert set(card["heldout_normalised_crb_loss"]) == {"logT1", "logT2"}
         assert all(v >= 0.5 for v in card["heldout_normalised_crb_loss"].values())  # no estimator beats the bound
