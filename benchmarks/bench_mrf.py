@@ -38,12 +38,25 @@ def _best_of(fn, repeats=3) -> float:
     return min(times)
 
 
+def _side_by_side(fns: dict, repeats=3) -> dict:
+    """Best-of-``repeats`` time of each function, the repeats interleaved (a, b, c, a, b, c, …) so
+    that a change of the machine's load during the run hits every contender alike."""
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: min(v) for k, v in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--voxels", type=int, default=20000)
     p.add_argument("--atoms", type=int, default=100000)
     p.add_argument("--rank", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each timing (best kept)")
     p.add_argument("--dict-atoms", type=int, default=2048, help="atoms simulated to time the dictionary")
     p.add_argument("--refine-voxels", type=int, default=20000, help="voxels refined on the dictionary interpolant")
     p.add_argument("--refine-epg-voxels", type=int, default=512, help="voxels refined on the EPG")
@@ -76,10 +89,10 @@ def main() -> None:
         dictmatch.match(signals, atoms, voxel_chunk=vc, atom_chunk=ac, atom_norms=(unit, norms))
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t_match = _best_of(full)
+    full()
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t_bare = _best_of(bare)
-    t_real = _best_of(bare_real)
+    t = _side_by_side({"match": full, "bare": bare, "real": bare_real}, args.repeats)
+    t_match, t_bare, t_real = t["match"], t["bare"], t["real"]
     print(f"matching {v} voxels x {a} complex atoms (rank {r}, {args.threads} thread(s)):")
     print(f"  bare torch.matmul (same shapes, chunked)  {t_bare:8.3f} s  {v * a / t_bare / 1e9:6.2f} G pairs/s")
     print(f"  dictmatch.match (GEMM + exact argmax)     {t_match:8.3f} s  {v * a / t_match / 1e9:6.2f} G pairs/s")
@@ -100,8 +113,8 @@ def main() -> None:
     def full_r():
         dictmatch.match(signals, atoms_r, voxel_chunk=vc, atom_chunk=ac, atom_norms=(unit_r, norms_r))
 
-    t_match_r = _best_of(full_r)
-    t_bare_r = _best_of(bare_r)
+    t = _side_by_side({"match": full_r, "bare": bare_r}, args.repeats)
+    t_match_r, t_bare_r = t["match"], t["bare"]
     print(f"matching {v} voxels x {a} real atoms (FISP on a real basis; stored complex64):")
     print(f"  bare torch.matmul (same shapes, chunked)  {t_bare_r:8.3f} s  {v * a / t_bare_r / 1e9:6.2f} G pairs/s")
     print(f"  dictmatch.match (one real GEMM + argmax)  {t_match_r:8.3f} s  {v * a / t_match_r / 1e9:6.2f} G pairs/s")
