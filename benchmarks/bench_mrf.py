@@ -192,7 +192,7 @@ def main() -> None:
     dictmatch.refine_gauss_newton(simulate, sig[:ne], x0, x0 - cell, x0 + cell, fixed=b1v[:ne, None].float(),
                                   iterations=2, update_jacobian=False)
     t_epg = time.perf_counter() - t0
-    print(f"refinement (noise-free, 1000 frames, grid 40 x 40, B1 step 0.1, own B1 off the grid):")
+    print("refinement (noise-free, 1000 frames, grid 40 x 40, B1 step 0.1, own B1 off the grid):")
     print(f"  on the dictionary interpolant: {1e6 * t_int / nv:.1f} us/voxel ({nv} voxels, {int(ok.sum())} with a "
           f"stencil); 1 mm brain {t_int * whole / nv:.0f} s; median |log error| T1 {int_err[0]:.2e}, "
           f"T2 {int_err[1]:.2e} (grid node: {grid_err[0]:.2e}, {grid_err[1]:.2e})")
