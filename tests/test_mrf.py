@@ -340,3 +340,18 @@ def test_bids_qmri_train_mrfnet_installs_a_model_the_app_then_uses(tmp_path, cap
     assert exc.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "FlipAngle has 2 values" in err[0]
+
+
+def test_mrfnet_method_train_uses_the_own_basis_at_b1_1_and_the_crb_loss(monkeypatch):
+    from bids_qmri.modalities.mrf import dictionary as mrfdict
+    from bids_qmri.modalities.mrf import estimate
+    from bids_qmri.modalities.mrf.net import basis_key
+
+    monkeypatch.setattr(estimate, "NET_TRAINING", {"n_samples": 1500, "max_epochs": 1, "patience": 1})
+    net, card = modalities.get("mrf").method("mrfnet").train(PROTOCOL, seed=2)
+    assert card["loss"] == "crb" and card["training"]["n_train"] == 1350 and net.outputs[0] == "logT1"
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        basis, kept = mrfdict.own_basis(PROTOCOL.schedule(), mrfdict.DictionaryGrid(), [1.0], Path(tmp))
+    assert kept >= 0.999 and card["protocol"]["SVDBasisHash"] == basis_key(basis)

@@ -88,12 +88,14 @@ def _estimate_mrfnet(data, mask, protocol, context):
 
 
 def _train_mrfnet(protocol, seed=0, device="cpu"):
-    """mrfnet for an MRF protocol read through the dictionary's own SVD basis at B1 = 1 (the CRB loss)."""
+    """mrfnet for an MRF protocol read through the dictionary's own SVD basis at B1 = 1 (CRB loss,
+    the app's on-the-fly settings ``estimate.NET_TRAINING``)."""
+    from . import estimate
     from .cli import training_basis
     from .net import NetProtocol, basis_key, train_mrfnet
 
     basis = training_basis(protocol)
-    return train_mrfnet(NetProtocol(protocol, basis_key(basis), "crb"), basis, seed=seed)
+    return train_mrfnet(NetProtocol(protocol, basis_key(basis), "crb"), basis, seed=seed, **estimate.NET_TRAINING)
 
 
 def _add_train_arguments(parser):
