@@ -170,3 +170,130 @@ def test_tiny_training_sets_table_and_learns(pair):
     assert float(yt[~varies].abs().sum()) < 1e-3 * max(1, yt[~varies].numel())
     losses = [h["val_loss"] for h in result.history]
     assert result.best_loss < 0.7 * losses[0]
+
+
+# --------------------------------------------------------------------------- matching, estimate
+def _mrf_protocol():
+    from bids_qmri.modalities.mrf.protocol import MRFProtocol
+
+    schedule, _ = mrf_target_basis()
+    return MRFProtocol(tuple(float(v) for v in schedule["flip_rad"].rad2deg()), tuple(float(v) for v in schedule["tr"]),
+                       float(schedule["te"]), float(schedule["ti"]))
+
+
+def test_true_coefficients_through_the_matcher_give_the_phantom_t1_t2(pair, tmp_path):
+    """The coefficient convention (first four SVs, SV1 rotated real, volume scale) is what the MRF
+    matcher needs: a perfect synthesis matched at B1 = 1 recovers the phantom's own T1/T2."""
+    from bids_qmri.modalities.mprage2mrf.estimate import match_coefficients
+
+    _, basis = mrf_target_basis()
+    coeffs = channels_to_coefficients(torch.from_numpy(pair.target)).numpy()
+    ctx = EstimateContext(model_dir=tmp_path, options={"mprage2mrf_grid_steps": 40})
+    maps, prov = match_coefficients(coeffs, pair.brain, basis.to(torch.complex64), _mrf_protocol(), ctx)
+    assert prov["Refinement"] is False and prov["SVDRank"] == 4
+    core = pair.brain & (pair.t1 > 0.6) & (pair.t1 < 2.0)  # GM and WM (the 40-step grid's cells are ~10 %)
+    for name, truth in (("T1map", pair.t1), ("T2map", pair.t2)):
+        rel = np.abs(maps[name][core] / truth[core] - 1)
+        assert np.median(rel) < 0.06, (name, np.median(rel))
+    assert np.isnan(maps["T1map"][~pair.brain]).all()
+
+
+@pytest.fixture(scope="module")
+def t1w_only(tmp_path_factory):
+    """A one-participant synthetic dataset with a T1w and nothing else, and a tiny model installed
+    for its MPRAGE protocol as a user model (``--model-dir``)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bids_qmri.models.registry import cache_dir
+
+    root = tmp_path_factory.mktemp("m2m")
+    exe = Path(sys.executable).parent / "bids_qmri-synth"
+    proc = subprocess.run([str(exe), str(root / "bids"), "--participants", "1", "--sessions", "0", "--resolution", "6",
+                           "--seed", "3", "--kinds", "t1w"], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    net = _tiny_net(1)
+    net.set_table(torch.tensor([0.0, -0.6, -1e-3, -0.3, -1e-3, -0.2, -1e-3]),
+                  torch.tensor([1.0, 0.2, 1e-3, 0.3, 1e-3, 0.2, 1e-3]))
+    save_model(net, {"name": "tiny", "mrf_protocol": _mrf_protocol().as_dict(), "components": list(COMPONENTS),
+                     "training_data": "untrained (test)"},
+               cache_dir(root / "models", "mprage2mrf", PROTOCOL), f"mprage2mrf_{PROTOCOL.slug()}", origin="test")
+    return root
+
+
+def test_participant_without_mrf_gets_mprage2mrf_maps(t1w_only):
+    import nibabel as nib
+
+    from bids_qmri.bids.derivatives import init_derivatives
+    from bids_qmri.bids.discovery import discover
+    from bids_qmri.config import Config
+    from bids_qmri.workflows.base import init_participant_wf, mapped_inputs
+
+    root = t1w_only
+    out = root / "out"
+    config = Config(bids_dir=root / "bids", output_dir=out, work_dir=root / "work",
+                    methods={"mprage2mrf": ("mprage2mrf",)}, nprocs=1, omp_nthreads=1, seed=1, device="cpu",
+                    model_dir=root / "models", options={"mprage2mrf_grid_steps": 30})
+    (sess,) = discover(config)
+    assert not sess.inputs["mrf"] and len(sess.inputs["mprage2mrf"]) == 1
+    ((modality, item),) = mapped_inputs(sess, config)
+    # the participant workflow hands the anatomy's T1w and brain mask to the workflow's inputnode
+    pwf = init_participant_wf(sess, config)
+    edges = {(u.name, v.name) for u, v in pwf._graph.edges()}
+    assert ("anat_wf", f"mprage2mrf_{item.acq}_wf") in edges
+    # run the mapping workflow alone on the raw T1w and the phantom's brain mask
+    init_derivatives(out, root / "bids")
+    gt = root / "bids" / "derivatives" / "groundtruth" / "sub-01" / "anat"
+    t1w = item.files[0]
+    img = nib.load(t1w)
+    mask_path = root / "mask.nii.gz"
+    dseg = nib.load(gt / f"sub-01_acq-{item.acq}_dseg.nii.gz").get_fdata()
+    nib.save(nib.Nifti1Image(np.isin(dseg, (1, 2, 3)).astype(np.uint8), img.affine), mask_path)
+    wf = modality.init_workflow(item, sess, config, "m2m_wf")
+    wf.base_dir = str(root / "work")
+    wf.get_node("inputnode").inputs.t1w_preproc = str(t1w)
+    wf.get_node("inputnode").inputs.t1w_mask = str(mask_path)
+    wf.run(plugin="Linear")
+    anat = out / "sub-01" / "anat"
+    for suffix in ("T1map", "T2map"):
+        path = anat / f"sub-01_acq-{item.acq}_desc-mprage2mrf_{suffix}.nii.gz"
+        m = nib.load(path)
+        assert m.shape == img.shape and np.allclose(m.affine, img.affine)  # on the T1w grid
+        v = m.get_fdata()
+        brain = np.asarray(nib.load(mask_path).dataobj) > 0
+        assert np.isfinite(v).all() and (v[brain] > 0).mean() > 0.95 and not v[~brain].any()
+        side = json.loads(path.with_suffix("").with_suffix(".json").read_text())
+        assert side["Units"] == "s" and side["InversionTime"] == PROTOCOL.ti
+        assert side["ModelCard"]["training_data"] == "untrained (test)" and side["ModelCard"]["sha256"]
+        assert "Warnings" not in side
+    assert (anat / f"sub-01_acq-{item.acq}_desc-ref_T1w.nii.gz").is_file()
+
+
+def test_other_protocol_falls_back_to_the_bundled_model_with_warnings(t1w_only, monkeypatch, tmp_path):
+    from bids_qmri.models import registry
+    from bids_qmri.modalities.mprage2mrf.estimate import load_model_for
+
+    # the tiny user model stands in for the bundled one of the synthetic protocol
+    monkeypatch.setattr(registry, "BUNDLED_DIR", t1w_only / "models")
+    monkeypatch.setattr(registry, "bundled_dir", lambda m: registry.cache_dir(t1w_only / "models", m, PROTOCOL))
+    other = mp.MPRAGEProtocol(1.1, 2.5, 0.007, 9.0)
+    net, card, warnings = load_model_for(other, EstimateContext(model_dir=tmp_path))
+    assert isinstance(net, MPRAGE2MRFNet) and len(warnings) == 1
+    assert "InversionTime 1.1 (model trained at 0.9)" in warnings[0] and "FlipAngle 9" in warnings[0]
+    net, card, warnings = load_model_for(PROTOCOL, EstimateContext(model_dir=tmp_path))
+    assert warnings == []
+
+
+def test_bundled_model_for_the_synthetic_protocol():
+    from bids_qmri.modalities.mprage2mrf.estimate import load_model_for
+
+    net, card, warnings = load_model_for(PROTOCOL, EstimateContext(model_dir=None))
+    assert warnings == [] and card["origin"] == "bundled" and card["mprage_protocol"] == PROTOCOL.as_dict()
+    assert card["training"]["train_seeds"] == list(range(12)) and card["validation_loss"] < 0.2
+    _, basis = mrf_target_basis()
+    torch.testing.assert_close(net.basis(), basis.to(torch.complex64))
+    assert net.table()["SV1_real"][1] == 1.0  # SV1 divided by its brain maximum
+    assert card["mrf_protocol_key"] == _mrf_protocol().key()

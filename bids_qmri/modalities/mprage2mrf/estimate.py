@@ -17,7 +17,7 @@ import torch
 from .simulate import normalise_mprage, pad_to
 from .unet import MPRAGE2MRFNet, channels_to_coefficients
 
-__all__ = ["estimate_mprage2mrf", "load_model_for", "synthesise"]
+__all__ = ["estimate_mprage2mrf", "load_model_for", "match_coefficients", "synthesise"]
 
 log = logging.getLogger("bids_qmri.modalities.mprage2mrf.estimate")
 
@@ -70,23 +70,31 @@ def load_model_for(protocol, context):
     return net, card, warnings
 
 
-def estimate_mprage2mrf(data: dict, mask: np.ndarray, protocol, context) -> tuple[dict, dict]:
-    """T1map and T2map (s) of the masked voxels from ``data["T1w"]``."""
+def match_coefficients(coeffs: np.ndarray, mask: np.ndarray, basis: torch.Tensor, mrf_protocol, context):
+    """The MRF plug-in's ``dictmatch`` on synthesised coefficients ``[X, Y, Z, 4]`` of ``basis``
+    (no B1 map: B1 = 1) -> ``(maps, provenance)``; options ``mprage2mrf_refine`` (default off) and
+    ``mprage2mrf_grid_steps``."""
     from bids_qmri.modalities.base import EstimateContext
     from bids_qmri.modalities.mrf.estimate import estimate_dictmatch
-    from bids_qmri.modalities.mrf.protocol import MRFProtocol
 
     options = dict(context.options or {})
+    match_options = {"mrf_refine": options.get("mprage2mrf_refine", "off"),
+                     "mrf_grid_steps": options.get("mprage2mrf_grid_steps") or options.get("mrf_grid_steps") or 80}
+    mctx = EstimateContext(model_dir=context.model_dir, seed=context.seed, device="cpu",
+                           num_threads=context.num_threads, allow_training=False, options=match_options)
+    return estimate_dictmatch({"signal": coeffs, "basis": np.asarray(basis)}, mask, mrf_protocol, mctx)
+
+
+def estimate_mprage2mrf(data: dict, mask: np.ndarray, protocol, context) -> tuple[dict, dict]:
+    """T1map and T2map (s) of the masked voxels from ``data["T1w"]``."""
+    from bids_qmri.modalities.mrf.protocol import MRFProtocol
+
     mask = np.asarray(mask, dtype=bool)
     net, card, warnings = load_model_for(protocol, context)
     torch.set_num_threads(max(1, int(context.num_threads)))
     coeffs = synthesise(net, np.asarray(data["T1w"], dtype=np.float32), mask)
     mrf = MRFProtocol.from_dict(card["mrf_protocol"])
-    match_options = {"mrf_refine": options.get("mprage2mrf_refine", "off"),
-                     "mrf_grid_steps": options.get("mprage2mrf_grid_steps") or options.get("mrf_grid_steps") or 80}
-    mctx = EstimateContext(model_dir=context.model_dir, seed=context.seed, device="cpu",
-                           num_threads=context.num_threads, allow_training=False, options=match_options)
-    maps, mprov = estimate_dictmatch({"signal": coeffs, "basis": net.basis().numpy()}, mask, mrf, mctx)
+    maps, mprov = match_coefficients(coeffs, mask, net.basis(), mrf, context)
     card = {k: v for k, v in card.items() if k not in ("history",)}
     provenance = {
         "method": "mprage2mrf",

@@ -35,6 +35,7 @@ class PairVolume:
     t1: np.ndarray  # ground truth (s)
     t2: np.ndarray
     affine: np.ndarray
+    template_mm: np.ndarray | None = None  # [3, X, Y, Z] template (MNI) coordinates of every voxel
 
 
 def mrf_target_basis():
@@ -86,7 +87,8 @@ def simulate_pair(seed: int, *, protocol, resolution_mm: float = 3.0, snr: float
     c = rotate_and_scale(c, brain & m)
     target = coefficients_to_channels(c).float().numpy() * phantom.brain_mask[..., None]
     return PairVolume(normalise_mprage(s.numpy(), phantom.brain_mask), target, phantom.brain_mask,
-                      phantom.params["T1"], phantom.params["T2"], phantom.grid.affine)
+                      phantom.params["T1"], phantom.params["T2"], phantom.grid.affine,
+                      ph.template_coordinates(phantom.grid, phantom.scaling, phantom.displacement).astype(np.float32))
 
 
 def pad_to(a: np.ndarray, multiple: int) -> np.ndarray:
