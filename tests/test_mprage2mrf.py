@@ -224,6 +224,7 @@ def t1w_only(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_participant_without_mrf_gets_mprage2mrf_maps(t1w_only):
     import nibabel as nib
 
@@ -270,6 +271,11 @@ def test_participant_without_mrf_gets_mprage2mrf_maps(t1w_only):
         assert side["ModelCard"]["training_data"] == "untrained (test)" and side["ModelCard"]["sha256"]
         assert "Warnings" not in side
     assert (anat / f"sub-01_acq-{item.acq}_desc-ref_T1w.nii.gz").is_file()
+    # the participant report shows the maps (generic: it reads the output folder)
+    from bids_qmri.reports.participant import write_participant_report
+
+    html = write_participant_report(out, sess.subject, [sess], config).read_text()
+    assert f"sub-01_acq-{item.acq}_desc-mprage2mrf_T1map" in html
 
 
 def test_other_protocol_falls_back_to_the_bundled_model_with_warnings(t1w_only, monkeypatch, tmp_path):
