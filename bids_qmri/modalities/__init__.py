@@ -19,6 +19,7 @@ PLUGINS = (
     "bids_qmri.modalities.mrf",
     "bids_qmri.modalities.qmt",
     "bids_qmri.modalities.relax",
+    "bids_qmri.modalities.mprage2mrf",
 )
 
 __all__ = [

@@ -65,6 +65,11 @@ def init_participant_wf(session_inputs: SessionInputs, config) -> pe.Workflow:
         counts[modality.name] = counts.get(modality.name, 0) + 1
         tag = workflow_label(item, counts[modality.name])
         sub_wf = modality.init_workflow(item, sess, config, f"{modality.name}_{tag}_wf")
+        # A mapping workflow that declares an ``inputnode`` with anatomy fields gets them.
+        anat_in = sub_wf.get_node("inputnode")
+        wanted = [f for f in ANAT_FIELDS if anat_in is not None and f in anat_in.inputs.copyable_trait_names()]
+        if wanted:
+            wf.connect([(anat_wf, sub_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in wanted])])
         wf.connect([
             (sub_wf, merge_ref, [("outputnode.ref_image", f"in{index}")]),
             (sub_wf, merge_maps, [("outputnode.maps", f"in{index}")]),

@@ -1,0 +1,108 @@
+"""Training pairs for mprage2mrf from the digital brain phantom (seed 002 §2.3, simulated).
+
+One phantom participant per seed (its own deformation, tissue draws and B1 field), on the
+phantom's reference grid: the MPRAGE magnitude from ``physics.mprage`` with the T1w protocol
+(Rician noise at ``snr``), and the MRF SVD coefficients of the synthetic dataset's FISP schedule
+and basis (``synth.dataset.mrf_dictionary``: the same dictionary and interpolation that write
+the dataset's MRF), times PD, on the same grid (so registration is exact). As in seed 002 the
+MPRAGE is skull-stripped with the brain mask and divided by its maximum; the coefficients are
+phase-renormalised (SV1 real, first four SVs kept) and divided by the volume's maximum of SV1
+(the matcher is invariant to that scale). Axial slices (third axis) are zero-padded to a multiple
+of the network's pooling factor.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .unet import N_SV, coefficients_to_channels
+
+__all__ = ["PairVolume", "mrf_target_basis", "simulate_pair", "slices_of", "normalise_mprage", "pad_to"]
+
+log = logging.getLogger("bids_qmri.modalities.mprage2mrf.simulate")
+
+
+@dataclass
+class PairVolume:
+    mprage: np.ndarray  # [X, Y, Z] normalised, skull-stripped
+    target: np.ndarray  # [X, Y, Z, 7] normalised coefficient channels
+    brain: np.ndarray  # [X, Y, Z] bool
+    t1: np.ndarray  # ground truth (s)
+    t2: np.ndarray
+    affine: np.ndarray
+    template_mm: np.ndarray | None = None  # [3, X, Y, Z] template (MNI) coordinates of every voxel
+
+
+def mrf_target_basis():
+    """``(schedule, basis [Nt, 4] complex)`` of the synthetic dataset's MRF (its first four SVs)."""
+    from bids_qmri.synth.dataset import mrf_dictionary
+
+    _, _, basis, schedule = mrf_dictionary()
+    return schedule, basis[:, :N_SV]
+
+
+def normalise_mprage(volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """Skull-strip and divide by the brain's maximum (seed 002): values in [0, 1]."""
+    v = np.where(brain, np.nan_to_num(np.asarray(volume, dtype=np.float64)), 0.0)
+    top = float(v.max()) if brain.any() else 0.0
+    return (v / top if top > 0 else v).astype(np.float32)
+
+
+def rotate_and_scale(coeffs: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+    """Complex ``[..., 4]``: phase set so SV1 is real and positive, divided by the brain's max SV1."""
+    c = coeffs * torch.exp(-1j * coeffs[..., :1].angle())
+    top = c[..., 0].real[brain].max() if bool(brain.any()) else torch.tensor(1.0)
+    return c / (top if top > 0 else 1.0)
+
+
+def simulate_pair(seed: int, *, protocol, resolution_mm: float = 3.0, snr: float = 25.0,
+                  anatomy: str | None = None) -> PairVolume:
+    """One phantom participant's (MPRAGE, MRF coefficients) pair; ``seed`` draws everything."""
+    from bids_qmri.physics.mprage import mprage_signal
+    from bids_qmri.synth import dataset as ds, phantom as ph
+
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2002]))
+    phantom = ph.make_phantom(rng, resolution_mm, anatomy=anatomy or ph.DEFAULT_ANATOMY)
+    fields = ph.make_session_fields(rng, phantom)
+    p = {k: torch.from_numpy(phantom.params[k].astype(np.float64)) for k in ("T1", "T2", "PD")}
+    b1 = torch.from_numpy(fields.b1.astype(np.float64))
+    m = p["PD"] > 1e-4
+    brain = torch.from_numpy(phantom.brain_mask)
+    s = torch.zeros(phantom.grid.shape, dtype=torch.float64)
+    s[m] = mprage_signal(p["T1"][m].clamp_min(1e-3), p["PD"][m], b1[m], **protocol.signal_kwargs())
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    ref = float(s[brain].abs().mean()) if bool(brain.any()) else 1.0
+    s = ds.add_noise(s, snr, gen, ref).abs()
+    axes, table, _, _ = ds.mrf_dictionary()
+    c = torch.zeros(phantom.grid.shape + (N_SV,), dtype=torch.complex128)
+    # Targets at nominal B1: a T1w-only participant has no B1 map, so the synthesised coefficients
+    # are matched at B1 = 1 and must be the fingerprints that B1 = 1 gives (the MPRAGE keeps the true B1).
+    pts = [np.log(p["T1"][m].numpy().clip(1e-3)), np.log(p["T2"][m].numpy().clip(1e-4)), np.ones(int(m.sum()))]
+    c[m] = ds.interpolate_coefficients(axes, table, pts)[:, :N_SV] * p["PD"][m][:, None]
+    c = rotate_and_scale(c, brain & m)
+    target = coefficients_to_channels(c).float().numpy() * phantom.brain_mask[..., None]
+    return PairVolume(normalise_mprage(s.numpy(), phantom.brain_mask), target, phantom.brain_mask,
+                      phantom.params["T1"], phantom.params["T2"], phantom.grid.affine,
+                      ph.template_coordinates(phantom.grid, phantom.scaling, phantom.displacement).astype(np.float32))
+
+
+def pad_to(a: np.ndarray, multiple: int) -> np.ndarray:
+    """Zero-pad the first two axes of ``a`` at their ends to multiples of ``multiple``."""
+    pads = [(0, (-n) % multiple) for n in a.shape[:2]] + [(0, 0)] * (a.ndim - 2)
+    return np.pad(a, pads)
+
+
+def slices_of(pair: PairVolume, multiple: int, min_brain: int = 20):
+    """Axial slices with at least ``min_brain`` brain voxels: ``(x [S, 1, H, W], y [S, 7, H, W], mask [S, H, W])``."""
+    keep = [z for z in range(pair.brain.shape[2]) if pair.brain[..., z].sum() >= min_brain]
+    x = pad_to(pair.mprage[..., keep], multiple)  # [H, W, S]
+    y = pad_to(pair.target[:, :, keep], multiple)  # [H, W, S, 7]
+    b = pad_to(pair.brain[..., keep], multiple)
+    return (torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[:, None])),
+            torch.from_numpy(np.ascontiguousarray(y.transpose(2, 3, 0, 1))),
+            torch.from_numpy(np.ascontiguousarray(b.transpose(2, 0, 1))))

@@ -1,0 +1,305 @@
+"""mprage2mrf (seed 002): the seven U-Nets (shapes, tanh range, bottleneck width), the rescale
+table round trip, safe loading (safetensors + card checksum), the phantom training pairs against
+a direct FISP-EPG simulation at the voxels' own (off-grid) T1/T2, the coefficient convention
+through the MRF matcher against the phantom's truth, a tiny training run on the generic loop, and
+the estimate on a T1w grid (maps, Warnings for another protocol)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bids_qmri.modalities.base import EstimateContext
+from bids_qmri.modalities.mprage2mrf import protocol as mp
+from bids_qmri.modalities.mprage2mrf.simulate import mrf_target_basis, simulate_pair, slices_of
+from bids_qmri.modalities.mprage2mrf.training import Mprage2MRFTrainConfig, masked_mse, train_on_slices
+from bids_qmri.modalities.mprage2mrf.unet import (
+    COMPONENTS,
+    MPRAGE2MRFNet,
+    UNet2D,
+    channels_to_coefficients,
+    coefficients_to_channels,
+)
+from bids_qmri.models.registry import ModelFileError, load_model, save_model
+
+PROTOCOL = mp.synthetic_protocol()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return simulate_pair(7, protocol=PROTOCOL, resolution_mm=6.0)
+
+
+def _tiny_net(seed=0):
+    torch.manual_seed(seed)
+    schedule, basis = mrf_target_basis()
+    net = MPRAGE2MRFNet(base=4, depth=2, dropout=0.0, n_frames=basis.shape[0])
+    net.set_basis(basis)
+    return net
+
+
+# ------------------------------------------------------------------------------------ network
+def test_unet_shapes_range_and_seed_widths():
+    net = MPRAGE2MRFNet(base=16, depth=4)
+    assert len(net.nets) == 7 == len(COMPONENTS)
+    assert net.nets[0].bottleneck.conv2.out_channels == 256  # 16 filters doubling to 256 (seed 002)
+    assert net.nets[0].down[0].conv1.out_channels == 16
+    net.eval()
+    with torch.no_grad():
+        y = net(torch.rand(2, 1, 32, 48) * 5 - 2)
+    assert y.shape == (2, 7, 32, 48)
+    assert float(y.abs().max()) <= 1.0
+    # the seven networks are independent: a gradient of one output reaches only its own network
+    net.train()
+    net(torch.rand(2, 1, 16, 16))[:, 3].sum().backward()
+    touched = [any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in u.parameters()) for u in net.nets]
+    assert touched == [i == 3 for i in range(7)]
+
+
+def test_unet_one_network_is_a_function_of_the_slice():
+    u = UNet2D(base=4, depth=2, dropout=0.0).eval()
+    x = torch.rand(3, 1, 16, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(u(x)[1:2], u(x[1:2]))  # slices are independent in eval mode
+
+
+def test_rescale_table_round_trip():
+    net = MPRAGE2MRFNet(base=2, depth=1)
+    lo = torch.tensor([0.0, -3.09, -1.83, -2.22, -1.21, -1.95, -1.16])  # seed 002 Table 2
+    hi = torch.tensor([10.35, 0.65, 1.88, 1.36, 1.54, 0.90, 1.30])
+    net.set_table(lo, hi)
+    ends = net.to_coefficients(torch.stack([-torch.ones(7), torch.ones(7)])[:, :, None, None])
+    torch.testing.assert_close(ends[0, :, 0, 0], lo)
+    torch.testing.assert_close(ends[1, :, 0, 0], hi)
+    y = torch.rand(4, 7, 5, 6) * 2 - 1
+    torch.testing.assert_close(net.to_network(net.to_coefficients(y)), y, atol=1e-6, rtol=0)
+    assert net.table()["SV1_real"] == [0.0, 10.35]
+    with pytest.raises(ValueError, match="max > min"):
+        net.set_table(hi, lo)
+
+
+def test_channels_coefficients_round_trip():
+    c = torch.randn(5, 4, dtype=torch.complex64)
+    c[:, 0] = c[:, 0].abs()  # SV1 real after phase renormalisation
+    ch = coefficients_to_channels(c)
+    assert ch.shape == (5, 7)
+    torch.testing.assert_close(ch[:, 2], c[:, 1].imag)
+    torch.testing.assert_close(channels_to_coefficients(ch), c)
+
+
+def test_weights_load_safely_with_table_and_basis(tmp_path):
+    net = _tiny_net()
+    net.set_table(torch.arange(7.0) - 3, torch.arange(7.0) + 1)
+    save_model(net, {"name": "t"}, tmp_path, "m", origin="test")
+    again, card = load_model(tmp_path / "m.safetensors")
+    assert isinstance(again, MPRAGE2MRFNet) and card["sha256"]
+    torch.testing.assert_close(again.table_min, net.table_min)
+    torch.testing.assert_close(again.basis(), net.basis())
+    x = torch.rand(1, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), net.eval()(x))
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    assert b"pickle" not in raw.lower()
+    (tmp_path / "m.safetensors").write_bytes(raw[:-8] + b"\0" * 8)
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(tmp_path / "m.safetensors")
+
+
+# ----------------------------------------------------------------------------------- protocol
+def test_protocol_from_sidecar_and_problems():
+    meta = {"InversionTime": 0.9, "RepetitionTimePreparation": 2.13, "FlipAngle": 8.0,
+            "RepetitionTimeExcitation": 0.007, "NumberOfReadouts": 176}
+    p = mp.MPRAGEProtocol.from_dict(meta)
+    assert p == PROTOCOL and p.key() == PROTOCOL.key() and p.slug().startswith("mprage_")
+    assert mp.MPRAGEProtocol.from_dict(json.loads(json.dumps(p.as_dict()))) == p
+    other = mp.MPRAGEProtocol.from_dict({**meta, "InversionTime": 1.1})
+    assert other.key() != p.key()
+    assert p.differences(other) == ["InversionTime 1.1 (model trained at 0.9)"]
+    assert "missing" in mp.protocol_problem({**meta, "InversionTime": None})[0]
+    assert "milliseconds" in mp.protocol_problem({**meta, "RepetitionTimePreparation": 2130})[0]
+    assert "does not fit" in mp.protocol_problem({**meta, "NumberOfReadouts": 400})[0]
+
+
+# ------------------------------------------------------------------------------ training pairs
+def test_pair_matches_direct_epg_at_off_grid_values(pair):
+    """The target coefficients of brain voxels equal the direct FISP-EPG fingerprint at the
+    voxel's own T1/T2 (B1 = 1) compressed on the first four SVs, up to scale and phase."""
+    from bids_qmri.physics import epg
+
+    assert pair.mprage.max() == pytest.approx(1.0) and pair.mprage.min() >= 0
+    assert not pair.mprage[~pair.brain].any() and not pair.target[~pair.brain].any()
+    c = channels_to_coefficients(torch.from_numpy(pair.target[pair.brain])).to(torch.complex128)
+    assert float(c[:, 0].real.max()) == pytest.approx(1.0)  # divided by the brain maximum of SV1
+    rng = np.random.default_rng(0)
+    pick = rng.choice(int(pair.brain.sum()), 40, replace=False)
+    schedule, basis = mrf_target_basis()
+    t1 = torch.from_numpy(pair.t1[pair.brain][pick].astype(np.float64))
+    t2 = torch.from_numpy(pair.t2[pair.brain][pick].astype(np.float64))
+    direct = epg.fisp_mrf(t1, t2, torch.ones_like(t1), n_states=None, **schedule) @ basis.to(torch.complex128)
+    cos = (c[pick].conj() * direct).sum(-1).abs() / (c[pick].norm(dim=-1) * direct.norm(dim=-1))
+    assert float(cos.min()) > 0.999
+
+
+def test_slices_and_masked_loss(pair):
+    x, y, m = slices_of(pair, 4)
+    assert x.shape[1] == 1 and y.shape[1] == 7 and x.shape[-2] % 4 == 0 and x.shape[-1] % 4 == 0
+    assert bool((m.sum((1, 2)) >= 20).all())
+    # the loss is the sum of the seven per-network MSEs over brain pixels
+    pred = y + 0.5 * m[:, None]
+    assert float(masked_mse(pred, y, m)) == pytest.approx(7 * 0.25)
+    assert float(masked_mse(y + 9 * (~m[:, None]), y, m)) == 0.0
+
+
+def test_tiny_training_sets_table_and_learns(pair):
+    data = slices_of(pair, 4)
+    net = _tiny_net()
+    cfg = Mprage2MRFTrainConfig(epochs=4, patience=4, batch_size=4, lr=3e-3, progress=False)
+    result, _ = train_on_slices(net, data, data, cfg)
+    x, y, m = data
+    flat = y.permute(1, 0, 2, 3)[m[None].expand(7, -1, -1, -1)].view(7, -1)
+    yt = net.to_network(flat.T).T
+    varies = (flat.max(1).values - flat.min(1).values) > 1e-3
+    assert bool(varies[[0, 1, 3, 5]].all())  # the real parts of SV1-4
+    # the table spans the training targets: their extremes map to the ends of tanh's range
+    torch.testing.assert_close(yt.min(1).values[varies], -torch.ones(int(varies.sum())), atol=1e-4, rtol=0)
+    torch.testing.assert_close(yt.max(1).values[varies], torch.ones(int(varies.sum())), atol=1e-4, rtol=0)
+    # constant components (noise-free FISP imaginary parts: zero once SV1 is real) sit mid-range
+    assert float(yt[~varies].abs().sum()) < 1e-3 * max(1, yt[~varies].numel())
+    losses = [h["val_loss"] for h in result.history]
+    assert result.best_loss < 0.7 * losses[0]
+
+
+# --------------------------------------------------------------------------- matching, estimate
+def _mrf_protocol():
+    from bids_qmri.modalities.mrf.protocol import MRFProtocol
+
+    schedule, _ = mrf_target_basis()
+    return MRFProtocol(tuple(float(v) for v in schedule["flip_rad"].rad2deg()), tuple(float(v) for v in schedule["tr"]),
+                       float(schedule["te"]), float(schedule["ti"]))
+
+
+def test_true_coefficients_through_the_matcher_give_the_phantom_t1_t2(pair, tmp_path):
+    """The coefficient convention (first four SVs, SV1 rotated real, volume scale) is what the MRF
+    matcher needs: a perfect synthesis matched at B1 = 1 recovers the phantom's own T1/T2."""
+    from bids_qmri.modalities.mprage2mrf.estimate import match_coefficients
+
+    _, basis = mrf_target_basis()
+    coeffs = channels_to_coefficients(torch.from_numpy(pair.target)).numpy()
+    ctx = EstimateContext(model_dir=tmp_path, options={"mprage2mrf_grid_steps": 40})
+    maps, prov = match_coefficients(coeffs, pair.brain, basis.to(torch.complex64), _mrf_protocol(), ctx)
+    assert prov["Refinement"] is False and prov["SVDRank"] == 4
+    core = pair.brain & (pair.t1 > 0.6) & (pair.t1 < 2.0)  # GM and WM (the 40-step grid's cells are ~10 %)
+    for name, truth in (("T1map", pair.t1), ("T2map", pair.t2)):
+        rel = np.abs(maps[name][core] / truth[core] - 1)
+        assert np.median(rel) < 0.06, (name, np.median(rel))
+    assert np.isnan(maps["T1map"][~pair.brain]).all()
+
+
+@pytest.fixture(scope="module")
+def t1w_only(tmp_path_factory):
+    """A one-participant synthetic dataset with a T1w and nothing else, and a tiny model installed
+    for its MPRAGE protocol as a user model (``--model-dir``)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bids_qmri.models.registry import cache_dir
+
+    root = tmp_path_factory.mktemp("m2m")
+    exe = Path(sys.executable).parent / "bids_qmri-synth"
+    proc = subprocess.run([str(exe), str(root / "bids"), "--participants", "1", "--sessions", "0", "--resolution", "6",
+                           "--seed", "3", "--kinds", "t1w"], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    net = _tiny_net(1)
+    net.set_table(torch.tensor([0.0, -0.6, -1e-3, -0.3, -1e-3, -0.2, -1e-3]),
+                  torch.tensor([1.0, 0.2, 1e-3, 0.3, 1e-3, 0.2, 1e-3]))
+    save_model(net, {"name": "tiny", "mrf_protocol": _mrf_protocol().as_dict(), "components": list(COMPONENTS),
+                     "training_data": "untrained (test)"},
+               cache_dir(root / "models", "mprage2mrf", PROTOCOL), f"mprage2mrf_{PROTOCOL.slug()}", origin="test")
+    return root
+
+
+@pytest.mark.slow
+def test_participant_without_mrf_gets_mprage2mrf_maps(t1w_only):
+    import nibabel as nib
+
+    from bids_qmri.bids.derivatives import init_derivatives
+    from bids_qmri.bids.discovery import discover
+    from bids_qmri.config import Config
+    from bids_qmri.workflows.base import init_participant_wf, mapped_inputs
+
+    root = t1w_only
+    out = root / "out"
+    config = Config(bids_dir=root / "bids", output_dir=out, work_dir=root / "work",
+                    methods={"mprage2mrf": ("mprage2mrf",)}, nprocs=1, omp_nthreads=1, seed=1, device="cpu",
+                    model_dir=root / "models", options={"mprage2mrf_grid_steps": 30})
+    (sess,) = discover(config)
+    assert not sess.inputs["mrf"] and len(sess.inputs["mprage2mrf"]) == 1
+    ((modality, item),) = mapped_inputs(sess, config)
+    # the participant workflow hands the anatomy's T1w and brain mask to the workflow's inputnode
+    pwf = init_participant_wf(sess, config)
+    edges = {(u.name, v.name) for u, v in pwf._graph.edges()}
+    assert ("anat_wf", f"mprage2mrf_{item.acq}_wf") in edges
+    # run the mapping workflow alone on the raw T1w and the phantom's brain mask
+    init_derivatives(out, root / "bids")
+    gt = root / "bids" / "derivatives" / "groundtruth" / "sub-01" / "anat"
+    t1w = item.files[0]
+    img = nib.load(t1w)
+    mask_path = root / "mask.nii.gz"
+    dseg = nib.load(gt / f"sub-01_acq-{item.acq}_dseg.nii.gz").get_fdata()
+    nib.save(nib.Nifti1Image(np.isin(dseg, (1, 2, 3)).astype(np.uint8), img.affine), mask_path)
+    wf = modality.init_workflow(item, sess, config, "m2m_wf")
+    wf.base_dir = str(root / "work")
+    wf.get_node("inputnode").inputs.t1w_preproc = str(t1w)
+    wf.get_node("inputnode").inputs.t1w_mask = str(mask_path)
+    wf.run(plugin="Linear")
+    anat = out / "sub-01" / "anat"
+    for suffix in ("T1map", "T2map"):
+        path = anat / f"sub-01_acq-{item.acq}_desc-mprage2mrf_{suffix}.nii.gz"
+        m = nib.load(path)
+        assert m.shape == img.shape and np.allclose(m.affine, img.affine)  # on the T1w grid
+        v = m.get_fdata()
+        brain = np.asarray(nib.load(mask_path).dataobj) > 0
+        assert np.isfinite(v).all() and (v[brain] > 0).mean() > 0.95 and not v[~brain].any()
+        side = json.loads(path.with_suffix("").with_suffix(".json").read_text())
+        assert side["Units"] == "s" and side["InversionTime"] == PROTOCOL.ti
+        assert side["ModelCard"]["training_data"] == "untrained (test)" and side["ModelCard"]["sha256"]
+        assert "Warnings" not in side
+    assert (anat / f"sub-01_acq-{item.acq}_desc-ref_T1w.nii.gz").is_file()
+    # the participant report shows the maps (generic: it reads the output folder)
+    from bids_qmri.reports.participant import write_participant_report
+
+    html = write_participant_report(out, sess.subject, [sess], config).read_text()
+    assert f"sub-01_acq-{item.acq}_desc-mprage2mrf_T1map" in html
+
+
+def test_other_protocol_falls_back_to_the_bundled_model_with_warnings(t1w_only, monkeypatch, tmp_path):
+    from bids_qmri.models import registry
+    from bids_qmri.modalities.mprage2mrf.estimate import load_model_for
+
+    # the tiny user model stands in for the bundled one of the synthetic protocol
+    monkeypatch.setattr(registry, "BUNDLED_DIR", t1w_only / "models")
+    monkeypatch.setattr(registry, "bundled_dir", lambda m: registry.cache_dir(t1w_only / "models", m, PROTOCOL))
+    other = mp.MPRAGEProtocol(1.1, 2.5, 0.007, 9.0)
+    net, card, warnings = load_model_for(other, EstimateContext(model_dir=tmp_path))
+    assert isinstance(net, MPRAGE2MRFNet) and len(warnings) == 1
+    assert "InversionTime 1.1 (model trained at 0.9)" in warnings[0] and "FlipAngle 9" in warnings[0]
+    net, card, warnings = load_model_for(PROTOCOL, EstimateContext(model_dir=tmp_path))
+    assert warnings == []
+
+
+def test_bundled_model_for_the_synthetic_protocol():
+    from bids_qmri.modalities.mprage2mrf.estimate import load_model_for
+
+    net, card, warnings = load_model_for(PROTOCOL, EstimateContext(model_dir=None))
+    assert warnings == [] and card["origin"] == "bundled" and card["mprage_protocol"] == PROTOCOL.as_dict()
+    assert card["training"]["train_seeds"] == list(range(12)) and card["validation_loss"] < 0.2
+    _, basis = mrf_target_basis()
+    torch.testing.assert_close(net.basis(), basis.to(torch.complex64))
+    assert net.table()["SV1_real"][1] == 1.0  # SV1 divided by its brain maximum
+    assert card["mrf_protocol_key"] == _mrf_protocol().key()
