@@ -9,6 +9,10 @@
   (target ≥ 20× faster);
 - refinement per voxel on the dictionary's interpolant (``refine_on_grid``) against the EPG
   (``refine_gauss_newton``), with the accuracy of each against the off-grid truth;
+- mrfnet's CRB weights with the training fingerprints: the exact one-pass EPG Jacobian
+  (``physics.epg.fisp_mrf_jacobian``, the default) against simulation + forward differences and
+  against forward-mode AD through ``physics.crb`` (CPU seconds, interleaved); the on-the-fly
+  training time grows by at most the difference (the training loop itself does not change);
 - memory of matching a 1 mm whole brain (1.5 M voxels) against a 100 k-atom dictionary: the
   inputs plus one score block (``voxel_chunk × atom_chunk``), measured as the resident-set growth
   of a match on a voxel subset and extrapolated by the input size.
@@ -60,6 +64,8 @@ def main() -> None:
     p.add_argument("--dict-atoms", type=int, default=2048, help="atoms simulated to time the dictionary")
     p.add_argument("--refine-voxels", type=int, default=20000, help="voxels refined on the dictionary interpolant")
     p.add_argument("--refine-epg-voxels", type=int, default=512, help="voxels refined on the EPG")
+    p.add_argument("--crb-samples", type=int, default=2048, help="mrfnet training samples for the CRB timing (0: skip)")
+    p.add_argument("--crb-ad-samples", type=int, default=256, help="of which timed through AD as well (0: skip)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -199,6 +205,38 @@ def main() -> None:
     print(f"  on the EPG (chord, 2 iterations): {1e3 * t_epg / ne:.2f} ms/voxel ({ne} voxels); 1 mm brain "
           f"{t_epg * whole / ne / 3600:.1f} h; interpolant faster by {t_epg / ne / (t_int / nv):.0f}x "
           f"(dictionary of 4 B1 slices built in {t_dict:.0f} s)")
+
+
+    if args.crb_samples:
+        _bench_crb(sched, args.crb_samples, args.crb_ad_samples, args.repeats, r, g)
+
+
+def _bench_crb(sched, n, n_ad, repeats, rank, g) -> None:
+    from bids_qmri.modalities.mrf import net as mrfnet
+
+    x = mrfnet._sample(n, g)
+    frames = len(sched["tr"])
+    basis = torch.linalg.qr(torch.randn(frames, rank, dtype=torch.float64, generator=g))[0].to(torch.complex64)
+    cpu = {"exact": [], "differences": [], "ad": []}
+    for _ in range(repeats):
+        t0 = time.process_time()
+        mrfnet._unit_sigma_crb(sched, basis, x, jacobian="exact", return_clean=True)
+        cpu["exact"].append(time.process_time() - t0)
+        t0 = time.process_time()
+        clean = mrfnet._simulate(sched, basis, x)
+        mrfnet._unit_sigma_crb(sched, basis, x, clean, jacobian="differences")
+        cpu["differences"].append(time.process_time() - t0)
+        if n_ad:
+            t0 = time.process_time()
+            mrfnet._unit_sigma_crb(sched, basis, x[:n_ad], clean[:n_ad], jacobian="ad")
+            cpu["ad"].append((time.process_time() - t0) * n / n_ad)
+    best = {k: min(v) for k, v in cpu.items() if v}
+    print(f"mrfnet CRB weights + fingerprints, {n} samples x {len(sched['tr'])} frames (CPU s, best of {repeats}):")
+    print(f"  exact one-pass EPG Jacobian (default) {best['exact']:.2f} s; simulation + forward differences "
+          f"{best['differences']:.2f} s; ratio {best['exact'] / best['differences']:.2f} (training grows by less)")
+    if "ad" in best:
+        print(f"  forward-mode AD through physics.crb (extrapolated from {n_ad}) {best['ad']:.2f} s; "
+              f"{best['ad'] / best['exact']:.1f}x the exact one-pass")
 
 
 if __name__ == "__main__":

@@ -280,9 +280,10 @@ def test_mrfnet_trains_on_the_fly_caches_and_recovers_off_grid_fingerprints(tmp_
 
 
 def test_mrfnet_crb_weights_equal_an_independent_fisher_calculation():
-    # The CRB weights of the crb loss (forward differences of the float32 compressed EPG) against
-    # (a) physics.crb's exact forward-mode Jacobian and (b) central differences in float64 of the
-    # fisp_mrf signal with the Fisher information assembled here, at off-grid samples.
+    # The CRB weights of the crb loss (default: the EPG's hand-written forward mode,
+    # physics.epg.fisp_mrf_jacobian), AD through physics.crb and forward differences of the float32
+    # compressed EPG, against central differences in float64 of the fisp_mrf signal with the
+    # Fisher information assembled here, at off-grid samples.
     from bids_qmri.modalities.mrf.net import _unit_sigma_crb
 
     sched = epg.default_fisp_schedule(100)  # short: forward-mode AD through the EPG loop is slow
@@ -291,8 +292,13 @@ def test_mrfnet_crb_weights_equal_an_independent_fisher_calculation():
                                                      torch.tensor([0.7, 1.0, 1.3]), indexing="ij"))
     basis = svd.svd_basis(epg.fisp_mrf(t1, t2, b, **sched), 10).to(torch.complex64)
     x = torch.tensor([[np.log(1.23), np.log(0.083), 0.93], [np.log(0.71), np.log(0.047), 1.17]], dtype=torch.float64)
-    weights = _unit_sigma_crb(sched, basis, x)
-    exact = _unit_sigma_crb(sched, basis, x, jacobian="exact")
+    weights = _unit_sigma_crb(sched, basis, x, jacobian="differences")
+    exact, clean = _unit_sigma_crb(sched, basis, x, return_clean=True)  # the default: exact
+    ad = _unit_sigma_crb(sched, basis, x, jacobian="ad")
+    # the fingerprints returned with the exact weights are the training fingerprints, bit for bit
+    from bids_qmri.modalities.mrf.net import _simulate
+
+    assert torch.equal(clean, _simulate(sched, basis, x))
     b128 = basis.to(torch.complex128)
     for i in range(len(x)):
         def f(th):
@@ -306,8 +312,34 @@ def test_mrfnet_crb_weights_equal_an_independent_fisher_calculation():
         jac = torch.stack(cols + [c0, 1j * c0], -1)
         independent = torch.linalg.inv((jac.mH @ jac).real).diagonal()[:2]
         torch.testing.assert_close(exact[i], independent, rtol=1e-4, atol=0)
+        torch.testing.assert_close(ad[i], independent, rtol=1e-4, atol=0)
         # forward differences (step 1e-3) in float32: within 1 % of the bound (measured <= 0.18 %)
         torch.testing.assert_close(weights[i], independent, rtol=1e-2, atol=0)
+
+
+def test_fisp_mrf_jacobian_equals_forward_mode_ad_of_fisp_mrf():
+    # The hand-written forward mode through the EPG against torch.func.jvp of fisp_mrf (float64),
+    # with and without inversion and with the state cap, at off-grid T1/T2/B1; the value is
+    # fisp_mrf's bit for bit.
+    from torch.func import jvp
+
+    t1 = torch.tensor([1.23, 0.71, 3.3], dtype=torch.float64)
+    t2 = torch.tensor([0.083, 0.047, 1.1], dtype=torch.float64)
+    b1 = torch.tensor([0.93, 1.17, 1.0], dtype=torch.float64)
+    for ti, n_states in ((0.04, None), (None, 12), (0.021, 12)):
+        sched = {**epg.default_fisp_schedule(60), "ti": ti}
+        sig, jac = epg.fisp_mrf_jacobian(t1, t2, b1, n_states=n_states, inversion_efficiency=0.9, **sched)
+        assert jac.shape == (3, 60, 2)
+
+        def f(a, b, n_states=n_states, sched=sched):
+            return epg.fisp_mrf(a, b, b1, n_states=n_states, inversion_efficiency=0.9, **sched)
+
+        assert torch.equal(sig, f(t1, t2))
+        d1 = jvp(lambda a: f(a, t2), (t1,), (torch.ones_like(t1),))[1]
+        d2 = jvp(lambda b: f(t1, b), (t2,), (torch.ones_like(t2),))[1]
+        torch.testing.assert_close(jac[..., 0], d1, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(jac[..., 1], d2, rtol=1e-12, atol=1e-14)
+        assert d1.abs().max() > 1e-3 and d2.abs().max() > 1e-3  # the derivatives are not trivially zero
 
 
 def test_bids_qmri_train_mrfnet_installs_a_model_the_app_then_uses(tmp_path, capsys):

@@ -10,8 +10,10 @@ simulated with ``fisp_mrf`` (the dictionary's state cap), complex Gaussian noise
 every batch at an SNR uniform in ``snr_range`` (σ = RMS|frames|/(√2·SNR), white on an orthonormal
 basis). ``loss="crb"``: each squared error of (log T1, log T2) divided by its Cramér–Rao bound at
 the sample's noise level (Fisher information of (log T1, log T2, Re M0, Im M0) from the
-Jacobian of the compressed EPG signal: forward differences by default, or exact forward-mode AD
-through ``physics.crb``, ``_unit_sigma_crb``); the card records the normalised CRB
+Jacobian of the compressed EPG signal, exact by default: ``physics.epg.fisp_mrf_jacobian``, the
+forward mode written out through the EPG recursion, which returns the training fingerprints with
+their derivatives in one pass; AD through ``physics.crb`` and forward differences remain as options of
+``_unit_sigma_crb``, and the card says which was used); the card records the normalised CRB
 loss (1 = efficient) on held-out noisy samples for either loss.
 """
 
@@ -98,36 +100,46 @@ def _simulate(schedule, basis, x: torch.Tensor, chunk: int = 2048) -> torch.Tens
 
 
 def _unit_sigma_crb(schedule, basis, x: torch.Tensor, clean: torch.Tensor | None = None, *,
-                    jacobian: str = "differences", step: float = 1e-3, chunk: int = 2048) -> torch.Tensor:
+                    jacobian: str = "exact", step: float = 1e-3, chunk: int = 2048,
+                    return_clean: bool = False):
     """CRB of (log T1, log T2) at σ = 1 per channel and M0 = 1 (complex, unknown): ``diag(F⁻¹)`` of
     the Fisher information ``F = Re(JᴴJ)`` with ``J = [∂c/∂log T1, ∂c/∂log T2, c, i·c]`` (B1 fixed
     per sample).
 
-    ``jacobian="exact"``: the first two columns by forward-mode AD through the compressed EPG
-    (``physics.crb.jacobian``, one ``torch.func.jvp`` per parameter through the batch); exact, but
-    on CPU 3.3× (chunk 16384) to 6× (chunk 2048) the time of the differences (measured: 16 k
-    samples, 100 frames; the EPG is a long loop of small ops, each carrying the dual overhead).
-    ``"differences"`` (the training default): forward differences (``step`` in log units, two extra
-    simulations); ``tests/test_mrf.py`` bounds its difference from the exact CRB.
+    ``jacobian="exact"`` (the training default): the first two columns from
+    ``physics.epg.fisp_mrf_jacobian`` (forward mode written out through the EPG recursion; exact, and
+    it returns the fingerprints too: with ``return_clean=True`` the result is ``(crb, clean)`` at
+    about the cost of the value plus two forward differences). ``"ad"``: forward-mode AD through
+    ``physics.crb.jacobian`` (``torch.func.jvp``, one tangent per parameter; same values, 5–8× the
+    time on CPU: the EPG is a long loop of small ops, each carrying the dual overhead).
+    ``"differences"``: forward differences (``step`` in log units, two extra simulations).
+    ``tests/test_mrf.py`` checks all three against an independent float64 Fisher calculation.
     """
     from bids_qmri.physics import crb
 
     basis = torch.as_tensor(basis).to(torch.complex64)
-    if jacobian not in ("differences", "exact"):
-        raise ValueError(f"jacobian must be 'differences' or 'exact', got {jacobian!r}")
-    out = []
+    if jacobian not in ("differences", "exact", "ad"):
+        raise ValueError(f"jacobian must be 'exact', 'ad' or 'differences', got {jacobian!r}")
+    out, cleans = [], []
     for lo in range(0, len(x), chunk):
         xs = x[lo:lo + chunk]
-        c = _simulate(schedule, basis, xs) if clean is None else clean[lo:lo + chunk]
+        b1 = xs[:, 2].float()
         if jacobian == "exact":
-            b1 = xs[:, 2].float()
-
+            t1, t2 = xs[:, 0].float().exp(), xs[:, 1].float().exp()
+            sig, dsig = epg.fisp_mrf_jacobian(t1, t2, b1, n_states=mrfdict.N_STATES, **schedule)
+            c = sig @ basis if clean is None else clean[lo:lo + chunk]
+            # ∂/∂log T = T ∂/∂T, then onto the basis: [n, Nt, 2] -> [n, R, 2]
+            jac = (dsig * torch.stack([t1, t2], -1)[:, None, :]).mT @ basis
+            jac = jac.mT
+        else:
+            c = _simulate(schedule, basis, xs) if clean is None else clean[lo:lo + chunk]
+        if jacobian == "ad":
             def fn(theta, b1=b1):
                 return epg.fisp_mrf(theta[:, 0].exp(), theta[:, 1].exp(), b1, n_states=mrfdict.N_STATES,
                                     **schedule) @ basis
 
             jac = crb.jacobian(fn, xs[:, :2].float(), mode="jvp")  # [n, R, 2]
-        else:
+        elif jacobian == "differences":
             cols = []
             for k in range(2):
                 shifted = xs.clone()
@@ -137,13 +149,20 @@ def _unit_sigma_crb(schedule, basis, x: torch.Tensor, clean: torch.Tensor | None
         j = torch.cat([jac, c[..., None], 1j * c[..., None]], -1).to(torch.complex128)  # [n, R, 4]
         fisher = (j.mH @ j).real  # physics.crb.fisher_information at σ = 1
         out.append(torch.linalg.inv(fisher).diagonal(dim1=-2, dim2=-1)[:, :2])
+        cleans.append(c)
+    if return_clean:
+        return torch.cat(out), torch.cat(cleans)
     return torch.cat(out)
 
 
 def train_mrfnet(net_protocol: NetProtocol, basis: torch.Tensor, *, n_samples: int = 40_000, max_epochs: int = 30,
                  patience: int = 5, batch_size: int = 256, lr: float = 1e-3, hidden: int = 128,
-                 snr_range=(10.0, 100.0), seed: int = 0, progress=None) -> tuple[ScaledMLP, dict]:
-    """Simulate, train and return ``(net, card)`` (the registry adds the checksum)."""
+                 snr_range=(10.0, 100.0), seed: int = 0, progress=None,
+                 crb_jacobian: str = "exact") -> tuple[ScaledMLP, dict]:
+    """Simulate, train and return ``(net, card)`` (the registry adds the checksum).
+
+    ``crb_jacobian``: how the per-sample CRB weights get their Jacobian (``_unit_sigma_crb``): exact
+    by default, computed with the training fingerprints in one pass."""
     t0, cpu0 = time.perf_counter(), time.process_time()
     loss_name = net_protocol.loss
     if loss_name not in LOSSES:
@@ -152,9 +171,13 @@ def train_mrfnet(net_protocol: NetProtocol, basis: torch.Tensor, *, n_samples: i
     basis = torch.as_tensor(basis).to(torch.complex64)
     gen = torch.Generator().manual_seed(int(seed))
     x = _sample(n_samples, gen)
-    clean = _simulate(schedule, basis, x)
+    if crb_jacobian == "exact":
+        crb_unit, clean = _unit_sigma_crb(schedule, basis, x, jacobian="exact", return_clean=True)
+    else:
+        clean = _simulate(schedule, basis, x)
+        crb_unit = _unit_sigma_crb(schedule, basis, x, clean, jacobian=crb_jacobian)
+    crb_unit = crb_unit.float()
     frame_rms = math.sqrt(float((clean.abs() ** 2).sum(-1).mean()) / basis.shape[0])  # mean |frame| proxy
-    crb_unit = _unit_sigma_crb(schedule, basis, x, clean).float()
     targets = torch.stack([x[:, 0], x[:, 1], torch.linalg.vector_norm(clean, dim=-1).double().log()], 1).float()
     b1 = x[:, 2].float()
     n_val = max(1, n_samples // 10)
@@ -200,6 +223,7 @@ def train_mrfnet(net_protocol: NetProtocol, basis: torch.Tensor, *, n_samples: i
         "protocol": net_protocol.as_dict(), "protocol_key": net_protocol.key(),
         "parameter_ranges": {"T1": [0.1, 5.0], "T2": [0.01, 2.0], "B1": list(B1_RANGE)},
         "training_snr_range": list(snr_range),
+        "crb_jacobian": crb_jacobian,
         "heldout_normalised_crb_loss": {"logT1": float(normalised[0]), "logT2": float(normalised[1])},
         "heldout_crb_efficiency_note": "mean over held-out noisy samples of (error)^2 / CRB; 1 = efficient unbiased",
         "heldout_median_abs_rel_error": {"T1": float(rel[0]), "T2": float(rel[1]),
