@@ -13,9 +13,9 @@ from bids_qmri.models.registry import get_model as _get_model
 from bids_qmri.models.registry import load_model, model_stem, save_model, sha256_file  # noqa: F401 (re-exported)
 from bids_qmri.physics.bssfp import BSSFPProtocol
 
-from .training import METHODS, TrainConfig, train_bssfp_net
+from .training import DEFAULT_DISTRIBUTION, METHODS, TrainConfig, train_bssfp_net
 
-__all__ = ["MODALITY", "ON_THE_FLY", "cache_dir", "get_model", "load_model", "model_stem", "save_model",
+__all__ = ["MODALITY", "MODEL_SETS", "ON_THE_FLY", "cache_dir", "get_model", "load_model", "model_stem", "save_model",
            "sha256_file", "train_on_the_fly"]
 
 log = logging.getLogger("bids_qmri.modalities.bssfp.models")
@@ -38,6 +38,23 @@ ON_THE_FLY = {
 }
 
 
+#: The bundled model sets (``--bssfp-models``): name -> (subfolder of ``bundled/bssfp``, training
+#: distribution of models trained on the fly for other protocols). ``default``: brain tissue with CSF
+#: partial volume and log-scaled T1/T2 outputs; ``seed``: the seed papers' range (T1 0.36–2.08 s,
+#: T2 20–120 ms), which reproduces seed 001 Fig. 2–5 but clips CSF partial volume.
+MODEL_SETS = {
+    "default": (None, DEFAULT_DISTRIBUTION),
+    "seed": ("seed", "uniform"),
+}
+
+
+def _model_set(name: str | None) -> tuple[str | None, str]:
+    name = name or "default"
+    if name not in MODEL_SETS:
+        raise ValueError(f"unknown pc-bSSFP model set {name!r}; use one of {', '.join(MODEL_SETS)}")
+    return MODEL_SETS[name]
+
+
 def cache_dir(model_dir: str | os.PathLike, protocol: BSSFPProtocol):
     """Where ``--model-dir`` keeps the pc-bSSFP models of ``protocol``."""
     return _cache_dir(model_dir, MODALITY, protocol)
@@ -51,10 +68,14 @@ def train_on_the_fly(method: str, protocol: BSSFPProtocol, *, seed: int = 0, dev
 
 
 def get_model(method: str, protocol: BSSFPProtocol, *, model_dir=None, seed: int = 0, allow_training: bool = True,
-              train_overrides: dict | None = None, device: str = "cpu"):
-    """The network for ``method`` and ``protocol`` (see ``bids_qmri.models.registry``)."""
+              train_overrides: dict | None = None, device: str = "cpu", model_set: str | None = None):
+    """The network for ``method`` and ``protocol`` from the model set ``model_set`` (``MODEL_SETS``;
+    None: ``default``); see ``bids_qmri.models.registry``."""
     if method not in METHODS:
         raise ValueError(f"unknown network method {method!r}; use one of {sorted(METHODS)}")
+    subdir, distribution = _model_set(model_set)
+    overrides = {"distribution": distribution, **(train_overrides or {})}
     return _get_model(MODALITY, method, protocol, model_dir=model_dir, seed=seed, allow_training=allow_training,
+                      model_set=subdir,
                       trainer=lambda: train_on_the_fly(method, protocol, seed=seed, device=device,
-                                                       train_overrides=train_overrides))
+                                                       train_overrides=overrides))
