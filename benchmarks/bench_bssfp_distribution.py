@@ -15,7 +15,6 @@ import argparse
 import math
 import time
 
-import numpy as np
 import torch
 
 from bids_qmri.modalities.bssfp.training import TrainConfig, simulate_features, train_bssfp_net
