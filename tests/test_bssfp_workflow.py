@@ -102,14 +102,20 @@ def test_all_maps_and_sidecars(seed_protocol_run):
             assert side["ModelCard"]["origin"] == "bundled"
     # Every map lies on the bSSFP grid, inside the mask, in plausible physical ranges.
     mask = nib.load(result["brain_mask"]).get_fdata() > 0
-    # Where the truth has many voxels above the networks' T2 range (120 ms; CSF and part of GM),
-    # the networks' T2 maps are flagged in the sidecar (and so in the report).
+    # Many voxels lie above the seed range's 120 ms (CSF and GM with CSF partial volume). The default
+    # networks cover them (issue 18): no range warning in any sidecar, and where the truth is above
+    # 130 ms their T2 is not pinned at a ceiling (the seed nets put all of them at 120 ms).
     gt_t2 = nib.load(bids / "derivatives" / "groundtruth" / "sub-01" / "anat" / f"{stem}_T2map.nii.gz").get_fdata()
     assert np.mean(gt_t2[mask] > 0.13) > 0.1
-    for method in ("svnn", "pinn"):
+    above = mask & (gt_t2 > 0.13)
+    for method in METHODS:
         side = json.loads((out / "sub-01" / "anat" / f"{stem}_desc-{method}_T2map.json").read_text())
-        assert any("T2 estimates sit at the upper end" in w for w in side["Warnings"]), method
-    assert "Warnings" not in json.loads((out / "sub-01" / "anat" / f"{stem}_desc-miracle_T2map.json").read_text())
+        assert "Warnings" not in side, (method, side.get("Warnings"))
+        if method != "miracle":
+            assert side["ModelCard"]["distribution"] == "brain"
+            t2 = nib.load(out / "sub-01" / "anat" / f"{stem}_desc-{method}_T2map.nii.gz").get_fdata()
+            assert np.median(t2[above]) > 0.5 * np.median(gt_t2[above]), method
+            assert np.mean(np.isclose(t2[above], 0.12, rtol=0.01)) < 0.05, method
     t1 = nib.load(out / "sub-01" / "anat" / f"{stem}_desc-pinn_T1map.nii.gz")
     assert t1.shape == mask.shape
     assert np.all(t1.get_fdata()[~mask] == 0)

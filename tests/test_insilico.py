@@ -98,7 +98,7 @@ def test_onthefly_complex_pinn_with_the_default_settings(tmp_path):
 # point (T1 939 ms, T2 62 ms) over θ; here the stricter mean over the 20×20 grid of the whole training range
 # (its edges included) × 31 θ, the evaluation `bids_qmri-insilico bssfp` writes.
 FIG5_TARGET_PCT = {12: 1.0, 6: 1.5, 4: 3.5}
-# measured for the bundled models (bids_qmri/models/bundled/bssfp/TRAINING.md): mean |relative error| T1, T2 in %
+# measured for the bundled models (bids_qmri/models/bundled/bssfp/seed/TRAINING.md; `--models seed`, the default of `theta_sweep`): mean |relative error| T1, T2 in %
 BUNDLED_GRID_ERR_PCT = {
     ("svnncomplex", 12): (0.63, 0.56),
     ("svnncomplex", 6): (0.81, 0.63),
@@ -129,3 +129,32 @@ def test_bundled_complex_nets_accuracy_versus_theta(key):
 def test_bundled_complex_nets_meet_seed_fig5(key):
     t1, t2 = _bundled_theta_error(*key)
     assert t1 < FIG5_TARGET_PCT[key[1]] and t2 < FIG5_TARGET_PCT[key[1]], (t1, t2)
+
+
+# The default set (--bssfp-models default, trained on the brain distribution with log-scaled outputs;
+# bids_qmri/models/bundled/bssfp/TRAINING.md) on the same seed-range grid test, measured: mean |relative
+# error| T1, T2 in %. All meet seed 001 Fig. 5 but pinncomplex Npc 12 in T1 (1.07 % for 1 %): its
+# range is ~25× the seed's in T2 and it had 12 PINN epochs from the SVNN's weights.
+DEFAULT_GRID_ERR_PCT = {
+    ("svnncomplex", 12): (0.98, 0.98),
+    ("svnncomplex", 6): (1.11, 1.44),
+    ("svnncomplex", 4): (1.41, 2.15),
+    ("pinncomplex", 12): (1.07, 0.78),
+    ("pinncomplex", 6): (1.45, 1.20),
+    ("pinncomplex", 4): (2.24, 2.67),
+}
+FIG5_MISSED = {("pinncomplex", 12)}
+
+
+@pytest.mark.parametrize("key", sorted(DEFAULT_GRID_ERR_PCT))
+def test_default_complex_nets_versus_theta(key):
+    df = theta_sweep(key[0], seed_protocol(key[1]), n_theta=31, grid_n=20, model_set="default")
+    assert (df.n_failed == 0).all()
+    err = df.groupby("parameter").mean_abs_rel_err_pct.mean()
+    t1, t2 = float(err["T1"]), float(err["T2"])
+    want_t1, want_t2 = DEFAULT_GRID_ERR_PCT[key]
+    assert t1 <= want_t1 + 0.02 and t2 <= want_t2 + 0.02, (t1, t2)
+    if key not in FIG5_MISSED:
+        assert t1 < FIG5_TARGET_PCT[key[1]] and t2 < FIG5_TARGET_PCT[key[1]], (t1, t2)
+    # the seed set on the same grid is a different model (the default is not the seed's file)
+    assert abs(t1 - _bundled_theta_error(*key)[0]) > 0.01

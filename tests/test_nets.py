@@ -65,3 +65,31 @@ def test_save_load_round_trip(tmp_path):
     save_file(state, str(tmp_path / "bare.safetensors"))
     with pytest.raises(ValueError, match="architecture"):
         load_net(tmp_path / "bare.safetensors")
+
+
+def test_log_scaled_outputs():
+    """Log-scaled outputs map the unit interval geometrically onto the range (u = 0.5 is the
+    geometric mean of the limits), round-trip, travel in the file's configuration, and leave
+    ΔB0 linear; an output with a non-positive lower limit cannot be log-scaled."""
+    ranges = {"T1": (0.25, 5.0), "T2": (0.015, 2.5), "B0": (-100.0, 100.0)}
+    net = BSSFPNet("complex", ranges, log_outputs=("T1", "T2"))
+    y = net.to_physical(torch.tensor([[0.0, 0.5, 0.5], [1.0, 0.0, 0.25]]))
+    torch.testing.assert_close(y[0], torch.tensor([0.25, (0.015 * 2.5) ** 0.5, 0.0]))
+    torch.testing.assert_close(y[1], torch.tensor([5.0, 0.015, -50.0]))
+    u = torch.rand(50, 3)
+    torch.testing.assert_close(net.to_unit(net.to_physical(u)), u, atol=1e-5, rtol=0)
+    linear = BSSFPNet("complex", ranges)
+    assert linear.to_physical(torch.tensor([[0.5, 0.5, 0.5]]))[0, 0] == pytest.approx(2.625)
+    assert BSSFPNet.from_config(net.config()).log_outputs == ("T1", "T2")
+    assert "log_outputs" not in linear.config()  # files written before the option read the same
+    with pytest.raises(ValueError, match="log-scaled"):
+        BSSFPNet("complex", ranges, log_outputs=("B0",))
+
+
+def test_log_scaled_net_survives_save_and_load(tmp_path):
+    torch.manual_seed(3)
+    net = BSSFPNet("magnitude", {"T1": (0.25, 5.0), "T2": (0.015, 2.5)}, log_outputs=("T1", "T2"))
+    back = load_net(save_net(net, tmp_path / "log.safetensors"))
+    x = torch.randn(30, 4)
+    torch.testing.assert_close(back(x), net(x), rtol=0, atol=0)
+    assert back.log_outputs == ("T1", "T2")

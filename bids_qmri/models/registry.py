@@ -8,10 +8,12 @@ e.g. ``npc12_97b5d39b3cee`` for pc-bSSFP, else its ``key()``). Lookup order:
 
 1. ``<model_dir>/<modality>/<key>/<stem>.safetensors`` — a model the user installed with
    ``bids_qmri-train --model-dir`` (it replaces the bundled one, whatever ``--seed``);
-2. ``bids_qmri/models/bundled/<modality>/<stem>.safetensors`` — shipped with the package;
-3. ``<model_dir>/<modality>/<key>/<stem>_seed<S>.safetensors`` — trained on the fly by an
-   earlier run with ``--seed S`` (the seed is part of the name, so a run's outputs never depend
-   on which other seeds ran before it);
+2. ``bids_qmri/models/bundled/<modality>[/<model set>]/<stem>.safetensors`` — shipped with the
+   package (a modality may bundle more than one set, e.g. models trained on different
+   distributions; ``model_set`` picks a subfolder, None the modality's folder itself);
+3. ``<model_dir>/<modality>/<key>/<stem>[_<model set>]_seed<S>.safetensors`` — trained on the fly
+   by an earlier run with ``--seed S`` (the seed is part of the name, so a run's outputs never
+   depend on which other seeds ran before it);
 4. trained now with the ``trainer`` the modality hands in, under a file lock (parallel jobs
    that need the same model: one trains, the others wait and reuse), cached as in 3.
 
@@ -136,8 +138,8 @@ def cache_dir(model_dir: str | os.PathLike, modality: str, protocol) -> Path:
     return Path(model_dir) / modality / protocol.key()
 
 
-def bundled_dir(modality: str) -> Path:
-    return BUNDLED_DIR / modality
+def bundled_dir(modality: str, model_set: str | None = None) -> Path:
+    return BUNDLED_DIR / modality / model_set if model_set else BUNDLED_DIR / modality
 
 
 def get_model(
@@ -149,6 +151,7 @@ def get_model(
     trainer: Callable[[], tuple] | None,
     seed: int = 0,
     allow_training: bool = True,
+    model_set: str | None = None,
 ):
     """The network for ``(modality, method, protocol, seed)`` -> ``(net, card)``; see the module
     docstring for the lookup order. ``trainer()`` returns ``(net, card)`` for this method,
@@ -161,11 +164,11 @@ def get_model(
     if found is not None:
         net, card = load_model(found)
         return net, {**card, "path": str(found), "reused": True}
-    found = _find(bundled_dir(modality), stem)
+    found = _find(bundled_dir(modality, model_set), stem)
     if found is not None:
         net, card = load_model(found)
         return net, {**card, "path": str(found)}
-    seeded = f"{stem}_seed{int(seed)}"
+    seeded = f"{stem}_{model_set}_seed{int(seed)}" if model_set else f"{stem}_seed{int(seed)}"
     found = _find(cache, seeded)
     if found is not None:
         net, card = load_model(found)

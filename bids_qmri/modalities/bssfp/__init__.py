@@ -120,6 +120,11 @@ MODALITY = Modality(
         RunOption("--bssfp-denoise", "bssfp_denoise", "mppca", choices=("mppca", "none"),
                   help="denoising of the raw pc-bSSFP phase cycles before motion correction: MP-PCA on the "
                        "real and imaginary parts (default), or none"),
+        RunOption("--bssfp-models", "bssfp_models", "default", choices=("default", "seed"),
+                  help="bundled pc-bSSFP networks: default (trained on brain tissue with CSF partial volume, "
+                       "T1 0.25-5 s, T2 15 ms-2.5 s, B1 0.6-1.4, log-scaled outputs) or seed (the seed papers' "
+                       "range T1 0.36-2.08 s, T2 20-120 ms, which clips CSF partial volume; reproduces their "
+                       "figures)"),
     ),
     add_train_arguments=_add_train_arguments,
     train_from_args=_train_from_args,

@@ -13,7 +13,7 @@ from bids_qmri.errors import EXIT_OK, EXIT_USAGE
 
 # ------------------------------------------------------------------------ bids_qmri-train
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .training import DISTRIBUTIONS, PINN_FEATURE_SCALES, TrainConfig
+    from .training import DEFAULT_DISTRIBUTION, DISTRIBUTIONS, PINN_FEATURE_SCALES, TARGET_SCALES, TrainConfig
 
     d = TrainConfig()
     g = parser.add_argument_group("pc-bSSFP protocol (--sidecar, or these values)")
@@ -24,7 +24,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--phase-increments", type=float, nargs="+", metavar="DEG",
                    help="explicit phase increments in degrees (instead of --npc)")
     t = parser.add_argument_group("pc-bSSFP networks (svnn, pinn, svnncomplex, pinncomplex)")
-    t.add_argument("--distribution", default=d.distribution, choices=sorted(DISTRIBUTIONS))
+    t.add_argument("--distribution", default=DEFAULT_DISTRIBUTION, choices=sorted(DISTRIBUTIONS),
+                   help="T1/T2/B1 training distribution: brain (the default models': T1 0.25–5 s, T2 15 ms–2.5 s, "
+                        "B1 0.6–1.4, half log-uniform, half uniform over the seed's tissue range) or uniform "
+                        "(the seed models': T1 0.36–2.08 s, T2 20–120 ms)")
+    t.add_argument("--targets", default=d.targets, choices=list(TARGET_SCALES),
+                   help="T1/T2 outputs scaled linearly or logarithmically over their range (auto: log for the "
+                        "brain and loguniform distributions)")
     t.add_argument("--theta-margin", type=float, default=d.theta_margin,
                    help="complex nets: fraction of π left out of training at both ends of θ ∈ (−π, π)")
     t.add_argument("--pinn-feature-scale", default=d.pinn_feature_scale, choices=list(PINN_FEATURE_SCALES),
@@ -67,7 +73,7 @@ def train_from_args(args, parser):
         cfg = TrainConfig(
             method=args.method, distribution=args.distribution, theta_margin=args.theta_margin,
             init_from=str(args.init_from) if args.init_from else None,
-            pinn_feature_scale=args.pinn_feature_scale, seed=args.seed, threads=args.threads, device=args.device,
+            pinn_feature_scale=args.pinn_feature_scale, targets=args.targets, seed=args.seed, threads=args.threads, device=args.device,
             **{k: v for k, v in given.items() if v is not None},
         )
     except ValueError as exc:
@@ -110,6 +116,9 @@ def add_insilico_command(sub) -> None:
     p.add_argument("--onthefly", nargs=4, type=float, metavar=("TR", "TE", "FA", "NPC"), default=None,
                    help="also train models on the fly for this protocol (s, s, deg, cycles) and report "
                         "their noise-free CoD (needs --model-dir)")
+    p.add_argument("--models", default="seed", choices=("seed", "default"),
+                   help="bundled network set: seed (the seed papers' training range, which reproduces their "
+                        "figures) or default (brain tissue with CSF partial volume; --bssfp-models)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run_insilico)
 
@@ -133,7 +142,7 @@ def _run_insilico(args, parser) -> int:
         args.out_dir, methods=args.methods, snrs=args.snr, n_mc=args.mc, grid_n=args.grid,
         n_invivo=args.invivo, npcs=args.npc, theta_methods=args.theta_methods,
         n_theta=args.theta_points, theta_grid_n=args.theta_grid, model_dir=args.model_dir, seed=args.seed,
-        onthefly_protocol=otf,
+        onthefly_protocol=otf, model_set=args.models,
     )
     for path in written:
         print(path)

@@ -41,30 +41,86 @@ def predict(net, features: torch.Tensor, batch: int = 1 << 18, device: str = "cp
     return out
 
 
-#: Share of the estimated voxels at one end of a network's training range above which the map
+#: Share of the tissue voxels clipped at one end of a network's training range above which the map
 #: is flagged: a sigmoid output cannot leave the range, so such voxels are clipped, not measured.
 RANGE_LIMIT_WARNING_FRACTION = 0.05
+#: What counts as tissue for the range warning (s): 3 T grey and white matter, including their
+#: partial volume with up to ~10 % CSF (5 % CSF already raises GM's apparent T2 from ~0.11 to ~0.2 s).
+#: Voxels beyond either limit are CSF-dominated: a network whose range ends below CSF is not
+#: flagged for them. The anatomy's GM/WM is not on the map grid when the maps are estimated (the
+#: ROI step registers it afterwards), so the data decide: the network's estimate, and MIRACLE's (no
+#: range) for the voxels the network puts at a range limit.
+TISSUE_RANGE = {"T1": 2.5, "T2": 0.3}
+#: A voxel at a limit whose MIRACLE estimate lies within this fraction of that limit is not clipped:
+#: the data themselves put it there.
+RANGE_LIMIT_MARGIN = 0.1
 
 
-def _range_limits(method: str, maps: dict, ranges: dict) -> tuple[dict, list[str]]:
-    """Voxels within 1 % of each end of the training range, per map, and warnings where more than
-    ``RANGE_LIMIT_WARNING_FRACTION`` of the estimates sit at one end."""
-    counts, warnings = {}, []
-    for suffix, key in (("T1map", "T1"), ("T2map", "T2")):
-        if key not in ranges or suffix not in maps:
-            continue
-        lo, hi = (float(v) for v in ranges[key])
+def _range_limits(method: str, maps: dict, ranges: dict, reference=None, *, seed_set: bool = False
+                  ) -> tuple[dict, list[str]]:
+    """Tissue voxels within 1 % of each end of the training range, per map, and warnings where more
+    than ``RANGE_LIMIT_WARNING_FRACTION`` of the tissue voxels are clipped at one end.
+
+    ``reference(index) -> {"T1map": s, "T2map": s}`` estimates the voxels ``index`` (those at a
+    limit) independently of the network (MIRACLE on the same data); elsewhere the network's own
+    estimate stands. A voxel is tissue when that estimate lies inside ``TISSUE_RANGE`` for T1 and
+    T2; a tissue voxel at a limit is clipped unless the estimate lies within ``RANGE_LIMIT_MARGIN``
+    of the limit. So CSF that a network clips at its ceiling does not
+    count, and tissue (or tissue partial volume) that it clips does, whatever the network's range.
+    Without ``reference`` every voxel is tissue and every voxel at a limit counts as clipped.
+    """
+    key_of = {"T1map": "T1", "T2map": "T2"}
+    present = [s for s in ("T1map", "T2map") if s in maps and key_of[s] in ranges]
+    if not present:
+        return {}, []
+    shape = np.asarray(maps[present[0]]).shape
+    finite = np.logical_and.reduce([np.isfinite(np.asarray(maps[s], dtype=np.float64)) for s in present])
+    limits = {}
+    for suffix in present:
+        lo, hi = (float(v) for v in ranges[key_of[suffix]])
         values = np.asarray(maps[suffix], dtype=np.float64)
-        values = values[np.isfinite(values)]
-        low, high = int((values <= lo * 1.01).sum()), int((values >= hi * 0.99).sum())
-        counts[suffix] = {"low": low, "high": high}
-        for n, end, limit in ((low, "lower", lo), (high, "upper", hi)):
-            if values.size and n / values.size > RANGE_LIMIT_WARNING_FRACTION:
-                warnings.append(f"{method}: {100 * n / values.size:.0f} % of the {key} estimates sit at the {end} "
-                                f"end of the network's training range ({1000 * limit:.0f} ms) and are clipped "
-                                "there; compare with MIRACLE, or train a model on a wider distribution "
-                                f"(bids_qmri-train --method {method} --distribution uniform_extended --model-dir DIR, "
-                                "then run with --model-dir DIR)")
+        with np.errstate(invalid="ignore"):
+            limits[suffix] = (lo, hi, finite & (values <= lo * 1.01), finite & (values >= hi * 0.99))
+    ref = None
+    if reference is not None:
+        # away from the limits the network's own estimate is a measurement; at a limit it is not,
+        # so those voxels get MIRACLE's
+        ref = {s: np.asarray(maps[s], dtype=np.float64).copy() if s in maps else np.full(shape, np.nan)
+               for s in ("T1map", "T2map")}
+        index = np.flatnonzero(np.logical_or.reduce([low | high for _, _, low, high in limits.values()]))
+        if index.size:
+            estimated = reference(index)
+            for s in ref:
+                ref[s][index] = np.asarray(estimated[s], dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            tissue = finite & (ref["T1map"] <= TISSUE_RANGE["T1"]) & (ref["T2map"] <= TISSUE_RANGE["T2"])
+    else:
+        tissue = finite
+    n_tissue = int(tissue.sum())
+    counts, warnings = {}, []
+    for suffix in present:
+        key = key_of[suffix]
+        lo, hi, low, high = limits[suffix]
+        with np.errstate(invalid="ignore"):
+            if ref is not None:
+                r = ref[suffix]
+                low_clipped = tissue & low & ~(np.abs(r - lo) <= RANGE_LIMIT_MARGIN * lo)
+                high_clipped = tissue & high & ~(np.abs(r - hi) <= RANGE_LIMIT_MARGIN * hi)
+            else:
+                low_clipped, high_clipped = low, high
+        counts[suffix] = {"low": int(low.sum()), "high": int(high.sum()), "tissue": n_tissue,
+                          "tissue_clipped_low": int(low_clipped.sum()),
+                          "tissue_clipped_high": int(high_clipped.sum())}
+        for clipped, end, limit in ((low_clipped, "lower", lo), (high_clipped, "upper", hi)):
+            n = int(clipped.sum())
+            if n_tissue and n / n_tissue > RANGE_LIMIT_WARNING_FRACTION:
+                warnings.append(
+                    f"{method}: {100 * n / n_tissue:.0f} % of the tissue voxels' {key} estimates are clipped at the "
+                    f"{end} end of the network's training range ({1000 * limit:.0f} ms) where MIRACLE puts them "
+                    "elsewhere; compare with MIRACLE, "
+                    + ("use the default models (--bssfp-models default), " if seed_set else "")
+                    + f"or train one on a wider distribution (bids_qmri-train --method {method} --distribution brain "
+                    "--model-dir DIR, then run with --model-dir DIR)")
     return counts, warnings
 
 
@@ -78,12 +134,16 @@ def estimate_bssfp(
     seed: int = 0,
     allow_training: bool = True,
     device: str = "cpu",
+    model_set: str | None = None,
+    range_check: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Parameter maps for ``N`` voxels.
 
     ``F``: complex ``[N, 3]`` configurations (F−1, F0, F1) after receiver-phase removal, not
     normalised. ``b1``: ``[N]`` (1 = nominal; NaN/non-positive values are treated as 1 and counted
-    in the provenance). Returns ``({"T1map": s, "T2map": s[, "fieldmap": Hz]}, provenance)``;
+    in the provenance). ``model_set``: the networks' bundled set (``models.MODEL_SETS``; None:
+    ``default``). ``range_check``: count (and warn about) network estimates clipped at the training
+    range (``_range_limits``; off for simulations that do not need it). Returns ``({"T1map": s, "T2map": s[, "fieldmap": Hz]}, provenance)``;
     voxels that cannot be estimated are NaN. ``provenance`` has ``algorithm`` and ``reference``
     (text for the sidecar), ``model_card`` (dict for the networks, None for MIRACLE) and counts.
     """
@@ -127,7 +187,7 @@ def estimate_bssfp(
         from bids_qmri.modalities.bssfp.models import get_model
 
         net, card = get_model(method, protocol, model_dir=model_dir, seed=seed, allow_training=allow_training,
-                              device=device)
+                              device=device, model_set=model_set)
         x = bssfp_features(f.to(torch.complex64), torch.as_tensor(b1, dtype=torch.float32), net.kind)
         x[~ok] = 0.0
         y = predict(net, x, device=device)
@@ -140,10 +200,19 @@ def estimate_bssfp(
         outside = int(((b1 < lo) | (b1 > hi)).sum())
         if outside:
             provenance["voxels_outside_trained_b1_range"] = outside
-        limits, warnings = _range_limits(method, maps, card.get("parameter_ranges", {}))
-        provenance["voxels_at_range_limits"] = limits
-        if warnings:
-            provenance["warnings"] = warnings
+        mag = f.abs().numpy()
+
+        def reference(index):  # MIRACLE on the voxels a network puts at a range limit
+            t1_ref, t2_ref, _ = miracle(mag[index], b1[index], tr=protocol.tr, te=protocol.te,
+                                        flip_rad=protocol.flip_rad)
+            return {"T1map": t1_ref, "T2map": t2_ref}
+
+        if range_check:
+            limits, warnings = _range_limits(method, maps, card.get("parameter_ranges", {}), reference,
+                                             seed_set=model_set == "seed")
+            provenance["voxels_at_range_limits"] = limits
+            if warnings:
+                provenance["warnings"] = warnings
     for warning in provenance.get("warnings", []):
         log.warning(warning)
     maps = {k: np.asarray(v, dtype=np.float32) for k, v in maps.items()}
@@ -159,7 +228,8 @@ def estimate(method: str, data: dict, mask: np.ndarray, protocol: BSSFPProtocol,
     F = np.asarray(data["configurations"])[mask].astype(np.complex128)
     b1 = np.asarray(data["b1"], dtype=np.float64)[mask]
     maps, provenance = estimate_bssfp(method, F, b1, protocol, model_dir=context.model_dir, seed=context.seed,
-                                      allow_training=context.allow_training, device=context.device)
+                                      allow_training=context.allow_training, device=context.device,
+                                      model_set=(context.options or {}).get("bssfp_models"))
     volumes = {}
     for suffix, values in maps.items():
         volume = np.full(mask.shape, np.nan, dtype=np.float32)

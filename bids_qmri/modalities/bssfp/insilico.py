@@ -70,6 +70,7 @@ def monte_carlo(
     model_dir=None,
     seed: int = 0,
     chunk_voxels: int = 1 << 19,
+    model_set: str = "seed",
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """MC mean and SD per parameter map ({"T1map": (mean, sd), ...}); NaN estimates are skipped."""
     s = simulate_signal(params, protocol)
@@ -85,7 +86,8 @@ def monte_carlo(
         if math.isfinite(snr):
             sk = add_complex_noise(sk, snr, generator)
         f = configurations(remove_receiver_phase(sk), phi).numpy()
-        maps, _ = estimate_bssfp(method, f, np.tile(b1, k), protocol, model_dir=model_dir, seed=seed)
+        maps, _ = estimate_bssfp(method, f, np.tile(b1, k), protocol, model_dir=model_dir, seed=seed,
+                                 model_set=model_set, range_check=False)
         for key, v in maps.items():
             v = v.reshape(k, n).astype(np.float64)
             fin = np.isfinite(v)
@@ -103,7 +105,8 @@ def monte_carlo(
 
 
 def theta_sweep(
-    method: str, protocol: BSSFPProtocol, *, n_theta: int, grid_n: int, model_dir=None, seed: int = 0
+    method: str, protocol: BSSFPProtocol, *, n_theta: int, grid_n: int, model_dir=None, seed: int = 0,
+    model_set: str = "seed",
 ) -> pd.DataFrame:
     """Noise-free |relative error| of T1 and T2 versus θ over a grid_n × grid_n T1/T2 grid."""
     grid = linear_grid(grid_n)
@@ -113,7 +116,8 @@ def theta_sweep(
     par["B0"] = torch.as_tensor(np.repeat(theta / (2 * math.pi * protocol.tr), n))
     s = simulate_signal(par, protocol)
     f = configurations(remove_receiver_phase(s), protocol.phase_increments_rad()).numpy()
-    maps, _ = estimate_bssfp(method, f, par["B1"].numpy(), protocol, model_dir=model_dir, seed=seed)
+    maps, _ = estimate_bssfp(method, f, par["B1"].numpy(), protocol, model_dir=model_dir, seed=seed,
+                                 model_set=model_set, range_check=False)
     rows = []
     for name, key in PARAMS:
         rel = np.abs(maps[key].astype(np.float64) / par[name].numpy() - 1).reshape(n_theta, n) * 100
@@ -130,7 +134,7 @@ def theta_sweep(
 
 
 def onthefly_check(
-    protocol: BSSFPProtocol, *, methods, model_dir, grid_n: int = 50, seed: int = 0
+    protocol: BSSFPProtocol, *, methods, model_dir, grid_n: int = 50, seed: int = 0, model_set: str = "seed"
 ) -> pd.DataFrame:
     """Train (or reuse) on-the-fly models for a non-bundled protocol; noise-free CoD on the grid."""
     import time
@@ -143,9 +147,10 @@ def onthefly_check(
     rows = []
     for method in methods:
         t0 = time.process_time()
-        _, card = get_model(method, protocol, model_dir=model_dir, seed=seed)
+        _, card = get_model(method, protocol, model_dir=model_dir, seed=seed, model_set=model_set)
         train_cpu = time.process_time() - t0
-        maps, _ = estimate_bssfp(method, f, grid["B1"].numpy(), protocol, model_dir=model_dir, seed=seed)
+        maps, _ = estimate_bssfp(method, f, grid["B1"].numpy(), protocol, model_dir=model_dir, seed=seed,
+                                 model_set=model_set, range_check=False)
         for name, key in PARAMS:
             rows.append({"protocol": protocol.describe(), "protocol_key": protocol.key(), "method": method,
                          "parameter": name, "cod": cod(grid[name].numpy(), maps[key].astype(np.float64)),
@@ -256,8 +261,10 @@ def run_bssfp_insilico(
     seed: int = 0,
     progress: bool | None = None,
     onthefly_protocol: BSSFPProtocol | None = None,
+    model_set: str = "seed",
 ) -> list[Path]:
-    """Run both experiments on the seed protocol and write TSV tables and PNG figures."""
+    """Run both experiments on the seed protocol and write TSV tables and PNG figures, with the
+    networks of the bundled ``model_set`` (``seed``: the models that reproduce seed 001's figures)."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -269,7 +276,8 @@ def run_bssfp_insilico(
     jobs = [(st, snr, m) for st in sets for snr in snrs for m in methods]
     for st, snr, method in tqdm(jobs, desc="bSSFP Monte Carlo", disable=None if progress is None else not progress):
         par = sets[st]
-        res = monte_carlo(method, par, protocol, snr, n_mc, gen, model_dir=model_dir, seed=seed)
+        res = monte_carlo(method, par, protocol, snr, n_mc, gen, model_dir=model_dir, seed=seed,
+                                 model_set=model_set)
         for name, key in PARAMS:
             y = par[name].numpy()
             mean, sd = res[key]
@@ -300,7 +308,8 @@ def run_bssfp_insilico(
     for npc in npcs:
         p = BSSFPProtocol.with_default_increments(protocol.tr, protocol.te, protocol.flip_deg, npc)
         for method in theta_methods:
-            theta_frames.append(theta_sweep(method, p, n_theta=n_theta, grid_n=theta_grid_n, model_dir=model_dir, seed=seed))
+            theta_frames.append(theta_sweep(method, p, n_theta=n_theta, grid_n=theta_grid_n, model_dir=model_dir, seed=seed,
+                                 model_set=model_set))
     if theta_frames:
         df = pd.concat(theta_frames, ignore_index=True)
         written.append(_save_tsv(df, out_dir / "bssfp_relerr_theta.tsv"))
@@ -309,7 +318,8 @@ def run_bssfp_insilico(
         if model_dir is None:
             raise ValueError("the on-the-fly check needs --model-dir (where the trained models are cached)")
         df = onthefly_check(onthefly_protocol, methods=[m for m in methods if m != "miracle"],
-                            model_dir=model_dir, seed=seed)
+                            model_dir=model_dir, seed=seed,
+                                 model_set=model_set)
         written.append(_save_tsv(df, out_dir / "bssfp_onthefly.tsv"))
     log.info("wrote %s", ", ".join(p.name for p in written))
     return written

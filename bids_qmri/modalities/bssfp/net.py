@@ -45,16 +45,21 @@ def input_names(kind: str) -> list[str]:
 class BSSFPNet(ScaledMLP):
     """MLP mapping bSSFP features to (T1 [s], T2 [s][, ΔB0 [Hz]])."""
 
-    def __init__(self, kind: str, ranges: dict[str, tuple[float, float]], hidden: int | None = None):
+    def __init__(self, kind: str, ranges: dict[str, tuple[float, float]], hidden: int | None = None,
+                 log_outputs: tuple[str, ...] = ()):
         if kind not in ARCHITECTURES:
             raise ValueError(f"unknown network kind {kind!r}; use one of {sorted(ARCHITECTURES)}")
         n_in, default_hidden, outputs = ARCHITECTURES[kind]
-        super().__init__(n_in, int(hidden or default_hidden), outputs, ranges)
+        super().__init__(n_in, int(hidden or default_hidden), outputs, ranges, log_outputs=log_outputs)
         self.kind = kind
 
     def config(self) -> dict:
-        return {"kind": self.kind, "hidden": self.hidden, "ranges": self.ranges}
+        config = {"kind": self.kind, "hidden": self.hidden, "ranges": self.ranges}
+        if self.log_outputs:
+            config["log_outputs"] = list(self.log_outputs)
+        return config
 
     @classmethod
     def from_config(cls, config: dict) -> "BSSFPNet":
-        return cls(config["kind"], {k: tuple(v) for k, v in config["ranges"].items()}, hidden=config["hidden"])
+        return cls(config["kind"], {k: tuple(v) for k, v in config["ranges"].items()}, hidden=config["hidden"],
+                   log_outputs=tuple(config.get("log_outputs", ())))

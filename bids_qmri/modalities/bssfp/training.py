@@ -30,12 +30,14 @@ from bids_qmri.training.loop import LR_SCHEDULES, LoopSettings, train_loop, trai
 
 __all__ = [
     "B1_RANGE",
+    "DEFAULT_DISTRIBUTION",
     "DISTRIBUTIONS",
     "METHODS",
     "PINN_FEATURE_SCALES",
     "TrainConfig",
     "b0_range_hz",
     "features_from_parameters",
+    "log_outputs",
     "network_loss",
     "parameter_ranges",
     "sample_parameters",
@@ -53,12 +55,30 @@ METHODS = {
     "pinncomplex": ("complex", "pinn"),
 }
 B1_RANGE = (0.7, 1.3)
+#: B1 ranges that differ from ``B1_RANGE`` (brain: 3 T transmit fields reach ±40 %)
+B1_RANGES = {"brain": (0.6, 1.4), "loguniform": (0.6, 1.4)}
+
+
+def b1_range(distribution: str) -> tuple[float, float]:
+    return B1_RANGES.get(distribution, B1_RANGE)
 #: T1/T2 ranges in seconds (seed 000: the uniform and in-vivo ranges are brain mean ± 2 SD at 3 T)
 DISTRIBUTIONS = {
     "uniform": {"T1": (0.36, 2.08), "T2": (0.02, 0.12)},
     "uniform_extended": {"T1": (0.36, 5.0), "T2": (0.02, 2.5)},
     "invivo": {"T1": (0.36, 2.08), "T2": (0.02, 0.12)},
+    "loguniform": {"T1": (0.25, 5.0), "T2": (0.015, 2.5)},
+    "brain": {"T1": (0.25, 5.0), "T2": (0.015, 2.5)},
 }
+#: The default distribution of the bundled models (``--bssfp-models default``): brain tissue and
+#: its partial volume with CSF (3 T CSF: T1 ~3.5–4.5 s, T2 ~2 s). Half the samples are
+#: log-uniform over the whole range (T2 < T1), half uniform over the seed's tissue range, so the
+#: density in WM/GM stays close to the seed models' while CSF partial volume is covered.
+BRAIN_TISSUE_SHARE = 0.5
+DEFAULT_DISTRIBUTION = "brain"
+#: Distributions whose T1/T2 outputs are log-scaled (``targets="auto"``): their ranges span two
+#: decades, where a linear output would spend its precision on CSF values.
+LOG_TARGET_DISTRIBUTIONS = ("brain", "loguniform")
+TARGET_SCALES = ("auto", "linear", "log")
 # In-vivo-like density: the seed's density map came from subject data we do not have, so we use a
 # Gaussian mixture at typical 3 T white matter, grey matter and WM/GM/CSF partial-volume values
 # (T1 s, T2 s, SD T1, SD T2, weight), truncated to the uniform range.
@@ -113,6 +133,14 @@ def sample_parameters(
             z = torch.randn(m, 2, dtype=dtype, generator=generator)
             t1 = mix[:, 0] + mix[:, 2] * z[:, 0]
             t2 = mix[:, 1] + mix[:, 3] * z[:, 1]
+        elif distribution in ("loguniform", "brain"):
+            t1 = _uniform(m, math.log(t1_lo), math.log(t1_hi), generator, dtype).exp()
+            t2 = _uniform(m, math.log(t2_lo), math.log(t2_hi), generator, dtype).exp()
+            if distribution == "brain":
+                (s1_lo, s1_hi), (s2_lo, s2_hi) = DISTRIBUTIONS["uniform"]["T1"], DISTRIBUTIONS["uniform"]["T2"]
+                tissue = _uniform(m, 0.0, 1.0, generator, dtype) < BRAIN_TISSUE_SHARE
+                t1 = torch.where(tissue, _uniform(m, s1_lo, s1_hi, generator, dtype), t1)
+                t2 = torch.where(tissue, _uniform(m, s2_lo, s2_hi, generator, dtype), t2)
         else:
             t1 = _uniform(m, t1_lo, t1_hi, generator, dtype)
             t2 = _uniform(m, t2_lo, t2_hi, generator, dtype)
@@ -123,7 +151,7 @@ def sample_parameters(
     out = {
         "T1": torch.cat(t1_parts)[:n],
         "T2": torch.cat(t2_parts)[:n],
-        "B1": _uniform(n, *B1_RANGE, generator, dtype),
+        "B1": _uniform(n, *b1_range(distribution), generator, dtype),
     }
     if with_b0:
         # θ uniform in (−π, π), open at both ends (seed 001: no training data on the phase wrap)
@@ -240,9 +268,14 @@ class TrainConfig:
     threads: int = 1
     device: str = "cpu"  # where the network trains; simulation stays on the CPU (seeded generator)
     progress: bool | None = None  # None: a bar only on a terminal
+    # T1/T2 outputs scaled linearly or logarithmically over their range; "auto": log for the
+    # distributions in LOG_TARGET_DISTRIBUTIONS (ΔB0 is always linear)
+    targets: str = "auto"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.targets not in TARGET_SCALES:
+            raise ValueError(f"unknown targets {self.targets!r}; use one of {', '.join(TARGET_SCALES)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; use one of {sorted(METHODS)}")
         if self.distribution not in DISTRIBUTIONS:
@@ -255,6 +288,12 @@ class TrainConfig:
             raise ValueError(f"unknown keep {self.keep!r}; use 'best' or 'last'")
         if self.n_samples < 20 or self.max_epochs < 1 or self.batch_size < 1:
             raise ValueError("need at least 20 samples, 1 epoch and batch size 1")
+
+
+def log_outputs(cfg: TrainConfig) -> tuple[str, ...]:
+    """The outputs a network trained with ``cfg`` scales logarithmically."""
+    log_scaled = cfg.targets == "log" or (cfg.targets == "auto" and cfg.distribution in LOG_TARGET_DISTRIBUTIONS)
+    return ("T1", "T2") if log_scaled else ()
 
 
 def _targets(params: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
@@ -278,7 +317,7 @@ def train_bssfp_net(
     device = torch.device(cfg.device)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.threads)))
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     try:
         gen = torch.Generator().manual_seed(cfg.seed)
         params = sample_parameters(cfg.distribution, cfg.n_samples, gen, tr=protocol.tr,
@@ -303,13 +342,14 @@ def train_bssfp_net(
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            net = BSSFPNet(kind, parameter_ranges(cfg.distribution, kind, protocol.tr))
+            net = BSSFPNet(kind, parameter_ranges(cfg.distribution, kind, protocol.tr), log_outputs=log_outputs(cfg))
         init = None
         if cfg.init_from:
             from bids_qmri.nets.io import load_net
 
             start_net = load_net(cfg.init_from)
-            if getattr(start_net, "kind", None) != kind or start_net.ranges != net.ranges:
+            if (getattr(start_net, "kind", None) != kind or start_net.ranges != net.ranges
+                    or getattr(start_net, "log_outputs", ()) != net.log_outputs):
                 raise ValueError(f"{cfg.init_from}: a {getattr(start_net, 'kind', type(start_net).__name__)} network "
                                  f"with other ranges cannot initialise {cfg.method} — pick a model of the same "
                                  "method and distribution")
@@ -341,6 +381,7 @@ def train_bssfp_net(
 
     training = training_record(settings, result, n_train=n_train, n_val=n_val, simulation_s=t_sim,
                                wall_s=time.perf_counter() - t_start)
+    training["cpu_s"] = round(time.process_time() - cpu_start, 1)
     training.update({k: v for k, v in asdict(cfg).items()
                      if k not in ("progress", "extra", "method", "distribution", "init_from") and k not in training})
     training.update(cfg.extra)
@@ -349,13 +390,14 @@ def train_bssfp_net(
         "modality": "bssfp",
         "method": cfg.method,
         "architecture": {"class": "BSSFPNet", "kind": kind, "hidden": net.hidden, "inputs": input_names(kind),
-                         "outputs": list(net.outputs), "activation": "ReLU", "output": "sigmoid"},
+                         "outputs": list(net.outputs), "activation": "ReLU", "output": "sigmoid",
+                         "log_scaled_outputs": list(net.log_outputs)},
         "loss": loss_name,
         "protocol": protocol.as_dict(),
         "protocol_key": protocol.key(),
         "parameter_ranges": {k: list(v) for k, v in net.ranges.items()},
         "units": {"T1": "s", "T2": "s", "B0": "Hz"},
-        "b1_range": list(B1_RANGE),
+        "b1_range": list(b1_range(cfg.distribution)),
         "distribution": cfg.distribution,
         "training": training,
         "validation_loss": result.best_loss if cfg.keep == "best" else result.final_loss,

@@ -128,7 +128,7 @@ def init_bssfp_wf(bssfp: BSSFPInput, b1: B1Input | None, subject: str, session: 
     for index, method in enumerate(methods, start=1):
         est = pe.Node(EstimateMaps(modality=MODALITY.name, method=method, protocol=protocol.as_dict(),
                                    model_dir=str(config.model_dir), seed=config.seed, device=config.torch_device(),
-                                   num_threads=omp, sources=sources, sidecar_info=sidecar_info,
+                                   num_threads=omp, sources=sources, sidecar_info=sidecar_info, options=options,
                                    fieldmap_magnitude_description=(
                                        "|F0| of the pc-bSSFP series (magnitude of the mean over phase cycles), "
                                        "the magnitude image of the off-resonance fieldmaps"), **common),
