@@ -112,6 +112,27 @@ def test_training_is_reproducible_and_carded(method):
     assert {"median_abs_rel_error_T2", "median_abs_rel_error_A"} <= set(card["validation"])
 
 
+def test_training_continues_from_a_saved_model(tmp_path):
+    """--init-from: training starts from the saved model's weights (one iteration at learning
+    rate 0 must return them unchanged, although the seed differs), the card records the file's
+    checksum and its earlier training, and another architecture is refused with a ValueError."""
+    from bids_qmri.models.registry import save_model
+
+    net, card = training.train_relax_net("t2", TE, training.RelaxTrainConfig(method="rim", seed=3, **TINY))
+    path = save_model(net, card, tmp_path, "rim_start", origin="test")
+    frozen = {**TINY, "iterations": 1, "lr": 0.0}
+    cont, cont_card = training.train_relax_net(
+        "t2", TE, training.RelaxTrainConfig(method="rim", seed=5, init_from=str(path), **frozen))
+    s0, s1 = _state(net), _state(cont)
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert cont_card["training"]["init_from"]["sha256"] == json.loads(path.with_suffix(".json").read_text())["sha256"]
+    assert cont_card["training"]["init_from"]["previous_training"]["seed"] == 3
+    assert cont_card["training"]["cpu_s"] >= 0
+    with pytest.raises(ValueError, match="cannot initialise"):
+        training.train_relax_net("t2", TE, training.RelaxTrainConfig(method="rim", init_from=str(path),
+                                                                     **{**frozen, "hidden": 8}))
+
+
 def _volume(kind, times, seed):
     p = simulate.simulate_patches(kind, times, 3, np.random.default_rng(seed), resolution_mm=RES, size=20,
                                   sigma=0.01)
