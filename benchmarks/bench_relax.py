@@ -41,10 +41,11 @@ takes any number of TIs; its weights are ``--rim-ir`` / ``--rim-t2`` (default: t
 models of the synthetic dataset's TI and TE lists, trained on other time points than this
 slice's, so their accuracy here is a generalisation test; the timing does not depend on them).
 
-Last run with ``--rim --scipy-voxels 200`` (bundled CPU-budget RIMs, load ~12): IR, 31 TIs, one
-thread: RIM 2.27 s CPU, our MLE 7.88 s (3.5×), scipy 800 s extrapolated (353×); 2 threads bring
-the RIM's wall time from 13.9 to 7.5 s. The bundled IR RIM was trained on 6 TIs over 0.1–2.5 s:
-on these 31 TIs its T1 error is 29 % (undertrained and off its TI list; see README).
+Last run with ``--rim --scipy-voxels 200`` (bundled CPU-budget RIMs with the Gauss-Newton-scaled
+gradient input, load ~4–6): IR, 31 TIs, one thread: RIM 2.02 s CPU, our MLE 5.84 s (2.9×), scipy
+466 s extrapolated (231×); 2 threads bring the RIM's wall time from 4.4 to 3.4 s. The bundled IR
+RIM was trained on 6 TIs over 0.1–2.5 s: on these 31 TIs its T1 error is 8.5 % (the earlier
+raw-gradient model: 29 %; see README).
 
 Run: ``nice -n 10 python benchmarks/bench_relax.py [--scipy-voxels 1500] [--snr 50] [--rim]``
 """

@@ -112,6 +112,27 @@ def test_training_is_reproducible_and_carded(method):
     assert {"median_abs_rel_error_T2", "median_abs_rel_error_A"} <= set(card["validation"])
 
 
+def test_training_continues_from_a_saved_model(tmp_path):
+    """--init-from: training starts from the saved model's weights (one iteration at learning
+    rate 0 must return them unchanged, although the seed differs), the card records the file's
+    checksum and its earlier training, and another architecture is refused with a ValueError."""
+    from bids_qmri.models.registry import save_model
+
+    net, card = training.train_relax_net("t2", TE, training.RelaxTrainConfig(method="rim", seed=3, **TINY))
+    path = save_model(net, card, tmp_path, "rim_start", origin="test")
+    frozen = {**TINY, "iterations": 1, "lr": 0.0}
+    cont, cont_card = training.train_relax_net(
+        "t2", TE, training.RelaxTrainConfig(method="rim", seed=5, init_from=str(path), **frozen))
+    s0, s1 = _state(net), _state(cont)
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert cont_card["training"]["init_from"]["sha256"] == json.loads(path.with_suffix(".json").read_text())["sha256"]
+    assert cont_card["training"]["init_from"]["previous_training"]["seed"] == 3
+    assert cont_card["training"]["cpu_s"] >= 0
+    with pytest.raises(ValueError, match="cannot initialise"):
+        training.train_relax_net("t2", TE, training.RelaxTrainConfig(method="rim", init_from=str(path),
+                                                                     **{**frozen, "hidden": 8}))
+
+
 def _volume(kind, times, seed):
     p = simulate.simulate_patches(kind, times, 3, np.random.default_rng(seed), resolution_mm=RES, size=20,
                                   sigma=0.01)
@@ -244,4 +265,6 @@ def test_bundled_models_for_the_synthetic_lists(method, kind, times):
     start = rim.to_physical(rim.initial_estimate(patches.signal, kind), kind)[:, -1]
     truth = rim.to_physical(patches.target, kind)[:, -1]
     err0 = float((start / truth - 1)[patches.brain].abs().median())
-    assert err < 0.2 and err < 0.9 * err0  # measured (SNR 30): rim 17 % / 9 %, resnet 6 % / 7 % (IR / T2)
+    # measured (SNR 30; start 21 % / 18 %): rim 8.6 % / 6.6 %, resnet 5.8 % / 7.2 % (IR / T2); bounds +~30 %
+    bound = {("rim", "ir"): 0.11, ("rim", "t2"): 0.09, ("resnet", "ir"): 0.08, ("resnet", "t2"): 0.095}[method, kind]
+    assert err < bound and err < 0.5 * err0, (err, err0)

@@ -30,6 +30,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rim-hidden", type=int, default=d.hidden, help="RIM feature channels (seed 004: 36)")
     g.add_argument("--rim-steps", type=int, default=d.steps, help="RIM steps J (seed 004: 6)")
     g.add_argument("--rim-gru-kernel", type=int, default=d.gru_kernel, help="kernel of the RIM's GRU convolutions")
+    g.add_argument("--rim-gradient", choices=["gauss_newton", "raw"], default=d.rim_gradient,
+                   help="the likelihood gradient the RIM sees: divided per voxel and parameter by the Gauss-Newton "
+                        "curvature (gauss_newton) or as is (raw, seed 004)")
     g.add_argument("--resnet-channels", type=int, nargs="+", default=list(d.resnet_channels),
                    help="widths of the ResNet's residual blocks (seed 004: 40 40 80 80 160 320 160 80 80 40 6)")
 
@@ -69,6 +72,7 @@ def train_from_args_for(modality: str):
                 iterations_per_epoch=args.iterations_per_epoch, resolution_mm=args.anatomy_resolution,
                 max_seconds=None if args.budget_minutes is None else 60.0 * args.budget_minutes,
                 hidden=args.rim_hidden, steps=args.rim_steps, gru_kernel=args.rim_gru_kernel,
+                rim_gradient=args.rim_gradient, init_from=str(args.init_from) if args.init_from else None,
                 resnet_channels=tuple(args.resnet_channels), **{k: v for k, v in given.items() if v is not None})
             net, card = train_relax_net("ir" if modality == "irt1" else "t2", protocol.times, cfg)
         except ValueError as exc:

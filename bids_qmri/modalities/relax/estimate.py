@@ -101,12 +101,13 @@ def estimate_t2(data: dict, mask: np.ndarray, protocol, context) -> tuple[dict, 
 
 LEARNED_ALGORITHM = {
     "rim": ("recurrent inference machine (seed 004): {steps} steps of a convolutional GRU cell on the current "
-            "estimate and the autograd gradient of the Gaussian log-likelihood of {model}, applied slice by slice "
-            "(2D, as trained) to the series divided by the median over the brain mask of its maximum"),
+            "estimate and the autograd gradient of the Gaussian log-likelihood of {model}{gradient}, applied slice "
+            "by slice (2D, as trained) to the series divided by the median over the brain mask of its maximum"),
     "resnet": ("ResNet (seed 004 baseline): {blocks} residual blocks of zero-padded 3x3 convolutions mapping the "
                "{n} images of the series to the maps of {model}, slice by slice (2D), series divided by the median "
                "over the brain mask of its maximum"),
 }
+GRADIENT_TEXT = {"raw": "", "gauss_newton": " divided per voxel and parameter by its Gauss-Newton curvature"}
 MODEL_TEXT = {"ir": "|A(1 - B exp(-TI/T1))|", "t2": "|A exp(-TE/T2)|"}
 
 
@@ -165,7 +166,8 @@ def estimate_learned(method: str, data: dict, mask: np.ndarray, protocol, contex
         torch.set_num_threads(old)
     cfg = net.config()
     algorithm = LEARNED_ALGORITHM[method].format(steps=cfg.get("steps"), blocks=len(cfg.get("channels", ())),
-                                                 n=cfg.get("n_times"), model=MODEL_TEXT[kind])
+                                                 n=cfg.get("n_times"), model=MODEL_TEXT[kind],
+                                                 gradient=GRADIENT_TEXT.get(cfg.get("gradient", "raw"), ""))
     out = {"M0map": maps["A"]}
     if kind == "ir":
         out.update({"T1map": maps["T1"], "IEmap": maps["B"]})

@@ -21,6 +21,14 @@ the number of time points, so one RIM serves any series length. Training scores 
 (``rim_loss``, seed 004 eq. 6). The gradient enters the cell as an input (it is not
 differentiated again during training), as in seed 004's implementation.
 
+Gradient input (``RIM(gradient=...)``): ``"raw"`` feeds ∇_κ L as above (seed 004); ``"gauss_newton"``
+(the trainer's default) feeds ∇_κ L divided per voxel and parameter by the Gauss-Newton curvature
+mean_n (∂f_n/∂κ_q)² + ``GAUSS_NEWTON_DAMPING`` (``scaled_nll_gradient``): a step in each parameter's
+own units. The raw gradient's size swings with the voxel's signal level and, for ln T1, with how
+far T1 is from the TIs (∂f/∂ln T1 ∝ A·B·(TI/T1)·e^{−TI/T1}), so an equal step in the raw input
+means very different updates from voxel to voxel; the scaled input removes that spread, which the
+network otherwise has to learn from few mini-batches.
+
 ResNet (seed 004 §4.4.3, Fig. 1b): 1×1 conv N→width, BatchNorm, ReLU; G residual blocks (two
 zero-padded 3×3 convs with BatchNorm and ReLU, identity skip, 1×1 projection when the width
 changes); 1×1 conv to Q. No pooling, no fully connected layer; one model per series length.
@@ -45,6 +53,7 @@ __all__ = [
     "SEED_RESNET_CHANNELS",
     "initial_estimate",
     "nll_gradient",
+    "scaled_nll_gradient",
     "rim_loss",
     "signal_model",
     "signal_scale",
@@ -61,6 +70,8 @@ INITIAL = {"B": 2.0, "T1": 1.0, "T2": 0.1}
 SEED_RESNET_CHANNELS = (40, 40, 80, 80, 160, 320, 160, 80, 80, 40, 6)
 #: guards of the network coordinates (ln seconds) against overflow of exp on untrained nets
 LOG_T_RANGE = (math.log(1e-3), math.log(20.0))
+#: damping of the curvature that scales the gradient input (``scaled_nll_gradient``)
+GAUSS_NEWTON_DAMPING = 1e-2
 
 
 def _check_kind(kind: str) -> None:
@@ -103,6 +114,32 @@ def nll_gradient(kappa: torch.Tensor, signal: torch.Tensor, times: torch.Tensor,
         loss = 0.5 * (residual**2).mean(1).sum()
         (grad,) = torch.autograd.grad(loss, k)
     return grad.detach()
+
+
+def scaled_nll_gradient(kappa: torch.Tensor, signal: torch.Tensor, times: torch.Tensor, kind: str,
+                        damping: float = GAUSS_NEWTON_DAMPING) -> torch.Tensor:
+    """``nll_gradient`` divided per voxel and parameter by the diagonal of the Gauss-Newton
+    curvature, mean_n (∂f_n/∂κ_q)² + ``damping``: the gradient in units of its own parameter
+    (a step, not a slope), so that A, B and ln T enter the RIM at comparable sizes whatever the
+    voxel's signal level and relaxation time. Derivatives by forward-mode autograd (one
+    Jacobian-vector product per parameter) through ``signal_model``; detached."""
+    from torch.func import jvp
+
+    kappa = kappa.detach()
+    q = kappa.shape[1]
+    grads, curv = [], []
+    with torch.enable_grad():
+        for i in range(q):
+            tangent = torch.zeros_like(kappa)
+            tangent[:, i] = 1.0
+            f, df = jvp(lambda k: signal_model(k, times, kind), (kappa,), (tangent,))
+            grads.append(((f - signal) * df).mean(1))
+            curv.append((df**2).mean(1))
+    g, h = torch.stack(grads, 1), torch.stack(curv, 1)
+    return (g / (h + damping)).detach()
+
+
+GRADIENT_INPUTS = ("raw", "gauss_newton")
 
 
 def signal_scale(signal: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -181,12 +218,16 @@ class RIM(nn.Module):
     ``signal_scale`` and ``times`` ``[N]`` seconds returns the J estimates ``[J, batch, Q, H, W]``
     in network coordinates (the last one is the answer)."""
 
-    def __init__(self, kind: str = "ir", hidden: int = 36, steps: int = 6, gru_kernel: int = 1):
+    def __init__(self, kind: str = "ir", hidden: int = 36, steps: int = 6, gru_kernel: int = 1,
+                 gradient: str = "raw"):
         super().__init__()
         _check_kind(kind)
         if steps < 1 or hidden < 1 or gru_kernel < 1 or gru_kernel % 2 == 0:
             raise ValueError("RIM needs steps ≥ 1, hidden ≥ 1 and an odd GRU kernel")
+        if gradient not in GRADIENT_INPUTS:
+            raise ValueError(f"RIM gradient input {gradient!r}: use one of {', '.join(GRADIENT_INPUTS)}")
         self.kind, self.hidden, self.steps, self.gru_kernel = kind, int(hidden), int(steps), int(gru_kernel)
+        self.gradient = gradient
         self.q = len(PARAMETERS[kind])
         self.cell = _RIMCell(self.q, self.hidden, self.gru_kernel)
         _kaiming(self)
@@ -198,7 +239,8 @@ class RIM(nn.Module):
         return PARAMETERS[self.kind]
 
     def config(self) -> dict:
-        return {"kind": self.kind, "hidden": self.hidden, "steps": self.steps, "gru_kernel": self.gru_kernel}
+        return {"kind": self.kind, "hidden": self.hidden, "steps": self.steps, "gru_kernel": self.gru_kernel,
+                "gradient": self.gradient}
 
     @classmethod
     def from_config(cls, config: dict) -> "RIM":
@@ -213,7 +255,7 @@ class RIM(nn.Module):
         h1 = h2 = None
         out = []
         for _ in range(self.steps):
-            grad = nll_gradient(kappa, signal, times, self.kind)
+            grad = (nll_gradient if self.gradient == "raw" else scaled_nll_gradient)(kappa, signal, times, self.kind)
             delta, h1, h2 = self.cell(torch.cat([kappa, grad], 1), h1, h2)
             kappa = kappa + delta
             out.append(kappa)

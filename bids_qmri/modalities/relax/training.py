@@ -55,8 +55,10 @@ class RelaxTrainConfig:
     hidden: int = 36
     steps: int = 6
     gru_kernel: int = 1
+    rim_gradient: str = "gauss_newton"
     resnet_channels: tuple[int, ...] = (40,) * 6
     resnet_width: int = 40
+    init_from: str | None = None  # continue from a saved model of the same method and architecture
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -70,7 +72,7 @@ class RelaxTrainConfig:
 
 def build_net(method: str, kind: str, n_times: int, cfg: RelaxTrainConfig) -> torch.nn.Module:
     if method == "rim":
-        return rim.RIM(kind, hidden=cfg.hidden, steps=cfg.steps, gru_kernel=cfg.gru_kernel)
+        return rim.RIM(kind, hidden=cfg.hidden, steps=cfg.steps, gru_kernel=cfg.gru_kernel, gradient=cfg.rim_gradient)
     return rim.RelaxResNet(kind, n_times=n_times, channels=cfg.resnet_channels, width=cfg.resnet_width)
 
 
@@ -91,7 +93,7 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
     times = tuple(float(t) for t in times)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.threads)))
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     try:
         rng = np.random.default_rng(cfg.seed)
         val = simulate_patches(kind, times, cfg.n_val, np.random.default_rng([cfg.seed, 1]),
@@ -100,6 +102,19 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             net = build_net(cfg.method, kind, len(times), cfg)
+        init = None
+        if cfg.init_from:
+            from bids_qmri.models.registry import load_model
+
+            start, start_card = load_model(cfg.init_from)
+            if type(start) is not type(net) or start.config() != net.config():
+                raise ValueError(f"{cfg.init_from}: a {type(start).__name__} {start.config()} cannot initialise "
+                                 f"{cfg.method} {net.config()} — pick a model of the same method, series length "
+                                 "and architecture options")
+            net.load_state_dict(start.state_dict())
+            # the whole chain: an earlier continuation keeps its own init_from inside "training"
+            init = {"file": str(cfg.init_from).rsplit("/", 1)[-1], "sha256": start_card.get("sha256"),
+                    "previous_training": start_card.get("training", {})}
         tt = torch.tensor(times)
 
         def batch(idx):
@@ -123,8 +138,12 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
         torch.set_num_threads(old_threads)
     training = training_record(settings, result, n_train=n_per_epoch, n_val=cfg.n_val, simulation_s=t_sim,
                                wall_s=time.perf_counter() - t_start)
-    training.update({k: v for k, v in asdict(cfg).items() if k not in ("extra", "progress") and k not in training})
+    training.update({k: v for k, v in asdict(cfg).items()
+                     if k not in ("extra", "progress", "init_from") and k not in training})
     training["iterations_run"] = len(result.history) * cfg.iterations_per_epoch
+    training["cpu_s"] = round(time.process_time() - cpu_start, 1)  # this process, all threads
+    if init is not None:
+        training["init_from"] = init
     training.update(cfg.extra)
     symbol = "TI" if kind == "ir" else "TE"
     card = {
