@@ -1,0 +1,97 @@
+"""qMT methods (seed 003): training-set simulator (parameters, fingerprints, CRB), networks, NLLS.
+
+Short schedules (a subsample of the default train) keep the exact physics cheap; truth comes from
+direct per-sample ``hybrid_state_signal`` calls, central finite differences in float64 and
+``scipy.stats.truncnorm``.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from bids_qmri.physics import qmt, svd
+from bids_qmri.modalities.qmt import simulate
+
+D = torch.float64
+
+
+def short_schedule(n=48):
+    s = qmt.default_qmt_schedule()
+    idx = torch.linspace(0, s["flip_rad"].numel() - 1, n).round().long()
+    return dict(flip_rad=s["flip_rad"][idx], pulse_dur=s["pulse_dur"][idx], tr=s["tr"], inversion_dur=s["inversion_dur"])
+
+
+@pytest.fixture(scope="module")
+def schedule_and_basis():
+    sched = short_schedule()
+    gen = torch.Generator().manual_seed(5)
+    theta = simulate.sample_parameters(256, sched["tr"], gen)
+    sig = qmt.hybrid_state_signal(*theta.unbind(-1), **sched)
+    return sched, svd.svd_basis(sig, 24).to(torch.complex128)
+
+
+def test_parameter_distributions_are_the_truncated_gaussians():
+    gen = torch.Generator().manual_seed(0)
+    tr = 3.5e-3
+    th = simulate.sample_parameters(40_000, tr, gen).numpy()
+    for i, name in enumerate(("m0s", "T1", "T2s", "Rx", "B1")):
+        mean, sd, lo, hi = simulate.DISTRIBUTIONS[name]
+        col = th[:, simulate.PARAMETERS.index(name)]
+        assert col.min() >= lo and col.max() <= hi
+        truth = stats.truncnorm((lo - mean) / sd, (hi - mean) / sd, loc=mean, scale=sd)
+        assert abs(col.mean() - truth.mean()) < 4 * truth.std() / math.sqrt(len(col)), name
+        assert abs(col.std() - truth.std()) < 0.02 * truth.std(), name
+    t1, t2f, b0 = th[:, 1], th[:, 2], th[:, 5]
+    assert (t2f <= t1).all() and t2f.min() >= simulate.DISTRIBUTIONS["T2f"][2]
+    assert abs(b0).max() <= 1 / tr and abs(b0.mean()) < 0.02 / tr and abs(b0.std() - 1 / tr / math.sqrt(3)) < 0.01 / tr
+
+
+def test_simulated_set_equals_direct_signal_calls(schedule_and_basis):
+    sched, basis = schedule_and_basis
+    out = simulate.simulate_set(5, sched, basis, seed=3, chunk=2, log=None)
+    for k in range(5):
+        direct = qmt.hybrid_state_signal(*[float(v) for v in out["theta"][k]], **{
+            **sched, "flip_rad": sched["flip_rad"], "pulse_dur": sched["pulse_dur"]})
+        want = (direct.to(torch.complex128) @ basis).numpy()
+        got = out["coeffs"][k].numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def _fd_crb(theta, sched, basis):
+    """Independent CRB: central differences in float64, explicit [J, c, i·c] Fisher, numpy inverse."""
+    theta = np.asarray(theta, dtype=np.float64)
+    steps = np.array([1e-4, 1e-4, 1e-5, 1e-8, 1e-3, 1e-2, 1e-5])
+    u = basis.numpy()
+
+    def c(p):
+        return qmt.hybrid_state_signal(*[torch.tensor(v, dtype=D) for v in p], **sched).numpy() @ u
+
+    c0 = c(theta)
+    cols = []
+    for k, h in enumerate(steps):
+        e = np.zeros(7)
+        e[k] = h
+        cols.append((c(theta + e) - c(theta - e)) / (2 * h))
+    j = np.stack(cols + [c0, 1j * c0], 1)
+    fisher = (j.conj().T @ j).real
+    return np.diag(np.linalg.inv(fisher))[:7]
+
+
+def test_crb_matches_finite_difference_fisher(schedule_and_basis):
+    sched, basis = schedule_and_basis
+    theta = torch.tensor([[0.13, 1.37, 0.083, 11.3e-6, 37.1, 23.0, 0.91],
+                          [0.21, 0.83, 0.061, 13.7e-6, 52.3, -71.0, 1.17],
+                          [0.07, 2.11, 0.147, 9.1e-6, 28.4, 101.0, 0.77]], dtype=D)
+    want = np.stack([_fd_crb(t, sched, basis) for t in theta])
+    # float32 (production) loses ~1e-2 on this short, ill-conditioned schedule (cond ~1e9)
+    for dtype, rtol in ((torch.float64, 1e-4), (torch.float32, 5e-2)):
+        c, j = simulate.coefficient_jacobian(theta, sched, basis, dtype=dtype)
+        got = simulate.crb_from_jacobian(c, j).numpy()
+        np.testing.assert_allclose(got, want, rtol=rtol)
+    # scaling law used for every epoch's M0 and noise: CRB(σ, M0) = CRB(1, 1)·σ²/|M0|²
+    m0 = torch.tensor([0.3 * np.exp(1j), 0.7j, -0.5], dtype=torch.complex128)
+    scaled = simulate.crb_from_jacobian(c, j, sigma=0.01, m0=m0).numpy()
+    np.testing.assert_allclose(scaled, got * 1e-4 / np.abs(m0.numpy())[:, None] ** 2, rtol=1e-6)
