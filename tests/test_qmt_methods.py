@@ -174,3 +174,46 @@ class _Constant(torch.nn.Module):
 
     def forward(self, x):
         return self.value.expand(len(x), -1)
+
+
+# ---- NLLS -------------------------------------------------------------------------------------
+
+
+def test_nls_recovers_truth_and_matches_scipy(schedule_and_basis):
+    """Noise-free, off-grid voxel (B1 from the 'map'): our batched LM from a network-like start
+    (m0s, T1, T2f 10-15 % off, the rest at the training means) reaches the truth, and so does
+    scipy's least_squares on the same residual from the same start, with the same cost."""
+    from scipy.optimize import least_squares
+
+    from bids_qmri.modalities.qmt import nls
+
+    sched, basis = schedule_and_basis
+    truth = torch.tensor([[0.21, 0.83, 0.061, 13.7e-6, 52.3, 9.0, 1.17]], dtype=D)
+    m0 = torch.tensor([0.9j])
+    y = simulate.fingerprints(truth, sched, basis, dtype=D) * m0[:, None]
+    start = truth[:, :3] * torch.tensor([1.1, 0.85, 1.15], dtype=D)
+    out = nls.fit_nls(y, sched, basis, b1=truth[:, 6], x_net=start, n_grid_starts=0, dtype=D)
+    assert bool(out["converged"][0])
+    for i, k in enumerate(simulate.PARAMETERS):
+        np.testing.assert_allclose(float(out[k][0]), float(truth[0, i]), rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(complex(out["M0"][0]), 0.9j, atol=1e-6)
+
+    # scipy: the same 8 unknowns (B1 fixed) in the same units, finite-difference Jacobian
+    u = basis.numpy()
+    scale = np.array([1, 1, 1, 1e6, 1, 1])
+
+    def resid(p):
+        th = np.concatenate([p[:6] / scale, [float(truth[0, 6])]])
+        c = qmt.hybrid_state_signal(*[torch.tensor(v, dtype=D) for v in th], **sched).numpy() @ u
+        r = (p[6] + 1j * p[7]) * c - y[0].numpy()
+        return np.concatenate([r.real, r.imag])
+
+    means = np.array([0.12, 1.6, 0.1, 12.0, 44.0, 0.0])
+    p0 = np.concatenate([start[0].numpy(), means[3:]])
+
+    th0 = torch.tensor(np.concatenate([p0 / scale, [float(truth[0, 6])]]))[None]
+    m0_start, _ = nls._best_m0(simulate.fingerprints(th0, sched, basis, dtype=D), y)
+    sol = least_squares(resid, np.concatenate([p0, [m0_start.real.item(), m0_start.imag.item()]]),
+                        x_scale="jac", xtol=1e-12, ftol=1e-12, gtol=1e-12)
+    np.testing.assert_allclose(sol.x[:6] / scale, truth[0, :6].numpy(), rtol=1e-4)
+    assert float(out["cost"][0]) <= 0.5 * float(np.sum(sol.fun**2)) + 1e-20
