@@ -217,3 +217,18 @@ def test_nls_recovers_truth_and_matches_scipy(schedule_and_basis):
                         x_scale="jac", xtol=1e-12, ftol=1e-12, gtol=1e-12)
     np.testing.assert_allclose(sol.x[:6] / scale, truth[0, :6].numpy(), rtol=1e-4)
     assert float(out["cost"][0]) <= 0.5 * float(np.sum(sol.fun**2)) + 1e-20
+
+
+def test_bundled_models_are_found_for_the_synthetic_schedule():
+    from bids_qmri.modalities.qmt.protocol import QMTProtocol
+    from bids_qmri.models.registry import get_model
+    from bids_qmri.synth.dataset import _degrees, qmt_basis
+
+    basis, s = qmt_basis()
+    meta = {"FlipAngle": _degrees(s["flip_rad"]), "RFPulseDuration": [round(float(t), 10) for t in s["pulse_dur"]],
+            "RepetitionTimeExcitation": s["tr"]}
+    proto = QMTProtocol.from_dict(meta, basis=basis)
+    for method, loss in (("qmtnet", "crb"), ("qmtnetmse", "mse")):
+        net, card = get_model("qmt", method, proto, model_dir=None, trainer=None, allow_training=False)
+        assert card["method"] == method and card["loss"] == loss and card["protocol_key"] == proto.key()
+        assert net.n_layers == 14
