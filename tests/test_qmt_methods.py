@@ -232,3 +232,20 @@ def test_bundled_models_are_found_for_the_synthetic_schedule():
         net, card = get_model("qmt", method, proto, model_dir=None, trainer=None, allow_training=False)
         assert card["method"] == method and card["loss"] == loss and card["protocol_key"] == proto.key()
         assert net.n_layers == 14
+
+
+def test_bias_variance_decomposition_identities():
+    """Gaussian estimates with known bias b and SD s: bias, std/√CRB and the loss split (Eq. 4–5)."""
+    from bids_qmri.modalities.qmt.insilico import decompose
+
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.tensor([[0.1, 1.2, 0.08], [0.2, 0.8, 0.05]], dtype=D)
+    crb = torch.tensor([[1e-4, 4e-2, 1e-4], [4e-4, 1e-2, 4e-5]], dtype=D)
+    b = torch.tensor([[0.01, -0.1, 0.0], [0.0, 0.05, -0.005]], dtype=D)
+    s = crb.sqrt() * torch.tensor([1.0, 1.5, 0.8], dtype=D)
+    est = truth + b + s * torch.randn(20000, 2, 3, generator=gen, dtype=D)
+    out = decompose(est, truth, crb)
+    tol = 4 * s / math.sqrt(20000)
+    assert ((out["bias"] - b).abs() < tol).all()
+    np.testing.assert_allclose(out["std_over_sqrt_crb"].numpy(), (s / crb.sqrt()).numpy(), rtol=0.02)
+    torch.testing.assert_close(out["loss_bias"] + out["loss_variance"], out["loss"])  # Eq. 5, exact
