@@ -249,3 +249,17 @@ def test_bias_variance_decomposition_identities():
     assert ((out["bias"] - b).abs() < tol).all()
     np.testing.assert_allclose(out["std_over_sqrt_crb"].numpy(), (s / crb.sqrt()).numpy(), rtol=0.02)
     torch.testing.assert_close(out["loss_bias"] + out["loss_variance"], out["loss"])  # Eq. 5, exact
+
+
+def test_insilico_cli_writes_tables_and_figure(tmp_path):
+    import pandas as pd
+
+    from bids_qmri.cli.insilico import main
+
+    assert main(["qmt", str(tmp_path / "ins"), "--test-samples", "3", "--noise", "8", "--snr", "50", "100"]) == 0
+    t = pd.read_csv(tmp_path / "ins" / "qmt_insilico.tsv", sep="\t")
+    assert sorted(t.model) == ["qmtnet", "qmtnet", "qmtnetmse", "qmtnetmse"]
+    np.testing.assert_allclose(t.loss, t.loss_bias + t.loss_variance, rtol=1e-5)
+    curves = pd.read_csv(tmp_path / "ins" / "qmt_insilico_curves.tsv", sep="\t")
+    assert set(curves.model) == {"qmtnet", "qmtnetmse"} and curves.epoch.max() > 1
+    assert (tmp_path / "ins" / "qmt_insilico.png").stat().st_size > 10_000

@@ -50,3 +50,108 @@ def decompose(estimates: torch.Tensor, truth: torch.Tensor, crb: torch.Tensor) -
 def crb_at(data: dict, snr_max: float) -> torch.Tensor:
     """CRB ``[S, 3]`` of the network outputs at ``SNR_max`` (|M0| = SNR_max·σ)."""
     return data["crb_unit"][:, OUT_INDEX] / snr_max**2
+
+
+def run_qmt_insilico(out_dir, *, n_test: int = 64, n_noise: int = 300, snrs=(10.0, 20.0, 50.0, 100.0, 200.0),
+                     seed: int = 0, test_set=None) -> list:
+    """Seed 003 Figs. 3, 5–8 for the bundled qmtnet / qmtnetmse (the synthetic dataset's schedule):
+    ``qmt_insilico.tsv`` (per model and SNR_max: the loss and its bias / variance parts, per
+    parameter mean |bias| and median std/√CRB), ``qmt_insilico_curves.tsv`` (training curves from
+    the bundled ``_history.json``) and ``qmt_insilico.png``."""
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from bids_qmri.models.registry import get_model
+    from bids_qmri.synth.dataset import _degrees, qmt_basis
+
+    from .net import OUTPUTS
+    from .protocol import QMTProtocol
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    basis, sched = qmt_basis()
+    meta = {"FlipAngle": _degrees(sched["flip_rad"]),
+            "RFPulseDuration": [round(float(t), 10) for t in sched["pulse_dur"]],
+            "RepetitionTimeExcitation": sched["tr"]}
+    proto = QMTProtocol.from_dict(meta, basis=basis)
+    data = test_set if test_set is not None else simulate.simulate_set(n_test, sched, basis, seed=seed + 777, log=None)
+    truth = data["theta"][:, OUT_INDEX]
+    rows, curves = [], []
+    for method in ("qmtnet", "qmtnetmse"):
+        net, card = get_model("qmt", method, proto, model_dir=None, trainer=None, allow_training=False)
+        hist = Path(card["path"]).with_name(Path(card["path"]).stem + "_history.json")
+        if hist.is_file():
+            curves += [{"model": method, **r} for r in json.loads(hist.read_text())]
+        for snr in snrs:
+            o = decompose(noise_realisations(net, data, snr, n_noise, seed=seed), truth, crb_at(data, snr))
+            row = {"model": method, "snr_max": snr, "loss": float(o["loss"].mean()),
+                   "loss_bias": float(o["loss_bias"].mean()), "loss_variance": float(o["loss_variance"].mean())}
+            for i, k in enumerate(OUTPUTS):
+                row[f"mean_abs_bias_{k}"] = float(o["bias"][:, i].abs().mean())
+                row[f"median_std_over_sqrt_crb_{k}"] = float(o["std_over_sqrt_crb"][:, i].median())
+                row[f"loss_bias_{k}"] = float(o["loss_bias"][:, i].mean())
+                row[f"loss_variance_{k}"] = float(o["loss_variance"][:, i].mean())
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    tsv = out_dir / "qmt_insilico.tsv"
+    table.to_csv(tsv, sep="\t", index=False, float_format="%.6g")
+    paths = [tsv]
+    if curves:
+        ctsv = out_dir / "qmt_insilico_curves.tsv"
+        pd.DataFrame(curves).to_csv(ctsv, sep="\t", index=False, float_format="%.6g")
+        paths.append(ctsv)
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    for method, style in (("qmtnet", "-"), ("qmtnetmse", "--")):
+        c = [r for r in curves if r["model"] == method]
+        if c:
+            ax[0].semilogy([r["epoch"] for r in c], [r["val_normalised_crb_loss"] for r in c], style, label=method)
+        t = table[table.model == method]
+        ax[1].loglog(t.snr_max, t.loss_bias, style, label=f"{method} bias")
+        ax[1].loglog(t.snr_max, t.loss_variance, style, label=f"{method} variance")
+        t50 = t.iloc[(t.snr_max - 50).abs().argmin()]
+        ax[2].bar([f"{k}\n{method}" for k in OUTPUTS], [t50[f"median_std_over_sqrt_crb_{k}"] for k in OUTPUTS])
+    ax[0].axhline(1, color="k", lw=0.5)
+    ax[0].set(xlabel="epoch", ylabel="validation CRB-normalised loss", title="training (Fig. 3)")
+    ax[1].set(xlabel="SNR_max", ylabel="loss part", title="bias / variance (Fig. 7)")
+    ax[2].axhline(1, color="k", lw=0.5)
+    ax[2].set(ylabel="median std/sqrt(CRB)", title="SNR_max 50 (Fig. 6)")
+    ax[2].tick_params(axis="x", labelsize=6)
+    for a in ax[:2]:
+        a.legend(fontsize=6)
+    fig.tight_layout()
+    png = out_dir / "qmt_insilico.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return paths + [png]
+
+
+def add_insilico_command(sub) -> None:
+    from pathlib import Path
+
+    p = sub.add_parser("qmt", help="qMT (seed 003): bias, std/sqrt(CRB) and the loss's bias/variance parts vs "
+                                   "SNR for the bundled qmtnet and qmtnetmse")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--test-samples", type=int, default=64, help="random test fingerprints (with their CRB)")
+    p.add_argument("--noise", type=int, default=300, help="noise realisations per sample and SNR (seed 003: 300)")
+    p.add_argument("--snr", nargs="+", type=float, default=[10.0, 20.0, 50.0, 100.0, 200.0])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run)
+
+
+def _run(args, parser) -> int:
+    from bids_qmri.errors import EXIT_OK, EXIT_USAGE
+
+    if args.noise < 2 or args.test_samples < 1 or any(not s > 0 for s in args.snr):
+        parser.exit(EXIT_USAGE, "bids_qmri-insilico: error: --noise >= 2, --test-samples >= 1 and positive --snr "
+                                "values are needed\n")
+    torch.set_num_threads(1)
+    for path in run_qmt_insilico(args.out_dir, n_test=args.test_samples, n_noise=args.noise, snrs=tuple(args.snr),
+                                 seed=args.seed):
+        print(path)
+    return EXIT_OK
