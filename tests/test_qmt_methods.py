@@ -263,3 +263,13 @@ def test_insilico_cli_writes_tables_and_figure(tmp_path):
     curves = pd.read_csv(tmp_path / "ins" / "qmt_insilico_curves.tsv", sep="\t")
     assert set(curves.model) == {"qmtnet", "qmtnetmse"} and curves.epoch.max() > 1
     assert (tmp_path / "ins" / "qmt_insilico.png").stat().st_size > 10_000
+
+
+def test_training_set_is_cached_once(schedule_and_basis, tmp_path, monkeypatch):
+    sched, basis = schedule_and_basis
+    first = simulate.cached_set(tmp_path, 4, sched, basis, seed=1, log=None)
+    monkeypatch.setattr(simulate, "simulate_set", lambda *a, **k: pytest.fail("recomputed a cached set"))
+    again = simulate.cached_set(tmp_path, 4, sched, basis, seed=1, log=None)
+    for k in ("theta", "coeffs", "crb_unit"):
+        assert torch.equal(first[k], again[k])
+    assert len(list(tmp_path.glob("qmt-trainset-*.pt"))) == 1

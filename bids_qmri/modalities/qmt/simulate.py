@@ -170,3 +170,13 @@ def schedule_key_parts(schedule: dict, basis: torch.Tensor) -> tuple:
             float(schedule.get("inversion_dur", 1e-3)), torch.view_as_real(torch.as_tensor(basis)
                                                                          .to(torch.complex128)),
             sorted(DISTRIBUTIONS.items()), M0_ABS_RANGE, math.pi)
+
+
+def cached_set(directory, n: int, schedule: dict, basis: torch.Tensor, *, seed: int, chunk: int = CHUNK,
+               log=LOGGER) -> dict[str, torch.Tensor]:
+    """``simulate_set`` stored once in ``directory`` (``utils.cache.disk_cached``, keyed by the
+    schedule, the basis, the distributions, ``n`` and ``seed``): the CRBs are computed once per set."""
+    from bids_qmri.utils.cache import disk_cached
+
+    return disk_cached(directory, "qmt-trainset", (*schedule_key_parts(schedule, basis), int(n), int(seed)),
+                       lambda: simulate_set(n, schedule, basis, seed=seed, chunk=chunk, log=log))

@@ -87,18 +87,24 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
                  val_set: dict | None = None, n_train: int = 4096, n_val: int = 512, max_epochs: int = 400,
                  patience: int = 400, batch_size: int = 512, lr: float = 0.01, lr_step: int = 40,
                  width: int = 128, n_blocks: int = 6, seed: int = 0, max_seconds: float | None = None,
-                 progress=None, epoch_callback=None) -> tuple[ResidualMLP, dict]:
+                 progress=None, epoch_callback=None, cache_dir=None) -> tuple[ResidualMLP, dict]:
     """Train ``qmtnet`` (CRB loss) or ``qmtnetmse`` (MSE) -> ``(net, card)``; the sets are simulated
-    for ``protocol``'s schedule and ``basis`` unless given (``simulate.simulate_set`` dicts)."""
+    for ``protocol``'s schedule and ``basis`` unless given (``simulate.simulate_set`` dicts), and
+    kept in ``cache_dir`` (``simulate.cached_set``) when one is given."""
     if method not in METHOD_LOSS:
         raise ValueError(f"unknown qMT network {method!r}; use one of {', '.join(METHOD_LOSS)}")
     loss_name = METHOD_LOSS[method]
     t0 = time.perf_counter()
     schedule = protocol.schedule()
+    def make(n, s):
+        if cache_dir is not None:
+            return simulate.cached_set(cache_dir, n, schedule, basis, seed=s)
+        return simulate.simulate_set(n, schedule, basis, seed=s)
+
     if train_set is None:
-        train_set = simulate.simulate_set(n_train, schedule, basis, seed=seed)
+        train_set = make(n_train, seed)
     if val_set is None:
-        val_set = simulate.simulate_set(n_val, schedule, basis, seed=seed + 10_000)
+        val_set = make(n_val, seed + 10_000)
     sim_s = float(train_set["seconds"]) + float(val_set["seconds"])
     n_train, n_val = len(train_set["theta"]), len(val_set["theta"])
     gen = torch.Generator().manual_seed(int(seed))
