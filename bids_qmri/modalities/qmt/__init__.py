@@ -20,10 +20,17 @@ def _plan_row(item, sess, config):
     return fingerprint_row(item, REQUIRED)
 
 
+def _add_insilico(sub):
+    from .insilico import add_insilico_command
+
+    return add_insilico_command(sub)
+
+
 MODALITY = Modality(
     name="qmt", title="qMT (hybrid state)", suffixes=(SUFFIX,), required_metadata={SUFFIX: REQUIRED},
     collect=_collect, plan_row=_plan_row, ref_suffix=SUFFIX,
     uses_b1=True, protocol_keys=REQUIRED, bidsignore=("*_qMT.*", "*_qMTbasis.*"),
+    add_insilico_commands=_add_insilico,
 )
 
 MODALITIES = (MODALITY,)

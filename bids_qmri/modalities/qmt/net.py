@@ -1,0 +1,80 @@
+"""The qMT networks of seed 003: a residual MLP on the compressed fingerprint → (m0s, T1, T2f).
+
+``ResidualMLP``: 14 fully connected layers (seed 003 Fig. 2): an input layer, ``n_blocks`` = 6
+residual blocks of two layers (``h ← ReLU(h + GN(W₂ ReLU(GN(W₁ h))))``) and a linear output layer;
+every layer but the output is followed by group normalisation and ReLU. Outputs are standardised
+parameters, ``θ = mean + sd·z`` with the training set's statistics stored as buffers (so nothing
+bounds an estimate: an efficient, unbiased estimator must be free to leave the prior's range).
+
+``features``: the R complex coefficients made unit-ℓ2 (seed 003) and rotated so that the first
+is real and non-negative (our addition: the global phase of M0 is an exact nuisance symmetry, so
+removing it costs no information and spares the network learning it), as
+``[Re c_1..c_R, Im c_2..c_R]`` (2R − 1 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["ResidualMLP", "features", "OUTPUTS"]
+
+OUTPUTS = ("m0s", "T1", "T2f")
+
+
+def features(coeffs: torch.Tensor) -> torch.Tensor:
+    """``[N, 2R − 1]`` float32 inputs from complex coefficients ``[N, R]``."""
+    c = torch.as_tensor(coeffs).to(torch.complex64)
+    c = c / torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min(1e-30)
+    first = c[:, :1]
+    mag = first.abs()
+    c = c * torch.where(mag > 0, first.conj() / mag.clamp_min(1e-30), torch.ones_like(first))
+    return torch.cat([c.real, c.imag[:, 1:]], 1)
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int, groups: int):
+        super().__init__()
+        self.fc1, self.gn1 = nn.Linear(width, width), nn.GroupNorm(groups, width)
+        self.fc2, self.gn2 = nn.Linear(width, width), nn.GroupNorm(groups, width)
+
+    def forward(self, h):
+        return torch.relu(h + self.gn2(self.fc2(torch.relu(self.gn1(self.fc1(h))))))
+
+
+class ResidualMLP(nn.Module):
+    """``[N, n_in]`` features → ``[N, len(outputs)]`` parameters (SI units)."""
+
+    def __init__(self, n_in: int, outputs: tuple[str, ...] = OUTPUTS, width: int = 128, n_blocks: int = 6,
+                 groups: int = 8):
+        super().__init__()
+        self.n_in, self.outputs, self.width, self.n_blocks, self.groups = (
+            int(n_in), tuple(outputs), int(width), int(n_blocks), int(groups))
+        self.inp, self.gn = nn.Linear(self.n_in, self.width), nn.GroupNorm(self.groups, self.width)
+        self.blocks = nn.ModuleList(_Block(self.width, self.groups) for _ in range(self.n_blocks))
+        self.out = nn.Linear(self.width, len(self.outputs))
+        self.register_buffer("out_mean", torch.zeros(len(self.outputs)))
+        self.register_buffer("out_sd", torch.ones(len(self.outputs)))
+
+    @property
+    def n_layers(self) -> int:
+        return 2 + 2 * self.n_blocks
+
+    def set_output_stats(self, targets: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.out_mean.copy_(targets.mean(0))
+            self.out_sd.copy_(targets.std(0).clamp_min(1e-12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.gn(self.inp(x)))
+        for block in self.blocks:
+            h = block(h)
+        return self.out_mean + self.out_sd * self.out(h)
+
+    def config(self) -> dict:
+        return {"n_in": self.n_in, "outputs": list(self.outputs), "width": self.width, "n_blocks": self.n_blocks,
+                "groups": self.groups}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ResidualMLP":
+        return cls(config["n_in"], tuple(config["outputs"]), config["width"], config["n_blocks"], config["groups"])

@@ -1,0 +1,182 @@
+"""Training sets for the qMT networks (seed 003 §2.5): parameters, compressed fingerprints and the
+Cramér–Rao bound of every sample over all 8 model parameters.
+
+Parameters (seed 003 "truncated Gaussian distributions", in our units; the seed gives no T2s
+distribution and no lower limits for T1/T2f, so those are ours and marked *):
+
+========  =====================================  =====================================
+m0s       N(0.12, 0.08) truncated to [0, 0.5]*   semi-solid fraction (m0s + m0f = 1)
+T1        N(1.6, 0.8) s truncated to [0.1*, 6*]  apparent T1 of both pools
+T2f       N(0.1, 0.2) s truncated to [5 ms*, T1] free-pool T2 (T2f ≤ T1 as in the seed)
+T2s       N(12, 3) µs truncated to [5, 20] µs*   semi-solid T2 (Gloor et al.: ~12 µs in WM)
+Rx        N(44, 20) /s truncated to [0, 150*]    exchange rate (kf = Rx·m0s)
+B0        uniform on [−1/TR, 1/TR] Hz            seed: ω ∈ [−2π/TR, 2π/TR] rad/s
+B1        N(1, 0.3) truncated to [0.3*, 1.7*]    achieved / nominal flip angle
+M0        |M0| ~ U[0.1, 1], phase ~ U[0, 2π)     drawn afresh every epoch (not stored)
+========  =====================================  =====================================
+
+Truncation is by redrawing the offending values (rejection), so each marginal is the truncated
+Gaussian. Fingerprints are the exact ``physics.qmt.hybrid_state_signal`` of the schedule,
+projected on the data's basis (``c = s @ U``, ``U`` ``[Nt, R]`` with orthonormal columns), with
+M0 = 1. Noise is white in the coefficients (σ per real channel), so with ``M0`` and ``σ`` the
+Fisher information of the coefficients over the 9 real unknowns
+``θ = (m0s, T1, T2f, T2s, Rx, B0, B1, Re M0, Im M0)`` is ``Re(Jᴴ J)|M0|²/σ²`` in the 7 physical
+columns: the stored ``crb_unit`` (M0 = 1, σ = 1) times ``σ²/|M0|²`` is the CRB of the sample at
+any scale and noise (a global phase of M0 only rotates the M0 columns, which span the same
+plane). ``J = ∂c/∂θ`` comes from ``torch.func.jvp`` through the batched physics (one tangent per
+parameter for a whole chunk of samples: ``physics.crb.jacobian(mode="jvp")``); the M0 columns
+are analytic (``c`` and ``i·c``). The inverse is taken on the Fisher matrix scaled to unit
+diagonal with a pseudo-inverse, so a sample whose nuisance parameters are not identifiable
+(m0s → 0 makes Rx and T2s invisible) still gets finite bounds for the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+
+from bids_qmri.physics import qmt
+from bids_qmri.physics.crb import jacobian
+
+LOGGER = logging.getLogger("bids_qmri.modalities.qmt.simulate")
+
+__all__ = ["PARAMETERS", "DISTRIBUTIONS", "sample_parameters", "fingerprints", "coefficient_jacobian",
+           "crb_from_jacobian", "simulate_set"]
+
+#: The 7 physical parameters, in the order of every ``[N, 7]`` array of this module (SI units).
+PARAMETERS = ("m0s", "T1", "T2f", "T2s", "Rx", "B0", "B1")
+#: name -> (mean, sd, low, high) of the truncated Gaussians (B0 is uniform on ±1/TR, see above).
+DISTRIBUTIONS = {
+    "m0s": (0.12, 0.08, 0.0, 0.5),
+    "T1": (1.6, 0.8, 0.1, 6.0),
+    "T2f": (0.1, 0.2, 5e-3, 6.0),  # and ≤ T1
+    "T2s": (12e-6, 3e-6, 5e-6, 20e-6),
+    "Rx": (44.0, 20.0, 0.0, 150.0),
+    "B1": (1.0, 0.3, 0.3, 1.7),
+}
+M0_ABS_RANGE = (0.1, 1.0)
+NOISE_SIGMA = 0.01  # per real channel: SNR_max = |M0|/σ in [10, 100] (seed 003)
+CHUNK = 512
+
+
+def _truncated(mean, sd, lo, hi, n, gen, upper=None):
+    out = torch.empty(n, dtype=torch.float64)
+    todo = torch.arange(n)
+    while len(todo):
+        v = mean + sd * torch.randn(len(todo), generator=gen, dtype=torch.float64)
+        top = hi if upper is None else torch.minimum(torch.full_like(v, hi), upper[todo])
+        ok = (v >= lo) & (v <= top)
+        out[todo[ok]] = v[ok]
+        todo = todo[~ok]
+    return out
+
+
+def sample_parameters(n: int, tr: float, gen: torch.Generator) -> torch.Tensor:
+    """``[n, 7]`` float64 parameters (``PARAMETERS`` order) from the distributions above."""
+    d = DISTRIBUTIONS
+    m0s = _truncated(*d["m0s"], n, gen)
+    t1 = _truncated(*d["T1"], n, gen)
+    t2f = _truncated(*d["T2f"], n, gen, upper=t1)
+    t2s = _truncated(*d["T2s"], n, gen)
+    rx = _truncated(*d["Rx"], n, gen)
+    b0 = (2 * torch.rand(n, generator=gen, dtype=torch.float64) - 1) / tr
+    b1 = _truncated(*d["B1"], n, gen)
+    return torch.stack([m0s, t1, t2f, t2s, rx, b0, b1], 1)
+
+
+def _signal_fn(schedule: dict, basis: torch.Tensor, dtype):
+    u = torch.as_tensor(basis).to(torch.complex64 if dtype == torch.float32 else torch.complex128)
+
+    def fn(theta: torch.Tensor) -> torch.Tensor:
+        return qmt.hybrid_state_signal(*theta.unbind(-1), **schedule) @ u
+
+    return fn
+
+
+def fingerprints(theta: torch.Tensor, schedule: dict, basis: torch.Tensor, *, chunk: int = CHUNK,
+                 dtype=torch.float32) -> torch.Tensor:
+    """Compressed noise-free fingerprints ``[N, R]`` (complex128 out; simulated in ``dtype`` chunks)."""
+    fn = _signal_fn(schedule, basis, dtype)
+    out = [fn(theta[i:i + chunk].to(dtype)).to(torch.complex128) for i in range(0, len(theta), chunk)]
+    return torch.cat(out) if out else torch.zeros((0, basis.shape[1]), dtype=torch.complex128)
+
+
+def coefficient_jacobian(theta: torch.Tensor, schedule: dict, basis: torch.Tensor, *, chunk: int = CHUNK,
+                         dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c [N, R], ∂c/∂θ [N, R, 7])`` (complex128) by forward-mode AD through the physics."""
+    fn = _signal_fn(schedule, basis, dtype)
+    cs, js = [], []
+    for i in range(0, len(theta), chunk):
+        t = theta[i:i + chunk].to(dtype)
+        with torch.no_grad():
+            cs.append(fn(t).to(torch.complex128))
+        js.append(jacobian(fn, t, mode="jvp").to(torch.complex128))
+    if not cs:
+        r = basis.shape[1]
+        return torch.zeros((0, r), dtype=torch.complex128), torch.zeros((0, r, 7), dtype=torch.complex128)
+    return torch.cat(cs), torch.cat(js)
+
+
+def crb_from_jacobian(c: torch.Tensor, jac: torch.Tensor, sigma: float | torch.Tensor = 1.0,
+                      m0: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """CRB ``[N, 7]`` of the physical parameters from ``c`` ``[N, R]`` and ``∂c/∂θ`` ``[N, R, 7]``
+    (at M0 = 1), for a complex scale ``m0`` and noise ``σ`` per real channel: the Fisher matrix over
+    ``(θ, Re M0, Im M0)`` is ``Re(Jᴴ J)/σ²`` with ``J = [m0·∂c/∂θ, c, i·c]``."""
+    c = c.to(torch.complex128)
+    m0 = torch.as_tensor(m0, dtype=torch.complex128)
+    m0 = m0[..., None, None] if m0.dim() else m0
+    full = torch.cat([m0 * jac.to(torch.complex128), c[..., None], 1j * c[..., None]], -1)
+    f = (full.mH @ full).real / torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1) ** 2
+    d = f.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).rsqrt()
+    scaled = f * d[..., :, None] * d[..., None, :]
+    inv = torch.linalg.pinv(scaled, rtol=1e-13, hermitian=True)
+    return (inv.diagonal(dim1=-2, dim2=-1) * d * d)[..., :7]
+
+
+def simulate_set(n: int, schedule: dict, basis: torch.Tensor, *, seed: int, chunk: int = CHUNK,
+                 with_crb: bool = True, log=LOGGER) -> dict[str, torch.Tensor]:
+    """A training set: ``theta [n, 7]`` (float64), ``coeffs [n, R]`` (complex64, M0 = 1), and
+    ``crb_unit [n, 7]`` (float64, M0 = 1, σ = 1) if ``with_crb``; ``seconds`` (0-dim) records the
+    simulation time (so the per-sample cost is known wherever the set is cached)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    theta = sample_parameters(n, schedule["tr"], gen)
+    t0 = time.perf_counter()
+    cs, crbs = [], []
+    for i in range(0, n, chunk):
+        part = theta[i:i + chunk]
+        if with_crb:
+            c, j = coefficient_jacobian(part, schedule, basis, chunk=chunk)
+            crbs.append(crb_from_jacobian(c, j))
+        else:
+            c = fingerprints(part, schedule, basis, chunk=chunk)
+        cs.append(c.to(torch.complex64))
+        if log is not None:
+            log.info("qMT training set: %d / %d samples (%.1f ms/sample)", min(i + chunk, n), n,
+                     1e3 * (time.perf_counter() - t0) / min(i + chunk, n))
+    out = {"theta": theta, "coeffs": torch.cat(cs),
+           "seconds": torch.tensor(time.perf_counter() - t0, dtype=torch.float64)}
+    if with_crb:
+        out["crb_unit"] = torch.cat(crbs)
+    return out
+
+
+def schedule_key_parts(schedule: dict, basis: torch.Tensor) -> tuple:
+    """What a cached set depends on (with ``n``, ``seed`` and the distributions)."""
+    return (np.asarray(schedule["flip_rad"]), np.asarray(schedule["pulse_dur"]), float(schedule["tr"]),
+            float(schedule.get("inversion_dur", 1e-3)), torch.view_as_real(torch.as_tensor(basis)
+                                                                         .to(torch.complex128)),
+            sorted(DISTRIBUTIONS.items()), M0_ABS_RANGE, math.pi)
+
+
+def cached_set(directory, n: int, schedule: dict, basis: torch.Tensor, *, seed: int, chunk: int = CHUNK,
+               log=LOGGER) -> dict[str, torch.Tensor]:
+    """``simulate_set`` stored once in ``directory`` (``utils.cache.disk_cached``, keyed by the
+    schedule, the basis, the distributions, ``n`` and ``seed``): the CRBs are computed once per set."""
+    from bids_qmri.utils.cache import disk_cached
+
+    return disk_cached(directory, "qmt-trainset", (*schedule_key_parts(schedule, basis), int(n), int(seed)),
+                       lambda: simulate_set(n, schedule, basis, seed=seed, chunk=chunk, log=log))

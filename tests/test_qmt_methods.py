@@ -1,0 +1,275 @@
+"""qMT methods (seed 003): training-set simulator (parameters, fingerprints, CRB), networks, NLLS.
+
+Short schedules (a subsample of the default train) keep the exact physics cheap; truth comes from
+direct per-sample ``hybrid_state_signal`` calls, central finite differences in float64 and
+``scipy.stats.truncnorm``.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from bids_qmri.physics import qmt, svd
+from bids_qmri.modalities.qmt import simulate
+
+D = torch.float64
+
+
+def short_schedule(n=48):
+    s = qmt.default_qmt_schedule()
+    idx = torch.linspace(0, s["flip_rad"].numel() - 1, n).round().long()
+    return dict(flip_rad=s["flip_rad"][idx], pulse_dur=s["pulse_dur"][idx], tr=s["tr"], inversion_dur=s["inversion_dur"])
+
+
+@pytest.fixture(scope="module")
+def schedule_and_basis():
+    sched = short_schedule()
+    gen = torch.Generator().manual_seed(5)
+    theta = simulate.sample_parameters(256, sched["tr"], gen)
+    sig = qmt.hybrid_state_signal(*theta.unbind(-1), **sched)
+    return sched, svd.svd_basis(sig, 24).to(torch.complex128)
+
+
+def test_parameter_distributions_are_the_truncated_gaussians():
+    gen = torch.Generator().manual_seed(0)
+    tr = 3.5e-3
+    th = simulate.sample_parameters(40_000, tr, gen).numpy()
+    for i, name in enumerate(("m0s", "T1", "T2s", "Rx", "B1")):
+        mean, sd, lo, hi = simulate.DISTRIBUTIONS[name]
+        col = th[:, simulate.PARAMETERS.index(name)]
+        assert col.min() >= lo and col.max() <= hi
+        truth = stats.truncnorm((lo - mean) / sd, (hi - mean) / sd, loc=mean, scale=sd)
+        assert abs(col.mean() - truth.mean()) < 4 * truth.std() / math.sqrt(len(col)), name
+        assert abs(col.std() - truth.std()) < 0.02 * truth.std(), name
+    t1, t2f, b0 = th[:, 1], th[:, 2], th[:, 5]
+    assert (t2f <= t1).all() and t2f.min() >= simulate.DISTRIBUTIONS["T2f"][2]
+    assert abs(b0).max() <= 1 / tr and abs(b0.mean()) < 0.02 / tr and abs(b0.std() - 1 / tr / math.sqrt(3)) < 0.01 / tr
+
+
+def test_simulated_set_equals_direct_signal_calls(schedule_and_basis):
+    sched, basis = schedule_and_basis
+    out = simulate.simulate_set(5, sched, basis, seed=3, chunk=2, log=None)
+    for k in range(5):
+        direct = qmt.hybrid_state_signal(*[float(v) for v in out["theta"][k]], **{
+            **sched, "flip_rad": sched["flip_rad"], "pulse_dur": sched["pulse_dur"]})
+        want = (direct.to(torch.complex128) @ basis).numpy()
+        got = out["coeffs"][k].numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def _fd_crb(theta, sched, basis):
+    """Independent CRB: central differences in float64, explicit [J, c, i·c] Fisher, numpy inverse."""
+    theta = np.asarray(theta, dtype=np.float64)
+    steps = np.array([1e-4, 1e-4, 1e-5, 1e-8, 1e-3, 1e-2, 1e-5])
+    u = basis.numpy()
+
+    def c(p):
+        return qmt.hybrid_state_signal(*[torch.tensor(v, dtype=D) for v in p], **sched).numpy() @ u
+
+    c0 = c(theta)
+    cols = []
+    for k, h in enumerate(steps):
+        e = np.zeros(7)
+        e[k] = h
+        cols.append((c(theta + e) - c(theta - e)) / (2 * h))
+    j = np.stack(cols + [c0, 1j * c0], 1)
+    fisher = (j.conj().T @ j).real
+    return np.diag(np.linalg.inv(fisher))[:7]
+
+
+def test_crb_matches_finite_difference_fisher(schedule_and_basis):
+    sched, basis = schedule_and_basis
+    theta = torch.tensor([[0.13, 1.37, 0.083, 11.3e-6, 37.1, 23.0, 0.91],
+                          [0.21, 0.83, 0.061, 13.7e-6, 52.3, -71.0, 1.17],
+                          [0.07, 2.11, 0.147, 9.1e-6, 28.4, 101.0, 0.77]], dtype=D)
+    want = np.stack([_fd_crb(t, sched, basis) for t in theta])
+    # float32 (production) loses ~1e-2 on this short, ill-conditioned schedule (cond ~1e9)
+    for dtype, rtol in ((torch.float64, 1e-4), (torch.float32, 5e-2)):
+        c, j = simulate.coefficient_jacobian(theta, sched, basis, dtype=dtype)
+        got = simulate.crb_from_jacobian(c, j).numpy()
+        np.testing.assert_allclose(got, want, rtol=rtol)
+    # scaling law used for every epoch's M0 and noise: CRB(σ, M0) = CRB(1, 1)·σ²/|M0|²
+    m0 = torch.tensor([0.3 * np.exp(1j), 0.7j, -0.5], dtype=torch.complex128)
+    scaled = simulate.crb_from_jacobian(c, j, sigma=0.01, m0=m0).numpy()
+    np.testing.assert_allclose(scaled, got * 1e-4 / np.abs(m0.numpy())[:, None] ** 2, rtol=1e-6)
+
+
+# ---- networks ---------------------------------------------------------------------------------
+
+
+class _Proto:
+    """Minimal protocol object for on-the-fly training on the short schedule."""
+
+    def __init__(self, sched):
+        self.sched = sched
+
+    def schedule(self):
+        return self.sched
+
+    def key(self):
+        return "test"
+
+    def as_dict(self):
+        return {"test": True}
+
+
+@pytest.fixture(scope="module")
+def tiny_sets(schedule_and_basis):
+    sched, basis = schedule_and_basis
+    return (simulate.simulate_set(384, sched, basis, seed=21, chunk=192, log=None),
+            simulate.simulate_set(128, sched, basis, seed=22, chunk=128, log=None))
+
+
+def test_residual_mlp_architecture_and_safetensors_round_trip(tmp_path):
+    from bids_qmri.models.registry import load_model, save_model
+    from bids_qmri.modalities.qmt.net import ResidualMLP, features
+
+    net = ResidualMLP(25)
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(linears) == 14 == net.n_layers and len(norms) == 13  # all but the output layer
+    c = torch.randn(7, 13, dtype=torch.complex128)
+    x = features(c)
+    # unit norm, first coefficient real: invariant to the complex scale M0
+    np.testing.assert_allclose(x.norm(dim=1).numpy(), 1, rtol=1e-6)
+    np.testing.assert_allclose(features(c * (0.3 - 0.8j)).numpy(), x.numpy(), atol=1e-6)
+    save_model(net, {"method": "qmtnet"}, tmp_path, "m", origin="test")
+    back, card = load_model(tmp_path / "m.safetensors")
+    torch.testing.assert_close(back(x), net.eval()(x))
+
+
+@pytest.mark.parametrize("method", ["qmtnet", "qmtnetmse"])
+def test_training_learns_and_is_reproducible(tiny_sets, schedule_and_basis, method):
+    """Each net beats the best constant estimator (the training mean) on its own held-out loss;
+    the same seed gives identical weights."""
+    from bids_qmri.modalities.qmt.training import OUT_INDEX, evaluate, train_qmtnet
+
+    train_set, val_set = tiny_sets
+    proto = _Proto(schedule_and_basis[0])
+    kw = dict(train_set=train_set, val_set=val_set, max_epochs=30, batch_size=64, lr=3e-3, width=32, seed=4)
+    net, card = train_qmtnet(method, proto, **kw)
+    const = _Constant(train_set)
+    if method == "qmtnet":  # CRB-normalised error, one noise draw over the training SNR range
+        got = evaluate(net, val_set, snr_max=None, seed=9)["normalised_crb_loss"]
+        ref = evaluate(const, val_set, snr_max=None, seed=9)["normalised_crb_loss"]
+        assert got < 0.2 * ref
+    else:  # squared error in units of the training SD (the MSE twin's loss)
+        y, sd = val_set["theta"][:, OUT_INDEX].float(), train_set["theta"][:, OUT_INDEX].float().std(0)
+        ref = float((((const.value - y) / sd) ** 2).mean())
+        assert card["validation_loss"] < 0.95 * ref  # seeded, so deterministic
+    net2, _ = train_qmtnet(method, proto, **kw)
+    for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+class _Constant(torch.nn.Module):
+    def __init__(self, data):
+        super().__init__()
+        from bids_qmri.modalities.qmt.training import OUT_INDEX
+
+        self.value = data["theta"][:, OUT_INDEX].float().mean(0)
+
+    def forward(self, x):
+        return self.value.expand(len(x), -1)
+
+
+# ---- NLLS -------------------------------------------------------------------------------------
+
+
+def test_nls_recovers_truth_and_matches_scipy(schedule_and_basis):
+    """Noise-free, off-grid voxel (B1 from the 'map'): our batched LM from a network-like start
+    (m0s, T1, T2f 10-15 % off, the rest at the training means) reaches the truth, and so does
+    scipy's least_squares on the same residual from the same start, with the same cost."""
+    from scipy.optimize import least_squares
+
+    from bids_qmri.modalities.qmt import nls
+
+    sched, basis = schedule_and_basis
+    truth = torch.tensor([[0.21, 0.83, 0.061, 13.7e-6, 52.3, 9.0, 1.17]], dtype=D)
+    m0 = torch.tensor([0.9j])
+    y = simulate.fingerprints(truth, sched, basis, dtype=D) * m0[:, None]
+    start = truth[:, :3] * torch.tensor([1.1, 0.85, 1.15], dtype=D)
+    out = nls.fit_nls(y, sched, basis, b1=truth[:, 6], x_net=start, n_grid_starts=0, dtype=D)
+    assert bool(out["converged"][0])
+    for i, k in enumerate(simulate.PARAMETERS):
+        np.testing.assert_allclose(float(out[k][0]), float(truth[0, i]), rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(complex(out["M0"][0]), 0.9j, atol=1e-6)
+
+    # scipy: the same 8 unknowns (B1 fixed) in the same units, finite-difference Jacobian
+    u = basis.numpy()
+    scale = np.array([1, 1, 1, 1e6, 1, 1])
+
+    def resid(p):
+        th = np.concatenate([p[:6] / scale, [float(truth[0, 6])]])
+        c = qmt.hybrid_state_signal(*[torch.tensor(v, dtype=D) for v in th], **sched).numpy() @ u
+        r = (p[6] + 1j * p[7]) * c - y[0].numpy()
+        return np.concatenate([r.real, r.imag])
+
+    means = np.array([0.12, 1.6, 0.1, 12.0, 44.0, 0.0])
+    p0 = np.concatenate([start[0].numpy(), means[3:]])
+
+    th0 = torch.tensor(np.concatenate([p0 / scale, [float(truth[0, 6])]]))[None]
+    m0_start, _ = nls._best_m0(simulate.fingerprints(th0, sched, basis, dtype=D), y)
+    sol = least_squares(resid, np.concatenate([p0, [m0_start.real.item(), m0_start.imag.item()]]),
+                        x_scale="jac", xtol=1e-12, ftol=1e-12, gtol=1e-12)
+    np.testing.assert_allclose(sol.x[:6] / scale, truth[0, :6].numpy(), rtol=1e-4)
+    assert float(out["cost"][0]) <= 0.5 * float(np.sum(sol.fun**2)) + 1e-20
+
+
+def test_bundled_models_are_found_for_the_synthetic_schedule():
+    from bids_qmri.modalities.qmt.protocol import QMTProtocol
+    from bids_qmri.models.registry import get_model
+    from bids_qmri.synth.dataset import _degrees, qmt_basis
+
+    basis, s = qmt_basis()
+    meta = {"FlipAngle": _degrees(s["flip_rad"]), "RFPulseDuration": [round(float(t), 10) for t in s["pulse_dur"]],
+            "RepetitionTimeExcitation": s["tr"]}
+    proto = QMTProtocol.from_dict(meta, basis=basis)
+    for method, loss in (("qmtnet", "crb"), ("qmtnetmse", "mse")):
+        net, card = get_model("qmt", method, proto, model_dir=None, trainer=None, allow_training=False)
+        assert card["method"] == method and card["loss"] == loss and card["protocol_key"] == proto.key()
+        assert net.n_layers == 14
+
+
+def test_bias_variance_decomposition_identities():
+    """Gaussian estimates with known bias b and SD s: bias, std/√CRB and the loss split (Eq. 4–5)."""
+    from bids_qmri.modalities.qmt.insilico import decompose
+
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.tensor([[0.1, 1.2, 0.08], [0.2, 0.8, 0.05]], dtype=D)
+    crb = torch.tensor([[1e-4, 4e-2, 1e-4], [4e-4, 1e-2, 4e-5]], dtype=D)
+    b = torch.tensor([[0.01, -0.1, 0.0], [0.0, 0.05, -0.005]], dtype=D)
+    s = crb.sqrt() * torch.tensor([1.0, 1.5, 0.8], dtype=D)
+    est = truth + b + s * torch.randn(20000, 2, 3, generator=gen, dtype=D)
+    out = decompose(est, truth, crb)
+    tol = 4 * s / math.sqrt(20000)
+    assert ((out["bias"] - b).abs() < tol).all()
+    np.testing.assert_allclose(out["std_over_sqrt_crb"].numpy(), (s / crb.sqrt()).numpy(), rtol=0.02)
+    torch.testing.assert_close(out["loss_bias"] + out["loss_variance"], out["loss"])  # Eq. 5, exact
+
+
+def test_insilico_cli_writes_tables_and_figure(tmp_path):
+    import pandas as pd
+
+    from bids_qmri.cli.insilico import main
+
+    assert main(["qmt", str(tmp_path / "ins"), "--test-samples", "3", "--noise", "8", "--snr", "50", "100"]) == 0
+    t = pd.read_csv(tmp_path / "ins" / "qmt_insilico.tsv", sep="\t")
+    assert sorted(t.model) == ["qmtnet", "qmtnet", "qmtnetmse", "qmtnetmse"]
+    np.testing.assert_allclose(t.loss, t.loss_bias + t.loss_variance, rtol=1e-5)
+    curves = pd.read_csv(tmp_path / "ins" / "qmt_insilico_curves.tsv", sep="\t")
+    assert set(curves.model) == {"qmtnet", "qmtnetmse"} and curves.epoch.max() > 1
+    assert (tmp_path / "ins" / "qmt_insilico.png").stat().st_size > 10_000
+
+
+def test_training_set_is_cached_once(schedule_and_basis, tmp_path, monkeypatch):
+    sched, basis = schedule_and_basis
+    first = simulate.cached_set(tmp_path, 4, sched, basis, seed=1, log=None)
+    monkeypatch.setattr(simulate, "simulate_set", lambda *a, **k: pytest.fail("recomputed a cached set"))
+    again = simulate.cached_set(tmp_path, 4, sched, basis, seed=1, log=None)
+    for k in ("theta", "coeffs", "crb_unit"):
+        assert torch.equal(first[k], again[k])
+    assert len(list(tmp_path.glob("qmt-trainset-*.pt"))) == 1
