@@ -96,7 +96,7 @@ def _child(args) -> None:
 def _roi_biases(bids: Path, t1w: str, seg: dict, atlas: dict, work: Path, threads: int) -> dict:
     """ROI biases of the truth maps through the ROI step with our segmentation (percent)."""
     from bids_qmri.anatomy.roistats import roi_analysis
-    from bids_qmri.synth.evaluate import tissue_roi_biases, truth_as_maps
+    from bids_qmri.modalities.bssfp.evaluate import tissue_roi_biases, truth_as_maps
 
     ref, maps = truth_as_maps(bids, work / "maps")
     tsv = roi_analysis(subject="01", session=None, output_dir=work / "out", work_dir=work / "work", t1w=t1w,

@@ -4,7 +4,7 @@ Simulates one participant (``bids_qmri-synth``: pc-bSSFP with its within-scan mo
 B1 map, SNR 25 by default), runs ``bids_qmri DATA OUT participant`` on it with every bSSFP method,
 and prints, per method and map, the median |relative error| in GM+WM against the ground truth
 beside the same voxels simulated and fitted without any image processing (the per-voxel noise
-floor; ``bids_qmri.synth.evaluate``). Also prints the wall and CPU time of the app.
+floor; ``bids_qmri.modalities.bssfp.evaluate``). Also prints the wall and CPU time of the app.
 
 ``tests/test_bssfp_workflow.py`` runs the same comparison at 4 mm; the default resolution of the
 synthetic data and of this script is 2 mm, where fewer voxels are tissue mixtures.
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from bids_qmri.physics.bssfp import seed_protocol
-from bids_qmri.synth.evaluate import error_table, noise_floor, workflow_errors
+from bids_qmri.modalities.bssfp.evaluate import error_table, noise_floor, workflow_errors
 
 METHODS = ("miracle", "svnn", "pinn", "svnncomplex", "pinncomplex")
 

@@ -77,7 +77,7 @@ UNSEEN_SEED = 2
 def test_unseen_head_dice_and_roi_bias_at_3mm(tmp_path):
     from bids_qmri.anatomy.roistats import roi_analysis
     from bids_qmri.synth.dataset import SynthOptions
-    from bids_qmri.synth.evaluate import tissue_roi_biases, truth_as_maps
+    from bids_qmri.modalities.bssfp.evaluate import tissue_roi_biases, truth_as_maps
     from bids_qmri.synth.phantom import COLIN27_BRAIN
 
     if not COLIN27_BRAIN.is_file():

@@ -2,7 +2,7 @@
 (``derivatives/groundtruth`` on the bSSFP grid), under MultiProc, with the BIDS validator.
 
 Accuracy is measured in brain tissue (GM and WM of the ground truth inside the workflow's brain
-mask) against a no-processing noise floor, as defined in ``bids_qmri.synth.evaluate``.
+mask) against a no-processing noise floor, as defined in ``bids_qmri.modalities.bssfp.evaluate``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from bids_qmri.bids.derivatives import init_derivatives
 from bids_qmri.config import Config
 from bids_qmri.modalities import bidsignore_lines
 from bids_qmri.physics.bssfp import BSSFPProtocol
-from bids_qmri.synth.evaluate import error_table, noise_floor, tissue_masks, workflow_errors
+from bids_qmri.modalities.bssfp.evaluate import error_table, noise_floor, tissue_masks, workflow_errors
 from bids_qmri.modalities.bssfp.workflow import init_bssfp_wf
 
 pytestmark = pytest.mark.slow

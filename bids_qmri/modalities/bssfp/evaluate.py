@@ -1,4 +1,6 @@
-"""pc-bSSFP maps of a workflow run against a synthetic dataset's ground truth, and ROI biases.
+"""pc-bSSFP maps of a workflow run against a synthetic dataset's ground truth, and ROI biases (lives in
+the bSSFP plug-in because it reads the bSSFP grid, training range and estimators; the synthetic
+phantom in ``bids_qmri.synth`` names no modality).
 
 Shared by the workflow tests and ``benchmarks/bench_bssfp_accuracy.py``. Accuracy is the median
 |relative error| of T1 and T2 in brain tissue: GM and WM of the ground-truth segmentation inside
