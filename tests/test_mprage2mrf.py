@@ -284,7 +284,7 @@ def test_other_protocol_falls_back_to_the_bundled_model_with_warnings(t1w_only, 
 
     # the tiny user model stands in for the bundled one of the synthetic protocol
     monkeypatch.setattr(registry, "BUNDLED_DIR", t1w_only / "models")
-    monkeypatch.setattr(registry, "bundled_dir", lambda m: registry.cache_dir(t1w_only / "models", m, PROTOCOL))
+    monkeypatch.setattr(registry, "bundled_dir", lambda m, model_set=None: registry.cache_dir(t1w_only / "models", m, PROTOCOL))
     other = mp.MPRAGEProtocol(1.1, 2.5, 0.007, 9.0)
     net, card, warnings = load_model_for(other, EstimateContext(model_dir=tmp_path))
     assert isinstance(net, MPRAGE2MRFNet) and len(warnings) == 1
