@@ -14,7 +14,6 @@ of the network's pooling factor.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np

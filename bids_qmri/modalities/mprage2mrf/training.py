@@ -14,7 +14,6 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 
 from bids_qmri.training.loop import LoopSettings, train_loop, training_record
