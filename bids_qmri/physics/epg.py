@@ -67,6 +67,31 @@ def default_fisp_schedule(n_tr: int = 1000) -> dict:
     }
 
 
+def _fisp_schedule(t1, t2, b1, flip_rad, tr, te):
+    """Common set-up of :func:`fisp_mrf` and :func:`fisp_mrf_jacobian`: parameters broadcast to
+    ``[..., 1]``, flip angles ``[Nt]`` and TR ``[Nt]`` in their dtype, and the batch shape."""
+    t1, t2, b1 = _params(t1, t2, b1)
+    flip = torch.as_tensor(flip_rad, dtype=t1.dtype).reshape(-1)
+    tr = torch.as_tensor(tr, dtype=t1.dtype).reshape(-1).expand(flip.numel())
+    if (tr < te).any():
+        raise ValueError("FISP schedule has a TR shorter than TE")
+    shape = torch.broadcast_shapes(t1.shape, t2.shape, b1.shape)
+    t1, t2, b1 = (x.expand(shape)[..., None] for x in (t1, t2, b1))
+    return t1, t2, b1, flip, tr, shape
+
+
+def _fisp_spoil(P, M, Z, length: int):
+    """The unbalanced gradient: F⁺_k ← F⁺_{k−1}, F⁺_0 ← F⁻_1 (real states), F⁻_k ← F⁻_{k+1}, on
+    the last axis (any leading axes), states kept up to ``length``."""
+    fp, fm = 0.5 * (P + M), 0.5 * (P - M)
+    zero = torch.zeros_like(fp[..., :1])
+    fm1 = fm[..., 1:2] if fm.shape[-1] > 1 else zero
+    fp = torch.cat([fm1, fp], dim=-1)[..., :length]
+    fm = torch.cat([fm[..., 1:], zero, zero], dim=-1)[..., :length]
+    Z = torch.cat([Z, zero], dim=-1)[..., :length]
+    return fp + fm, fp - fm, Z
+
+
 def fisp_mrf(
     t1: torch.Tensor | float,
     t2: torch.Tensor | float,
@@ -84,15 +109,8 @@ def fisp_mrf(
     ``flip_rad`` ``[Nt]`` (nominal flip angles), ``tr`` scalar or ``[Nt]`` (s), ``te`` (s),
     ``ti`` (s; ``None`` for no inversion).
     """
-    t1, t2, b1 = _params(t1, t2, b1)
-    dtype = t1.dtype
-    flip = torch.as_tensor(flip_rad, dtype=dtype).reshape(-1)
-    nt = flip.numel()
-    tr = torch.as_tensor(tr, dtype=dtype).reshape(-1).expand(nt)
-    if (tr < te).any():
-        raise ValueError("FISP schedule has a TR shorter than TE")
-    shape = torch.broadcast_shapes(t1.shape, t2.shape, b1.shape)
-    t1, t2, b1 = (x.expand(shape)[..., None] for x in (t1, t2, b1))
+    t1, t2, b1, flip, tr, shape = _fisp_schedule(t1, t2, b1, flip_rad, tr, te)
+    dtype, nt = t1.dtype, flip.numel()
 
     alpha = b1 * flip  # [..., Nt]
     cos_a, sin_a = torch.cos(alpha), torch.sin(alpha)
@@ -121,15 +139,7 @@ def fisp_mrf(
         M = M * e2[..., n : n + 1]
         Z = Z * e1[..., n : n + 1]
         Z = torch.cat([Z[..., :1] + recovery[..., n : n + 1], Z[..., 1:]], dim=-1)
-        # Gradient: F⁺_k ← F⁺_{k−1}, F⁺_0 ← F⁻_1 (real states), F⁻_k ← F⁻_{k+1}.
-        fp, fm = 0.5 * (P + M), 0.5 * (P - M)
-        length = min(P.shape[-1] + 1, nt - 1 - n, cap + 1)
-        zero = torch.zeros_like(fp[..., :1])
-        fm1 = fm[..., 1:2] if fm.shape[-1] > 1 else zero
-        fp = torch.cat([fm1, fp], dim=-1)[..., :length]
-        fm = torch.cat([fm[..., 1:], zero, zero], dim=-1)[..., :length]
-        Z = torch.cat([Z, zero], dim=-1)[..., :length]
-        P, M = fp + fm, fp - fm
+        P, M, Z = _fisp_spoil(P, M, Z, min(P.shape[-1] + 1, nt - 1 - n, cap + 1))
     signal = torch.stack(echoes, dim=-1) * e2_te[..., None]
     return torch.complex(signal, torch.zeros_like(signal))
 
@@ -157,15 +167,8 @@ def fisp_mrf_jacobian(
     value plus two forward differences cost, while ``torch.func.jvp`` through the loop of small
     ops costs 5–8× that (dual-tensor overhead on every op).
     """
-    t1, t2, b1 = _params(t1, t2, b1)
-    dtype = t1.dtype
-    flip = torch.as_tensor(flip_rad, dtype=dtype).reshape(-1)
-    nt = flip.numel()
-    tr = torch.as_tensor(tr, dtype=dtype).reshape(-1).expand(nt)
-    if (tr < te).any():
-        raise ValueError("FISP schedule has a TR shorter than TE")
-    shape = torch.broadcast_shapes(t1.shape, t2.shape, b1.shape)
-    t1, t2, b1 = (x.expand(shape)[..., None] for x in (t1, t2, b1))
+    t1, t2, b1, flip, tr, shape = _fisp_schedule(t1, t2, b1, flip_rad, tr, te)
+    dtype, nt = t1.dtype, flip.numel()
 
     alpha = b1 * flip
     cos_a, sin_a = torch.cos(alpha), torch.sin(alpha)
@@ -202,14 +205,7 @@ def fisp_mrf_jacobian(
         Z = torch.stack([Z[0] * e1n, Z[1] * e1n + Z[0] * de1n, Z[2] * e1n])
         rec = recovery[..., n : n + 1]
         Z = torch.cat([Z[..., :1] + torch.stack([rec, -de1n, torch.zeros_like(rec)]), Z[..., 1:]], dim=-1)
-        fp, fm = 0.5 * (P + M), 0.5 * (P - M)
-        length = min(P.shape[-1] + 1, nt - 1 - n, cap + 1)
-        zero = torch.zeros_like(fp[..., :1])
-        fm1 = fm[..., 1:2] if fm.shape[-1] > 1 else zero
-        fp = torch.cat([fm1, fp], dim=-1)[..., :length]
-        fm = torch.cat([fm[..., 1:], zero, zero], dim=-1)[..., :length]
-        Z = torch.cat([Z, zero], dim=-1)[..., :length]
-        P, M = fp + fm, fp - fm
+        P, M, Z = _fisp_spoil(P, M, Z, min(P.shape[-1] + 1, nt - 1 - n, cap + 1))
     e = torch.stack(echoes, dim=-1)  # [3, ..., Nt]
     signal = e[0] * e2_te[..., None]
     jac = torch.stack([e[1] * e2_te[..., None], e[2] * e2_te[..., None] + e[0] * de2_te[..., None]], dim=-1)
