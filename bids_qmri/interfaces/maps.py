@@ -170,3 +170,15 @@ def node_common(item, subject: str, session: str | None, config) -> dict:
     if item.acq:
         common["acq"] = item.acq
     return common
+
+
+def estimate_node(modality: str, method: str, protocol, config, *, omp: int, common: dict, **inputs):
+    """The ``estimate_<method>`` node of a modality workflow: :class:`EstimateMaps` with the run's
+    model folder, seed, device and thread count; ``inputs`` are the modality's own (sources,
+    sidecar_info, options, ...)."""
+    from nipype.pipeline import engine as pe
+
+    return pe.Node(EstimateMaps(modality=modality, method=method, protocol=protocol.as_dict(),
+                                model_dir=str(config.model_dir), seed=config.seed, device=config.torch_device(),
+                                num_threads=omp, **inputs, **common),
+                   name=f"estimate_{method}", n_procs=omp)

@@ -35,7 +35,7 @@ from nipype.pipeline import engine as pe  # noqa: E402
 
 from bids_qmri.bids.inputs import B1Input  # noqa: E402
 from bids_qmri.interfaces.b1 import init_b1_node  # noqa: E402
-from bids_qmri.interfaces.maps import EstimateMaps, node_common  # noqa: E402
+from bids_qmri.interfaces.maps import estimate_node, node_common  # noqa: E402
 from bids_qmri.interfaces.reference import BrainMask, ReferenceDerivatives  # noqa: E402
 from bids_qmri.physics.bssfp import BSSFPProtocol  # noqa: E402
 
@@ -126,13 +126,10 @@ def init_bssfp_wf(bssfp: BSSFPInput, b1: B1Input | None, subject: str, session: 
         (b1_node, infos, [("info", "in2")]),
     ])
     for index, method in enumerate(methods, start=1):
-        est = pe.Node(EstimateMaps(modality=MODALITY.name, method=method, protocol=protocol.as_dict(),
-                                   model_dir=str(config.model_dir), seed=config.seed, device=config.torch_device(),
-                                   num_threads=omp, sources=sources, sidecar_info=sidecar_info, options=options,
-                                   fieldmap_magnitude_description=(
-                                       "|F0| of the pc-bSSFP series (magnitude of the mean over phase cycles), "
-                                       "the magnitude image of the off-resonance fieldmaps"), **common),
-                      name=f"estimate_{method}", n_procs=omp)
+        est = estimate_node(MODALITY.name, method, protocol, config, omp=omp, common=common, sources=sources,
+                            sidecar_info=sidecar_info, options=options, fieldmap_magnitude_description=(
+                                "|F0| of the pc-bSSFP series (magnitude of the mean over phase cycles), "
+                                "the magnitude image of the off-resonance fieldmaps"))
         wf.connect([
             (data, est, [(("out", _roles), "data_files")]),
             (mask, est, [("out_file", "mask_file")]),

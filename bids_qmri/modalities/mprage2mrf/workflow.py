@@ -13,7 +13,7 @@ os.environ.setdefault("NIPYPE_NO_ET", "1")  # no telemetry, ever
 from nipype.interfaces import utility as niu  # noqa: E402
 from nipype.pipeline import engine as pe  # noqa: E402
 
-from bids_qmri.interfaces.maps import EstimateMaps, node_common  # noqa: E402
+from bids_qmri.interfaces.maps import estimate_node, node_common  # noqa: E402
 from bids_qmri.interfaces.reference import ReferenceDerivatives  # noqa: E402
 
 from .protocol import MPRAGEProtocol  # noqa: E402
@@ -49,11 +49,8 @@ def init_mprage2mrf_wf(item, subject: str, session: str | None, config, name: st
     sidecar_info = {"InputImage": "T1w (MPRAGE) after the anatomy workflow's bias correction, skull-stripped with "
                                   "its brain mask", "SpatialReference": "T1w"}
     for index, method in enumerate(methods, start=1):
-        est = pe.Node(EstimateMaps(modality=MODALITY.name, method=method, protocol=protocol.as_dict(),
-                                   model_dir=str(config.model_dir), seed=config.seed, device=config.torch_device(),
-                                   num_threads=omp, sources=sources, sidecar_info=sidecar_info, options=options,
-                                   **common),
-                      name=f"estimate_{method}", n_procs=omp)
+        est = estimate_node(MODALITY.name, method, protocol, config, omp=omp, common=common, sources=sources,
+                            sidecar_info=sidecar_info, options=options)
         wf.connect([
             (inputnode, est, [(("t1w_preproc", _roles), "data_files"), ("t1w_mask", "mask_file")]),
             (est, merge, [("out_maps", f"in{index}")]),

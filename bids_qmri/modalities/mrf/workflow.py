@@ -27,7 +27,7 @@ from nipype.pipeline import engine as pe  # noqa: E402
 
 from bids_qmri.bids.inputs import B1Input, FingerprintInput  # noqa: E402
 from bids_qmri.interfaces.b1 import init_b1_node  # noqa: E402
-from bids_qmri.interfaces.maps import EstimateMaps, node_common  # noqa: E402
+from bids_qmri.interfaces.maps import estimate_node, node_common  # noqa: E402
 from bids_qmri.interfaces.reference import BrainMask, ReferenceDerivatives  # noqa: E402
 
 from .interfaces import FingerprintFitFigure, LoadFingerprints  # noqa: E402
@@ -88,11 +88,8 @@ def init_mrf_wf(item: FingerprintInput, b1: B1Input | None, subject: str, sessio
     else:
         data.inputs.in3 = []
     for index, method in enumerate(methods, start=1):
-        est = pe.Node(EstimateMaps(modality=MODALITY.name, method=method, protocol=protocol.as_dict(),
-                                   model_dir=str(config.model_dir), seed=config.seed, device=config.torch_device(),
-                                   num_threads=omp, sources=sources, sidecar_info=sidecar_info, options=options,
-                                   **common),
-                      name=f"estimate_{method}", n_procs=omp)
+        est = estimate_node(MODALITY.name, method, protocol, config, omp=omp, common=common, sources=sources,
+                            sidecar_info=sidecar_info, options=options)
         fig = pe.Node(FingerprintFitFigure(protocol=protocol.as_dict(), output_dir=str(config.output_dir)),
                       name=f"figure_{method}")
         wf.connect([

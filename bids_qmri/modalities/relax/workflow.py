@@ -23,7 +23,7 @@ from nipype.interfaces import utility as niu  # noqa: E402
 from nipype.pipeline import engine as pe  # noqa: E402
 
 from bids_qmri.bids.inputs import SeriesInput  # noqa: E402
-from bids_qmri.interfaces.maps import EstimateMaps, node_common  # noqa: E402
+from bids_qmri.interfaces.maps import estimate_node, node_common  # noqa: E402
 from bids_qmri.interfaces.reference import BrainMask, ReferenceDerivatives  # noqa: E402
 
 from .inputs import protocol as series_protocol  # noqa: E402
@@ -81,11 +81,8 @@ def init_relax_wf(series: SeriesInput, modality, subject: str, session: str | No
     wf.connect([(moco, data, [("out_file", "in1")]), (background, data, [("out_file", "in2")])])
     merge = pe.Node(niu.Merge(len(methods), ravel_inputs=True), name="merge_maps")
     for index, method in enumerate(methods, start=1):
-        est = pe.Node(EstimateMaps(modality=modality.name, method=method, protocol=protocol.as_dict(),
-                                   model_dir=str(config.model_dir), seed=config.seed, device=config.torch_device(),
-                                   num_threads=omp, sources=sources, sidecar_info=sidecar_info, options=options,
-                                   **common),
-                      name=f"estimate_{method}", n_procs=omp)
+        est = estimate_node(modality.name, method, protocol, config, omp=omp, common=common, sources=sources,
+                            sidecar_info=sidecar_info, options=options)
         wf.connect([
             (data, est, [(("out", _roles), "data_files")]),
             (mask, est, [("out_file", "mask_file")]),
