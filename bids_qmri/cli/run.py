@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..bids.discovery import filter_kinds
 
     methods_help = "; ".join(f"{k}: {','.join(v)}" for k, v in registry.all_methods().items() if v)
+    example = _methods_example()
     mapped = ", ".join(m.title for m in registry.modalities() if m.processes)
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not run bids-validator-deno on the input")
     g = p.add_argument_group("processing")
     g.add_argument("--methods", nargs="+", default=None, metavar="MODALITY:M1,M2",
-                   help=f"mapping methods per modality, e.g. 'bssfp:miracle,pinn' (available: {methods_help}); "
+                   help=f"mapping methods per modality, e.g. '{example}' (available: {methods_help}); "
                         "modalities not named are not mapped; default: every modality's default methods")
     g.add_argument("--atlas", default="AAL",
                    help="atlas for ROI statistics: AAL (default), AICHA, JHU, or LABELS.nii.gz:TABLE for your own")
@@ -136,7 +137,7 @@ def parse_methods(values) -> dict[str, tuple[str, ...]]:
                 known = {m.name for m in registry.modalities()}
                 why = (f"{modality} has no mapping method in this version" if sep and modality in known
                        else f"expected MODALITY:METHOD[,METHOD] with MODALITY in {', '.join(all_methods)}")
-                raise UsageError(f"--methods {item!r}: {why} (e.g. bssfp:miracle,pinn)")
+                raise UsageError(f"--methods {item!r}: {why} (e.g. {_methods_example()})")
             wanted = [n.strip().lower() for n in names.split(",") if n.strip()]
             if wanted == ["all"]:
                 wanted = list(all_methods[modality])
@@ -145,8 +146,14 @@ def parse_methods(values) -> dict[str, tuple[str, ...]]:
                 raise UsageError(f"--methods {item!r}: unknown method(s) {', '.join(unknown) or '(none given)'} "
                                  f"for {modality} (available: {', '.join(all_methods[modality])})")
             chosen[modality] = tuple(dict.fromkeys(chosen.get(modality, ()) + tuple(wanted)))
-    # Modalities not named keep no methods: `--methods bssfp:miracle` runs MIRACLE only.
+    # Modalities not named keep no methods: `--methods MODALITY:M` runs M on that modality only.
     return chosen
+
+
+def _methods_example() -> str:
+    """``MODALITY:M1,M2`` for help and errors, from the first registered modality with methods."""
+    modality, methods = next((k, v) for k, v in registry.all_methods().items() if v)
+    return f"{modality}:{','.join(methods[:2])}"
 
 
 def _is_within(path: Path, parent: Path) -> bool:

@@ -4,7 +4,7 @@ training now — for any modality, keyed by (modality, method, protocol key, see
 A model is ``<stem>.safetensors`` (weights, buffers, the network class and its configuration:
 ``bids_qmri.nets.io``) plus ``<stem>.json`` (the model card, with the sha256 of the weights).
 ``<stem>`` is ``<method>_<protocol slug>`` (the slug is the protocol's ``slug()`` if it has one,
-e.g. ``npc12_97b5d39b3cee`` for pc-bSSFP, else its ``key()``). Lookup order:
+e.g. ``npc12_97b5d39b3cee``: a short, readable name, else its ``key()``). Lookup order:
 
 1. ``<model_dir>/<modality>/<key>/<stem>.safetensors`` — a model the user installed with
    ``bids_qmri-train --model-dir`` (it replaces the bundled one, whatever ``--seed``);
