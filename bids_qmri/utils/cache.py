@@ -10,6 +10,7 @@ bit-identical whether computed or loaded, so ``--seed`` reproducibility holds.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -20,7 +21,13 @@ from .atomic import atomic_path
 
 LOGGER = logging.getLogger("bids_qmri.utils.cache")
 
-__all__ = ["cache_key", "disk_cached"]
+__all__ = ["cache_key", "disk_cached", "protocol_hash"]
+
+
+def protocol_hash(canon: dict) -> str:
+    """12 hex digits of the SHA-256 of a protocol's canonical JSON (sorted keys): the protocol part
+    of model and dictionary file names, so it must stay stable across versions."""
+    return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def cache_key(key_parts) -> str:

@@ -20,7 +20,6 @@ loss (1 = efficient) on held-out noisy samples for either loss.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -35,6 +34,7 @@ from bids_qmri.training.loop import LOSSES, LoopSettings, train_loop, training_r
 
 from . import dictionary as mrfdict
 from .protocol import MRFProtocol
+from bids_qmri.utils.cache import protocol_hash
 
 LOGGER = logging.getLogger("bids_qmri.modalities.mrf.net")
 
@@ -57,7 +57,7 @@ class NetProtocol:
 
     def key(self) -> str:
         canon = {"schedule": self.protocol.key(), "basis": self.basis_key, "loss": self.loss}
-        return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:12]
+        return protocol_hash(canon)
 
     def slug(self) -> str:
         return f"{self.loss}_{self.key()}"

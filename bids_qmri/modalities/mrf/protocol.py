@@ -6,12 +6,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 
 from bids_qmri.bids.collect import number, number_list
+from bids_qmri.utils.cache import protocol_hash
 
 SEQUENCES = ("FISP",)
 # BIDS defines RepetitionTimeExcitation as one number (FlipAngle may be a list): the derivatives'
@@ -78,7 +77,7 @@ class MRFProtocol:
         canon = {"seq": self.sequence, "flip_mdeg": [round(f * 1e3) for f in self.flip_deg],
                  "tr_ns": [round(t * 1e9) for t in self.tr], "te_ns": round(self.te * 1e9),
                  "ti_ns": round(self.ti * 1e9)}
-        return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:12]
+        return protocol_hash(canon)
 
     def slug(self) -> str:
         return f"n{self.n_frames}_{self.key()}"

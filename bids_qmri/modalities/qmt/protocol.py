@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from bids_qmri.bids.collect import number, number_list
+from bids_qmri.utils.cache import protocol_hash
 
 DEFAULT_INVERSION_DUR = 1.0e-3
 
@@ -79,7 +79,7 @@ class QMTProtocol:
         canon = {"flip_mdeg": [round(f * 1e3) for f in self.flip_deg],
                  "dur_ns": [round(t * 1e9) for t in self.pulse_dur], "tr_ns": round(self.tr * 1e9),
                  "inv_ns": round(self.inversion_dur * 1e9), "basis": self.basis_key, "rank": self.rank}
-        return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:12]
+        return protocol_hash(canon)
 
     def slug(self) -> str:
         return f"r{self.rank}_{self.key()}"

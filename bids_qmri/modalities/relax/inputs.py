@@ -10,8 +10,6 @@ position from the others.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 
 from bids_qmri.bids.collect import collect_series, files_cell
 from bids_qmri.bids.inputs import SeriesInput
+from bids_qmri.utils.cache import protocol_hash
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ class SeriesProtocol:
 
     def key(self) -> str:
         canon = {"key": self.time_key, "times_us": [round(t * 1e6, 1) for t in self.times]}
-        return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:12]
+        return protocol_hash(canon)
 
     def slug(self) -> str:
         return f"n{len(self.times)}_{self.key()}"
