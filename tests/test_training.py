@@ -179,6 +179,35 @@ def test_registry_trains_caches_and_reuses(tmp_path, monkeypatch):
         registry.get_model("svnn", OTHER, model_dir=tmp_path)
 
 
+@pytest.mark.parametrize("method", ["pinn", "pinncomplex"])
+def test_on_the_fly_pinn_starts_from_the_svnn_of_its_kind(tmp_path, monkeypatch, method):
+    start = registry.WARM_START[method]
+    monkeypatch.setitem(registry.ON_THE_FLY, start, dict(TINY))
+    # a learning rate of 0: the PINN's weights can only be the SVNN's if it was initialised from them
+    monkeypatch.setitem(registry.ON_THE_FLY, method, {**TINY, "lr": 0.0})
+    pinn, card = registry.get_model(method, OTHER, model_dir=tmp_path, seed=3)
+    svnn, svnn_card = registry.get_model(start, OTHER, model_dir=tmp_path, seed=3)
+    assert svnn_card["reused"] is True  # trained for the PINN, cached, found again
+    init = card["training"]["init_from"]
+    assert init["sha256"] == svnn_card["sha256"] and init["file"] == f"{registry.model_stem(start, OTHER)}_seed3.safetensors"
+    assert init["previous_training"]["n_samples"] == TINY["n_samples"]
+    state = svnn.state_dict()
+    for key, value in pinn.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_on_the_fly_pinn_from_scratch_when_the_svnn_has_other_ranges(tmp_path, monkeypatch):
+    # a user-installed SVNN (bids_qmri-train --model-dir) trained on the seed range cannot start a
+    # default-set PINN (other output ranges and scaling): the PINN trains from scratch
+    assert train_main(["--method", "svnn", "--tr", "0.005", "--te", "0.0025", "--flip-angle", "20", "--npc", "6",
+                       "--distribution", "uniform", "--samples", "500", "--epochs", "1",
+                       "--model-dir", str(tmp_path)]) == 0
+    monkeypatch.setitem(registry.ON_THE_FLY, "pinn", dict(TINY))
+    net, card = registry.get_model("pinn", OTHER, model_dir=tmp_path, seed=0)
+    assert "init_from" not in card["training"] and card["distribution"] == training.DEFAULT_DISTRIBUTION
+    assert net.ranges == BSSFPNet("magnitude", parameter_ranges(training.DEFAULT_DISTRIBUTION, "magnitude", OTHER.tr)).ranges
+
+
 def _configs(protocol, t1, t2, b1, b0=0.0):
     s = BSSFPModel(protocol)(torch.tensor(t1), torch.tensor(t2), 2.5, torch.tensor(b1), b0)
     return configurations(remove_receiver_phase(s), protocol.phase_increments_rad()).numpy()
@@ -186,6 +215,7 @@ def _configs(protocol, t1, t2, b1, b0=0.0):
 
 def test_estimate_bssfp_methods(tmp_path, monkeypatch):
     monkeypatch.setitem(registry.ON_THE_FLY, "pinncomplex", dict(TINY))
+    monkeypatch.setitem(registry.ON_THE_FLY, "svnncomplex", dict(TINY))  # the complex PINN starts from it
     t1 = np.array([0.8, 1.2, 1.6, 1.0]); t2 = np.array([0.05, 0.06, 0.09, 0.07]); b1 = np.array([1.0, 0.9, 1.1, np.nan])
     F = _configs(OTHER, t1, t2, np.nan_to_num(b1, nan=1.0))
     F[3] = np.nan

@@ -15,8 +15,8 @@ from bids_qmri.physics.bssfp import BSSFPProtocol
 
 from .training import DEFAULT_DISTRIBUTION, METHODS, TrainConfig, train_bssfp_net
 
-__all__ = ["MODALITY", "MODEL_SETS", "ON_THE_FLY", "cache_dir", "get_model", "load_model", "model_stem", "save_model",
-           "sha256_file", "train_on_the_fly"]
+__all__ = ["MODALITY", "MODEL_SETS", "ON_THE_FLY", "WARM_START", "cache_dir", "get_model", "load_model", "model_stem",
+           "save_model", "sha256_file", "train_on_the_fly"]
 
 log = logging.getLogger("bids_qmri.modalities.bssfp.models")
 
@@ -40,6 +40,12 @@ ON_THE_FLY = {
     "pinncomplex": {"n_samples": 100_000, "max_epochs": 16, "patience": 3, "batch_size": 256, "lr": 1e-3,
                     "pinn_feature_scale": "input_std"},
 }
+
+
+#: On-the-fly PINNs start from the on-the-fly SVNN of the same kind, protocol, seed and model set, as
+#: the bundled PINNs do (``bundled/bssfp/TRAINING.md``): the PINN loss alone converges slowly from
+#: random weights on the wide brain distribution.
+WARM_START = {"pinn": "svnn", "pinncomplex": "svnncomplex"}
 
 
 #: The bundled model sets (``--bssfp-models``): name -> (subfolder of ``bundled/bssfp``, training
@@ -74,12 +80,24 @@ def train_on_the_fly(method: str, protocol: BSSFPProtocol, *, seed: int = 0, dev
 def get_model(method: str, protocol: BSSFPProtocol, *, model_dir=None, seed: int = 0, allow_training: bool = True,
               train_overrides: dict | None = None, device: str = "cpu", model_set: str | None = None):
     """The network for ``method`` and ``protocol`` from the model set ``model_set`` (``MODEL_SETS``;
-    None: ``default``); see ``bids_qmri.models.registry``."""
+    None: ``default``); see ``bids_qmri.models.registry``. A PINN trained on the fly starts from the
+    SVNN of its kind (``WARM_START``), itself taken from the registry (cached, or trained first)."""
     if method not in METHODS:
         raise ValueError(f"unknown network method {method!r}; use one of {sorted(METHODS)}")
     subdir, distribution = _model_set(model_set)
     overrides = {"distribution": distribution, **(train_overrides or {})}
+
+    def trainer():
+        settings = dict(overrides)
+        start = WARM_START.get(method)
+        if start is not None and "init_from" not in settings:
+            _, card = get_model(start, protocol, model_dir=model_dir, seed=seed, device=device, model_set=model_set)
+            if card.get("distribution") == settings["distribution"]:
+                settings["init_from"] = card["path"]
+            else:  # e.g. a user-installed SVNN trained on another distribution: other output ranges
+                log.info("%s: %s is trained on %s, not %s; training %s from scratch", protocol.describe(), start,
+                         card.get("distribution"), settings["distribution"], method)
+        return train_on_the_fly(method, protocol, seed=seed, device=device, train_overrides=settings)
+
     return _get_model(MODALITY, method, protocol, model_dir=model_dir, seed=seed, allow_training=allow_training,
-                      model_set=subdir,
-                      trainer=lambda: train_on_the_fly(method, protocol, seed=seed, device=device,
-                                                       train_overrides=overrides))
+                      model_set=subdir, trainer=trainer)
