@@ -52,7 +52,10 @@ Measured in the same run: our MIRACLE through ``estimate_bssfp`` 0.37 µs/voxel 
 volume), the compiled loop 32.6 µs/voxel (129 s); inference svnn 1.15, pinn 1.06, svnncomplex
 4.74, pinncomplex 4.48 µs/voxel. The nets are 28–31× (magnitude) and 6.9–7.3× (complex) faster
 than the compiled loop, and 3–12× *slower* than our closed-form MIRACLE: SPEC §9's "DNN ≥ 10×
-faster than MIRACLE" no longer holds against ours.
+faster than MIRACLE" no longer holds against ours. Re-run after the tissue-aware range check (default
+nets; ``--repeats 3 --skip-choices a b c e``, load average 17–19, 99 CPU-s in 19 min wall): part 1
+loop 118.6 / 76.8 s vs ours 1.57 / 4.40 s (75× / 17×; two threads got under one core); MIRACLE
+0.55 µs/voxel, the loop 39.9; svnn 1.17, pinn 1.16, svnncomplex 4.35, pinncomplex 4.54 µs/voxel.
 
 Part 6 (``--motion`` / ``--motion-only``): wall time of ``preproc.motion.motion_correct`` on a
 ``bids_qmri-synth`` pc-bSSFP series (default 2 mm) with ``num_threads`` 1 and 2, interleaved,
