@@ -30,9 +30,10 @@ MODALITY = "bssfp"
 #: standardised feature units, as the bundled ones (in raw units ΔB0 dominates the loss: 0.940/0.952
 #: at the same cost); for the magnitude PINN it made no clear difference (0.982/0.994). Those were
 #: measured on the seed range; the default set trains on the brain distribution (``MODEL_SETS``):
-#: the magnitude PINN with these settings (Npc 8 protocol above) has a noise-free median (mean)
-#: |relative error| on the seed's tissue range of T1 2.55 (2.93) %, T2 2.12 (2.48) %, against
-#: 2.28 (3.02) / 1.98 (2.71) % when trained on the seed range, at the same 14 CPU-s.
+#: the magnitude PINN with these settings from scratch (Npc 8 protocol above; now it starts from the
+#: SVNN, ``WARM_START``) has a noise-free median (mean) |relative error| on the seed's tissue range of
+#: T1 2.55 (2.93) %, T2 2.12 (2.48) %, against 2.28 (3.02) / 1.98 (2.71) % when trained on the seed
+#: range, at the same 14 CPU-s.
 ON_THE_FLY = {
     "svnn": {"n_samples": 100_000, "max_epochs": 8, "patience": 3},
     "pinn": {"n_samples": 100_000, "max_epochs": 5, "patience": 3},
