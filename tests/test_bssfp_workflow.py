@@ -228,15 +228,18 @@ def test_other_protocol_trains_on_the_fly(seed_protocol_run, tmp_path):
     protocol = BSSFPProtocol.with_default_increments(5.0e-3, 2.5e-3, 20.0, 8)
     floor = noise_floor(bids, tmp_path / "out", "pc8", methods, protocol, tmp_path / "models", snr=SYNTH_SNR)
     print("\nTR 5 ms, FA 20 deg, Npc 8 (trained on the fly), median |relative error| (%):\n" + error_table(errors, floor))
-    # Measured: every entry 2.9-5.8 points below its floor; inside the seed training range MIRACLE
-    # 5.8 / 5.4 %, the PINN trained on the fly on the brain distribution 7.0 / 7.1 % (on the seed
-    # range it was 5.2 / 4.3 %: the same on-the-fly budget now spans T1 to 5 s and T2 to 2.5 s;
-    # issue 18 records this as open). Looser than the seed protocol: 8 cycles, no bundled model.
+    # Measured: every entry 3.0-5.1 points below its floor; inside the seed training range MIRACLE
+    # 5.76 / 5.36 %, the PINN trained on the fly on the brain distribution, starting from the SVNN
+    # trained on the fly before it (models.WARM_START), 5.64 / 5.31 % (from scratch it was 7.0 / 7.1 %).
+    # Looser than the seed protocol: 8 cycles, no bundled model. PINN bounds ~1.3× those, and within
+    # a point of MIRACLE.
     for key, value in errors.items():
         assert value <= floor[key], (key, value, floor[key])
-    for suffix in ("T1map", "T2map"):
-        assert errors["miracle", suffix, "trained"] <= 6.5, (suffix, errors["miracle", suffix, "trained"])
-        assert errors["pinn", suffix, "trained"] <= 8.0, (suffix, errors["pinn", suffix, "trained"])
+    for suffix, pinn_bound in (("T1map", 7.3), ("T2map", 6.9)):
+        miracle_error = errors["miracle", suffix, "trained"]
+        assert miracle_error <= 6.5, (suffix, miracle_error)
+        assert errors["pinn", suffix, "trained"] <= min(pinn_bound, miracle_error + 1.0), (
+            suffix, errors["pinn", suffix, "trained"], miracle_error)
 
 
 def test_without_b1_map_warns_in_every_sidecar(tmp_path):
