@@ -228,7 +228,7 @@ def test_other_protocol_trains_on_the_fly(seed_protocol_run, tmp_path):
     protocol = BSSFPProtocol.with_default_increments(5.0e-3, 2.5e-3, 20.0, 8)
     floor = noise_floor(bids, tmp_path / "out", "pc8", methods, protocol, tmp_path / "models", snr=SYNTH_SNR)
     print("\nTR 5 ms, FA 20 deg, Npc 8 (trained on the fly), median |relative error| (%):\n" + error_table(errors, floor))
-    # Measured: every entry 3.0-5.1 points below its floor; inside the seed training range MIRACLE
+    # Measured: every entry 2.9-5.1 points below its floor; inside the seed training range MIRACLE
     # 5.76 / 5.36 %, the PINN trained on the fly on the brain distribution, starting from the SVNN
     # trained on the fly before it (models.WARM_START), 5.64 / 5.31 % (from scratch it was 7.0 / 7.1 %).
     # Looser than the seed protocol: 8 cycles, no bundled model. PINN bounds ~1.3× those, and within
