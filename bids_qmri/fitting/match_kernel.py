@@ -16,8 +16,9 @@ Exactness and ties (the same contract as the GEMM path):
   score that was compared, and ties go to the lowest atom index (a later tile must be strictly
   larger).
 - The rank is padded with zeros to a multiple of 4 (exact: adding ``0·0`` changes no sum) and is
-  a compile-time constant of the kernel, so the loop over the rank unrolls inside the loop over
-  atoms; one compilation serves ranks 9–12, another 13–16, …
+  a compile-time constant of the kernel (passed as the length of a tuple, which is part of the
+  argument types: no per-call literal dispatch), so the loop over the rank unrolls inside the
+  loop over atoms; one compilation serves ranks 9–12, another 13–16, …
 - No fast-math beyond contraction (``CONTRACT``): sums run in the order written, a multiply-add
   may round once (as in a BLAS GEMM, whose summation order is its own: the two paths may differ
   in the last bit of a score, and so on a near-tie below that precision; exact ties, e.g. of
@@ -64,7 +65,7 @@ def padded_rank(rank: int) -> int:
 
 
 if numba is not None:
-    from numba import literally, njit, prange
+    from numba import njit, prange
 
     def _cache_usable() -> bool:
         """numba finds a writable cache folder for this module (else it refuses ``cache=True``)."""
@@ -80,8 +81,9 @@ if numba is not None:
     _CACHE = _cache_usable()
 
     @njit(cache=_CACHE, fastmath=CONTRACT)
-    def _power_real(x, y, tile, n, out, rank):
+    def _power_real(x, y, tile, n, out, rank_tag):
         """``out[j] = |⟨d̂_j, x + iy⟩|²`` for the real atoms ``tile[:, j]``, ``j < n``."""
+        rank = len(rank_tag)
         for j in range(n):
             re = tile[0, j] * x[0]
             im = tile[0, j] * y[0]
@@ -92,9 +94,10 @@ if numba is not None:
             out[j] = re * re + im * im
 
     @njit(cache=_CACHE, fastmath=CONTRACT)
-    def _power_complex(x, y, tile_re, tile_im, n, out, rank):
+    def _power_complex(x, y, tile_re, tile_im, n, out, rank_tag):
         """``out[j] = |⟨d̂_j, x + iy⟩|²`` for ``d̂_j = tile_re[:, j] + i tile_im[:, j]``:
         ``conj(a + ib)(x + iy) = (ax + by) + i(ay − bx)``."""
+        rank = len(rank_tag)
         for j in range(n):
             a = tile_re[0, j]
             b = tile_im[0, j]
@@ -121,8 +124,7 @@ if numba is not None:
                     break
 
     @njit(parallel=True, cache=_CACHE)
-    def _match_real(s_re, s_im, tiles, n_atoms, scratch, scratch_bits, best, arg, rank):
-        rank = literally(rank)
+    def _match_real(s_re, s_im, tiles, n_atoms, scratch, scratch_bits, best, arg, rank_tag):
         n_signals = s_re.shape[0]
         width = tiles.shape[2]
         for b in prange(scratch.shape[0]):
@@ -131,12 +133,11 @@ if numba is not None:
             for t in range(tiles.shape[0]):
                 n = min(width, n_atoms - t * width)
                 for v in range(b * VOXEL_BLOCK, v1):
-                    _power_real(s_re[v], s_im[v], tiles[t], n, out, rank)
+                    _power_real(s_re[v], s_im[v], tiles[t], n, out, rank_tag)
                     _keep_best(bits, n, t * width, v, best, arg)
 
     @njit(parallel=True, cache=_CACHE)
-    def _match_complex(s_re, s_im, tiles_re, tiles_im, n_atoms, scratch, scratch_bits, best, arg, rank):
-        rank = literally(rank)
+    def _match_complex(s_re, s_im, tiles_re, tiles_im, n_atoms, scratch, scratch_bits, best, arg, rank_tag):
         n_signals = s_re.shape[0]
         width = tiles_re.shape[2]
         for b in prange(scratch.shape[0]):
@@ -145,7 +146,7 @@ if numba is not None:
             for t in range(tiles_re.shape[0]):
                 n = min(width, n_atoms - t * width)
                 for v in range(b * VOXEL_BLOCK, v1):
-                    _power_complex(s_re[v], s_im[v], tiles_re[t], tiles_im[t], n, out, rank)
+                    _power_complex(s_re[v], s_im[v], tiles_re[t], tiles_im[t], n, out, rank_tag)
                     _keep_best(bits, n, t * width, v, best, arg)
 
 
@@ -186,6 +187,7 @@ def best_atoms(signals: np.ndarray, unit_atoms: np.ndarray, *, num_threads: int 
     tiles_re = _tiles(unit_atoms.real.astype(dtype), r4, tile)
     tiles_im = None if real_atoms else _tiles(unit_atoms.imag.astype(dtype), r4, tile)
     best = np.full(n_signals, -1, dtype=bits_dtype)
+    rank_tag = (0,) * r4  # the rank as a type: a tuple's length is a compile-time constant
     old = numba.get_num_threads()
     if num_threads:
         numba.set_num_threads(max(1, min(int(num_threads), numba.config.NUMBA_NUM_THREADS)))
@@ -197,10 +199,10 @@ def best_atoms(signals: np.ndarray, unit_atoms: np.ndarray, *, num_threads: int 
             scratch_bits = scratch.view(bits_dtype)
             if real_atoms:
                 _match_real(s_re[lo:hi], s_im[lo:hi], tiles_re, n_atoms, scratch, scratch_bits, best[lo:hi],
-                            arg[lo:hi], r4)
+                            arg[lo:hi], rank_tag)
             else:
                 _match_complex(s_re[lo:hi], s_im[lo:hi], tiles_re, tiles_im, n_atoms, scratch, scratch_bits,
-                               best[lo:hi], arg[lo:hi], r4)
+                               best[lo:hi], arg[lo:hi], rank_tag)
     finally:
         numba.set_num_threads(old)
     return arg
