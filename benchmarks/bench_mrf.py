@@ -70,6 +70,10 @@ def main() -> None:
     p.add_argument("--crb-samples", type=int, default=2048, help="mrfnet training samples for the CRB timing (0: skip)")
     p.add_argument("--crb-ad-samples", type=int, default=256, help="of which timed through AD as well (0: skip)")
     args = p.parse_args()
+    import os
+
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    print(f"load average at the start {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)", flush=True)
     g = torch.Generator().manual_seed(0)
     v, a, r = args.voxels, args.atoms, args.rank
     threads = sorted({1, args.threads}) if args.threads > 1 else [1]
@@ -92,9 +96,13 @@ def main() -> None:
     vc, ac = 1024, 256
     block = 2 * vc * ac * 4
     inputs = whole * r * 8 + a * r * 8 * 2
+    from bids_qmri.fitting import match_kernel
+
+    r4 = match_kernel.padded_rank(r)
+    kernel_work = a * r4 * 4 + match_kernel.CALL_VOXELS * r4 * 8  # real atom tiles + one call's padded signals
     print(f"  memory, whole brain (extrapolated from the sizes, not measured at 1.5 M): inputs {inputs / 2**20:.0f} MiB "
-          f"+ torch path's score block {block / 2**20:.0f} MiB, or the kernel's atom tiles "
-          f"{a * r * 4 / 2**20:.0f} MiB (resident growth of this run's {v}-voxel torch match "
+          f"+ the torch path's score block {block / 2**20:.0f} MiB, or the kernel's atom tiles and padded signal "
+          f"chunk {kernel_work / 2**20:.0f} MiB (resident growth of this run's {v}-voxel torch match "
           f"{max(rss1 - rss0, 0) / 1024:.0f} MiB)")
 
     # mrfnet inference (the architecture of modalities.mrf.net; weights do not change the cost)
@@ -173,6 +181,8 @@ def main() -> None:
 
     if args.crb_samples:
         _bench_crb(sched, args.crb_samples, args.crb_ad_samples, args.repeats, r, g)
+    print(f"whole run: wall {time.perf_counter() - wall0:.0f} s, CPU {time.process_time() - cpu0:.0f} s (this "
+          f"process); load average at the end {os.getloadavg()[0]:.1f}")
 
 
 def _bench_match(signals, atoms, label, threads, repeats) -> float:
@@ -211,7 +221,7 @@ def _bench_match(signals, atoms, label, threads, repeats) -> float:
               f"({pairs / t['torch']:5.2f})")
         print(f"    throughput ratio kernel / bare matmul {t['bare'] / t['kernel']:.2f} (target >= 0.70); "
               f"torch matcher / bare {t['bare'] / t['torch']:.2f}; kernel / torch matcher "
-              f"{t['torch'] / t['kernel']:.1f}x")
+              f"{t['torch'] / t['kernel']:.1f}x", flush=True)
         if n == 1:
             out = t["kernel"]
     return out

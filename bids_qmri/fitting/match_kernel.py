@@ -180,9 +180,6 @@ def best_atoms(signals: np.ndarray, unit_atoms: np.ndarray, *, num_threads: int 
     if n_signals == 0 or n_atoms == 0:
         return arg
     r4 = padded_rank(rank)
-    s = np.zeros((n_signals, r4), dtype=np.complex128 if dtype == np.float64 else np.complex64)
-    s[:, :rank] = signals
-    s_re, s_im = np.ascontiguousarray(s.real, dtype=dtype), np.ascontiguousarray(s.imag, dtype=dtype)
     real_atoms = not np.any(unit_atoms.imag)
     tiles_re = _tiles(unit_atoms.real.astype(dtype), r4, tile)
     tiles_im = None if real_atoms else _tiles(unit_atoms.imag.astype(dtype), r4, tile)
@@ -194,15 +191,17 @@ def best_atoms(signals: np.ndarray, unit_atoms: np.ndarray, *, num_threads: int 
     try:
         for lo in range(0, n_signals, CALL_VOXELS):
             hi = min(n_signals, lo + CALL_VOXELS)
+            # zero-padded real and imaginary parts, one call's worth at a time (bounded memory)
+            s_re, s_im = np.zeros((2, hi - lo, r4), dtype=dtype)
+            s_re[:, :rank], s_im[:, :rank] = signals[lo:hi].real, signals[lo:hi].imag
             blocks = -(-(hi - lo) // VOXEL_BLOCK)
             scratch = np.empty((blocks, tile), dtype=dtype)
             scratch_bits = scratch.view(bits_dtype)
             if real_atoms:
-                _match_real(s_re[lo:hi], s_im[lo:hi], tiles_re, n_atoms, scratch, scratch_bits, best[lo:hi],
-                            arg[lo:hi], rank_tag)
+                _match_real(s_re, s_im, tiles_re, n_atoms, scratch, scratch_bits, best[lo:hi], arg[lo:hi], rank_tag)
             else:
-                _match_complex(s_re[lo:hi], s_im[lo:hi], tiles_re, tiles_im, n_atoms, scratch, scratch_bits,
-                               best[lo:hi], arg[lo:hi], rank_tag)
+                _match_complex(s_re, s_im, tiles_re, tiles_im, n_atoms, scratch, scratch_bits, best[lo:hi],
+                               arg[lo:hi], rank_tag)
     finally:
         numba.set_num_threads(old)
     return arg
