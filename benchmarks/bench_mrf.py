@@ -239,7 +239,7 @@ def _compile_times(rank: int) -> str:
             "t1 = time.perf_counter(); rng = np.random.default_rng(0); "
             f"a = (rng.normal(size=(64, {rank})) + 0j).astype(np.complex64); "
             f"s = (rng.normal(size=(8, {rank})) + 1j).astype(np.complex64); mk.best_atoms(s, a); "
-            "print(t1 - t0, time.perf_counter() - t1, mk._CACHE, getattr(mk._match_real._cache, 'cache_path', '-'))")
+            "print(t1 - t0, time.perf_counter() - t1, mk._CACHE, getattr(mk._match._cache, 'cache_path', '-'))")
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "NUMBA_CACHE_DIR": tmp}
         runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

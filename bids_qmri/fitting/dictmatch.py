@@ -33,8 +33,6 @@ from dataclasses import dataclass
 
 import torch
 
-from bids_qmri.fitting import match_kernel
-
 LOGGER = logging.getLogger("bids_qmri.fitting.dictmatch")
 
 __all__ = ["MatchResult", "simulate_dictionary", "dictionary_gram", "normalise_atoms", "match",
@@ -168,11 +166,14 @@ BACKENDS = ("auto", "kernel", "torch")
 
 
 def _use_kernel(backend: str, pairs: int) -> bool:
+    import importlib.util
+
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "kernel" and not match_kernel.available():
+    have_numba = importlib.util.find_spec("numba") is not None  # numba itself is imported only when used
+    if backend == "kernel" and not have_numba:
         raise RuntimeError("backend 'kernel' needs numba (pip install numba)")
-    return backend == "kernel" or (backend == "auto" and match_kernel.available() and pairs >= KERNEL_MIN_PAIRS)
+    return backend == "kernel" or (backend == "auto" and have_numba and pairs >= KERNEL_MIN_PAIRS)
 
 
 def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | None = None,
@@ -219,6 +220,8 @@ def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | 
             continue
         sub = unit[sl]
         if kernel:
+            from bids_qmri.fitting import match_kernel
+
             arg = match_kernel.best_atoms(signals[rows].numpy(), sub.resolve_conj().numpy(),
                                           num_threads=num_threads or torch.get_num_threads())
             index[rows] = torch.from_numpy(arg) + (sl.start or 0)

@@ -124,29 +124,21 @@ if numba is not None:
                     break
 
     @njit(parallel=True, cache=_CACHE)
-    def _match_real(s_re, s_im, tiles, n_atoms, scratch, scratch_bits, best, arg, rank_tag):
-        n_signals = s_re.shape[0]
-        width = tiles.shape[2]
-        for b in prange(scratch.shape[0]):
-            out, bits = scratch[b], scratch_bits[b]
-            v1 = min(n_signals, (b + 1) * VOXEL_BLOCK)
-            for t in range(tiles.shape[0]):
-                n = min(width, n_atoms - t * width)
-                for v in range(b * VOXEL_BLOCK, v1):
-                    _power_real(s_re[v], s_im[v], tiles[t], n, out, rank_tag)
-                    _keep_best(bits, n, t * width, v, best, arg)
-
-    @njit(parallel=True, cache=_CACHE)
-    def _match_complex(s_re, s_im, tiles_re, tiles_im, n_atoms, scratch, scratch_bits, best, arg, rank_tag):
+    def _match(s_re, s_im, tiles_re, tiles_im, n_atoms, scratch, scratch_bits, best, arg, rank_tag):
+        """Running argmax of every signal over all tiles; real atoms when ``tiles_im`` is empty."""
         n_signals = s_re.shape[0]
         width = tiles_re.shape[2]
+        real = tiles_im.shape[0] == 0
         for b in prange(scratch.shape[0]):
             out, bits = scratch[b], scratch_bits[b]
             v1 = min(n_signals, (b + 1) * VOXEL_BLOCK)
             for t in range(tiles_re.shape[0]):
                 n = min(width, n_atoms - t * width)
                 for v in range(b * VOXEL_BLOCK, v1):
-                    _power_complex(s_re[v], s_im[v], tiles_re[t], tiles_im[t], n, out, rank_tag)
+                    if real:
+                        _power_real(s_re[v], s_im[v], tiles_re[t], n, out, rank_tag)
+                    else:
+                        _power_complex(s_re[v], s_im[v], tiles_re[t], tiles_im[t], n, out, rank_tag)
                     _keep_best(bits, n, t * width, v, best, arg)
 
 
@@ -182,7 +174,7 @@ def best_atoms(signals: np.ndarray, unit_atoms: np.ndarray, *, num_threads: int 
     r4 = padded_rank(rank)
     real_atoms = not np.any(unit_atoms.imag)
     tiles_re = _tiles(unit_atoms.real.astype(dtype), r4, tile)
-    tiles_im = None if real_atoms else _tiles(unit_atoms.imag.astype(dtype), r4, tile)
+    tiles_im = np.empty((0, r4, tile), dtype) if real_atoms else _tiles(unit_atoms.imag.astype(dtype), r4, tile)
     best = np.full(n_signals, -1, dtype=bits_dtype)
     rank_tag = (0,) * r4  # the rank as a type: a tuple's length is a compile-time constant
     old = numba.get_num_threads()
@@ -197,11 +189,7 @@ def best_atoms(signals: np.ndarray, unit_atoms: np.ndarray, *, num_threads: int 
             blocks = -(-(hi - lo) // VOXEL_BLOCK)
             scratch = np.empty((blocks, tile), dtype=dtype)
             scratch_bits = scratch.view(bits_dtype)
-            if real_atoms:
-                _match_real(s_re, s_im, tiles_re, n_atoms, scratch, scratch_bits, best[lo:hi], arg[lo:hi], rank_tag)
-            else:
-                _match_complex(s_re, s_im, tiles_re, tiles_im, n_atoms, scratch, scratch_bits, best[lo:hi],
-                               arg[lo:hi], rank_tag)
+            _match(s_re, s_im, tiles_re, tiles_im, n_atoms, scratch, scratch_bits, best[lo:hi], arg[lo:hi], rank_tag)
     finally:
         numba.set_num_threads(old)
     return arg
