@@ -10,7 +10,7 @@ voxels for two. Ours is ``bids_qmri.fitting.miracle.miracle`` with ``num_threads
 timing is the median wall time of ``--repeats`` runs (the machine is shared: single timings are
 noisy, the spread is printed); compilation is excluded (a warm-up call first). Accuracy: median
 |relative error| against the truth (noisy and noise-free data) and |relative difference| to the
-compiled loop (median, max). numba is a benchmark-only dependency: ``pip install '.[bench]'``.
+compiled loop (median, max). numba comes with the package (a runtime dependency).
 
 Then each choice on the way, same voxels (SNR 25):
   a. vectorised alternating golden section, every voxel kept in the batch until all converge
@@ -128,9 +128,9 @@ def compiled_reference():
     to an infinite cost the same way. No fastmath (IEEE arithmetic, as a C build at -O2)."""
     try:
         import numba
-    except ImportError as exc:  # benchmark-only dependency
+    except ImportError as exc:  # a runtime dependency of the package: a broken install
         raise SystemExit("benchmarks/bench_bssfp.py needs numba for the compiled reference: "
-                         "pip install '.[bench]'") from exc
+                         "pip install numba") from exc
     njit = numba.njit(error_model="numpy")
 
     @njit

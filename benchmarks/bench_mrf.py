@@ -1,9 +1,11 @@
 """MRF matching and dictionary benchmarks, measured side by side in one run (issue 14, SPEC §9).
 
-- matching throughput of ``fitting.dictmatch.match`` (the complex inner products as two float32
-  GEMMs + |·|² + running exact argmax over atom chunks) against a bare complex64 ``torch.matmul``
-  of the same shapes ``[V, R] @ [R, A]`` (chunked the same way, result discarded): target ≥ 70 %
-  of it; also against the two real GEMMs alone (what the argmax costs on top);
+- matching throughput of ``fitting.dictmatch.match`` with the fused numba kernel
+  (``fitting.match_kernel``) and with the torch GEMM path (float32 GEMMs + |·|² + running exact
+  argmax over atom chunks) against a bare complex64 ``torch.matmul`` of the same shapes
+  ``[V, R] @ [R, A]`` (chunked, result discarded): target ≥ 70 % of it; complex and real atoms, one
+  thread and ``--threads``; the kernel's JIT compile time (empty numba cache) and cache load time,
+  each in a fresh interpreter;
 - dictionary generation time per atom (FISP EPG, 1000 frames, the app's state cap, chunked);
 - mrfnet inference (``modalities.mrf.net`` architecture) against matching the same voxels
   (target ≥ 20× faster);
@@ -17,7 +19,8 @@
   inputs plus one score block (``voxel_chunk × atom_chunk``), measured as the resident-set growth
   of a match on a voxel subset and extrapolated by the input size.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_mrf.py [--voxels 20000] [--atoms 100000] [--threads 1]``.
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_mrf.py [--voxels 20000] [--atoms 100000] [--threads 2]``
+(``--threads N``: matching timed at 1 and N threads).
 """
 
 from __future__ import annotations
@@ -67,70 +70,39 @@ def main() -> None:
     p.add_argument("--crb-samples", type=int, default=2048, help="mrfnet training samples for the CRB timing (0: skip)")
     p.add_argument("--crb-ad-samples", type=int, default=256, help="of which timed through AD as well (0: skip)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    import os
+
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    print(f"load average at the start {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)", flush=True)
     g = torch.Generator().manual_seed(0)
     v, a, r = args.voxels, args.atoms, args.rank
+    threads = sorted({1, args.threads}) if args.threads > 1 else [1]
     signals = torch.randn(v, r, dtype=torch.complex64, generator=g)
+    print(f"fused kernel compilation (fitting.match_kernel, float32, rank {r}, real atoms): "
+          f"{_compile_times(r)}")
     atoms = torch.randn(a, r, dtype=torch.complex64, generator=g)
-    unit, norms = dictmatch.normalise_atoms(atoms)
-    atoms_h = unit.mH.contiguous()
-    vc, ac = 1024, 256
-
-    def bare():
-        for lo in range(0, v, vc):
-            s = signals[lo:lo + vc]
-            for alo in range(0, a, ac):
-                torch.matmul(s, atoms_h[:, alo:alo + ac])
-
-    atoms_re, atoms_im = dictmatch._real_atoms(atoms_h)
-
-    def bare_real():
-        for lo in range(0, v, vc):
-            s_r = torch.cat([signals[lo:lo + vc].real, signals[lo:lo + vc].imag], 1)
-            for alo in range(0, a, ac):
-                torch.matmul(s_r, atoms_re[:, alo:alo + ac])
-                torch.matmul(s_r, atoms_im[:, alo:alo + ac])
-
-    def full():
-        dictmatch.match(signals, atoms, voxel_chunk=vc, atom_chunk=ac, atom_norms=(unit, norms))
-
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    full()
+    dictmatch.match(signals, atoms, backend="torch")
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = _side_by_side({"match": full, "bare": bare, "real": bare_real}, args.repeats)
-    t_match, t_bare, t_real = t["match"], t["bare"], t["real"]
-    print(f"matching {v} voxels x {a} complex atoms (rank {r}, {args.threads} thread(s)):")
-    print(f"  bare torch.matmul (same shapes, chunked)  {t_bare:8.3f} s  {v * a / t_bare / 1e9:6.2f} G pairs/s")
-    print(f"  dictmatch.match (GEMM + exact argmax)     {t_match:8.3f} s  {v * a / t_match / 1e9:6.2f} G pairs/s")
-    print(f"  the two real GEMMs match uses, alone      {t_real:8.3f} s  {v * a / t_real / 1e9:6.2f} G pairs/s")
-    print(f"  ratio match / bare complex matmul throughput: {t_bare / t_match:.2f} (target >= 0.70)")
-    print(f"  ratio match / its own real GEMMs alone:       {t_real / t_match:.2f}")
+    _bench_match(signals, atoms, f"{v} voxels x {a} complex atoms (rank {r})", threads, args.repeats)
     # real atoms (FISP fingerprints on a real SVD basis, what the app matches), stored complex64
     atoms_r = torch.complex(torch.randn(a, r, generator=g), torch.zeros(a, r))
-    unit_r, norms_r = dictmatch.normalise_atoms(atoms_r)
-    atoms_rh = unit_r.mH.contiguous()
-
-    def bare_r():
-        for lo in range(0, v, vc):
-            s = signals[lo:lo + vc]
-            for alo in range(0, a, ac):
-                torch.matmul(s, atoms_rh[:, alo:alo + ac])
-
-    def full_r():
-        dictmatch.match(signals, atoms_r, voxel_chunk=vc, atom_chunk=ac, atom_norms=(unit_r, norms_r))
-
-    t = _side_by_side({"match": full_r, "bare": bare_r}, args.repeats)
-    t_match_r, t_bare_r = t["match"], t["bare"]
-    print(f"matching {v} voxels x {a} real atoms (FISP on a real basis; stored complex64):")
-    print(f"  bare torch.matmul (same shapes, chunked)  {t_bare_r:8.3f} s  {v * a / t_bare_r / 1e9:6.2f} G pairs/s")
-    print(f"  dictmatch.match (one real GEMM + argmax)  {t_match_r:8.3f} s  {v * a / t_match_r / 1e9:6.2f} G pairs/s")
-    print(f"  ratio match / bare complex matmul throughput: {t_bare_r / t_match_r:.2f} (target >= 0.70)")
+    t_match = _bench_match(signals, atoms_r, f"{v} voxels x {a} real atoms (rank {r}; FISP on a real basis)",
+                           threads, args.repeats)
+    torch.set_num_threads(1)
     whole = 1_500_000
-    print(f"  extrapolated 1 mm whole brain ({whole} voxels) x {a} atoms: {t_match_r * whole / v:.0f} s")
+    print(f"  extrapolated 1 mm whole brain ({whole} voxels) x {a} atoms, fused kernel, 1 thread: "
+          f"{t_match * whole / v:.0f} s")
+    vc, ac = 1024, 256
     block = 2 * vc * ac * 4
     inputs = whole * r * 8 + a * r * 8 * 2
+    from bids_qmri.fitting import match_kernel
+
+    r4 = match_kernel.padded_rank(r)
+    kernel_work = a * r4 * 4 + match_kernel.CALL_VOXELS * r4 * 8  # real atom tiles + one call's padded signals
     print(f"  memory, whole brain (extrapolated from the sizes, not measured at 1.5 M): inputs {inputs / 2**20:.0f} MiB "
-          f"+ score block {block / 2**20:.0f} MiB (resident growth of this run's {v}-voxel match "
+          f"+ the torch path's score block {block / 2**20:.0f} MiB, or the kernel's atom tiles and padded signal "
+          f"chunk {kernel_work / 2**20:.0f} MiB (resident growth of this run's {v}-voxel torch match "
           f"{max(rss1 - rss0, 0) / 1024:.0f} MiB)")
 
     # mrfnet inference (the architecture of modalities.mrf.net; weights do not change the cost)
@@ -145,8 +117,8 @@ def main() -> None:
             net(features(signals, b1))
 
     t_net = _best_of(infer)
-    print(f"mrfnet inference, {v} voxels: {t_net:.4f} s; matching against {a} atoms / mrfnet = {t_match / t_net:.0f}x "
-          f"(target >= 20x)")
+    print(f"mrfnet inference, {v} voxels: {t_net:.4f} s; matching against {a} atoms (fused kernel) / mrfnet = "
+          f"{t_match / t_net:.0f}x (target >= 20x)")
 
     sched = epg.default_fisp_schedule(1000)
     x = torch.stack([torch.full((args.dict_atoms,), 0.0).uniform_(-2.3, 1.6, generator=g),
@@ -209,6 +181,72 @@ def main() -> None:
 
     if args.crb_samples:
         _bench_crb(sched, args.crb_samples, args.crb_ad_samples, args.repeats, r, g)
+    print(f"whole run: wall {time.perf_counter() - wall0:.0f} s, CPU {time.process_time() - cpu0:.0f} s (this "
+          f"process); load average at the end {os.getloadavg()[0]:.1f}")
+
+
+def _bench_match(signals, atoms, label, threads, repeats) -> float:
+    """Side by side, per thread count: a bare complex ``torch.matmul`` of the same shapes (chunked,
+    result discarded), ``dictmatch.match`` with the fused kernel, and with the torch GEMM path.
+    Returns the kernel's time at one thread."""
+    unit, norms = dictmatch.normalise_atoms(atoms)
+    atoms_h = unit.mH.contiguous()
+    v, a = signals.shape[0], atoms.shape[0]
+    vc, ac = 1024, 256
+
+    def bare():
+        for lo in range(0, v, vc):
+            s = signals[lo:lo + vc]
+            for alo in range(0, a, ac):
+                torch.matmul(s, atoms_h[:, alo:alo + ac])
+
+    def kernel(n):
+        return lambda: dictmatch.match(signals, atoms, atom_norms=(unit, norms), backend="kernel", num_threads=n)
+
+    def gemm():
+        dictmatch.match(signals, atoms, voxel_chunk=vc, atom_chunk=ac, atom_norms=(unit, norms), backend="torch")
+
+    first = kernel(1)()  # compiled (or loaded from numba's cache) before timing
+    check = dictmatch.match(signals[:2048], atoms, atom_norms=(unit, norms), backend="torch").index
+    differ = int((first.index[:2048] != check).sum())
+    print(f"matching {label}, timings interleaved (best of {repeats}); kernel and torch matcher disagree on "
+          f"{differ} of {len(check)} voxels:")
+    out = None
+    for n in threads:
+        torch.set_num_threads(n)
+        t = _side_by_side({"bare": bare, "kernel": kernel(n), "torch": gemm}, repeats)
+        pairs = v * a / 1e9
+        print(f"  {n} thread(s): bare complex torch.matmul {t['bare']:7.3f} s ({pairs / t['bare']:5.2f} G pairs/s); "
+              f"fused kernel {t['kernel']:7.3f} s ({pairs / t['kernel']:5.2f}); torch matcher {t['torch']:7.3f} s "
+              f"({pairs / t['torch']:5.2f})")
+        print(f"    throughput ratio kernel / bare matmul {t['bare'] / t['kernel']:.2f} (target >= 0.70); "
+              f"torch matcher / bare {t['bare'] / t['torch']:.2f}; kernel / torch matcher "
+              f"{t['torch'] / t['kernel']:.1f}x", flush=True)
+        if n == 1:
+            out = t["kernel"]
+    return out
+
+
+def _compile_times(rank: int) -> str:
+    """JIT compile time of the kernel (first call with an empty numba cache) and the load time from
+    that cache (a second process), each in a fresh interpreter; and where the cache is written."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    code = ("import time, numpy as np; t0 = time.perf_counter(); from bids_qmri.fitting import match_kernel as mk; "
+            "t1 = time.perf_counter(); rng = np.random.default_rng(0); "
+            f"a = (rng.normal(size=(64, {rank})) + 0j).astype(np.complex64); "
+            f"s = (rng.normal(size=(8, {rank})) + 1j).astype(np.complex64); mk.best_atoms(s, a); "
+            "print(t1 - t0, time.perf_counter() - t1, mk._CACHE, getattr(mk._match._cache, 'cache_path', '-'))")
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "NUMBA_CACHE_DIR": tmp}
+        runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+                .stdout.split() for _ in range(2)]
+    (imp, cold, cached, path), (_, warm, _, _) = runs[0], runs[1]
+    return (f"first call {float(cold):.1f} s with an empty cache, {float(warm):.2f} s loaded from the cache "
+            f"(import {float(imp):.1f} s; cache written: {cached}, to NUMBA_CACHE_DIR here: {path})")
 
 
 def _bench_crb(sched, n, n_ad, repeats, rank, g) -> None:

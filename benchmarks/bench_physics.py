@@ -32,7 +32,7 @@ differences. On one thread, batching in PyTorch does not beat a compiled voxel l
 algorithm, except for the MPRAGE and T2 closed forms.
 
 Run: ``OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_physics.py [--batch 100000] [--threads 1]``
-(needs the ``bench`` extra: ``pip install .[bench]`` for numba).
+(numba, for the compiled references, is a runtime dependency of the package).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ intermediate is float32 (``single_precision`` checks the typed IR for float64), 
 model is compared with a float32 loop. The compile happens on the first call; time the second.
 
 This is the reference a user would otherwise write ("loop over the voxels in a compiled
-language"); an interpreted Python loop would measure the interpreter, not the method. numba is
-an optional dependency (``pip install .[bench]``); the tests and the app never import it.
+language"); an interpreted Python loop would measure the interpreter, not the method. numba is a
+runtime dependency (the app's fused MRF matching kernel, ``fitting.match_kernel``); these
+references are benchmark-only.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 try:
     import numba
 except ImportError as exc:  # pragma: no cover - benchmark-only dependency
-    raise SystemExit("the compiled references need numba: pip install '.[bench]'") from exc
+    raise SystemExit("the compiled references need numba: pip install numba") from exc
 
 # (Taylor degree m, Paterson–Stockmeyer block p) as in bids_qmri.physics.qmt._TAYLOR
 _TAYLOR = np.array([(5, 2), (8, 3), (11, 4), (15, 4), (19, 4), (23, 4)], dtype=np.int64)

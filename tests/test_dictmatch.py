@@ -61,21 +61,29 @@ def brute_force(signals, atoms):
     return power.argmax(axis=1)  # numpy: first maximum on ties
 
 
-def test_match_is_the_exact_argmax_of_a_brute_force_search():
+#: Both implementations of ``dictmatch.match``: each is checked against brute force and the other.
+BACKENDS = ["torch", "kernel"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_match_is_the_exact_argmax_of_a_brute_force_search(backend):
     rng = np.random.default_rng(5)
     atoms = rng.normal(size=(1000, 9)) + 1j * rng.normal(size=(1000, 9))
     signals = rng.normal(size=(300, 9)) + 1j * rng.normal(size=(300, 9))
-    res = dictmatch.match(torch.from_numpy(signals), torch.from_numpy(atoms), voxel_chunk=37, atom_chunk=101)
+    res = dictmatch.match(torch.from_numpy(signals), torch.from_numpy(atoms), voxel_chunk=37, atom_chunk=101,
+                          backend=backend)
+    assert res.backend == backend
     np.testing.assert_array_equal(res.index.numpy(), brute_force(signals, atoms))
     # scale: a scaled atom is recovered with its complex scale
     m0 = 2.5 * np.exp(1j * 0.7)
-    res = dictmatch.match(torch.from_numpy(m0 * atoms[[3, 500]]), torch.from_numpy(atoms))
+    res = dictmatch.match(torch.from_numpy(m0 * atoms[[3, 500]]), torch.from_numpy(atoms), backend=backend)
     np.testing.assert_array_equal(res.index.numpy(), [3, 500])
     np.testing.assert_allclose(res.scale.numpy(), [m0, m0], rtol=1e-12)
     np.testing.assert_allclose(res.score.numpy(), [1.0, 1.0], rtol=1e-12)
 
 
-def test_ties_go_to_the_lowest_atom_index_across_chunks():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_go_to_the_lowest_atom_index_across_chunks(backend):
     # Atoms with entries ±1 ± i (norm exactly 4 at R = 8) and integer signals: every score is
     # computed exactly, whatever the GEMM blocking, so equal scores are true ties.
     rng = np.random.default_rng(11)
@@ -93,19 +101,20 @@ def test_ties_go_to_the_lowest_atom_index_across_chunks():
         # float32 norms of 4 may round (vector_norm scales); exact unit atoms keep the ties exact
         norms = (a / 4.0, torch.full((700,), 4.0, dtype=a.real.dtype)) if dtype == torch.complex64 else None
         res = dictmatch.match(torch.from_numpy(signals).to(dtype), a, voxel_chunk=64, atom_chunk=100,
-                              atom_norms=norms)
+                              atom_norms=norms, backend=backend)
         np.testing.assert_array_equal(res.index.numpy(), expected)
     assert (res.index[:20] == 77).all()
 
 
-def test_grouped_match_searches_only_the_signal_sub_dictionary():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_match_searches_only_the_signal_sub_dictionary(backend):
     rng = np.random.default_rng(2)
     atoms = rng.normal(size=(600, 6)) + 1j * rng.normal(size=(600, 6))
     signals = rng.normal(size=(200, 6)) + 1j * rng.normal(size=(200, 6))
     groups = rng.integers(-1, 3, size=200)
     slices = [slice(0, 250), slice(250, 251), slice(251, 600)]
     res = dictmatch.match(torch.from_numpy(signals), torch.from_numpy(atoms), groups=torch.from_numpy(groups),
-                          atom_groups=slices, voxel_chunk=50, atom_chunk=64)
+                          atom_groups=slices, voxel_chunk=50, atom_chunk=64, backend=backend)
     for g, sl in enumerate(slices):
         rows = groups == g
         np.testing.assert_array_equal(res.index.numpy()[rows], sl.start + brute_force(signals[rows], atoms[sl]))
@@ -114,7 +123,7 @@ def test_grouped_match_searches_only_the_signal_sub_dictionary():
     bad = torch.from_numpy(signals[:3]).clone()
     bad[0] = 0
     bad[1, 2] = complex("nan")
-    res = dictmatch.match(bad, torch.from_numpy(atoms))
+    res = dictmatch.match(bad, torch.from_numpy(atoms), backend=backend)
     assert res.index.tolist()[:2] == [-1, -1] and res.index[2] >= 0
 
 
@@ -146,16 +155,18 @@ def test_gauss_newton_refinement_leaves_the_grid():
     assert (chord.x - truth).abs().max() < 1e-3 and (chord.cost <= chord.start_cost).all()
 
 
-def test_real_atoms_take_the_stacked_real_gemm_and_keep_the_exact_argmax_and_ties():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_real_atoms_take_the_stacked_real_gemm_and_keep_the_exact_argmax_and_ties(backend):
     # Real atoms (FISP fingerprints on a real basis) go through one real GEMM of [Re s; Im s]:
     # the same argmax as brute force, ties to the lowest index across atom chunks.
     rng = np.random.default_rng(8)
     atoms = rng.normal(size=(900, 7))
     signals = rng.normal(size=(250, 7)) + 1j * rng.normal(size=(250, 7))
-    res = dictmatch.match(torch.from_numpy(signals), torch.from_numpy(atoms + 0j), voxel_chunk=41, atom_chunk=97)
+    res = dictmatch.match(torch.from_numpy(signals), torch.from_numpy(atoms + 0j), voxel_chunk=41, atom_chunk=97,
+                          backend=backend)
     np.testing.assert_array_equal(res.index.numpy(), brute_force(signals, atoms + 0j))
     m0 = 1.5 * np.exp(-1j * 2.0)
-    res = dictmatch.match(torch.from_numpy(m0 * atoms[[5, 800]]), torch.from_numpy(atoms))  # real dtype input too
+    res = dictmatch.match(torch.from_numpy(m0 * atoms[[5, 800]]), torch.from_numpy(atoms), backend=backend)  # real dtype
     np.testing.assert_array_equal(res.index.numpy(), [5, 800])
     np.testing.assert_allclose(res.scale.numpy(), [m0, m0], rtol=1e-12)
     # ties: ±1 atoms (norm exactly 4 at R = 16), integer signals, duplicates in later chunks
@@ -169,7 +180,7 @@ def test_real_atoms_take_the_stacked_real_gemm_and_keep_the_exact_argmax_and_tie
     assert int(((power == power.max(1, keepdims=True)).sum(1) > 1).sum()) > 30
     a = torch.from_numpy(tie_atoms).to(torch.complex64)
     res = dictmatch.match(torch.from_numpy(tie_sig).to(torch.complex64), a, voxel_chunk=64, atom_chunk=100,
-                          atom_norms=(a / 4.0, torch.full((500,), 4.0)))
+                          atom_norms=(a / 4.0, torch.full((500,), 4.0)), backend=backend)
     np.testing.assert_array_equal(res.index.numpy(), expected)
     assert (res.index[:10] == 12).all()
 

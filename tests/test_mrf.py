@@ -111,7 +111,7 @@ def _median_rel(maps, truth):
     return {k: float(np.median(np.abs(maps[k].ravel() / truth[k].numpy() - 1))) for k in ("T1map", "T2map", "M0map")}
 
 
-def test_dictmatch_recovers_off_grid_fingerprints_and_refinement_leaves_the_grid(tmp_path):
+def test_dictmatch_recovers_off_grid_fingerprints_and_refinement_leaves_the_grid(tmp_path, monkeypatch):
     sig, truth = _fingerprints(400, seed=1)
     data = {"signal": sig.numpy(), "b1": truth["b1"].numpy().reshape(20, 20, 1)}
     grid_maps, grid_prov = _estimate(data, {"mrf_refine": "off"}, tmp_path)
@@ -123,6 +123,16 @@ def test_dictmatch_recovers_off_grid_fingerprints_and_refinement_leaves_the_grid
     assert refined["T1map"] < 0.003 and refined["T2map"] < 0.005 and refined["M0map"] < 0.003
     assert ref_prov["RefinementMedianResidualReduction"] > 10 and grid_prov["Refinement"] is False
     assert ref_prov["RefinementVoxelsOnEPG"] < 20 and "interpolated" in ref_prov["RefinementModel"]
+    # the fused numba kernel (taken from KERNEL_MIN_PAIRS voxel-atom pairs on) gives the same maps
+    from bids_qmri.fitting import dictmatch
+
+    monkeypatch.setattr(dictmatch, "KERNEL_MIN_PAIRS", 0)
+    kernel_maps, kernel_prov = _estimate(data, {"mrf_refine": "off"}, tmp_path)
+    assert kernel_prov["MatchingImplementation"].startswith("fused numba kernel")
+    assert grid_prov["MatchingImplementation"].startswith("torch")
+    for name, volume in grid_maps.items():
+        np.testing.assert_array_equal(kernel_maps[name], volume)
+    monkeypatch.undo()
     for options in ({"mrf_refine_model": "epg"}, {"mrf_refine_model": "epg", "mrf_refine_jacobian": "every"}):
         epg_maps, epg_prov = _estimate(data, options, tmp_path)
         assert _median_rel(epg_maps, truth)["T1map"] < 0.003 and "RefinementModel" not in epg_prov

@@ -10,12 +10,15 @@ caller gives a ``simulate(params [n, P]) -> complex [n, Nt]`` function.
   bar) and projects each chunk onto a temporal basis when one is given;
   :func:`dictionary_gram` accumulates ``DᴴD`` chunk by chunk for the dictionary's own SVD
   (``physics.svd.basis_from_gram``), so a frames dictionary never has to be held in memory.
-- :func:`match`: chunked GEMM over voxels × atoms (the complex inner products as two real GEMMs,
-  or one real GEMM of the stacked ``[Re s; Im s]`` when the atoms are real) with ``|·|²`` and a
-  running argmax per block (no square root, no full score matrix). The argmax is exact for the scores computed (no clustering or tree
-  search) and ties go to the lowest atom index (``torch.max`` returns the first maximum within a
-  block; a later block must be strictly larger). ``groups``: each signal may be matched against one sub-dictionary only (e.g. the
-  atoms at the voxel's known B1).
+- :func:`match`: the best atom of every signal, two implementations with one contract (exact
+  argmax of the scores computed, no clustering or tree search; ties to the lowest atom index):
+  the fused numba kernel of :mod:`fitting.match_kernel` (scores accumulated in registers, never
+  stored as a block; the default for large searches when numba is installed) and the torch path:
+  chunked GEMM over voxels × atoms (the complex inner products as two real GEMMs, or one real
+  GEMM of the stacked ``[Re s; Im s]`` when the atoms are real) with ``|·|²`` and a running argmax
+  per block (``torch.max`` returns the first maximum within a block; a later block must be
+  strictly larger). ``groups``: each signal may be matched against one sub-dictionary only (e.g.
+  the atoms at the voxel's known B1).
 - :func:`refine_gauss_newton`: a few Gauss–Newton steps of the variable-projection residual
   ``s − d(θ) ⟨d(θ), s⟩/‖d(θ)‖²`` in the parameters, starting at the match and kept inside a box
   (the winning grid cell), with a forward-difference Jacobian of ``simulate``; a step that does
@@ -99,11 +102,13 @@ def normalise_atoms(atoms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class MatchResult:
     """``index`` ``[V]`` (into the full dictionary; −1 where the signal is zero or not finite),
     ``score`` ``[V]`` (``|⟨d̂, s⟩|/‖s‖``, 1 for a perfect match), ``scale`` ``[V]`` complex
-    (``⟨d, s⟩/‖d‖²``: the signal ≈ scale · atom)."""
+    (``⟨d, s⟩/‖d‖²``: the signal ≈ scale · atom), ``backend``: ``"kernel"`` or ``"torch"`` (which
+    implementation searched)."""
 
     index: torch.Tensor
     score: torch.Tensor
     scale: torch.Tensor
+    backend: str = "torch"
 
 
 def _real_atoms(atoms_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,9 +159,27 @@ def _match_block(signals: torch.Tensor, atoms_re: torch.Tensor, atoms_im: torch.
     return best, arg
 
 
+#: ``backend="auto"`` takes the fused kernel from this many voxel-atom pairs on: below it the torch
+#: path is done in about the time the kernel takes to compile when numba has no cache yet (5–8 s).
+KERNEL_MIN_PAIRS = 200_000_000
+BACKENDS = ("auto", "kernel", "torch")
+
+
+def _use_kernel(backend: str, pairs: int) -> bool:
+    import importlib.util
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    have_numba = importlib.util.find_spec("numba") is not None  # numba itself is imported only when used
+    if backend == "kernel" and not have_numba:
+        raise RuntimeError("backend 'kernel' needs numba (pip install numba)")
+    return backend == "kernel" or (backend == "auto" and have_numba and pairs >= KERNEL_MIN_PAIRS)
+
+
 def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | None = None,
           atom_groups: list[slice] | None = None, voxel_chunk: int = 1024, atom_chunk: int = 256,
-          atom_norms: tuple[torch.Tensor, torch.Tensor] | None = None) -> MatchResult:
+          atom_norms: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str = "auto",
+          num_threads: int | None = None) -> MatchResult:
     """Best atom of ``atoms`` ``[A, R]`` for each signal of ``signals`` ``[V, R]`` (complex).
 
     ``atom_groups`` (list of slices of the atom axis) with ``groups`` ``[V]`` (index into
@@ -164,7 +187,11 @@ def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | 
     ``atom_norms``: ``normalise_atoms(atoms)`` if already computed. The computation runs in the
     dtype of ``atoms`` (complex64: single-precision GEMM). Real atoms (imaginary part exactly zero,
     as FISP fingerprints on a real SVD basis are) take one real GEMM of ``[Re s; Im s]`` instead of
-    two, with the same scores.
+    two, with the same scores. ``backend``: ``"kernel"`` (the fused numba kernel), ``"torch"``
+    (the GEMM path; ``voxel_chunk`` and ``atom_chunk`` are its block sizes) or ``"auto"`` (the
+    kernel when numba is installed and the search has ``KERNEL_MIN_PAIRS`` voxel-atom pairs or
+    more). ``num_threads``: the kernel's threads (default ``torch.get_num_threads()``, which the
+    run sets from ``--omp-nthreads``).
     """
     atoms = torch.as_tensor(atoms)
     if not atoms.is_complex():
@@ -185,11 +212,20 @@ def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | 
     usable = finite & (snorm > 0) & (groups >= 0)
     index = torch.full((n,), -1, dtype=torch.long)
     real_atoms = not bool(unit.imag.any())
-    for g, sl in enumerate(atom_groups):
-        rows = torch.nonzero(usable & (groups == g)).flatten()
+    rows_of = [torch.nonzero(usable & (groups == g)).flatten() for g in range(len(atom_groups))]
+    pairs = sum(len(rows) * len(range(*sl.indices(atoms.shape[0]))) for rows, sl in zip(rows_of, atom_groups))
+    kernel = _use_kernel(backend, pairs)
+    for rows, sl in zip(rows_of, atom_groups):
         if rows.numel() == 0:
             continue
         sub = unit[sl]
+        if kernel:
+            from bids_qmri.fitting import match_kernel
+
+            arg = match_kernel.best_atoms(signals[rows].numpy(), sub.resolve_conj().numpy(),
+                                          num_threads=num_threads or torch.get_num_threads())
+            index[rows] = torch.from_numpy(arg) + (sl.start or 0)
+            continue
         if real_atoms:
             atoms_re, atoms_im = sub.real.mT.contiguous(), None  # [R, A_g]
         else:
@@ -203,7 +239,7 @@ def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | 
     ip = torch.linalg.vecdot(unit[safe], signals)  # Σ conj(d̂) s
     score = torch.where(ok, ip.abs() / snorm.clamp_min(torch.finfo(snorm.dtype).tiny), 0.0)
     scale = torch.where(ok, ip / norms[safe].clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
-    return MatchResult(index=index, score=score, scale=scale)
+    return MatchResult(index=index, score=score, scale=scale, backend="kernel" if kernel else "torch")
 
 
 def _projected_residual(signals: torch.Tensor, model: torch.Tensor) -> torch.Tensor:

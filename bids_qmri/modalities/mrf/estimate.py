@@ -118,7 +118,7 @@ def estimate_dictmatch(data: dict, mask: np.ndarray, protocol, context) -> tuple
     b1_used = grid.b1_values[used]
     atoms, slices = mrfdict.dictionary(schedule, grid, b1_used, basis, cache_dir)
     groups = torch.from_numpy(np.searchsorted(used, groups_all))
-    result = dictmatch.match(coeffs, atoms, groups=groups, atom_groups=slices)
+    result = dictmatch.match(coeffs, atoms, groups=groups, atom_groups=slices, num_threads=context.num_threads)
     nodes = torch.from_numpy(grid.nodes())
     offsets = torch.tensor([sl.start for sl in slices])
     ok = result.index >= 0
@@ -138,6 +138,8 @@ def estimate_dictmatch(data: dict, mask: np.ndarray, protocol, context) -> tuple
         "EPGTruncationError": round(mrfdict.truncation_error(schedule, grid), 8),
         **source,
         "Refinement": refine,
+        "MatchingImplementation": ("fused numba kernel (fitting.match_kernel)" if result.backend == "kernel" else
+                                   "torch GEMM + running argmax"),
         "MedianMatchScore": float(result.score[ok].median()) if ok.any() else None,
         "VoxelsNotMatched": int((~ok).sum()),
     }
