@@ -247,7 +247,8 @@ def test_roi_table_matches_phantom(run):
     tsv = run["anat"] / f"sub-{SUB}_atlas-AAL_roistats.tsv"
     df = pd.read_csv(tsv, sep="\t", na_values="n/a", keep_default_na=False)
     assert list(df.columns) == ["participant_id", "session_id", "atlas", "region_index", "region", "suffix",
-                                "method", "acq", "n_voxels", "mean", "std", "median", "q1", "q3", "units"]
+                                "method", "acq", "n_voxels", "mean", "std", "median", "q1", "q3", "units",
+                                "coverage"]
     assert set(df["suffix"]) == {"T1map", "T2map"} and set(df["method"]) == {"truth"}
     assert set(df["acq"]) == {ACQ_BSSFP} and set(df["units"]) == {"s"} and set(df["atlas"]) == {"AAL"}
     # Whole pipeline (our segmentation): the region's voxel set differs from the truth's by the

@@ -13,6 +13,7 @@ from bids_qmri.anatomy.roistats import (
     COLUMNS,
     TISSUE_ROWS,
     describe,
+    estimated_voxels,
     merge_roistats,
     parse_entities,
     region_masks,
@@ -20,7 +21,7 @@ from bids_qmri.anatomy.roistats import (
 )
 
 SPEC_COLUMNS = ["participant_id", "session_id", "atlas", "region_index", "region", "suffix", "method", "acq",
-                "n_voxels", "mean", "std", "median", "q1", "q3", "units"]
+                "n_voxels", "mean", "std", "median", "q1", "q3", "units", "coverage"]
 
 
 def test_columns_are_exactly_spec():
@@ -111,11 +112,41 @@ def test_merge_keeps_other_acquisitions_and_reads_back(tmp_path):
     assert df.loc[df.region == "Absent", "mean"].isna().all()
 
 
-def test_roi_analysis_identity_grid(tmp_path):
-    """Maps on the T1w grid with a reference identical to the T1w: the rigid registration is
-    the identity, so ROI means equal the direct NumPy means."""
-    from bids_qmri.anatomy.roistats import roi_analysis
+def test_only_estimated_voxels_count_and_coverage_is_reported():
+    """A map written with 0 outside its own (smaller) brain mask and where a fit failed: only the
+    estimated voxels count; the old rule (every region voxel) takes the zeros in."""
+    probs, atlas, brain, table = _toy()
+    x = np.indices(atlas.shape)[0]
+    values = np.where(atlas == 1, 1.0 + 0.1 * x, 0.8)  # a ramp along x through region 1
+    own = x >= 4  # the map's brain mask misses x < 4: 4 of region 1's 10 slices
+    values[~own] = 0.0
+    values[5, 5, 5] = 0.0  # a failed fit inside the mask
+    values[6, 5, 5] = np.nan
+    masks = region_masks(atlas, table, probs, brain, 0.5)
+    kw = dict(participant_id="sub-01", session_id=None, atlas="Toy", suffix="T1map", method="mle", acq="ir", units="s")
+    new = roi_table(values, masks, valid=estimated_voxels(values, own, zero_is_missing=True), **kw).set_index("region")
+    old = roi_table(values, masks, **kw).set_index("region")
+    region = masks[[name for _, name, _ in masks].index("Cortex")][2]  # GM-dominated x < 8, z > 0
+    used = region & own & np.isfinite(values) & (values != 0)
+    # Truth by hand: x = 4..7 over 10 × 9 voxels each, minus the two failed voxels at x = 5 and 6.
+    assert used.sum() == 4 * 90 - 2
+    ramp = np.repeat(1.0 + 0.1 * np.arange(4, 8), 90)
+    ramp = np.delete(ramp, [90, 180])  # one voxel of x = 5 and one of x = 6
+    assert new.loc["Cortex", "n_voxels"] == ramp.size
+    assert new.loc["Cortex", "median"] == pytest.approx(np.median(ramp))
+    assert new.loc["Cortex", "mean"] == pytest.approx(ramp.mean())
+    assert new.loc["Cortex", "coverage"] == pytest.approx(ramp.size / (8 * 90))
+    assert new.loc["WhiteMatter", "coverage"] == pytest.approx(1.0)
+    assert np.isnan(new.loc["Absent", "coverage"]) and new.loc["Absent", "n_voxels"] == 0
+    # The old rule counts the 4 uncovered slices as T1 = 0 s: the median falls below any true value.
+    assert old.loc["Cortex", "median"] < 1.4 < new.loc["Cortex", "median"]
+    # Without the "0 = not estimated" convention (a fieldmap may be 0 Hz) a zero is a value.
+    assert estimated_voxels(values, own).sum() == estimated_voxels(values, own, zero_is_missing=True).sum() + 1
 
+
+def _sphere_phantom(tmp_path):
+    """A spherical head on a 3 mm T1w grid: tissue probabilities, brain mask, a two-region atlas
+    (Left, Right halves along the first axis) and a T1w, written as files; the output tree."""
     rng = np.random.default_rng(1)
     shape = (32, 36, 30)
     ii = np.indices(shape).astype(float)
@@ -134,21 +165,37 @@ def test_roi_analysis_identity_grid(tmp_path):
     atlas = np.where(ii[0] < shape[0] / 2, 1, 2) * ((gm + wm) > 0.2)
     files["atlas"] = str(tmp_path / "atlas.nii.gz")
     nb.save(nb.Nifti1Image(atlas.astype(np.int32), affine), files["atlas"])
-    table = tmp_path / "atlas.tsv"
-    pd.DataFrame({"index": [1, 2], "name": ["Left", "Right"]}).to_csv(table, sep="\t", index=False)
-    t1 = (1.4 * gm + 0.8 * wm + 3.5 * csf).astype(np.float32)
+    files["table"] = str(tmp_path / "atlas.tsv")
+    pd.DataFrame({"index": [1, 2], "name": ["Left", "Right"]}).to_csv(files["table"], sep="\t", index=False)
     out = tmp_path / "out"
     anat = out / "sub-01" / "anat"
     anat.mkdir(parents=True)
-    map_path = anat / "sub-01_acq-x_desc-truth_T1map.nii.gz"
-    nb.save(nb.Nifti1Image(t1, affine), map_path)
-    map_path.with_name(map_path.name.replace(".nii.gz", ".json")).write_text(json.dumps({"Units": "s"}))
     ref = anat / "sub-01_acq-x_desc-ref_bSSFP.nii.gz"
     nb.save(nb.Nifti1Image(t1w, affine), ref)
-    tsv = roi_analysis(subject="01", session=None, output_dir=out, work_dir=tmp_path / "work", t1w=files["t1w"],
-                       mask=files["mask"], probseg=[files["GM"], files["WM"], files["CSF"]],
-                       atlas_dseg=files["atlas"], atlas_table=str(table), atlas_name="Toy", ref_images=[str(ref)],
-                       maps=[[str(map_path)]], pv_threshold=0.5, nthreads=1)
+    return {"gm": gm, "wm": wm, "csf": csf, "x": ii[0], "atlas": atlas, "affine": affine, "files": files,
+            "out": out, "anat": anat, "ref": str(ref)}
+
+
+def _run_roi(tmp_path, ph, maps, brain_masks=None):
+    from bids_qmri.anatomy.roistats import roi_analysis
+
+    f = ph["files"]
+    return roi_analysis(subject="01", session=None, output_dir=ph["out"], work_dir=tmp_path / "work", t1w=f["t1w"],
+                        mask=f["mask"], probseg=[f["GM"], f["WM"], f["CSF"]], atlas_dseg=f["atlas"],
+                        atlas_table=f["table"], atlas_name="Toy", ref_images=[ph["ref"]], maps=maps,
+                        brain_masks=brain_masks, pv_threshold=0.5, nthreads=1)
+
+
+def test_roi_analysis_identity_grid(tmp_path):
+    """Maps on the T1w grid with a reference identical to the T1w: the rigid registration is
+    the identity, so ROI means equal the direct NumPy means."""
+    ph = _sphere_phantom(tmp_path)
+    gm, wm, csf, anat = ph["gm"], ph["wm"], ph["csf"], ph["anat"]
+    t1 = (1.4 * gm + 0.8 * wm + 3.5 * csf).astype(np.float32)
+    map_path = anat / "sub-01_acq-x_desc-truth_T1map.nii.gz"
+    nb.save(nb.Nifti1Image(t1, ph["affine"]), map_path)
+    map_path.with_name(map_path.name.replace(".nii.gz", ".json")).write_text(json.dumps({"Units": "s"}))
+    tsv = _run_roi(tmp_path, ph, [[str(map_path)]])
     df = pd.read_csv(tsv, sep="\t")
     assert tsv.endswith("sub-01_atlas-Toy_roistats.tsv")
     assert (anat / "sub-01_acq-x_from-bSSFP_to-T1w_mode-image_xfm.mat").is_file()
@@ -160,6 +207,45 @@ def test_roi_analysis_identity_grid(tmp_path):
     for tissue, p in (("GM", gm), ("WM", wm)):
         direct = t1[brain & (p >= 0.5)].mean()
         assert rows.loc[tissue, "mean"] == pytest.approx(direct, rel=9.4e-4)
+    assert rows.loc["WM", "coverage"] == 1.0  # a map without a brain mask of its own: every finite voxel
+
+
+def test_roi_analysis_uses_the_maps_own_smaller_brain_mask(tmp_path):
+    """The demo's IRT1 case: the modality's brain mask is smaller than the T1w's and the map is 0
+    outside it (``EstimateMaps``). Each region's statistics come from the voxels inside the map's
+    own mask only, and ``coverage`` says how much of the region that is. Truth: the T1 ramp along
+    x over the covered voxels, computed directly."""
+    ph = _sphere_phantom(tmp_path)
+    gm, wm, csf, x, anat = ph["gm"], ph["wm"], ph["csf"], ph["x"], ph["anat"]
+    brain = (gm + wm + csf) > 0.5
+    own = brain & (x >= 13)  # the map's mask misses the first 13 slices: most of Left, part of the CSF
+    t1 = (1.4 * gm + 0.8 * wm + 3.5 * csf) * (1 + 0.01 * x)
+    written = np.where(own, t1, 0.0).astype(np.float32)
+    map_path = anat / "sub-01_acq-x_desc-mle_T1map.nii.gz"
+    nb.save(nb.Nifti1Image(written, ph["affine"]), map_path)
+    map_path.with_name(map_path.name.replace(".nii.gz", ".json")).write_text(
+        json.dumps({"Units": "s", "VoxelsNotEstimated": 0}))
+    mask_path = anat / "sub-01_acq-x_desc-brain_mask.nii.gz"
+    nb.save(nb.Nifti1Image(own.astype(np.uint8), ph["affine"]), mask_path)
+    rows = pd.read_csv(_run_roi(tmp_path, ph, [[str(map_path)]], [str(mask_path)]), sep="\t").set_index("region")
+    # GM dominates both atlas halves (a thick GM shell around a small WM core).
+    regions = {"Left": (ph["atlas"] == 1) & brain & (gm >= 0.5), "Right": (ph["atlas"] == 2) & brain & (gm >= 0.5),
+               "CSF": brain & (csf >= 0.5), "GM": brain & (gm >= 0.5)}
+    # The reference-to-T1w registration is the identity only to ~1e-3 voxel, so a few voxels at a
+    # tissue's 0.5-probability border may swap (measured: 1 of 796). Bounds: voxel counts 0.5 %,
+    # mean 0.1 %, median one slice step of the ramp (1 %).
+    for name, region in regions.items():
+        covered = region & own
+        assert rows.loc[name, "n_voxels"] == pytest.approx(covered.sum(), rel=5e-3)
+        assert rows.loc[name, "coverage"] == pytest.approx(covered.sum() / region.sum(), rel=5e-3)
+        assert rows.loc[name, "median"] == pytest.approx(np.median(t1[covered]), rel=1e-2)
+        assert rows.loc[name, "mean"] == pytest.approx(t1[covered].mean(), rel=1e-3)
+    assert rows.loc["Right", "coverage"] == 1.0
+    assert rows.loc["Left", "coverage"] == pytest.approx(0.326, abs=2e-3)
+    # The old rule (every region voxel, the zeros outside the map's mask included) gave Left a
+    # median of 0 s and the CSF (64 % covered) a mean 36 % low.
+    assert np.median(written[regions["Left"]]) == 0.0
+    assert written[regions["CSF"]].mean() < 0.7 * t1[regions["CSF"] & own].mean()
 
 
 # --- A head phantom defined in world coordinates (mm) -------------------------------------------

@@ -1,7 +1,14 @@
 """ROI statistics of quantitative maps (SPEC §4 long-format table).
 
 Columns (exactly): participant_id, session_id, atlas, region_index, region, suffix, method, acq,
-n_voxels, mean, std, median, q1, q3, units.
+n_voxels, mean, std, median, q1, q3, units, coverage.
+
+A region's statistics use only the voxels where the map holds an estimate: finite, inside the
+map's own brain mask (the mask its modality's workflow wrote, on the map's grid), and, for maps
+whose sidecar counts ``VoxelsNotEstimated`` (``interfaces.maps.EstimateMaps`` writes 0 outside
+the mask and where the fit failed), non-zero. ``n_voxels`` counts those voxels; ``coverage`` is
+their fraction of the region's voxels (``n/a`` for a region absent from the map's grid), so a
+region the acquisition or its brain mask covers only in part is visible in the table.
 
 Tissue rows sit beside the atlas regions in the same table, with negative region indices so
 that they can never collide with a label value: -1 GM, -2 WM, -3 CSF (the dseg.tsv classes,
@@ -28,7 +35,7 @@ import pandas as pd
 LOGGER = logging.getLogger("bids_qmri.anatomy.roistats")
 
 COLUMNS = ["participant_id", "session_id", "atlas", "region_index", "region", "suffix", "method", "acq",
-           "n_voxels", "mean", "std", "median", "q1", "q3", "units"]
+           "n_voxels", "mean", "std", "median", "q1", "q3", "units", "coverage"]
 TISSUE_ROWS = {"GM": -1, "WM": -2, "CSF": -3, "WholeBrain": -4}
 
 
@@ -77,16 +84,32 @@ def region_masks(atlas: np.ndarray, table: pd.DataFrame, probs: dict[str, np.nda
     return out
 
 
+def estimated_voxels(values: np.ndarray, brain: np.ndarray | None = None, zero_is_missing: bool = False) -> np.ndarray:
+    """Voxels where a map holds an estimate: finite, inside its own ``brain`` mask (when known)
+    and, for a map written with 0 for "not estimated", non-zero."""
+    valid = np.isfinite(values)
+    if brain is not None:
+        valid &= brain
+    if zero_is_missing:
+        valid &= values != 0
+    return valid
+
+
 def roi_table(values: np.ndarray, masks: list[tuple[int, str, np.ndarray]], *, participant_id: str,
               session_id: str | None, atlas: str, suffix: str, method: str | None, acq: str | None,
-              units: str | None) -> pd.DataFrame:
-    """One map's rows (one per mask) in the SPEC column order."""
+              units: str | None, valid: np.ndarray | None = None) -> pd.DataFrame:
+    """One map's rows (one per mask) in the SPEC column order; ``valid`` (default: finite values)
+    selects the voxels with an estimate (``estimated_voxels``)."""
+    if valid is None:
+        valid = estimated_voxels(values)
     rows = []
     for idx, name, mask in masks:
         row = {"participant_id": participant_id, "session_id": session_id or "n/a", "atlas": atlas,
                "region_index": int(idx), "region": name, "suffix": suffix, "method": method or "n/a",
                "acq": acq or "n/a", "units": units or "n/a"}
-        row.update(describe(values[mask]))
+        row.update(describe(values[mask & valid]))
+        n_region = int(mask.sum())
+        row["coverage"] = row["n_voxels"] / n_region if n_region else np.nan
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -97,7 +120,8 @@ def load_on_grid(path: str | Path) -> tuple[np.ndarray, nb.spatialimages.Spatial
 
 
 def _match_reference(map_ents: dict, refs: list[tuple[str, dict]]) -> str | None:
-    """The reference image of a map: same ``acq`` (and run) label, else the only reference."""
+    """The reference image (or brain mask) of a map: same ``acq`` (and run) label, else the only
+    one."""
     if not refs:
         return None
     same = [p for p, e in refs if e.get("acq") == map_ents.get("acq") and e.get("run") == map_ents.get("run")]
@@ -109,14 +133,15 @@ def _match_reference(map_ents: dict, refs: list[tuple[str, dict]]) -> str | None
     return refs[0][0] if len(refs) == 1 else None
 
 
-def _units(map_path: str | Path) -> str | None:
+def _sidecar(map_path: str | Path) -> dict:
     import json
 
     side = Path(str(map_path).replace(".nii.gz", ".json").replace(".nii", ".json"))
     try:
-        return json.loads(side.read_text()).get("Units")
+        meta = json.loads(side.read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _flatten(items) -> list[str]:
@@ -132,9 +157,13 @@ def _flatten(items) -> list[str]:
 
 def roi_analysis(*, subject: str, session: str | None, output_dir: str | Path, work_dir: str | Path, t1w: str,
                  mask: str, probseg: list[str], atlas_dseg: str, atlas_table: str, atlas_name: str,
-                 ref_images, maps, pv_threshold: float = 0.5, nthreads: int = 1, seed: int = 0) -> str:
+                 ref_images, maps, brain_masks=None, pv_threshold: float = 0.5, nthreads: int = 1,
+                 seed: int = 0) -> str:
     """Register every reference image rigidly to the T1w, bring segmentation and atlas onto each
     map's grid, and write the participant/session ROI table -> its path.
+
+    ``brain_masks``: the modalities' own brain masks (matched to a map by ``acq`` like the
+    reference); a map's statistics use only voxels inside its mask (``estimated_voxels``).
 
     Also writes each reference's ``..._from-<suffix>_to-T1w_mode-image_xfm.mat`` (ITK affine:
     resamples reference-space images onto the T1w when applied forward).
@@ -151,6 +180,7 @@ def roi_analysis(*, subject: str, session: str | None, output_dir: str | Path, w
     table = pd.read_csv(atlas_table, sep="\t")
     probseg = _flatten(probseg)
     refs = [(p, parse_entities(p)) for p in _flatten(ref_images)]
+    own_masks = [(p, parse_entities(p)) for p in _flatten(brain_masks)]
     xfms: dict[str, str] = {}
     for k, (ref, ents) in enumerate(refs):
         out = reg.register(t1w, ref, work_dir / f"ref{k}_", kind="Rigid", nthreads=nthreads, seed=seed)
@@ -193,9 +223,16 @@ def roi_analysis(*, subject: str, session: str | None, output_dir: str | Path, w
         values = np.asarray(img.dataobj, dtype=np.float64)
         if values.ndim > 3:
             values = values[..., 0]
+        meta = _sidecar(map_path)
+        own = _match_reference(ents, own_masks)
+        if own is None and own_masks:
+            LOGGER.warning("%s: no brain mask for acq-%s; ROI statistics over its finite values", map_path,
+                           ents.get("acq"))
+        valid = estimated_voxels(values, None if own is None else _mask_on_grid(own, img, work_dir, nthreads),
+                                 zero_is_missing="VoxelsNotEstimated" in meta)
         frames.append(roi_table(values, cache[key], participant_id=participant_id, session_id=session_id,
                                 atlas=atlas_name, suffix=ents["suffix"], method=ents.get("desc"),
-                                acq=ents.get("acq"), units=_units(map_path)))
+                                acq=ents.get("acq"), units=meta.get("Units"), valid=valid))
     result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     dest = derivative_path(output_dir, subject=subject, session=session, datatype="anat", suffix="roistats",
                            extension=".tsv", atlas=atlas_name)
@@ -222,11 +259,25 @@ def merge_roistats(dest: Path, new: pd.DataFrame) -> Path:
                 old[col] = old[col].fillna("n/a").astype(str)
             keys = set(zip(new["suffix"], new["method"], new["acq"]))
             keep = [k not in keys for k in zip(old["suffix"], old["method"], old["acq"])]
-            old = old.loc[keep, COLUMNS]
+            old = old.loc[keep].reindex(columns=COLUMNS)  # a table of an older version lacks coverage
             new = pd.concat([old, new], ignore_index=True) if len(old) else new
         new = new.sort_values(["acq", "suffix", "method", "region_index"], kind="stable").reset_index(drop=True)
         save_tsv(dest, new[COLUMNS])
     return dest
+
+
+def _mask_on_grid(mask_path: str, img, work_dir: Path, nthreads: int) -> np.ndarray:
+    """A modality's brain mask on a map's grid: as is when the grids agree (the usual case: the
+    mask and the maps come from the same reference), else resampled by the headers."""
+    mask_img = nb.load(mask_path)
+    if mask_img.shape[:3] == img.shape[:3] and np.allclose(mask_img.affine, img.affine, atol=1e-4):
+        return np.asarray(mask_img.dataobj).reshape(img.shape[:3]) > 0.5
+    from . import registration as reg
+
+    grid = work_dir / "mask_grid.nii.gz"
+    nb.save(nb.Nifti1Image(np.zeros(img.shape[:3], np.float32), img.affine), str(grid))
+    on_grid = reg.apply(mask_path, str(grid), [_identity(work_dir)], interpolator="linear", nthreads=nthreads)
+    return on_grid.numpy() >= 0.5
 
 
 def _identity(work_dir: Path) -> str:

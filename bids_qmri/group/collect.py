@@ -29,6 +29,8 @@ ROI_COLUMNS = [
 ]
 NUMERIC_COLUMNS = ["region_index", "n_voxels", "mean", "std", "median", "q1", "q3"]
 TEXT_COLUMNS = [c for c in ROI_COLUMNS if c not in NUMERIC_COLUMNS]
+# Written since the ROI statistics count only a map's estimated voxels; tables of older versions lack it.
+OPTIONAL_NUMERIC_COLUMNS = ["coverage"]
 NA = "n/a"
 
 _TABLE_RE = re.compile(
@@ -130,7 +132,7 @@ def read_roi_table(path, subject: str | None = None, session: str | None = None,
     df = df[ROI_COLUMNS + [c for c in df.columns if c not in ROI_COLUMNS]].copy()
     for col in TEXT_COLUMNS:
         df[col] = df[col].str.strip().replace("", NA)
-    for col in NUMERIC_COLUMNS:
+    for col in NUMERIC_COLUMNS + [c for c in OPTIONAL_NUMERIC_COLUMNS if c in df.columns]:
         raw = df[col].str.strip()
         values = pd.to_numeric(raw.where(~raw.isin([NA, ""])), errors="coerce")
         bad = values.isna() & ~raw.isin([NA, ""])

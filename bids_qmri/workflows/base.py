@@ -55,10 +55,12 @@ def init_participant_wf(session_inputs: SessionInputs, config) -> pe.Workflow:
     n = len(pairs)
     merge_ref = pe.Node(niu.Merge(n), name="merge_ref_images")
     merge_maps = pe.Node(niu.Merge(n), name="merge_maps")
+    merge_masks = pe.Node(niu.Merge(n), name="merge_brain_masks")
     wf.connect([
         (anat_wf, roi_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in ANAT_FIELDS]),
         (merge_ref, roi_wf, [("out", "inputnode.ref_image")]),
         (merge_maps, roi_wf, [("out", "inputnode.maps")]),
+        (merge_masks, roi_wf, [("out", "inputnode.brain_mask")]),
     ])
     counts: dict[str, int] = {}
     for index, (modality, item) in enumerate(pairs, start=1):
@@ -73,6 +75,7 @@ def init_participant_wf(session_inputs: SessionInputs, config) -> pe.Workflow:
         wf.connect([
             (sub_wf, merge_ref, [("outputnode.ref_image", f"in{index}")]),
             (sub_wf, merge_maps, [("outputnode.maps", f"in{index}")]),
+            (sub_wf, merge_masks, [("outputnode.brain_mask", f"in{index}")]),
         ])
         if t1w is None and index == 1:
             wf.connect(sub_wf, "outputnode.ref_image", anat_wf, "inputnode.ref_image")

@@ -40,11 +40,14 @@ class _MotionInputSpec(BaseInterfaceInputSpec):
     seed = traits.Int(0, usedefault=True)
     num_threads = traits.Int(1, usedefault=True, desc="volumes registered at once")
     enabled = traits.Bool(True, usedefault=True)
+    mask_volume = traits.Int(-1, usedefault=True,
+                             desc="0-based corrected volume written as mask_image; -1: the mean over the volumes")
 
 
 class _MotionOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="motion-corrected series")
     ref_image = File(exists=True, desc="mean over the corrected volumes")
+    mask_image = File(exists=True, desc="the image to compute the brain mask from (mask_volume)")
     motion_file = File(exists=True, desc="per-volume rigid parameters (TSV)")
     failed = traits.List(traits.Int, desc="volumes whose registration failed (left uncorrected)")
 
@@ -79,12 +82,18 @@ class MotionCorrectSeries(SimpleInterface):
         nib.save(nib.Nifti1Image(corrected, affine), str(out))
         ref_file = Path(runtime.cwd) / "series_ref.nii.gz"
         nib.save(nib.Nifti1Image(corrected.mean(axis=-1).astype(np.float32), affine), str(ref_file))
+        mask_file = ref_file
+        if self.inputs.mask_volume >= 0:
+            mask_file = Path(runtime.cwd) / "series_mask_image.nii.gz"
+            nib.save(nib.Nifti1Image(corrected[..., self.inputs.mask_volume].astype(np.float32), affine),
+                     str(mask_file))
         table = table.round(6)
         table.insert(0, "volume", np.arange(1, len(table) + 1))
         motion_file = Path(runtime.cwd) / "motion.tsv"
         table.to_csv(motion_file, sep="\t", index=False, na_rep="n/a")
         failed = [int(i) for i in np.flatnonzero(table["trans_x"].isna().to_numpy())]
-        self._results.update(out_file=str(out), ref_image=str(ref_file), motion_file=str(motion_file), failed=failed)
+        self._results.update(out_file=str(out), ref_image=str(ref_file), mask_image=str(mask_file),
+                             motion_file=str(motion_file), failed=failed)
         return runtime
 
 

@@ -2,7 +2,8 @@
 
 ::
 
-    load (stack the files) → motion_correct (rigid → middle volume) → brain_mask (mean magnitude)
+    load (stack the files) → motion_correct (rigid → middle volume) → brain_mask (IRT1: the
+        shortest-TI volume; MESE: the mean magnitude; ``mask_volume``)
         → background (noise voxels, for a Rician σ) → estimate_<method> (one per method)
         → derivatives (reference image, mask, motion table)
 
@@ -47,8 +48,9 @@ def init_relax_wf(series: SeriesInput, modality, subject: str, session: str | No
     symbol = "TI" if series.kind == "IRT1" else "TE"
 
     load = pe.Node(LoadSeries(in_files=sources), name="load")
-    moco = pe.Node(MotionCorrectSeries(ref_index=ref, seed=config.seed, num_threads=omp), name="motion_correct",
-                   n_procs=omp)
+    moco = pe.Node(MotionCorrectSeries(ref_index=ref, seed=config.seed, num_threads=omp,
+                                       mask_volume=mask_volume(series.kind, series.values)),
+                   name="motion_correct", n_procs=omp)
     mask = pe.Node(BrainMask(), name="brain_mask")
     background = pe.Node(BackgroundMask(), name="background")
     ds = pe.Node(ReferenceDerivatives(
@@ -60,7 +62,7 @@ def init_relax_wf(series: SeriesInput, modality, subject: str, session: str | No
         ref_index=ref, **common), name="derivatives")
     wf.connect([
         (load, moco, [("out_file", "in_file")]),
-        (moco, mask, [("ref_image", "in_file")]),
+        (moco, mask, [("mask_image", "in_file")]),
         (mask, background, [("out_file", "mask_file")]),
         (moco, ds, [("ref_image", "ref_image"), ("motion_file", "motion_file"), ("failed", "motion_failed")]),
         (mask, ds, [("out_file", "mask_file")]),
@@ -90,6 +92,20 @@ def init_relax_wf(series: SeriesInput, modality, subject: str, session: str | No
         ])
     wf.connect(merge, "out", outputnode, "maps")
     return wf
+
+
+def mask_volume(kind: str, times) -> int:
+    """The volume the brain mask is computed from (0-based; -1: the mean over the volumes).
+
+    IRT1: the shortest TI, where every tissue is close to full inversion, so the magnitude is
+    proton-density-like and no tissue is near its null. The mean over the TIs mixes each tissue's
+    null: depending on the participant's T1s it lost cortex and CSF (demo sub-02: 55 k instead of
+    70 k brain voxels, Dice 0.86 against the truth; shortest TI 0.98) or took in the scalp.
+    MESE: the mean (Dice 0.97-0.99 on the demo; every echo is a decay of the same contrast).
+    """
+    if kind == "IRT1":
+        return int(min(range(len(times)), key=lambda j: times[j]))
+    return -1
 
 
 def _roles(files):
