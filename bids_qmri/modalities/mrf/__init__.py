@@ -135,16 +135,26 @@ def _add_insilico(sub):
 
 
 def _planned_outputs(item, sess, config):
+    return fingerprint_outputs(MODALITY, item, sess, config)
+
+
+def fingerprint_outputs(modality, item, sess, config) -> list:
+    """Files ``mrf.workflow.init_fingerprint_wf`` writes for ``modality`` (this plug-in and those built
+    on it): reference image, mask, B1 as used, every map of the selected methods (and the
+    magnitude image ``EstimateMaps`` writes beside a fieldmap)."""
     from bids_qmri.bids.derivatives import derivative_path
 
     kw = dict(subject=sess.subject, session=sess.session, acq=item.acq)
-    out = [derivative_path("", **kw, suffix=SUFFIX, desc="ref"), derivative_path("", **kw, suffix="mask", desc="brain")]
+    ref = modality.ref_suffix
+    out = [derivative_path("", **kw, suffix=ref, desc="ref"), derivative_path("", **kw, suffix="mask", desc="brain")]
     if sess.b1:
-        out.append(derivative_path("", **kw, datatype="fmap", suffix="TB1map", desc=SUFFIX.lower()))
-    for m in (config.methods or {}).get(MODALITY.name, ()):
-        out += [derivative_path("", **kw, datatype=spec.datatype, suffix=spec.suffix, desc=m)
-                for spec in MODALITY.method(m).maps]
-    return out
+        out.append(derivative_path("", **kw, datatype="fmap", suffix="TB1map", desc=ref.lower()))
+    for m in (config.methods or {}).get(modality.name, ()):
+        for spec in modality.method(m).maps:
+            out.append(derivative_path("", **kw, datatype=spec.datatype, suffix=spec.suffix, desc=m))
+            if spec.suffix == "fieldmap":
+                out.append(derivative_path("", **kw, datatype="fmap", suffix="magnitude"))
+    return list(dict.fromkeys(out))
 
 
 T1 = MapSpec("T1map", "s", "longitudinal relaxation time", quantity="T1")
