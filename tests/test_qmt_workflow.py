@@ -250,3 +250,22 @@ def test_dry_run_lists_the_qmt_methods_and_their_maps(qmt_run, tmp_path):
     default = run_cli(bids, tmp_path / "out2", "participant", "--dry-run", timeout=300)
     assert "desc-qmtnetmse_T1map" in default.stdout and "qmtnls" not in default.stdout
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.nii.gz"))
+
+
+def test_group_agreement_pairs_qmtnls_with_the_nets_and_qmt_t1_with_other_t1():
+    """The group level's method pairs come from the registry's order and the maps' units: qmtnls
+    (the reference) against each network, and qMT T1 against another modality's T1."""
+    import pandas as pd
+
+    from bids_qmri.group.tables import method_pairs
+
+    rows = []
+    for acq, method, suffix, units in (("hybrid", "qmtnls", "T1map", "s"), ("hybrid", "qmtnet", "T1map", "s"),
+                                       ("hybrid", "qmtnls", "m0smap", "1"), ("hybrid", "qmtnet", "m0smap", "1"),
+                                       ("ir", "mle", "T1map", "s")):
+        rows.append({"atlas": "AAL", "region_index": 1, "region": "r", "suffix": suffix, "method": method,
+                     "acq": acq, "units": units, "participant_id": "sub-01", "session_id": "n/a", "mean": 1.0})
+    pairs = method_pairs(pd.DataFrame(rows))
+    assert ("AAL", "T1map", "hybrid", "qmtnls", "hybrid", "qmtnet") in pairs
+    assert ("AAL", "m0smap", "hybrid", "qmtnls", "hybrid", "qmtnet") in pairs
+    assert any(p[1] == "T1map" and {p[3], p[5]} == {"qmtnet", "mle"} for p in pairs)
