@@ -58,6 +58,30 @@ def test_declarations_maps_and_bidsignore():
     assert "*_T1map.*" not in lines and "*_fieldmap.*" not in lines
 
 
+def _qmt_meta(n, **kw):
+    return {"FlipAngle": [10.0] * n, "RFPulseDuration": [5e-4] * n, "RepetitionTimeExcitation": 3.5e-3, **kw}
+
+
+def test_unusable_schedules_are_skipped_with_one_line(tmp_path):
+    from helpers import make_bssfp_dataset, save_img, write_json
+
+    bids = make_bssfp_dataset(tmp_path / "bids", b1=None)
+    anat = bids / "sub-01" / "anat"
+    data = np.random.default_rng(0).random((4, 4, 3, 10)) + 0.1
+    for acq, meta in {"good": _qmt_meta(10), "bad": _qmt_meta(10, RFPulseDuration=[5e-4] * 7),
+                      "short": _qmt_meta(8)}.items():
+        for part in ("mag", "phase"):
+            save_img(anat / f"sub-01_acq-{acq}_part-{part}_qMT.nii.gz", data)
+        write_json(anat / f"sub-01_acq-{acq}_qMT.json", meta)
+    (sess,) = discover(Config(bids_dir=bids, output_dir=tmp_path / "out", methods={"qmt": ("qmtnet",)}))
+    assert [i.acq for i in sess.inputs["qmt"]] == ["good"]
+    reasons = {Path(s.path).name: s.reason for s in sess.skipped}
+    bad = reasons["sub-01_acq-bad_part-mag_qMT.nii.gz"]
+    assert "FlipAngle has 10 values but RFPulseDuration has 7" in bad and "\n" not in bad
+    assert "10 frames but the sidecar schedule (FlipAngle, RFPulseDuration) has 8" in reasons[
+        "sub-01_acq-short_part-mag_qMT.nii.gz"]
+
+
 @pytest.mark.slow
 def test_qmtnls_recovers_the_truth_at_high_snr(monkeypatch, tmp_path):
     """Four voxels simulated directly (complex M0, B1 from a 'map', off-resonance), SNR_max 10⁵:

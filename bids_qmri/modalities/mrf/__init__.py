@@ -34,19 +34,24 @@ def _collect(sess, flists, layout, problems, check_content):
 
 
 def _length_problem(item):
-    """Frames (or basis rows) against the schedule's length (headers and the basis table only)."""
+    from .protocol import MRFProtocol
+
+    return length_problem(item, MRFProtocol.from_dict(item.metadata).n_frames)
+
+
+def length_problem(item, n: int, schedule: str = "FlipAngle, RepetitionTimeExcitation"):
+    """``(problem, fix)`` when the frames (or basis rows) of a fingerprint input disagree with the
+    schedule's ``n`` frames (headers and the basis table only), else None; ``schedule`` names the
+    sidecar lists that set ``n``."""
     from bids_qmri.bids.basis import read_basis_tsv
     from bids_qmri.bids.collect import header_volumes
 
-    from .protocol import MRFProtocol
-
-    n = MRFProtocol.from_dict(item.metadata).n_frames
     first = next(iter(item.part_files.values()))
     if item.basis_file is None:
         k = header_volumes(first)
         if k is not None and k != n:
-            return (f"{k} frames but the sidecar schedule (FlipAngle, RepetitionTimeExcitation) has {n}",
-                    "give one flip angle and one TR per frame")
+            return (f"{k} frames but the sidecar schedule ({schedule}) has {n}",
+                    f"give one value of {schedule} per frame")
         return None
     try:
         basis = read_basis_tsv(item.basis_file)

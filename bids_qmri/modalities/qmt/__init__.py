@@ -19,7 +19,22 @@ REQUIRED = ("FlipAngle", "RFPulseDuration", "RepetitionTimeExcitation")
 
 
 def _collect(sess, flists, layout, problems, check_content):
-    return collect_fingerprints(layout, SUFFIX, REQUIRED, flists.get(SUFFIX, []), problems, check_content)
+    """Fingerprint inputs whose schedule is usable (``protocol.schedule_problem``) and, in a real
+    run, whose frames or basis rows match it; others are skipped with one line."""
+    from bids_qmri.modalities.mrf import length_problem
+
+    from .protocol import QMTProtocol, schedule_problem
+
+    out = []
+    for item in collect_fingerprints(layout, SUFFIX, REQUIRED, flists.get(SUFFIX, []), problems, check_content):
+        problem = schedule_problem(item.metadata)
+        if problem is None and check_content:
+            problem = length_problem(item, QMTProtocol.from_dict(item.metadata).n_tr, "FlipAngle, RFPulseDuration")
+        if problem:
+            problems.skip(next(iter(item.part_files.values())), *problem)
+            continue
+        out.append(item)
+    return out
 
 
 def _plan_row(item, sess, config):
