@@ -84,7 +84,7 @@ def test_unusable_schedules_are_skipped_with_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_qmtnls_recovers_the_truth_at_high_snr(monkeypatch, tmp_path):
-    """Four voxels simulated directly (complex M0, B1 from a 'map', off-resonance), SNR_max 10⁵:
+    """Four voxels simulated directly (complex M0, B1 from a 'map', off-resonance), SNR_max 10⁷:
     qmtnls through the contract from a network start 10 % off (ΔB0, T2s, Rx started at the
     training means) reaches the truth (about a minute of CPU)."""
     proto = short_protocol()
@@ -101,7 +101,7 @@ def test_qmtnls_recovers_the_truth_at_high_snr(monkeypatch, tmp_path):
         torch.complex128) @ basis * m0[:, None]
     noise = torch.complex(torch.randn(clean.shape, generator=gen, dtype=D), torch.randn(clean.shape, generator=gen,
                                                                                       dtype=D))
-    y = clean + 0.8e-5 * noise
+    y = clean + 0.8e-7 * noise
 
     class StartNet(torch.nn.Module):  # the network's estimate: the truth 10 % off
         def forward(self, x):
