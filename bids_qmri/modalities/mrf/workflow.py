@@ -69,8 +69,9 @@ def init_fingerprint_wf(modality, item: FingerprintInput, b1: B1Input | None, pr
     basis), for ``modality`` (this plug-in and others built on it): load → mask → B1 →
     ``estimate_<method>`` per method of ``config.methods[modality.name]`` (roles ``signal``, ``b1``,
     [``basis``]; options: the run's ``<modality>_*`` options and ``<modality>_b1_from_map``, whether
-    the B1 role is a measured map) → ``ReferenceDerivatives``. ``estimate_inputs`` extra ``EstimateMaps`` inputs; ``per_method(wf, method, est, nodes)`` adds
-    nodes per method (``nodes``: ``load``, ``mask``, ``b1``).
+    the B1 role is a measured map) → ``ReferenceDerivatives``. ``estimate_inputs``: extra
+    ``EstimateMaps`` inputs; ``per_method(wf, method, est, nodes)`` adds nodes per method
+    (``nodes``: ``load``, ``mask``, ``b1``).
 
     outputnode: ``ref_image`` (written reference), ``brain_mask``, ``maps``.
     """
