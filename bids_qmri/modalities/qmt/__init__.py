@@ -127,8 +127,8 @@ METHODS = (
     Method("qmtnls",
            "non-linear least squares over all 8 parameters (m0s, T1, T2f, T2s, Rx, dB0, B1, complex M0; B1 held at "
            "the B1 map when there is one), batched Levenberg-Marquardt with the exact physics Jacobian, multi-start "
-           "from the qmtnet estimate and a coarse grid. The gold standard, but slow: of the order of 10 CPU-s per "
-           "voxel (--qmt-nls-starts, --qmt-nls-iterations); not run unless named in --methods",
+           "from the qmtnet estimate and a coarse grid. The gold standard, but slow: ~150 CPU-s per voxel on the "
+           "1142-TR schedule (--qmt-nls-starts, --qmt-nls-iterations); not run unless named in --methods",
            _REFERENCE, (M0S, T1, T2F, T2S, RX, B0, B1, M0), _estimate("qmtnls"), default=False),
     Method("qmtnet", _NET + ", Cramer-Rao-bound weighted loss (seed 003)", _REFERENCE, (M0S, T1, T2F),
            _estimate("qmtnet"), _train("qmtnet")),
