@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bids_qmri.bids.discovery import b1_for, discover, format_plan
 from bids_qmri.cli.run import main
@@ -148,7 +149,9 @@ def test_mrf_and_qmt_from_generated_files(tmp_path):
                 "InversionTime": 0.02, "MRFSequenceType": "FISP"})
     for part in ("real", "imag"):
         save_img(anat / f"sub-01_acq-hs_desc-svd_part-{part}_qMT.nii.gz", frames[..., :5])
-    (anat / "sub-01_acq-hs_desc-svd_qMTbasis.tsv").write_text("sv1\tsv2\n0.1\t0.2\n")
+    from bids_qmri.bids.basis import write_basis_tsv
+
+    write_basis_tsv(anat / "sub-01_acq-hs_desc-svd_qMTbasis.tsv", torch.eye(10, 5, dtype=torch.complex64))
     write_json(anat / "sub-01_acq-hs_desc-svd_qMT.json",
                {"FlipAngle": [5.0] * 10, "RFPulseDuration": [0.001] * 10, "RepetitionTimeExcitation": 0.0035})
     (sess,) = discover(_config(root, tmp_path))

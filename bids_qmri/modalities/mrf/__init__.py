@@ -34,19 +34,24 @@ def _collect(sess, flists, layout, problems, check_content):
 
 
 def _length_problem(item):
-    """Frames (or basis rows) against the schedule's length (headers and the basis table only)."""
+    from .protocol import MRFProtocol
+
+    return length_problem(item, MRFProtocol.from_dict(item.metadata).n_frames)
+
+
+def length_problem(item, n: int, schedule: str = "FlipAngle, RepetitionTimeExcitation"):
+    """``(problem, fix)`` when the frames (or basis rows) of a fingerprint input disagree with the
+    schedule's ``n`` frames (headers and the basis table only), else None; ``schedule`` names the
+    sidecar lists that set ``n``."""
     from bids_qmri.bids.basis import read_basis_tsv
     from bids_qmri.bids.collect import header_volumes
 
-    from .protocol import MRFProtocol
-
-    n = MRFProtocol.from_dict(item.metadata).n_frames
     first = next(iter(item.part_files.values()))
     if item.basis_file is None:
         k = header_volumes(first)
         if k is not None and k != n:
-            return (f"{k} frames but the sidecar schedule (FlipAngle, RepetitionTimeExcitation) has {n}",
-                    "give one flip angle and one TR per frame")
+            return (f"{k} frames but the sidecar schedule ({schedule}) has {n}",
+                    f"give one value of {schedule} per frame")
         return None
     try:
         basis = read_basis_tsv(item.basis_file)
@@ -135,16 +140,26 @@ def _add_insilico(sub):
 
 
 def _planned_outputs(item, sess, config):
+    return fingerprint_outputs(MODALITY, item, sess, config)
+
+
+def fingerprint_outputs(modality, item, sess, config) -> list:
+    """Files ``mrf.workflow.init_fingerprint_wf`` writes for ``modality`` (this plug-in and those built
+    on it): reference image, mask, B1 as used, every map of the selected methods (and the
+    magnitude image ``EstimateMaps`` writes beside a fieldmap)."""
     from bids_qmri.bids.derivatives import derivative_path
 
     kw = dict(subject=sess.subject, session=sess.session, acq=item.acq)
-    out = [derivative_path("", **kw, suffix=SUFFIX, desc="ref"), derivative_path("", **kw, suffix="mask", desc="brain")]
+    ref = modality.ref_suffix
+    out = [derivative_path("", **kw, suffix=ref, desc="ref"), derivative_path("", **kw, suffix="mask", desc="brain")]
     if sess.b1:
-        out.append(derivative_path("", **kw, datatype="fmap", suffix="TB1map", desc=SUFFIX.lower()))
-    for m in (config.methods or {}).get(MODALITY.name, ()):
-        out += [derivative_path("", **kw, datatype=spec.datatype, suffix=spec.suffix, desc=m)
-                for spec in MODALITY.method(m).maps]
-    return out
+        out.append(derivative_path("", **kw, datatype="fmap", suffix="TB1map", desc=ref.lower()))
+    for m in (config.methods or {}).get(modality.name, ()):
+        for spec in modality.method(m).maps:
+            out.append(derivative_path("", **kw, datatype=spec.datatype, suffix=spec.suffix, desc=m))
+            if spec.suffix == "fieldmap":
+                out.append(derivative_path("", **kw, datatype="fmap", suffix="magnitude"))
+    return list(dict.fromkeys(out))
 
 
 T1 = MapSpec("T1map", "s", "longitudinal relaxation time", quantity="T1")

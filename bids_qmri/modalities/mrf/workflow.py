@@ -42,24 +42,59 @@ def init_mrf_wf(item: FingerprintInput, b1: B1Input | None, subject: str, sessio
     """
     from . import MODALITY
 
+    protocol = mrf_protocol(item)
+    kind = "SVD coefficients" if item.basis_file else "frames"
+    sidecar_info = {**protocol.summary(), "MRFInput": kind}
+
+    def figure(wf, method, est, nodes):
+        fig = pe.Node(FingerprintFitFigure(protocol=protocol.as_dict(), output_dir=str(config.output_dir)),
+                      name=f"figure_{method}")
+        wf.connect([
+            (est, fig, [("out_maps", "maps")]),
+            (nodes["load"], fig, [("out_file", "signal")]),
+            (nodes["b1"], fig, [("out_file", "b1")]),
+            (nodes["mask"], fig, [("out_file", "mask_file")]),
+        ])
+        if item.basis_file:
+            wf.connect(nodes["load"], "basis", fig, "basis")
+
+    return init_fingerprint_wf(MODALITY, item, b1, protocol, protocol.n_frames, subject, session, config, name=name,
+                               sidecar_info=sidecar_info, per_method=figure)
+
+
+def init_fingerprint_wf(modality, item: FingerprintInput, b1: B1Input | None, protocol, n_frames: int, subject: str,
+                        session: str | None, config, *, name: str, sidecar_info: dict, estimate_inputs=None,
+                        per_method=None) -> pe.Workflow:
+    """The workflow of a fingerprint-like input (a part pair of frames or SVD coefficients with its
+    basis), for ``modality`` (this plug-in and others built on it): load → mask → B1 →
+    ``estimate_<method>`` per method of ``config.methods[modality.name]`` (roles ``signal``, ``b1``,
+    [``basis``]; options: the run's ``<modality>_*`` options and ``<modality>_b1_from_map``, whether
+    the B1 role is a measured map) → ``ReferenceDerivatives``. ``estimate_inputs``: extra
+    ``EstimateMaps`` inputs; ``per_method(wf, method, est, nodes)`` adds nodes per method
+    (``nodes``: ``load``, ``mask``, ``b1``).
+
+    outputnode: ``ref_image`` (written reference), ``brain_mask``, ``maps``.
+    """
     wf = pe.Workflow(name=name)
     outputnode = pe.Node(niu.IdentityInterface(fields=["ref_image", "brain_mask", "maps"]), name="outputnode")
-    protocol = mrf_protocol(item)
     omp = config.omp_threads()
     common = node_common(item, subject, session, config)
     sources = [str(p) for p in item.files] + ([str(p) for p in b1.files.values()] if b1 else [])
-    options = {k: v for k, v in (getattr(config, "options", {}) or {}).items() if k.startswith("mrf_")}
+    prefix = f"{modality.name}_"
+    options = {k: v for k, v in (getattr(config, "options", {}) or {}).items() if k.startswith(prefix)}
+    options[f"{prefix}b1_from_map"] = b1 is not None
 
     load = pe.Node(LoadFingerprints(part_files={k: str(v) for k, v in item.part_files.items()},
-                                    n_frames=protocol.n_frames), name="load")
+                                    n_frames=n_frames), name="load")
     if item.basis_file:
         load.inputs.basis_file = str(item.basis_file)
     mask = pe.Node(BrainMask(), name="brain_mask")
     b1_node = init_b1_node(b1, config, omp)
     kind = "SVD coefficients" if item.basis_file else "frames"
     ds = pe.Node(ReferenceDerivatives(
-        suffix=MODALITY.ref_suffix, title=MODALITY.title, sources=sources, protocol=protocol.as_dict(),
-        ref_description=f"RMS magnitude over the MRF {kind} (receiver phase removed)", **common), name="derivatives")
+        suffix=modality.ref_suffix, title=modality.title, sources=sources, protocol=protocol.as_dict(),
+        ref_description=f"RMS magnitude over the {modality.ref_suffix} {kind} (receiver phase removed)", **common),
+        name="derivatives")
     wf.connect([
         (load, mask, [("ref_image", "in_file")]),
         (load, b1_node, [("ref_image", "ref_image")]),
@@ -69,12 +104,11 @@ def init_mrf_wf(item: FingerprintInput, b1: B1Input | None, subject: str, sessio
         (b1_node, ds, [("out_file", "b1_file"), ("info", "b1_info"), ("sources", "b1_sources")]),
         (ds, outputnode, [("ref_image", "ref_image"), ("brain_mask", "brain_mask")]),
     ])
-    methods = tuple(config.methods.get(MODALITY.name, ()))
+    methods = tuple(config.methods.get(modality.name, ()))
     if not methods:
         outputnode.inputs.maps = []
         return wf
-    sidecar_info = {**protocol.summary(), "MRFInput": kind,
-                    "ReceiverPhaseRemoval": "s * exp(-i arg sum_k s_k) per voxel"}
+    sidecar_info = {**sidecar_info, "ReceiverPhaseRemoval": "s * exp(-i arg sum_k s_k) per voxel"}
     data = pe.Node(niu.Merge(3), name="data_files")
     infos = pe.Node(niu.Merge(1), name="sidecar_infos")
     merge = pe.Node(niu.Merge(len(methods), ravel_inputs=True), name="merge_maps")
@@ -88,22 +122,16 @@ def init_mrf_wf(item: FingerprintInput, b1: B1Input | None, subject: str, sessio
     else:
         data.inputs.in3 = []
     for index, method in enumerate(methods, start=1):
-        est = estimate_node(MODALITY.name, method, protocol, config, omp=omp, common=common, sources=sources,
-                            sidecar_info=sidecar_info, options=options)
-        fig = pe.Node(FingerprintFitFigure(protocol=protocol.as_dict(), output_dir=str(config.output_dir)),
-                      name=f"figure_{method}")
+        est = estimate_node(modality.name, method, protocol, config, omp=omp, common=common, sources=sources,
+                            sidecar_info=sidecar_info, options=options, **(estimate_inputs or {}))
         wf.connect([
             (data, est, [(("out", _roles), "data_files")]),
             (mask, est, [("out_file", "mask_file")]),
             (infos, est, [("out", "info")]),
             (est, merge, [("out_maps", f"in{index}")]),
-            (est, fig, [("out_maps", "maps")]),
-            (load, fig, [("out_file", "signal")]),
-            (b1_node, fig, [("out_file", "b1")]),
-            (mask, fig, [("out_file", "mask_file")]),
         ])
-        if item.basis_file:
-            wf.connect(load, "basis", fig, "basis")
+        if per_method is not None:
+            per_method(wf, method, est, {"load": load, "mask": mask, "b1": b1_node})
     wf.connect(merge, "out", outputnode, "maps")
     return wf
 
