@@ -385,6 +385,7 @@ def _parameter_tangents(p: dict, sat, t2s, b0_hz):
     d = {"m0s": tangent(m0s=1.0), "m0f": tangent(m0s=-1.0), "r1": tangent(t1=-p["r1"] ** 2),
          "r2f": tangent(t2f=-p["r2f"] ** 2), "dw": tangent(b0_hz=2 * math.pi), "rx": tangent(rx=1.0),
          "kf": tangent(m0s=p["rx"], rx=p["m0s"]), "ks": tangent(m0s=-p["rx"], rx=p["m0f"]), "b1": tangent(b1=1.0)}
+    t2s, b0_hz = t2s.clone(), b0_hz.clone()  # broadcast (stride-0) views cannot carry tangents
     one, nil = torch.ones_like(t2s), torch.zeros_like(t2s)
     _, h_t2s = torch.func.jvp(sat, (t2s, b0_hz), (one, nil))
     _, h_b0 = torch.func.jvp(sat, (t2s, b0_hz), (nil, one))

@@ -4,7 +4,8 @@ gold standard), batched over voxels with the generic Levenberg–Marquardt (``fi
 Unknowns per voxel ``x = (m0s, T1, T2f, T2s, Rx, B0, B1, Re M0, Im M0)`` (complex M0 as two reals;
 T2s in µs inside the solver for conditioning), residual ``[Re, Im](M0·c(θ) − y)`` on the data's
 SVD coefficients ``y`` (``c`` = exact ``physics.qmt`` fingerprint on the basis). The Jacobian is the
-physics layer's own (``torch.func.jvp``, ``simulate.coefficient_jacobian``) times M0, and the
+physics layer's own (``physics.qmt.hybrid_state_jacobian`` via ``simulate.coefficient_jacobian``)
+times M0, and the
 analytic ``[c, i·c]`` for M0. ``B1`` is held at the voxel's B1-map value when one is given
 (``b1=``), else estimated. Box bounds ``BOUNDS`` by projection (``fitting.lm``).
 
