@@ -20,6 +20,18 @@ def _plan_row(item, sess, config):
     return fingerprint_row(item, REQUIRED)
 
 
+def _add_train_arguments(parser):
+    from .cli import add_train_arguments
+
+    return add_train_arguments(parser)
+
+
+def _train_from_args(args, parser):
+    from .cli import train_from_args
+
+    return train_from_args(args, parser)
+
+
 def _add_insilico(sub):
     from .insilico import add_insilico_command
 
@@ -31,6 +43,7 @@ MODALITY = Modality(
     collect=_collect, plan_row=_plan_row, ref_suffix=SUFFIX,
     uses_b1=True, protocol_keys=REQUIRED, bidsignore=("*_qMT.*", "*_qMTbasis.*"),
     add_insilico_commands=_add_insilico,
+    add_train_arguments=_add_train_arguments, train_from_args=_train_from_args,
 )
 
 MODALITIES = (MODALITY,)
