@@ -112,8 +112,8 @@ def nls_timing(a, sched, basis, gen) -> None:
     per = out["seconds"] / a.nls_voxels
     per_cpu = (time.process_time() - c) / a.nls_voxels
     print(f"qmtnls: {per:.1f} s wall, {per_cpu:.1f} s CPU per voxel ({a.nls_voxels} voxels, batched, B1 fixed, 2 grid "
-          f"starts + the network's, up to 60 LM iterations, {int(out['converged'].sum())} converged); seed 003: ~{SEED_NLLS_S:g} s per voxel "
-          f"(ratio {per_cpu / SEED_NLLS_S:.2f}, CPU)")
+          f"starts + the network's, up to 60 LM iterations, {int(out['converged'].sum())} converged); "
+          f"seed 003: ~{SEED_NLLS_S:g} s per voxel (ratio {per_cpu / SEED_NLLS_S:.2f}, CPU)")
 
 
 if __name__ == "__main__":
