@@ -94,6 +94,16 @@ def _planned_outputs(item, sess, config):
     # qmtnls holds B1 at the session's B1 map when there is one: no fitted TB1map then
     skip = "_desc-qmtnls_TB1map." if sess.b1 else None
     return [p for p in fingerprint_outputs(MODALITY, item, sess, config) if not (skip and skip in str(p))]
+def _add_train_arguments(parser):
+    from .cli import add_train_arguments
+
+    return add_train_arguments(parser)
+
+
+def _train_from_args(args, parser):
+    from .cli import train_from_args
+
+    return train_from_args(args, parser)
 
 
 def _add_insilico(sub):
@@ -157,6 +167,7 @@ MODALITY = Modality(
                   help="qMT qmtnls: Levenberg-Marquardt iterations per start (default 40; each costs one exact "
                        "Jacobian, ~0.3 CPU-s per voxel on the 1142-TR schedule)"),
     ),
+    add_train_arguments=_add_train_arguments, train_from_args=_train_from_args,
 )
 
 MODALITIES = (MODALITY,)

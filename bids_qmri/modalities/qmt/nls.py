@@ -4,14 +4,16 @@ gold standard), batched over voxels with the generic Levenberg–Marquardt (``fi
 Unknowns per voxel ``x = (m0s, T1, T2f, T2s, Rx, B0, B1, Re M0, Im M0)`` (complex M0 as two reals;
 T2s in µs inside the solver for conditioning), residual ``[Re, Im](M0·c(θ) − y)`` on the data's
 SVD coefficients ``y`` (``c`` = exact ``physics.qmt`` fingerprint on the basis). The Jacobian is the
-physics layer's own (``torch.func.jvp``, ``simulate.coefficient_jacobian``) times M0, and the
+physics layer's own (``physics.qmt.hybrid_state_jacobian`` via ``simulate.coefficient_jacobian``)
+times M0, and the
 analytic ``[c, i·c]`` for M0. ``B1`` is held at the voxel's B1-map value when one is given
 (``b1=``), else estimated. Box bounds ``BOUNDS`` by projection (``fitting.lm``).
 
 Multi-start: every start of the coarse grid ``GRID`` (m0s × T1 × T2f × B0, the rest at the
 training means) is scored by its variable-projection residual (best complex M0 in closed form),
 the ``n_grid_starts`` best per voxel are refined by LM, as is the network's estimate (``x_net``:
-m0s, T1, T2f; the rest at the training means) when given; the lowest cost wins.
+m0s, T1, T2f; the rest at the training means) when given; the lowest cost wins. All starts of all
+voxels run as rows of one LM call, so each iteration is one batched Jacobian pass.
 """
 
 from __future__ import annotations
@@ -58,11 +60,12 @@ def fit_nls(y: torch.Tensor, schedule: dict, basis: torch.Tensor, *, b1: torch.T
     free = [k for k in range(7) if not (fixed_b1 and k == 6)]
     b1v = torch.as_tensor(b1, dtype=torch.float64) if fixed_b1 else None
 
-    def full_theta(x, rows):  # solver x [n, P] -> SI theta [n, 7]
+    # every start of every voxel is one LM row: row k fits voxel k % n (one batched physics call)
+    def full_theta(x, rows):  # solver x [m, P] -> SI theta [m, 7]
         th = torch.empty(len(x), 7, dtype=torch.float64)
         th[:, free] = x[:, :len(free)].double() / _SCALE[free]
         if fixed_b1:
-            th[:, 6] = b1v[rows]
+            th[:, 6] = b1v[rows % n]
         return th
 
     def unpack(x, rows):
@@ -72,7 +75,7 @@ def fit_nls(y: torch.Tensor, schedule: dict, basis: torch.Tensor, *, b1: torch.T
     def residual(x, rows):
         th, m0 = unpack(x, rows)
         c = simulate.fingerprints(th, schedule, basis, chunk=chunk, dtype=dtype)
-        r = m0[:, None] * c - y[rows]
+        r = m0[:, None] * c - y[rows % n]
         return torch.cat([r.real, r.imag], 1).to(x.dtype)
 
     def jacobian(x, rows):
@@ -114,20 +117,14 @@ def fit_nls(y: torch.Tensor, schedule: dict, basis: torch.Tensor, *, b1: torch.T
         m0, _ = _best_m0(simulate.fingerprints(th, schedule, basis, chunk=chunk, dtype=dtype), y)
         starts.append((th, m0))
 
-    best_x, best_cost = None, None
-    conv = torch.zeros(n, dtype=torch.bool)
-    for th, m0 in starts:
-        x0 = torch.cat([(th * _SCALE)[:, free], m0.real[:, None], m0.imag[:, None]], 1)
-        res = levenberg_marquardt(residual, x0, jacobian=jacobian, lower=lower, upper=upper, rows=True,
-                                  max_iter=max_iter, ftol=1e-12, xtol=1e-10, gtol=1e-10)
-        cost = torch.where(torch.isfinite(res.cost), res.cost, torch.full_like(res.cost, math.inf))
-        if best_x is None:
-            best_x, best_cost, conv = res.x, cost, res.converged
-        else:
-            better = cost < best_cost
-            best_x = torch.where(better[:, None], res.x, best_x)
-            best_cost = torch.where(better, cost, best_cost)
-            conv = torch.where(better, res.converged, conv)
+    x0 = torch.cat([torch.cat([(th * _SCALE)[:, free], m0.real[:, None], m0.imag[:, None]], 1) for th, m0 in starts])
+    res = levenberg_marquardt(residual, x0, jacobian=jacobian, lower=lower, upper=upper, rows=True,
+                              max_iter=max_iter, ftol=1e-12, xtol=1e-10, gtol=1e-10)
+    cost = torch.where(torch.isfinite(res.cost), res.cost, torch.full_like(res.cost, math.inf)).reshape(-1, n)
+    pick = cost.argmin(0)  # the first start wins ties
+    voxels = torch.arange(n)
+    best_x = res.x.reshape(len(starts), n, -1)[pick, voxels]
+    best_cost, conv = cost[pick, voxels], res.converged.reshape(-1, n)[pick, voxels]
     theta, m0 = unpack(best_x, torch.arange(n))
     out = {k: theta[:, i] for i, k in enumerate(simulate.PARAMETERS)}
     out.update(M0=m0, cost=best_cost, converged=conv, seconds=time.perf_counter() - t0)
