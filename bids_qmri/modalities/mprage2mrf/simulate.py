@@ -35,6 +35,8 @@ class PairVolume:
     t2: np.ndarray
     affine: np.ndarray
     template_mm: np.ndarray | None = None  # [3, X, Y, Z] template (MNI) coordinates of every voxel
+    pd: np.ndarray | None = None  # ground truth proton density and B1 field (for a simulated MRF of the phantom)
+    b1: np.ndarray | None = None
 
 
 def mrf_target_basis():
@@ -99,7 +101,8 @@ def simulate_pair(seed: int, *, protocol, resolution_mm: float = 3.0, snr: float
                                  m.numpy(), phantom.brain_mask)
     return PairVolume(normalise_mprage(s.numpy(), phantom.brain_mask), target, phantom.brain_mask,
                       phantom.params["T1"], phantom.params["T2"], phantom.grid.affine,
-                      ph.template_coordinates(phantom.grid, phantom.scaling, phantom.displacement).astype(np.float32))
+                      ph.template_coordinates(phantom.grid, phantom.scaling, phantom.displacement).astype(np.float32),
+                      phantom.params["PD"], fields.b1)
 
 
 def pad_to(a: np.ndarray, multiple: int) -> np.ndarray:
