@@ -170,3 +170,42 @@ def test_cohort_options_are_declared_run_options():
     assert flags["--mprage2mrf-train-on-cohort"].default == "off"
     assert flags["--mprage2mrf-train-on-cohort"].choices == ("on", "off")
     assert flags["--mprage2mrf-cohort-epochs"].type is int
+
+
+def test_group_agreement_pairs_mprage2mrf_with_dictmatch_on_participants_with_both():
+    """The group level pairs maps of one quantity across acquisitions: mprage2mrf (on the T1w,
+    no acq label) with the MRF's dictmatch, over the participants that have both only."""
+    import pandas as pd
+
+    from bids_qmri.anatomy.roistats import COLUMNS
+    from bids_qmri.group import stats
+    from bids_qmri.group.tables import agreement_table
+    from bids_qmri.modalities import get
+
+    for suffix in ("T1map", "T2map"):  # the declarations that make the generic pairing apply
+        a = get("mprage2mrf").method("mprage2mrf").map_spec(suffix)
+        b = get("mrf").method("dictmatch").map_spec(suffix)
+        assert a.units == b.units == "s" and a.quantity == b.quantity
+    rng = np.random.default_rng(5)
+    regions = [(1, "A"), (2, "B"), (3, "C"), (4, "D")]
+    rows, truth = [], {}
+    for sub in ("01", "02", "03"):
+        t1 = {i: rng.uniform(0.8, 1.6) for i, _ in regions}
+        maps = [("mprage2mrf", "n/a", 1.05)] + ([("dictmatch", "fisp", 1.0)] if sub != "03" else [])
+        for method, acq, factor in maps:
+            for i, name in regions:
+                m = factor * t1[i]
+                rows.append({"participant_id": f"sub-{sub}", "session_id": "n/a", "atlas": "AAL", "region_index": i,
+                             "region": name, "suffix": "T1map", "method": method, "acq": acq, "units": "s",
+                             "n_voxels": 50, "mean": m, "std": 0.1, "median": m, "q1": m, "q3": m})
+        truth[sub] = t1
+    df = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    agr = agreement_table({"AAL": df}, n_bootstrap=50, seed=1)
+    row = agr[(agr.method_a == "mprage2mrf") & (agr.method_b == "dictmatch")]
+    if row.empty:  # the pair's order follows the acquisition labels
+        row = agr[(agr.method_a == "dictmatch") & (agr.method_b == "mprage2mrf")]
+    (row,) = row.itertuples()
+    assert row.n_participants == 2 and row.n_pairs == 8  # sub-03 has no MRF
+    x = np.array([truth[s][i] for s in ("01", "02") for i, _ in regions])
+    a, b = (1.05 * x, x) if row.method_a == "mprage2mrf" else (x, 1.05 * x)
+    assert row.ccc == pytest.approx(stats.ccc(a, b), rel=1e-9)
