@@ -209,3 +209,21 @@ def test_group_agreement_pairs_mprage2mrf_with_dictmatch_on_participants_with_bo
     x = np.array([truth[s][i] for s in ("01", "02") for i, _ in regions])
     a, b = (1.05 * x, x) if row.method_a == "mprage2mrf" else (x, 1.05 * x)
     assert row.ccc == pytest.approx(stats.ccc(a, b), rel=1e-9)
+
+
+def test_workflow_hands_participant_and_output_folder_to_the_estimate(tmp_path):
+    from bids_qmri.config import Config
+    from bids_qmri.modalities.mprage2mrf import T1wInput
+    from bids_qmri.modalities.mprage2mrf.workflow import init_mprage2mrf_wf
+
+    item = T1wInput(None, [tmp_path / "sub-07_T1w.nii.gz"], PROTOCOL.as_dict())
+    for on in ("on", "off"):
+        config = Config(bids_dir=tmp_path / "bids", output_dir=tmp_path / "out", methods={"mprage2mrf": ("mprage2mrf",)},
+                        options={"mprage2mrf_train_on_cohort": on, "mprage2mrf_cohort_epochs": 3})
+        options = init_mprage2mrf_wf(item, "07", None, config).get_node("estimate_mprage2mrf").inputs.options
+        assert options["mprage2mrf_train_on_cohort"] == on and options["mprage2mrf_cohort_epochs"] == 3
+        if on == "on":
+            assert options["mprage2mrf_participant"] == "sub-07"
+            assert options["mprage2mrf_output_dir"] == str(tmp_path / "out")
+        else:
+            assert "mprage2mrf_participant" not in options
