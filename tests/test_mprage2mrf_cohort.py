@@ -227,3 +227,26 @@ def test_workflow_hands_participant_and_output_folder_to_the_estimate(tmp_path):
             assert options["mprage2mrf_output_dir"] == str(tmp_path / "out")
         else:
             assert "mprage2mrf_participant" not in options
+
+
+def test_init_from_copies_weights_table_and_basis_and_refuses_another_size(cohort, tmp_path):
+    """``bids_qmri-train --method mprage2mrf --init-from``: the start's weights, rescale table and
+    basis; the card records the start; another architecture is a one-line error."""
+    from bids_qmri.modalities.mprage2mrf.training import initialise_from
+
+    root, _ = cohort
+    weights = next(cache_dir(root / "models", "mprage2mrf", PROTOCOL).glob("*.safetensors"))
+    _, basis = mrf_target_basis()
+    net = MPRAGE2MRFNet(base=4, depth=2, dropout=0.0, n_frames=basis.shape[0])
+    record = initialise_from(net, weights)
+    from bids_qmri.models.registry import load_model
+
+    ref, card = load_model(weights)
+    assert record["sha256"] == card["sha256"] and record["file"] == weights.name
+    torch.testing.assert_close(net.table_min, ref.table_min)
+    torch.testing.assert_close(net.basis(), ref.basis())
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), ref.eval()(x))
+    with pytest.raises(ValueError, match="same --mprage2mrf-base"):
+        initialise_from(MPRAGE2MRFNet(base=8, depth=2, n_frames=basis.shape[0]), weights)
