@@ -7,9 +7,12 @@ Accuracy: phantom seeds never used in training (``--seeds``; the bundled model t
 (the default atlas sampled at each phantom voxel's exact template coordinate, regions with at
 least ``--min-voxels`` brain voxels) the mean T1 and T2 of the synthesis against the phantom's
 ground truth; CCC with the clustered bootstrap (participants as clusters) and the mean
-difference truth - DL with its CI, through ``bids_qmri.group.stats.agreement``. The same numbers
-for the true coefficients through the same matcher (``*_true_coefficients``: the ceiling a
-perfect synthesis reaches with this dictionary grid).
+difference with its CI, through ``bids_qmri.group.stats.agreement``. The same numbers for the
+true coefficients through the same matcher (``*_true_coefficients``: the ceiling a perfect
+synthesis reaches with this dictionary grid), for ``dictmatch`` on the phantom's own measured MRF
+(``measured_mrf``: true B1, noise at ``--mrf-snr``) against the truth (``*_dictmatch_vs_truth``),
+and for the synthesis against that dictmatch (``*_vs_dictmatch``: what the group level's pairing
+of mprage2mrf with dictmatch shows on participants that have both).
 
 Speed: the U-Nets on central slices of a 1 mm whole brain (the phantom's 1 mm reference grid, an
 ellipsoidal brain mask of 1.4 l) on ``--threads`` threads and the matching of a voxel subset
@@ -52,7 +55,33 @@ def region_labels(template_mm: np.ndarray, atlas) -> np.ndarray:
     return lab.reshape(template_mm.shape[1:]).astype(int)
 
 
-def evaluate(net, card, seeds, *, resolution, grid_steps, min_voxels, model_dir, threads):
+def measured_mrf(pair, seed, mrf, *, snr, grid_steps, model_dir, threads):
+    """The phantom's own MRF as the synthetic dataset writes it (all SVD coefficients of its basis
+    at the true T1, T2 and B1, times PD, complex noise at ``snr`` of the brain's RMS frame
+    magnitude) matched by the MRF plug-in's ``dictmatch`` with the true B1 map (refinement off,
+    as the synthesised coefficients are matched) -> maps."""
+    import math
+
+    from bids_qmri.modalities.mrf.estimate import estimate_dictmatch
+    from bids_qmri.synth import dataset as ds
+
+    axes, table, basis, _ = ds.mrf_dictionary()
+    m = pair.pd > 1e-4
+    pts = [np.log(pair.t1[m].clip(1e-3)), np.log(pair.t2[m].clip(1e-4)), pair.b1[m]]
+    c = torch.zeros(m.shape + (basis.shape[1],), dtype=torch.complex128)
+    c[torch.from_numpy(m)] = ds.interpolate_coefficients(axes, table, pts) * torch.from_numpy(
+        pair.pd[m].astype(np.float64))[:, None]
+    rms = c.norm(dim=-1) / math.sqrt(basis.shape[0])
+    c = ds.add_noise(c, snr, torch.Generator().manual_seed(int(seed)), float(rms[torch.from_numpy(pair.brain)].mean()))
+    ctx = EstimateContext(model_dir=model_dir, num_threads=threads,
+                          options={"mrf_refine": "off", "mrf_grid_steps": grid_steps})
+    maps, _ = estimate_dictmatch({"signal": c.to(torch.complex64).numpy(), "basis": basis.to(torch.complex64).numpy(),
+                                 "b1": pair.b1}, pair.brain, mrf, ctx)
+    return maps
+
+
+def evaluate(net, card, seeds, *, resolution, grid_steps, min_voxels, model_dir, threads, mrf_snr=25.0,
+             references=True):
     protocol = synthetic_protocol()
     mrf = MRFProtocol.from_dict(card["mrf_protocol"])
     atlas = resolve_atlas(None)
@@ -64,27 +93,43 @@ def evaluate(net, card, seeds, *, resolution, grid_steps, min_voxels, model_dir,
         coeffs = synthesise(net, t1w, pair.brain)
         ctx = EstimateContext(model_dir=model_dir, options={"mprage2mrf_grid_steps": grid_steps})
         maps, _ = match_coefficients(coeffs, pair.brain, net.basis(), mrf, ctx)
-        # the same matcher on the true (noise-free, B1 = 1) coefficients: what a perfect synthesis gives
-        oracle, _ = match_coefficients(channels_to_coefficients(torch.from_numpy(pair.target)).numpy(), pair.brain,
-                                       net.basis(), mrf, ctx)
+        if references:
+            # the same matcher on the true (noise-free, B1 = 1) coefficients: what a perfect synthesis gives
+            oracle, _ = match_coefficients(channels_to_coefficients(torch.from_numpy(pair.target)).numpy(),
+                                           pair.brain, net.basis(), mrf, ctx)
+            measured = measured_mrf(pair, seed, mrf, snr=mrf_snr, grid_steps=grid_steps, model_dir=model_dir,
+                                    threads=threads)
+        else:  # model-independent rows: skipped when only the synthesis is compared
+            oracle = measured = None
         labels = region_labels(pair.template_mm, atlas)
         for idx in atlas.table["index"]:
             sel = pair.brain & (labels == idx) & np.isfinite(maps["T1map"]) & np.isfinite(maps["T2map"])
             if sel.sum() < min_voxels:
                 continue
-            rows.append({"seed": seed, "region": int(idx), "t1_true": 1e3 * pair.t1[sel].mean(),
-                         "t1_dl": 1e3 * maps["T1map"][sel].mean(), "t2_true": 1e3 * pair.t2[sel].mean(),
-                         "t2_dl": 1e3 * maps["T2map"][sel].mean(), "voxels": int(sel.sum()),
-                         "t1_oracle": 1e3 * np.nanmean(oracle["T1map"][sel]),
-                         "t2_oracle": 1e3 * np.nanmean(oracle["T2map"][sel])})
+            row = {"seed": seed, "region": int(idx), "t1_true": 1e3 * pair.t1[sel].mean(),
+                   "t1_dl": 1e3 * maps["T1map"][sel].mean(), "t2_true": 1e3 * pair.t2[sel].mean(),
+                   "t2_dl": 1e3 * maps["T2map"][sel].mean(), "voxels": int(sel.sum())}
+            for name, ref in (("oracle", oracle), ("dictmatch", measured)):
+                if ref is not None:
+                    row[f"t1_{name}"] = 1e3 * np.nanmean(ref["T1map"][sel])
+                    row[f"t2_{name}"] = 1e3 * np.nanmean(ref["T2map"][sel])
+            rows.append(row)
         print(f"seed {seed}: {sum(r['seed'] == seed for r in rows)} regions", flush=True)
     out = {}
     rng = np.random.default_rng(0)
-    for q, est in (("t1", "dl"), ("t2", "dl"), ("t1", "oracle"), ("t2", "oracle")):
-        x = np.array([r[f"{q}_true"] for r in rows])
+    # (reference, estimate, key): the synthesis and the ceiling against the truth, the measured
+    # MRF's dictmatch against the truth, and the synthesis against that dictmatch
+    comparisons = [(q, "dl", q) for q in ("t1", "t2")] + [(q, "oracle", f"{q}_true_coefficients") for q in ("t1", "t2")]
+    comparisons += [(q, "dictmatch", f"{q}_dictmatch_vs_truth") for q in ("t1", "t2")]
+    comparisons += [(f"{q}_dictmatch", "dl", f"{q}_vs_dictmatch") for q in ("t1", "t2")]
+    if not references:
+        comparisons = comparisons[:2]
+    for ref, est, key in comparisons:
+        q = ref[:2]
+        x = np.array([r[ref if "_" in ref else f"{q}_true"] for r in rows])
         y = np.array([r[f"{q}_{est}"] for r in rows])
         a = agreement(x, y, [r["seed"] for r in rows], n_bootstrap=10_000, rng=rng)
-        out[q if est == "dl" else f"{q}_true_coefficients"] = {"ccc": a.ccc, "ccc_ci": [a.ccc_ci_low, a.ccc_ci_high], "mean_diff_ms": a.mean_diff,
+        out[key] = {"ccc": a.ccc, "ccc_ci": [a.ccc_ci_low, a.ccc_ci_high], "mean_diff_ms": a.mean_diff,
                   "mean_diff_ci_ms": [a.mean_diff_ci_low, a.mean_diff_ci_high], "pearson_r": a.pearson_r,
                   "n_obs": a.n_obs, "n_participants": a.n_clusters}
     return out, rows
@@ -141,8 +186,11 @@ def main(argv=None):
     p.add_argument("--grid-steps", type=int, default=80)
     p.add_argument("--min-voxels", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mrf-snr", type=float, default=25.0, help="noise of the phantoms' measured MRF (dataset default)")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-references", action="store_true",
+                   help="compare the synthesis with the truth only (no true-coefficient or measured-MRF matching)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     model = args.model or BUNDLED_DIR / "mprage2mrf" / f"{model_stem('mprage2mrf', synthetic_protocol())}.safetensors"
@@ -156,7 +204,8 @@ def main(argv=None):
         if not args.skip_accuracy:
             result["accuracy"], rows = evaluate(net, card, args.seeds, resolution=resolution,
                                                 grid_steps=args.grid_steps, min_voxels=args.min_voxels,
-                                                model_dir=Path(tmp), threads=args.threads)
+                                                model_dir=Path(tmp), threads=args.threads, mrf_snr=args.mrf_snr,
+                                                references=not args.skip_references)
             result["accuracy"]["resolution_mm"] = resolution
             result["accuracy"]["seeds"] = args.seeds
         if not args.skip_speed:

@@ -132,6 +132,13 @@ MODALITY = Modality(
         RunOption("--mprage2mrf-refine", "mprage2mrf_refine", "off", choices=("on", "off"),
                   help="mprage2mrf: Gauss-Newton refinement of the matched T1/T2 (as --mrf-refine; off by default: "
                        "the synthesised coefficients are smooth and the refinement costs an EPG simulation per voxel)"),
+        RunOption("--mprage2mrf-train-on-cohort", "mprage2mrf_train_on_cohort", "off", choices=("on", "off"),
+                  help="mprage2mrf: fine-tune the U-Nets on this dataset's participants that have both a T1w and MRF "
+                       "maps (read from the output folder: run the participant level with the MRF maps first) and "
+                       "map with it; leave-one-out: a participant's maps never come from a model trained on its own "
+                       "data; models cached per training set in --model-dir"),
+        RunOption("--mprage2mrf-cohort-epochs", "mprage2mrf_cohort_epochs", 10, type=int,
+                  help="mprage2mrf: fine-tuning epochs over the cohort's slices (--mprage2mrf-train-on-cohort on)"),
         RunOption("--mprage2mrf-grid-steps", "mprage2mrf_grid_steps", 80, type=int,
                   help="mprage2mrf: log-spaced dictionary grid points over T1 and T2 (as --mrf-grid-steps)"),
     ),

@@ -91,6 +91,16 @@ def estimate_mprage2mrf(data: dict, mask: np.ndarray, protocol, context) -> tupl
 
     mask = np.asarray(mask, dtype=bool)
     net, card, warnings = load_model_for(protocol, context)
+    options = context.options or {}
+    cohort = {}
+    if options.get("mprage2mrf_train_on_cohort") == "on":
+        from .cohort import cohort_model
+
+        participant = options["mprage2mrf_participant"]
+        net, card = cohort_model(net, card, participant, options["mprage2mrf_output_dir"], context,
+                                 epochs=int(options.get("mprage2mrf_cohort_epochs") or 10))
+        cohort = {"CohortTrainingParticipants": card["training"]["cohort_participants"],
+                  "LeaveOneOut": f"{participant} is not among the participants the model was fine-tuned on"}
     torch.set_num_threads(max(1, int(context.num_threads)))
     coeffs = synthesise(net, np.asarray(data["T1w"], dtype=np.float32), mask)
     mrf = MRFProtocol.from_dict(card["mrf_protocol"])
@@ -106,6 +116,7 @@ def estimate_mprage2mrf(data: dict, mask: np.ndarray, protocol, context) -> tupl
         "RescaleTable": card.get("rescale_table"),
         "ModelTrainedOn": card.get("training_data"),
         "MRFProtocolKey": mrf.key(),
+        **cohort,
         **{k: v for k, v in mprov.items() if k.startswith("Dictionary") or k in ("MedianMatchScore", "VoxelsNotMatched",
                                                                                   "Refinement", "SVDRank")},
     }

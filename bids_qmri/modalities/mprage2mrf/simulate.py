@@ -21,7 +21,7 @@ import torch
 
 from .unet import N_SV, coefficients_to_channels
 
-__all__ = ["PairVolume", "mrf_target_basis", "simulate_pair", "slices_of", "normalise_mprage", "pad_to"]
+__all__ = ["PairVolume", "coefficient_targets", "mrf_target_basis", "simulate_pair", "slices_of", "normalise_mprage", "pad_to"]
 
 log = logging.getLogger("bids_qmri.modalities.mprage2mrf.simulate")
 
@@ -35,6 +35,8 @@ class PairVolume:
     t2: np.ndarray
     affine: np.ndarray
     template_mm: np.ndarray | None = None  # [3, X, Y, Z] template (MNI) coordinates of every voxel
+    pd: np.ndarray | None = None  # ground truth proton density and B1 field (for a simulated MRF of the phantom)
+    b1: np.ndarray | None = None
 
 
 def mrf_target_basis():
@@ -59,6 +61,24 @@ def rotate_and_scale(coeffs: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
     return c / (top if top > 0 else 1.0)
 
 
+def coefficient_targets(t1, t2, pd, valid: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """Network targets ``[X, Y, Z, 7]`` (float32, zero outside ``brain``): the first four SVD
+    coefficients of the synthetic dataset's MRF dictionary at each ``valid`` voxel's T1/T2 (s) and
+    B1 = 1, times ``pd``, SV1 rotated real and divided by the brain's maximum SV1."""
+    from bids_qmri.synth import dataset as ds
+
+    m = torch.from_numpy(np.asarray(valid, dtype=bool))
+    t1, t2, pd = (torch.from_numpy(np.asarray(v, dtype=np.float64)) for v in (t1, t2, pd))
+    axes, table, _, _ = ds.mrf_dictionary()
+    c = torch.zeros(m.shape + (N_SV,), dtype=torch.complex128)
+    # Targets at nominal B1: a T1w-only participant has no B1 map, so the synthesised coefficients
+    # are matched at B1 = 1 and must be the fingerprints that B1 = 1 gives (the MPRAGE keeps the true B1).
+    pts = [np.log(t1[m].numpy().clip(1e-3)), np.log(t2[m].numpy().clip(1e-4)), np.ones(int(m.sum()))]
+    c[m] = ds.interpolate_coefficients(axes, table, pts)[:, :N_SV] * pd[m][:, None]
+    c = rotate_and_scale(c, torch.from_numpy(np.asarray(brain, dtype=bool)) & m)
+    return coefficients_to_channels(c).float().numpy() * np.asarray(brain, dtype=bool)[..., None]
+
+
 def simulate_pair(seed: int, *, protocol, resolution_mm: float = 3.0, snr: float = 25.0,
                   anatomy: str | None = None) -> PairVolume:
     """One phantom participant's (MPRAGE, MRF coefficients) pair; ``seed`` draws everything."""
@@ -77,17 +97,12 @@ def simulate_pair(seed: int, *, protocol, resolution_mm: float = 3.0, snr: float
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     ref = float(s[brain].abs().mean()) if bool(brain.any()) else 1.0
     s = ds.add_noise(s, snr, gen, ref).abs()
-    axes, table, _, _ = ds.mrf_dictionary()
-    c = torch.zeros(phantom.grid.shape + (N_SV,), dtype=torch.complex128)
-    # Targets at nominal B1: a T1w-only participant has no B1 map, so the synthesised coefficients
-    # are matched at B1 = 1 and must be the fingerprints that B1 = 1 gives (the MPRAGE keeps the true B1).
-    pts = [np.log(p["T1"][m].numpy().clip(1e-3)), np.log(p["T2"][m].numpy().clip(1e-4)), np.ones(int(m.sum()))]
-    c[m] = ds.interpolate_coefficients(axes, table, pts)[:, :N_SV] * p["PD"][m][:, None]
-    c = rotate_and_scale(c, brain & m)
-    target = coefficients_to_channels(c).float().numpy() * phantom.brain_mask[..., None]
+    target = coefficient_targets(phantom.params["T1"], phantom.params["T2"], phantom.params["PD"],
+                                 m.numpy(), phantom.brain_mask)
     return PairVolume(normalise_mprage(s.numpy(), phantom.brain_mask), target, phantom.brain_mask,
                       phantom.params["T1"], phantom.params["T2"], phantom.grid.affine,
-                      ph.template_coordinates(phantom.grid, phantom.scaling, phantom.displacement).astype(np.float32))
+                      ph.template_coordinates(phantom.grid, phantom.scaling, phantom.displacement).astype(np.float32),
+                      phantom.params["PD"], fields.b1)
 
 
 def pad_to(a: np.ndarray, multiple: int) -> np.ndarray:

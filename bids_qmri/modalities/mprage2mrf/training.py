@@ -47,6 +47,7 @@ class Mprage2MRFTrainConfig:
     max_seconds: float | None = None
     threads: int = 1
     progress: bool | None = None
+    init_from: str | None = None  # continue from a saved model of the same architecture (its rescale table kept)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -120,33 +121,53 @@ def train_on_slices(net: MPRAGE2MRFNet, train, val, cfg: Mprage2MRFTrainConfig, 
     return result, settings
 
 
+def initialise_from(net: MPRAGE2MRFNet, weights) -> dict:
+    """Copy a saved model's weights, rescale table and basis into ``net`` (same architecture) ->
+    the record of the start (file, sha256, its own training: the whole chain of continuations)."""
+    from bids_qmri.models.registry import load_model
+
+    start, start_card = load_model(weights)
+    if not isinstance(start, MPRAGE2MRFNet) or start.config() != net.config():
+        raise ValueError(f"{weights}: a {type(start).__name__} {getattr(start, 'config', dict)()} cannot initialise "
+                         f"mprage2mrf {net.config()}: pick a model with the same --mprage2mrf-base and -depth")
+    net.load_state_dict(start.state_dict())
+    return {"file": str(weights).rsplit("/", 1)[-1], "sha256": start_card.get("sha256"),
+            "previous_training": start_card.get("training", {})}
+
+
 def train_mprage2mrf(protocol, cfg: Mprage2MRFTrainConfig, *, epoch_callback=None) -> tuple[MPRAGE2MRFNet, dict]:
     """Simulate the phantom pairs and train -> ``(net, card)`` for the MPRAGE ``protocol``."""
     from bids_qmri.modalities.mrf.protocol import MRFProtocol
 
     old = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.threads)))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             schedule, basis = mrf_target_basis()
             net = MPRAGE2MRFNet(cfg.base, cfg.depth, cfg.dropout, n_frames=basis.shape[0])
             net.set_basis(basis)
+        init = initialise_from(net, cfg.init_from) if cfg.init_from else None
         log.info("simulating %d + %d phantom pairs at %g mm", cfg.n_train, cfg.n_val, cfg.resolution_mm)
         kw = dict(protocol=protocol, resolution_mm=cfg.resolution_mm, snr=cfg.snr)
         train = pairs_to_slices([simulate_pair(s, **kw) for s in cfg.train_seeds()], net.multiple)
         val = pairs_to_slices([simulate_pair(s, **kw) for s in cfg.val_seeds()], net.multiple)
         t_sim = time.perf_counter() - t0
-        result, settings = train_on_slices(net, train, val, cfg, epoch_callback=epoch_callback)
+        # a continuation keeps the start's rescale table: its outputs are on that scale
+        result, settings = train_on_slices(net, train, val, cfg, set_table=init is None, epoch_callback=epoch_callback)
     finally:
         torch.set_num_threads(old)
     mrf = MRFProtocol(tuple(float(v) for v in schedule["flip_rad"].rad2deg()),
                       tuple(float(v) for v in schedule["tr"]), float(schedule["te"]), float(schedule["ti"]))
     training = training_record(settings, result, n_train=len(train[0]), n_val=len(val[0]), simulation_s=t_sim,
                                wall_s=time.perf_counter() - t0)
-    training.update({k: v for k, v in asdict(cfg).items() if k not in ("extra", "progress") and k not in training})
-    training.update({"train_seeds": cfg.train_seeds(), "val_seeds": cfg.val_seeds(), "units": "slices"})
+    training.update({k: v for k, v in asdict(cfg).items()
+                     if k not in ("extra", "progress", "init_from") and k not in training})
+    training.update({"train_seeds": cfg.train_seeds(), "val_seeds": cfg.val_seeds(), "units": "slices",
+                     "cpu_s": round(time.process_time() - cpu0, 1)})
+    if init is not None:
+        training["init_from"] = init
     training.update(cfg.extra)
     card = model_card(net, protocol, mrf, basis, training, result.best_loss,
                       training_data=(f"{cfg.n_train} digital-brain phantom participants (seeds {cfg.train_seeds()[0]}-"

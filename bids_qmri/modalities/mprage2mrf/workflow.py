@@ -45,6 +45,9 @@ def init_mprage2mrf_wf(item, subject: str, session: str | None, config, name: st
         return wf
     options = {k: v for k, v in (getattr(config, "options", {}) or {}).items()
                if k.startswith("mprage2mrf_") or k == "mrf_grid_steps"}
+    if options.get("mprage2mrf_train_on_cohort") == "on":
+        # cohort fine-tuning reads the other participants' derivatives and leaves this one out
+        options.update(mprage2mrf_participant=f"sub-{subject}", mprage2mrf_output_dir=str(config.output_dir))
     merge = pe.Node(niu.Merge(len(methods), ravel_inputs=True), name="merge_maps")
     sidecar_info = {"InputImage": "T1w (MPRAGE) after the anatomy workflow's bias correction, skull-stripped with "
                                   "its brain mask", "SpatialReference": "T1w"}
