@@ -484,7 +484,7 @@ def run_participants(groups: dict, config: Config) -> dict[str, str]:
 
 
 def _what_runs(sess, config) -> str:
-    """``ses-1: bssfp pc12, irt1 ir`` (the mapped inputs of a session, by modality and acq)."""
+    """``ses-1: <modality> <acq>, <modality> <acq>`` (the mapped inputs of a session, by modality and acq)."""
     from ..workflows.base import mapped_inputs
 
     mapped = ", ".join(f"{m.name} {item.acq}" if item.acq else m.name for m, item in mapped_inputs(sess, config))
