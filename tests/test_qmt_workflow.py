@@ -241,11 +241,13 @@ def test_maps_are_the_bundled_networks_on_the_raw_coefficients(qmt_run):
             np.testing.assert_allclose(got, want[:, i], rtol=2e-3, atol=1e-5, err_msg=f"{method} {suffix}")
 
 
-#: 1.3 x the median |relative error| measured at 12 mm (seed 1, SNR 25) with the bundled
-#: (undertrained, see models/bundled/qmt/TRAINING.md) networks: regression guards, not targets.
-LIMITS = {("qmtnet", "m0smap"): (1.32, 0.13), ("qmtnet", "T1map"): (0.82, 0.94), ("qmtnet", "T2map"): (0.72, 0.66),
-          ("qmtnetmse", "m0smap"): (1.36, 0.16), ("qmtnetmse", "T1map"): (0.36, 0.20),
-          ("qmtnetmse", "T2map"): (0.80, 0.76)}
+#: 1.3 x the median |relative error| (GM, WM) measured at 12 mm (seed 1, SNR 25) with the bundled
+#: 16 384-sample networks (measured: qmtnet m0s 0.45/0.55, T1 0.24/0.44, T2f 0.044/0.042; qmtnetmse
+#: m0s 0.15/0.15, T1 0.18/0.12, T2f 0.032/0.042): regression guards, not targets. The CRB-weighted
+#: net is biased low in m0s and T1 on this schedule (see models/bundled/qmt/TRAINING.md).
+LIMITS = {("qmtnet", "m0smap"): (0.59, 0.71), ("qmtnet", "T1map"): (0.31, 0.58), ("qmtnet", "T2map"): (0.06, 0.055),
+          ("qmtnetmse", "m0smap"): (0.20, 0.20), ("qmtnetmse", "T1map"): (0.23, 0.16),
+          ("qmtnetmse", "T2map"): (0.042, 0.055)}
 
 
 @pytest.mark.slow

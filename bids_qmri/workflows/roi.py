@@ -17,7 +17,7 @@ from .anat import ANAT_OUTPUTS
 
 
 def _roi_stats(output_dir, subject, session, t1w_preproc, t1w_mask, probseg, atlas_dseg, atlas_table, atlas_name,
-               ref_image, brain_mask, maps, pv_threshold, nthreads, seed):
+               ref_image, maps, pv_threshold, nthreads, seed, brain_mask=None):
     from bids_qmri.anatomy.roistats import roi_analysis
 
     return roi_analysis(subject=subject, session=session, output_dir=output_dir, work_dir="work", t1w=t1w_preproc,
@@ -35,7 +35,7 @@ def init_roi_wf(subject: str, session: str | None, config, name: str = "roi_wf")
     outputnode = pe.Node(niu.IdentityInterface(fields=["roistats"]), name="outputnode")
     stats = pe.Node(niu.Function(function=_roi_stats, input_names=[
         "output_dir", "subject", "session", "t1w_preproc", "t1w_mask", "probseg", "atlas_dseg", "atlas_table",
-        "atlas_name", "ref_image", "brain_mask", "maps", "pv_threshold", "nthreads", "seed"],
+        "atlas_name", "ref_image", "maps", "pv_threshold", "nthreads", "seed", "brain_mask"],
         output_names=["roistats"]),
         name="roi_stats")
     stats.inputs.output_dir = str(config.output_dir)
@@ -44,7 +44,7 @@ def init_roi_wf(subject: str, session: str | None, config, name: str = "roi_wf")
     stats.inputs.pv_threshold = float(getattr(config, "pv_threshold", 0.5))
     stats.inputs.nthreads = config.omp_threads()
     stats.inputs.seed = int(getattr(config, "seed", 0) or 0)
-    stats.inputs.brain_mask = []  # replaced when the modalities' masks are connected
+    # ``brain_mask`` has a default: an unset inputnode field reaches the function as a missing argument.
     wf.connect([
         (inputnode, stats, [(f, f) for f in ("t1w_preproc", "t1w_mask", "probseg", "atlas_dseg", "atlas_table",
                                              "atlas_name", "ref_image", "brain_mask", "maps")]),
