@@ -110,6 +110,19 @@ def main() -> None:
             print(f"{method:10s} {name:6s} " + " ".join(f"{v:8.3f}" for v in row))
     for name, values in floor.items():
         print(f"{'CRB floor':10s} {name:6s} " + " ".join(f"{v:8.3f}" for v in values))
+    if "qmtnls" in results:
+        # Seed 003 Fig. 9: do qmtnet and qmtnls agree within their interquartile ranges? (same voxels)
+        print("\nqmtnet vs qmtnls on the qmtnls voxels: median [IQR]; agree = each median inside the other's IQR")
+        for name in tissues:
+            sel = np.zeros(mask.shape, bool)
+            sel[picks[name]] = True
+            for k, label in zip(TRUTH, ("m0s", "T1", "T2f")):
+                q = {m: np.nanpercentile(results[m][k][sel], [25, 50, 75]) for m in ("qmtnet", "qmtnetmse", "qmtnls")}
+                inside = lambda a, b: b[0] <= a[1] <= b[2]  # noqa: E731
+                agree = {m: inside(q[m], q["qmtnls"]) and inside(q["qmtnls"], q[m]) for m in ("qmtnet", "qmtnetmse")}
+                print(f"  {name:3s} {label:4s} truth {np.median(truth[k][sel]):.4g}  " + "  ".join(
+                    f"{m} {q[m][1]:.4g} [{q[m][0]:.4g}, {q[m][2]:.4g}]" for m in q)
+                    + f"  agree: qmtnet {'yes' if agree['qmtnet'] else 'no'}, qmtnetmse {'yes' if agree['qmtnetmse'] else 'no'}")
 
 
 if __name__ == "__main__":

@@ -150,20 +150,22 @@ SCHEDULE_KNOTS = (
 #: Bounds of the schedule (those of seed 003's group's optimal-control example, MRIgeneralizedBloch.jl
 #: ``docs/src/OCT.jl``): pulse durations 100-500 µs, RF amplitude ω1 ≤ 2π·1 kHz (23.5 µT).
 PULSE_DUR_RANGE = (100e-6, 500e-6)
+PULSE_DUR_RASTER = 10e-6
 OMEGA1_MAX = 2e3 * math.pi
 
 
 def schedule_from_knots(flip_deg, pulse_dur_us, *, n_tr: int = 1142, tr: float = 3.5e-3,
                         inversion_dur: float = 0.5e-3) -> dict:
     """A smooth hybrid-state train: flip angles and pulse durations by PCHIP through evenly spaced
-    knots (degrees, µs), durations clipped to ``PULSE_DUR_RANGE`` and flips to ``ω1 ≤ OMEGA1_MAX``.
+    knots (degrees, µs), durations clipped to ``PULSE_DUR_RANGE`` on a ``PULSE_DUR_RASTER`` grid and flips to ``ω1 ≤ OMEGA1_MAX``.
     Returns ``dict(flip_rad=[n_tr], pulse_dur=[n_tr], tr, inversion_dur)`` (float64)."""
     from scipy.interpolate import PchipInterpolator
 
     t = np.linspace(0.0, 1.0, n_tr)
     flip = PchipInterpolator(np.linspace(0, 1, len(flip_deg)), np.asarray(flip_deg, float))(t)
     dur = PchipInterpolator(np.linspace(0, 1, len(pulse_dur_us)), np.asarray(pulse_dur_us, float))(t) * 1e-6
-    dur = np.clip(dur, *PULSE_DUR_RANGE)
+    # on a 10-µs raster (as a scanner's): the saturation integral is computed once per distinct duration
+    dur = np.round(np.clip(dur, *PULSE_DUR_RANGE) / PULSE_DUR_RASTER) * PULSE_DUR_RASTER
     flip = np.minimum(np.radians(np.clip(flip, 0.5, 180.0)), OMEGA1_MAX * dur)
     return {"flip_rad": torch.from_numpy(flip), "pulse_dur": torch.from_numpy(dur), "tr": tr,
             "inversion_dur": inversion_dur}
