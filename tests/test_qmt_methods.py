@@ -226,7 +226,7 @@ def test_bundled_models_are_found_for_the_synthetic_schedule():
 
     basis, s = qmt_basis()
     meta = {"FlipAngle": _degrees(s["flip_rad"]), "RFPulseDuration": [round(float(t), 10) for t in s["pulse_dur"]],
-            "RepetitionTimeExcitation": s["tr"]}
+            "RepetitionTimeExcitation": s["tr"], "InversionPulseDuration": s["inversion_dur"]}
     proto = QMTProtocol.from_dict(meta, basis=basis)
     for method, loss in (("qmtnet", "crb"), ("qmtnetmse", "mse")):
         net, card = get_model("qmt", method, proto, model_dir=None, trainer=None, allow_training=False)
