@@ -78,7 +78,7 @@ def run_qmt_insilico(out_dir, *, n_test: int = 64, n_noise: int = 300, snrs=(10.
     basis, sched = qmt_basis()
     meta = {"FlipAngle": _degrees(sched["flip_rad"]),
             "RFPulseDuration": [round(float(t), 10) for t in sched["pulse_dur"]],
-            "RepetitionTimeExcitation": sched["tr"]}
+            "RepetitionTimeExcitation": sched["tr"], "InversionPulseDuration": sched["inversion_dur"]}
     proto = QMTProtocol.from_dict(meta, basis=basis)
     data = test_set if test_set is not None else simulate.simulate_set(n_test, sched, basis, seed=seed + 777, log=None)
     truth = data["theta"][:, OUT_INDEX]
