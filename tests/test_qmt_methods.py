@@ -194,7 +194,8 @@ def test_nls_recovers_truth_and_matches_scipy(schedule_and_basis):
     m0 = torch.tensor([0.9j])
     y = simulate.fingerprints(truth, sched, basis, dtype=D) * m0[:, None]
     start = truth[:, :3] * torch.tensor([1.1, 0.85, 1.15], dtype=D)
-    out = nls.fit_nls(y, sched, basis, b1=truth[:, 6], x_net=start, n_grid_starts=0, dtype=D)
+    # 100 iterations: on the 48-TR cut of the seed 003-like schedule LM needs 41-100 from this start
+    out = nls.fit_nls(y, sched, basis, b1=truth[:, 6], x_net=start, n_grid_starts=0, dtype=D, max_iter=100)
     assert bool(out["converged"][0])
     for i, k in enumerate(simulate.PARAMETERS):
         np.testing.assert_allclose(float(out[k][0]), float(truth[0, i]), rtol=1e-5, err_msg=k)
