@@ -2,7 +2,8 @@
 the bSSFP plug-in because it reads the bSSFP grid, training range and estimators; the synthetic
 phantom in ``bids_qmri.synth`` names no modality).
 
-Shared by the workflow tests and ``benchmarks/bench_bssfp_accuracy.py``. Accuracy is the median
+Shared by the workflow tests, ``benchmarks/bench_bssfp_accuracy.py`` and ``bench_bssfp_demo.py``
+(per participant and session: ``ses=None`` for a dataset without a session level). Accuracy is the median
 |relative error| of T1 and T2 in brain tissue: GM and WM of the ground-truth segmentation inside
 the workflow's brain mask (CSF has T1/T2 far outside the networks' training range, and voxels at
 the brain surface are mixtures whose ground truth is a volume average). It is reported over all
