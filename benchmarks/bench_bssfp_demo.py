@@ -12,8 +12,8 @@ participant --methods bssfp:all`` and ``group``), then prints
 - the range warnings in the maps' sidecars.
 
 ``--bssfp-models seed`` runs the seed-range networks instead of the default ones; ``--bids`` reuses
-a simulated dataset. One run at 3 mm on the shared 2-core machine: ~15–30 min wall (much more
-under heavy load). ``--direct`` skips the app: the GM+WM voxels of sub-01 ses-01 are simulated from
+a simulated dataset. One run at 3 mm on the shared 2-core machine: ~15–30 min wall (59 min
+measured at load 9–16, 1171 CPU-s). ``--direct`` skips the app: the GM+WM voxels of sub-01 ses-01 are simulated from
 the ground truth (its B1, ΔB0 and M0) with the dataset's noise (SNR 25) and estimated by every
 method of both model sets directly (no image processing), printing the same errors and the range
 warnings; seconds, not minutes.
