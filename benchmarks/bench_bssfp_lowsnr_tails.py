@@ -1,41 +1,81 @@
 """Why the default pc-bSSFP nets' T2 CoD at SNR 10 is below MIRACLE's (README): per noise draw, the
-T2 estimates on the seed's 50×50 grid (50 draws, seed protocol), the CoD of the Monte Carlo mean and
-median, and how many draws land far above tissue, for MIRACLE and the default and seed magnitude nets.
+T1/T2 estimates on the seed's grid (seed protocol, B1 = 1, on resonance), the CoD of the Monte Carlo
+mean (seed 001's definition, ``insilico.cod``) and median, how many draws land far above tissue, and
+where MIRACLE puts those draws' T1; plus the noise-free mean |relative error| on the grid.
 
-    nice -n 10 python benchmarks/bench_bssfp_lowsnr_tails.py
+``--nets PATH ...`` evaluates candidate networks (``.safetensors``, e.g. from ``bids_qmri-train
+--snr 50 --init-from <bundled net>``) on the same draws, beside MIRACLE and the bundled nets.
+
+    nice -n 10 python benchmarks/bench_bssfp_lowsnr_tails.py --snr 15 10 --nets /tmp/svnn.safetensors
 """
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from bids_qmri.modalities.bssfp.estimate import estimate_bssfp
+from bids_qmri.modalities.bssfp.estimate import estimate_bssfp, predict
 from bids_qmri.modalities.bssfp.insilico import cod, linear_grid
+from bids_qmri.modalities.bssfp.net import bssfp_features
 from bids_qmri.modalities.bssfp.training import simulate_signal
-from bids_qmri.physics.bssfp import configurations, remove_receiver_phase, seed_protocol
+from bids_qmri.physics.bssfp import configurations, normalise_configurations, remove_receiver_phase, seed_protocol
 from bids_qmri.physics.noise import add_complex_noise
 
-CASES = (("miracle", "default"), ("svnn", "default"), ("pinn", "default"), ("svnn", "seed"), ("pinn", "seed"))
+CASES = (("miracle", "default"), ("svnn", "default"), ("pinn", "default"), ("svnncomplex", "default"),
+         ("pinncomplex", "default"), ("svnn", "seed"), ("pinn", "seed"))
 
 
-def main(snr: float = 10.0, draws: int = 50, grid_n: int = 50):
+def _estimate(case, features, protocol):
+    """(T1, T2) per row of ``features`` for a (method, model set) pair or a network file."""
+    if isinstance(case, Path):
+        from bids_qmri.nets.io import load_net
+
+        net = load_net(case).eval()
+        f = normalise_configurations(torch.as_tensor(features).to(torch.complex128)).to(torch.complex64)
+        y = predict(net, bssfp_features(f, torch.ones(len(features)), net.kind))
+        return y[:, 0].astype(float), y[:, 1].astype(float)
+    method, model_set = case
+    maps, _ = estimate_bssfp(method, features, np.ones(len(features)), protocol, model_set=model_set,
+                             range_check=False, allow_training=False)
+    return maps["T1map"].astype(float), maps["T2map"].astype(float)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--snr", type=float, nargs="+", default=[10.0])
+    ap.add_argument("--draws", type=int, default=50)
+    ap.add_argument("--grid", type=int, default=50, help="grid points per axis")
+    ap.add_argument("--nets", type=Path, nargs="*", default=[], help="candidate network files")
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     protocol = seed_protocol(12)
-    grid = linear_grid(grid_n)
+    grid = linear_grid(args.grid)
     n = grid["T1"].numel()
-    signal = simulate_signal(grid, protocol).unsqueeze(0).expand(draws, n, -1).reshape(-1, protocol.npc)
-    noisy = add_complex_noise(signal, snr, torch.Generator().manual_seed(1))
-    features = configurations(remove_receiver_phase(noisy), protocol.phase_increments_rad()).numpy()
-    truth = grid["T2"].numpy()
-    print(f"SNR {snr:g}, {draws} draws on the {grid_n}×{grid_n} seed grid: T2")
-    for method, model_set in CASES:
-        maps, _ = estimate_bssfp(method, features, np.ones(len(features)), protocol, model_set=model_set,
-                                 range_check=False)
-        t2 = maps["T2map"].reshape(draws, n).astype(float)
-        print(f"{method:8s} {model_set:8s} CoD(MC mean) {cod(truth, np.nanmean(t2, 0)):.4f} "
-              f"CoD(MC median) {cod(truth, np.nanmedian(t2, 0)):.4f}  draws with T2 > 0.2 s {100 * np.mean(t2 > 0.2):.2f} %, "
-              f"> 0.5 s {100 * np.mean(t2 > 0.5):.3f} %, max {np.nanmax(t2):.2f} s", flush=True)
+    truth = {"T1": grid["T1"].numpy(), "T2": grid["T2"].numpy()}
+    signal = simulate_signal(grid, protocol)
+    clean = configurations(remove_receiver_phase(signal), protocol.phase_increments_rad()).numpy()
+    noisy = {}
+    for snr in args.snr:
+        s = signal.unsqueeze(0).expand(args.draws, n, -1).reshape(-1, protocol.npc)
+        s = add_complex_noise(s, snr, torch.Generator().manual_seed(1))
+        noisy[snr] = configurations(remove_receiver_phase(s), protocol.phase_increments_rad()).numpy()
+    print(f"seed protocol, {args.grid}×{args.grid} seed grid, {args.draws} draws per SNR; CoD of the MC mean "
+          "(MC median) T1 / T2; draws with T2 > 0.3 s and the median T1 estimate of those draws")
+    for case in [*CASES, *args.nets]:
+        label = f"{case.parent.name}/{case.name}" if isinstance(case, Path) else f"{case[0]} ({case[1]})"
+        t1, t2 = _estimate(case, clean, protocol)
+        row = (f"{label:44s} noise-free |rel err| {100 * np.mean(np.abs(t1 / truth['T1'] - 1)):.2f} / "
+               f"{100 * np.mean(np.abs(t2 / truth['T2'] - 1)):.2f} %")
+        for snr, features in noisy.items():
+            est = dict(zip(("T1", "T2"), (v.reshape(args.draws, n) for v in _estimate(case, features, protocol))))
+            far = est["T2"] > 0.3
+            row += (f" | SNR {snr:g}: " + " / ".join(f"{cod(truth[k], np.nanmean(est[k], 0)):.4f} "
+                                                      f"({cod(truth[k], np.nanmedian(est[k], 0)):.4f})" for k in ("T1", "T2"))
+                    + f", T2 > 0.3 s {100 * far.mean():.2f} % (T1 there {np.median(est['T1'][far]) if far.any() else np.nan:.2f} s)")
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 the bSSFP plug-in because it reads the bSSFP grid, training range and estimators; the synthetic
 phantom in ``bids_qmri.synth`` names no modality).
 
-Shared by the workflow tests and ``benchmarks/bench_bssfp_accuracy.py``. Accuracy is the median
+Shared by the workflow tests, ``benchmarks/bench_bssfp_accuracy.py`` and ``bench_bssfp_demo.py``
+(per participant and session: ``ses=None`` for a dataset without a session level). Accuracy is the median
 |relative error| of T1 and T2 in brain tissue: GM and WM of the ground-truth segmentation inside
 the workflow's brain mask (CSF has T1/T2 far outside the networks' training range, and voxels at
 the brain surface are mixtures whose ground truth is a volume average). It is reported over all
@@ -39,17 +40,27 @@ TRAINED_T2 = DISTRIBUTIONS["uniform"]["T2"]
 SUFFIXES = ("T1map", "T2map")
 
 
-def _truth_dir(bids: Path, sub: str) -> Path:
-    return Path(bids) / "derivatives" / "groundtruth" / f"sub-{sub}"
+def _session_dir(sub: str, ses: str | None) -> Path:
+    """``sub-X[/ses-Y]``: where a session's files live, in the dataset and in the derivatives."""
+    return Path(f"sub-{sub}") / (f"ses-{ses}" if ses else "")
 
 
-def tissue_masks(bids: Path, out: Path, acq: str, sub: str = "01"):
+def _stem(sub: str, ses: str | None, acq: str) -> str:
+    return f"sub-{sub}" + (f"_ses-{ses}" if ses else "") + f"_acq-{acq}"
+
+
+def _truth_dir(bids: Path, sub: str, ses: str | None = None) -> Path:
+    return Path(bids) / "derivatives" / "groundtruth" / _session_dir(sub, ses)
+
+
+def tissue_masks(bids: Path, out: Path, acq: str, sub: str = "01", ses: str | None = None):
     """Ground-truth T1/T2 on the bSSFP grid, the GM+WM voxels inside the workflow's brain mask,
-    and those of them inside the networks' training range."""
-    gt = _truth_dir(bids, sub)
-    mask = nib.load(Path(out) / f"sub-{sub}" / "anat" / f"sub-{sub}_acq-{acq}_desc-brain_mask.nii.gz").get_fdata() > 0
-    dseg = nib.load(gt / "anat" / f"sub-{sub}_acq-{acq}_dseg.nii.gz").get_fdata()
-    truth = {s: nib.load(gt / "anat" / f"sub-{sub}_acq-{acq}_{s}.nii.gz").get_fdata() for s in SUFFIXES}
+    and those of them inside the networks' training range (``ses`` None: no session level)."""
+    gt = _truth_dir(bids, sub, ses)
+    stem = _stem(sub, ses, acq)
+    mask = nib.load(Path(out) / _session_dir(sub, ses) / "anat" / f"{stem}_desc-brain_mask.nii.gz").get_fdata() > 0
+    dseg = nib.load(gt / "anat" / f"{stem}_dseg.nii.gz").get_fdata()
+    truth = {s: nib.load(gt / "anat" / f"{stem}_{s}.nii.gz").get_fdata() for s in SUFFIXES}
     tissue = mask & np.isin(dseg, (1, 2))
     t1, t2 = truth["T1map"], truth["T2map"]
     trained = (tissue & (t1 >= TRAINED_T1[0]) & (t1 <= TRAINED_T1[1])
@@ -62,14 +73,14 @@ def median_relative_error(estimate, reference, where) -> float:
     return 100 * float(np.median(np.abs(estimate[where] - reference[where]) / reference[where]))
 
 
-def workflow_errors(bids: Path, out: Path, acq: str, methods, sub: str = "01") -> dict:
+def workflow_errors(bids: Path, out: Path, acq: str, methods, sub: str = "01", ses: str | None = None) -> dict:
     """``{(method, suffix, "all" | "trained"): median |relative error| (%)}`` of the maps the
-    workflow wrote under ``out``."""
-    truth, tissue, trained = tissue_masks(bids, out, acq, sub)
+    workflow wrote under ``out`` for participant ``sub``, session ``ses`` (None: no session level)."""
+    truth, tissue, trained = tissue_masks(bids, out, acq, sub, ses)
     errors = {}
     for method in methods:
         for suffix in SUFFIXES:
-            path = Path(out) / f"sub-{sub}" / "anat" / f"sub-{sub}_acq-{acq}_desc-{method}_{suffix}.nii.gz"
+            path = Path(out) / _session_dir(sub, ses) / "anat" / f"{_stem(sub, ses, acq)}_desc-{method}_{suffix}.nii.gz"
             est = nib.load(path).get_fdata()
             errors[method, suffix, "all"] = median_relative_error(est, truth[suffix], tissue)
             errors[method, suffix, "trained"] = median_relative_error(est, truth[suffix], trained)
@@ -77,19 +88,20 @@ def workflow_errors(bids: Path, out: Path, acq: str, methods, sub: str = "01") -
 
 
 def noise_floor(bids: Path, out: Path, acq: str, methods, protocol, model_dir: Path, *, snr: float,
-                sub: str = "01", seed: int = 11) -> dict:
+                sub: str = "01", ses: str | None = None, seed: int = 11) -> dict:
     """The errors of ``workflow_errors`` without any image processing (see the module docstring)."""
     from bids_qmri.modalities.bssfp.estimate import estimate_bssfp
     from bids_qmri.physics.bssfp import bssfp_signal
     from bids_qmri.physics.noise import add_complex_noise
     from bids_qmri.preproc.configurations import compute_configurations
 
-    truth, tissue, trained = tissue_masks(bids, out, acq, sub)
-    gt = _truth_dir(bids, sub)
+    truth, tissue, trained = tissue_masks(bids, out, acq, sub, ses)
+    gt = _truth_dir(bids, sub, ses)
+    stem = _stem(sub, ses, acq)
     load = lambda name: nib.load(gt / name).get_fdata()[tissue]  # noqa: E731
-    b1 = load(f"fmap/sub-{sub}_acq-{acq}_TB1map.nii.gz")
-    b0 = load(f"fmap/sub-{sub}_acq-{acq}_fieldmap.nii.gz")
-    m0 = load(f"anat/sub-{sub}_acq-{acq}_M0map.nii.gz")
+    b1 = load(f"fmap/{stem}_TB1map.nii.gz")
+    b0 = load(f"fmap/{stem}_fieldmap.nii.gz")
+    m0 = load(f"anat/{stem}_M0map.nii.gz")
     t1, t2 = truth["T1map"][tissue], truth["T2map"][tissue]
     tt = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
     S = bssfp_signal(tt(t1), tt(t2), tt(m0), tt(b1), tt(b0), tr=protocol.tr, te=protocol.te,
