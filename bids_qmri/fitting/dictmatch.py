@@ -36,7 +36,8 @@ import torch
 LOGGER = logging.getLogger("bids_qmri.fitting.dictmatch")
 
 __all__ = ["MatchResult", "PreparedAtoms", "prepare_atoms", "simulate_dictionary", "dictionary_gram",
-           "normalise_atoms", "match", "RefineResult", "refine_gauss_newton", "refine_on_grid", "lagrange_weights", "chunk_peak_bytes"]
+           "normalise_atoms", "match", "RefineResult", "refine_gauss_newton", "refine_on_grid", "lagrange_weights",
+           "chunk_peak_bytes"]
 
 Simulate = Callable[[torch.Tensor], torch.Tensor]  # params [n, P] -> complex [n, Nt]
 
@@ -246,6 +247,9 @@ def _match_block(signals: torch.Tensor, atoms_re: torch.Tensor, atoms_im: torch.
 #: ``backend="auto"`` takes the fused kernel from this many voxel-atom pairs on: below it the torch
 #: path is done in about the time the kernel takes to compile when numba has no cache yet (5–8 s).
 KERNEL_MIN_PAIRS = 200_000_000
+#: Signals per step of the passes over all signals (norms, the kernel's gathers, the final inner
+#: products): each temporary stays at about 10 MiB whatever the number of voxels.
+SIGNAL_CHUNK = 131072
 BACKENDS = ("auto", "kernel", "torch")
 
 
@@ -295,8 +299,12 @@ def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | 
     elif groups is None:
         raise ValueError("atom_groups needs groups (the group of each signal)")
     groups = torch.as_tensor(groups, dtype=torch.long)
-    finite = torch.isfinite(torch.view_as_real(signals)).all(-1).all(-1)
-    snorm = torch.linalg.vector_norm(torch.where(finite[:, None], signals, 0), dim=-1)
+    finite = torch.empty(n, dtype=torch.bool)
+    snorm = torch.empty(n, dtype=signals.real.dtype)
+    for lo in range(0, n, SIGNAL_CHUNK):  # chunked: temporaries stay small for a whole brain
+        part = signals[lo:lo + SIGNAL_CHUNK]
+        finite[lo:lo + SIGNAL_CHUNK] = ok = torch.isfinite(torch.view_as_real(part)).all(-1).all(-1)
+        snorm[lo:lo + SIGNAL_CHUNK] = torch.linalg.vector_norm(torch.where(ok[:, None], part, 0), dim=-1)
     usable = finite & (snorm > 0) & (groups >= 0)
     index = torch.full((n,), -1, dtype=torch.long)
     real_search = prep.form in ("real", "factored")
@@ -310,9 +318,11 @@ def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | 
             from bids_qmri.fitting import match_kernel
 
             sub = prep.real_atoms[sl] if real_search else unit[sl].resolve_conj()
-            arg = match_kernel.best_atoms(prep.search_signals(signals[rows]).numpy(), sub.numpy(),
-                                          num_threads=num_threads or torch.get_num_threads())
-            index[rows] = torch.from_numpy(arg) + (sl.start or 0)
+            for lo in range(0, rows.numel(), SIGNAL_CHUNK):  # gathered a chunk at a time (bounded copies)
+                sel = rows[lo:lo + SIGNAL_CHUNK]
+                arg = match_kernel.best_atoms(prep.search_signals(signals[sel]).numpy(), sub.numpy(),
+                                              num_threads=num_threads or torch.get_num_threads())
+                index[sel] = torch.from_numpy(arg) + (sl.start or 0)
             continue
         if real_search:
             atoms_re, atoms_im = prep.real_atoms[sl].mT.contiguous(), None  # [R, A_g]
@@ -324,7 +334,9 @@ def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | 
             index[sel] = arg + (sl.start or 0)
     ok = index >= 0
     safe = index.clamp_min(0)
-    ip = torch.linalg.vecdot(unit[safe], signals)  # Σ conj(d̂) s, with the original atoms
+    ip = torch.empty(n, dtype=signals.dtype)
+    for lo in range(0, n, SIGNAL_CHUNK):  # Σ conj(d̂) s, with the original atoms
+        ip[lo:lo + SIGNAL_CHUNK] = torch.linalg.vecdot(unit[safe[lo:lo + SIGNAL_CHUNK]], signals[lo:lo + SIGNAL_CHUNK])
     score = torch.where(ok, ip.abs() / snorm.clamp_min(torch.finfo(snorm.dtype).tiny), 0.0)
     scale = torch.where(ok, ip / norms[safe].clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
     return MatchResult(index=index, score=score, scale=scale, backend="kernel" if kernel else "torch",
