@@ -3,9 +3,13 @@
 - matching throughput of ``fitting.dictmatch.match`` with the fused numba kernel
   (``fitting.match_kernel``) and with the torch GEMM path (float32 GEMMs + |·|² + running exact
   argmax over atom chunks) against a bare complex64 ``torch.matmul`` of the same shapes
-  ``[V, R] @ [R, A]`` (chunked, result discarded): target ≥ 70 % of it; complex and real atoms, one
-  thread and ``--threads``; the kernel's JIT compile time (empty numba cache) and cache load time,
-  each in a fresh interpreter;
+  ``[V, R] @ [R, A]`` (chunked, result discarded): target ≥ 70 % of it; three kinds of atoms: real
+  (FISP on a real basis), projected complex (real atoms times a random complex R × R rotation: a real
+  dictionary on a complex rotation of its basis, searched as real atoms after a change of basis,
+  ``dictmatch.prepare_atoms``; also timed on the direct complex path) and random complex (stacked
+  rank 2R: the complex kernel); one thread and ``--threads``, every configuration repeated
+  ``--repeats`` times interleaved with the others (thread counts included), medians reported; the
+  kernel's JIT compile time (empty numba cache) and cache load time, each in a fresh interpreter;
 - dictionary generation time per atom (FISP EPG, 1000 frames, the app's state cap, chunked);
 - mrfnet inference (``modalities.mrf.net`` architecture) against matching the same voxels
   (target ≥ 20× faster);
@@ -15,18 +19,17 @@
   (``physics.epg.fisp_mrf_jacobian``, the default) against simulation + forward differences and
   against forward-mode AD through ``physics.crb`` (CPU seconds, interleaved); the on-the-fly
   training time grows by at most the difference (the training loop itself does not change);
-- memory of matching a 1 mm whole brain (1.5 M voxels) against a 100 k-atom dictionary: the
-  inputs plus one score block (``voxel_chunk × atom_chunk``), measured as the resident-set growth
-  of a match on a voxel subset and extrapolated by the input size.
+- memory of matching a 1 mm whole brain (1.5 M voxels) against a 100 k-atom dictionary, measured
+  in a fresh interpreter (peak resident set): 1.5 M voxels against a few thousand atoms (the
+  voxel-side memory) and a few thousand voxels against 100 k atoms (the atom side), added.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_mrf.py [--voxels 20000] [--atoms 100000] [--threads 2]``
-(``--threads N``: matching timed at 1 and N threads).
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_mrf.py [--voxels 4096] [--atoms 100000] [--threads 2]``
+(``--threads N``: matching timed at 1 and N threads; ``--memory-voxels 0`` skips the memory run).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import torch
@@ -45,25 +48,33 @@ def _best_of(fn, repeats=3) -> float:
     return min(times)
 
 
-def _side_by_side(fns: dict, repeats=3) -> dict:
-    """Best-of-``repeats`` time of each function, the repeats interleaved (a, b, c, a, b, c, …) so
-    that a change of the machine's load during the run hits every contender alike."""
-    times = {k: [] for k in fns}
+def _side_by_side(configs: dict, repeats=5) -> dict:
+    """All ``repeats`` wall times of each ``(threads, name) -> fn``, the repeats interleaved (a, b,
+    c, a, b, c, …, thread counts included) so that a change of the machine's load during the run
+    hits every contender alike."""
+    times = {k: [] for k in configs}
     for _ in range(repeats):
-        for k, fn in fns.items():
+        for (n, name), fn in configs.items():
+            torch.set_num_threads(n)
             t0 = time.perf_counter()
             fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: min(v) for k, v in times.items()}
+            times[(n, name)].append(time.perf_counter() - t0)
+    torch.set_num_threads(1)
+    return times
+
+
+def _median(values) -> float:
+    return float(torch.tensor(values, dtype=torch.float64).median())
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--voxels", type=int, default=20000)
+    p.add_argument("--voxels", type=int, default=4096)
     p.add_argument("--atoms", type=int, default=100000)
     p.add_argument("--rank", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each timing (best kept)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of each timing (median reported)")
+    p.add_argument("--memory-voxels", type=int, default=1_500_000, help="voxels of the memory run (0: skip)")
     p.add_argument("--dict-atoms", type=int, default=2048, help="atoms simulated to time the dictionary")
     p.add_argument("--refine-voxels", type=int, default=20000, help="voxels refined on the dictionary interpolant")
     p.add_argument("--refine-epg-voxels", type=int, default=512, help="voxels refined on the EPG")
@@ -80,30 +91,20 @@ def main() -> None:
     signals = torch.randn(v, r, dtype=torch.complex64, generator=g)
     print(f"fused kernel compilation (fitting.match_kernel, float32, rank {r}, real atoms): "
           f"{_compile_times(r)}")
-    atoms = torch.randn(a, r, dtype=torch.complex64, generator=g)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    dictmatch.match(signals, atoms, backend="torch")
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    _bench_match(signals, atoms, f"{v} voxels x {a} complex atoms (rank {r})", threads, args.repeats)
+    atoms_c = torch.randn(a, r, dtype=torch.complex64, generator=g)
     # real atoms (FISP fingerprints on a real SVD basis, what the app matches), stored complex64
     atoms_r = torch.complex(torch.randn(a, r, generator=g), torch.zeros(a, r))
-    t_match = _bench_match(signals, atoms_r, f"{v} voxels x {a} real atoms (rank {r}; FISP on a real basis)",
-                           threads, args.repeats)
-    torch.set_num_threads(1)
+    # projected complex atoms: the real atoms times a random complex unitary R x R matrix (a real
+    # dictionary on a complex rotation of its basis: complex atoms of real rank R)
+    rotation = torch.linalg.qr(torch.randn(r, r, dtype=torch.complex128, generator=g))[0]
+    atoms_p = (atoms_r.to(torch.complex128) @ rotation).to(torch.complex64)
+    cases = {"real": atoms_r, "projected complex": atoms_p, "random complex": atoms_c}
+    t_match = _bench_match(signals, cases, threads, args.repeats)
     whole = 1_500_000
-    print(f"  extrapolated 1 mm whole brain ({whole} voxels) x {a} atoms, fused kernel, 1 thread: "
-          f"{t_match * whole / v:.0f} s")
-    vc, ac = 1024, 256
-    block = 2 * vc * ac * 4
-    inputs = whole * r * 8 + a * r * 8 * 2
-    from bids_qmri.fitting import match_kernel
-
-    r4 = match_kernel.padded_rank(r)
-    kernel_work = a * r4 * 4 + match_kernel.CALL_VOXELS * r4 * 8  # real atom tiles + one call's padded signals
-    print(f"  memory, whole brain (extrapolated from the sizes, not measured at 1.5 M): inputs {inputs / 2**20:.0f} MiB "
-          f"+ the torch path's score block {block / 2**20:.0f} MiB, or the kernel's atom tiles and padded signal "
-          f"chunk {kernel_work / 2**20:.0f} MiB (resident growth of this run's {v}-voxel torch match "
-          f"{max(rss1 - rss0, 0) / 1024:.0f} MiB)")
+    print(f"  extrapolated 1 mm whole brain ({whole} voxels) x {a} atoms, fused kernel, 1 thread (median): "
+          f"real atoms {t_match * whole / v:.0f} s")
+    if args.memory_voxels:
+        print(f"memory: {_memory(args.memory_voxels, a, r)}", flush=True)
 
     # mrfnet inference (the architecture of modalities.mrf.net; weights do not change the cost)
     from bids_qmri.modalities.mrf.net import LOG_RANGES, features
@@ -116,9 +117,9 @@ def main() -> None:
         with torch.no_grad():
             net(features(signals, b1))
 
-    t_net = _best_of(infer)
-    print(f"mrfnet inference, {v} voxels: {t_net:.4f} s; matching against {a} atoms (fused kernel) / mrfnet = "
-          f"{t_match / t_net:.0f}x (target >= 20x)")
+    t_net = _median([_best_of(infer, 1) for _ in range(5)])
+    print(f"mrfnet inference, {v} voxels: {t_net:.4f} s (median of 5); matching against {a} real atoms (fused "
+          f"kernel, median) / mrfnet = {t_match / t_net:.0f}x (target >= 20x)")
 
     sched = epg.default_fisp_schedule(1000)
     x = torch.stack([torch.full((args.dict_atoms,), 0.0).uniform_(-2.3, 1.6, generator=g),
@@ -185,46 +186,101 @@ def main() -> None:
           f"process); load average at the end {os.getloadavg()[0]:.1f}")
 
 
-def _bench_match(signals, atoms, label, threads, repeats) -> float:
-    """Side by side, per thread count: a bare complex ``torch.matmul`` of the same shapes (chunked,
-    result discarded), ``dictmatch.match`` with the fused kernel, and with the torch GEMM path.
-    Returns the kernel's time at one thread."""
-    unit, norms = dictmatch.normalise_atoms(atoms)
-    atoms_h = unit.mH.contiguous()
-    v, a = signals.shape[0], atoms.shape[0]
+def _bench_match(signals, cases: dict, threads, repeats) -> float:
+    """Side by side, per kind of atoms and thread count: a bare complex ``torch.matmul`` of the same
+    shapes (chunked, result discarded), ``dictmatch.match`` with the fused kernel and with the torch
+    GEMM path (and, for projected complex atoms, the kernel on the direct complex path). All
+    configurations interleaved, ``repeats`` times; medians. Returns the kernel's median time on
+    real atoms at one thread."""
+    v, r = signals.shape
     vc, ac = 1024, 256
+    configs, labels = {}, {}
+    for kind, atoms in cases.items():
+        a = atoms.shape[0]
+        t0 = time.perf_counter()
+        prep = dictmatch.prepare_atoms(atoms)
+        t_prep = time.perf_counter() - t0
+        direct = dictmatch.prepare_atoms(atoms, factor=False)
+        atoms_h = prep.unit.mH.contiguous()
 
-    def bare():
-        for lo in range(0, v, vc):
-            s = signals[lo:lo + vc]
-            for alo in range(0, a, ac):
-                torch.matmul(s, atoms_h[:, alo:alo + ac])
+        def bare(atoms_h=atoms_h, a=a):
+            for lo in range(0, v, vc):
+                s = signals[lo:lo + vc]
+                for alo in range(0, a, ac):
+                    torch.matmul(s, atoms_h[:, alo:alo + ac])
 
-    def kernel(n):
-        return lambda: dictmatch.match(signals, atoms, atom_norms=(unit, norms), backend="kernel", num_threads=n)
+        def kernel(n, prep=prep):
+            return lambda: dictmatch.match(signals, atoms, prepared=prep, backend="kernel", num_threads=n)
 
-    def gemm():
-        dictmatch.match(signals, atoms, voxel_chunk=vc, atom_chunk=ac, atom_norms=(unit, norms), backend="torch")
+        def gemm(prep=prep, atoms=atoms):
+            dictmatch.match(signals, atoms, voxel_chunk=vc, atom_chunk=ac, prepared=prep, backend="torch")
 
-    first = kernel(1)()  # compiled (or loaded from numba's cache) before timing
-    check = dictmatch.match(signals[:2048], atoms, atom_norms=(unit, norms), backend="torch").index
-    differ = int((first.index[:2048] != check).sum())
-    print(f"matching {label}, timings interleaved (best of {repeats}); kernel and torch matcher disagree on "
-          f"{differ} of {len(check)} voxels:")
-    out = None
-    for n in threads:
-        torch.set_num_threads(n)
-        t = _side_by_side({"bare": bare, "kernel": kernel(n), "torch": gemm}, repeats)
-        pairs = v * a / 1e9
-        print(f"  {n} thread(s): bare complex torch.matmul {t['bare']:7.3f} s ({pairs / t['bare']:5.2f} G pairs/s); "
-              f"fused kernel {t['kernel']:7.3f} s ({pairs / t['kernel']:5.2f}); torch matcher {t['torch']:7.3f} s "
-              f"({pairs / t['torch']:5.2f})")
-        print(f"    throughput ratio kernel / bare matmul {t['bare'] / t['kernel']:.2f} (target >= 0.70); "
-              f"torch matcher / bare {t['bare'] / t['torch']:.2f}; kernel / torch matcher "
-              f"{t['torch'] / t['kernel']:.1f}x", flush=True)
-        if n == 1:
-            out = t["kernel"]
-    return out
+        first = kernel(1)()  # compiled (or loaded from numba's cache) before timing
+        check = dictmatch.match(signals[:2048], atoms, prepared=direct, backend="torch").index
+        differ = int((first.index[:2048] != check).sum())
+        labels[kind] = (f"{kind} atoms ({a} x rank {r}): searched as '{first.form}' (prepared in {t_prep:.2f} s, "
+                        f"factorisation residual {prep.residual:.1e}); the kernel and the direct torch complex path "
+                        f"disagree on {differ} of {len(check)} voxels")
+        for n in threads:
+            configs[(n, f"{kind}|bare")] = bare
+            configs[(n, f"{kind}|kernel")] = kernel(n)
+            configs[(n, f"{kind}|torch")] = gemm
+            if prep.form == "factored":
+                configs[(n, f"{kind}|kernel direct complex")] = (
+                    lambda n=n, direct=direct, atoms=atoms: dictmatch.match(signals, atoms, prepared=direct,
+                                                                            backend="kernel", num_threads=n))
+    times = _side_by_side(configs, repeats)
+    med = {k: _median(t) for k, t in times.items()}
+    pairs = v * next(iter(cases.values())).shape[0] / 1e9
+    print(f"matching {v} voxels, wall s, median of {repeats} interleaved repeats (min in brackets); ratio = bare "
+          f"complex torch.matmul time / the matcher's time (throughput ratio; target >= 0.70):")
+    for kind in cases:
+        print(f"  {labels[kind]}")
+        for n in threads:
+            bare_t = med[(n, f"{kind}|bare")]
+            row = [f"bare matmul {bare_t:.3f} [{min(times[(n, f'{kind}|bare')]):.3f}] "
+                   f"({pairs / bare_t:.2f} G pairs/s)"]
+            for name in ("kernel", "kernel direct complex", "torch"):
+                key = (n, f"{kind}|{name}")
+                if key in med:
+                    row.append(f"{name} {med[key]:.3f} [{min(times[key]):.3f}] ratio {bare_t / med[key]:.2f}")
+            print(f"    {n} thread(s): " + "; ".join(row), flush=True)
+    return med[(1, "real|kernel")]
+
+
+def _memory(voxels: int, atoms: int, rank: int) -> str:
+    """Peak resident-set growth of ``dictmatch.match`` (kernel, real atoms; the kernel already compiled
+    and cached), in fresh interpreters, beyond the signals and atoms already in memory:
+    ``voxels`` against 2048 atoms and 4096 voxels against ``atoms``; their sum estimates the whole."""
+    import subprocess
+    import sys
+
+    # growth = the high-water mark after the match minus the resident set just before it (the kernel is
+    # already compiled and cached by this process: the child only loads it; an earlier, higher
+    # high-water mark would make this an over-estimate)
+    code = ("import os, resource, sys, torch; from bids_qmri.fitting import dictmatch\n"
+            "torch.set_num_threads(1); v, a, r = map(int, sys.argv[1:4]); g = torch.Generator().manual_seed(0)\n"
+            "s = torch.randn(v, r, dtype=torch.complex64, generator=g)\n"
+            "d = torch.complex(torch.randn(a, r, generator=g), torch.zeros(a, r))\n"
+            "dictmatch.match(s[:64], d[:64], backend='kernel')  # loaded from the cache before measuring\n"
+            "base = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') // 1024\n"
+            "dictmatch.match(s, d, backend='kernel', num_threads=1)\n"
+            "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    out = {}
+    for v, a in ((voxels, 2048), (4096, atoms)):
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-c", code, str(v), str(a), str(rank)], capture_output=True,
+                             text=True, check=True)
+        base, peak = map(int, res.stdout.split())
+        out[(v, a)] = ((peak - base) / 1024, time.perf_counter() - t0)
+    (mv, tv), (ma, ta) = out[(voxels, 2048)], out[(4096, atoms)]
+    inputs = voxels * rank * 8 / 2**20
+    return (f"peak resident growth of a kernel match (measured: high-water mark minus the resident set "
+            f"before it, fresh interpreters): {voxels} voxels x 2048 atoms "
+            f"{mv:.0f} MiB ({tv:.0f} s wall), 4096 voxels x {atoms} atoms {ma:.0f} MiB ({ta:.0f} s wall); "
+            f"{voxels} voxels x {atoms} atoms ~ {mv + ma:.0f} MiB beyond the signals themselves "
+            f"({inputs:.0f} MiB complex64) and the atoms ({atoms * rank * 8 / 2**20:.0f} MiB; the sum of the two "
+            f"growths is an extrapolation)")
 
 
 def _compile_times(rank: int) -> str:

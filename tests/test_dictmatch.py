@@ -73,6 +73,7 @@ def test_match_is_the_exact_argmax_of_a_brute_force_search(backend):
     res = dictmatch.match(torch.from_numpy(signals), torch.from_numpy(atoms), voxel_chunk=37, atom_chunk=101,
                           backend=backend)
     assert res.backend == backend
+    assert res.form == "complex"  # random complex atoms: stacked rank 2R, the complex search
     np.testing.assert_array_equal(res.index.numpy(), brute_force(signals, atoms))
     # scale: a scaled atom is recovered with its complex scale
     m0 = 2.5 * np.exp(1j * 0.7)
@@ -183,6 +184,83 @@ def test_real_atoms_take_the_stacked_real_gemm_and_keep_the_exact_argmax_and_tie
                           atom_norms=(a / 4.0, torch.full((500,), 4.0)), backend=backend)
     np.testing.assert_array_equal(res.index.numpy(), expected)
     assert (res.index[:10] == 12).all()
+
+
+def fisp_on_a_complex_basis(rank=6, n_t1=24, n_t2=18, seed=13):
+    """FISP atoms (float32) on a random complex rotation ``C = B Q`` of their own real SVD basis
+    ``B`` (a real dictionary on a complex basis spanning a real subspace), and ``C``."""
+    t1, t2 = np.meshgrid(np.geomspace(0.3, 3.0, n_t1), np.geomspace(0.02, 0.4, n_t2), indexing="ij")
+    keep = t2 < t1
+    t1, t2 = torch.from_numpy(t1[keep]), torch.from_numpy(t2[keep])
+    frames = epg.fisp_mrf(t1, t2, torch.ones_like(t1), **SCHEDULE)
+    basis = svd.svd_basis(frames, rank).to(torch.complex128)
+    gen = torch.Generator().manual_seed(seed)
+    rotation = torch.linalg.qr(torch.complex(torch.randn(rank, rank, dtype=torch.float64, generator=gen),
+                                             torch.randn(rank, rank, dtype=torch.float64, generator=gen)))[0]
+    complex_basis = basis @ rotation
+    return (frames.to(torch.complex128) @ complex_basis).to(torch.complex64), complex_basis
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_real_dictionary_on_a_complex_basis_is_searched_as_real_atoms_with_the_exact_argmax(backend):
+    # Complex atoms of real rank R: d̂ = x M with x real; ⟨d̂, s⟩ = x · (conj(M) s), so the real
+    # search on x gives the argmax of the complex one. Checked against a float64 brute-force
+    # search and against the direct complex path, with duplicate atoms (ties) in later positions.
+    atoms, complex_basis = fisp_on_a_complex_basis()
+    assert atoms.imag.abs().amax() > 0.1 * atoms.abs().amax()  # really complex atoms
+    n_atoms = atoms.shape[0]
+    atoms = torch.cat([atoms, atoms[[40, 41, 40]]])  # duplicates at n, n+1, n+2
+    prep = dictmatch.prepare_atoms(atoms)
+    assert prep.form == "factored" and prep.residual <= dictmatch.FACTOR_TOLERANCE[torch.complex64]
+    assert prep.real_atoms.dtype == torch.float32 and not prep.real_atoms.is_complex()
+    # the algebra: d̂ = x M, and the duplicates' real rows are bitwise equal
+    torch.testing.assert_close(prep.real_atoms.to(torch.complex128) @ prep.basis_change,
+                               prep.unit.to(torch.complex128), rtol=0, atol=1e-6)
+    assert torch.equal(prep.real_atoms[n_atoms], prep.real_atoms[40])
+    assert torch.equal(prep.real_atoms[n_atoms + 1], prep.real_atoms[41])
+    gen = torch.Generator().manual_seed(5)
+    n = 400
+    t1 = torch.empty(n, dtype=torch.float64).uniform_(0.4, 2.5, generator=gen)
+    t2 = torch.empty(n, dtype=torch.float64).uniform_(0.03, 0.3, generator=gen)
+    clean = epg.fisp_mrf(t1, t2, torch.ones(n, dtype=torch.float64), **SCHEDULE) @ complex_basis
+    noise = torch.complex(torch.randn(clean.shape, dtype=torch.float64, generator=gen),
+                          torch.randn(clean.shape, dtype=torch.float64, generator=gen))
+    phase = torch.exp(1j * 6.0 * torch.rand(n, dtype=torch.float64, generator=gen))
+    signals = phase[:, None] * clean + 0.02 * clean.abs().amax(1, keepdim=True) * noise
+    signals[:6] = (1.5 - 2j) * atoms[[40, 41, 40, 41, 0, n_atoms - 1]].to(torch.complex128)  # exact ties
+    signals = signals.to(torch.complex64)
+    res = dictmatch.match(signals, atoms, backend=backend, voxel_chunk=97, atom_chunk=61)
+    direct = dictmatch.match(signals, atoms, prepared=dictmatch.prepare_atoms(atoms, factor=False),
+                             backend=backend, voxel_chunk=97, atom_chunk=61)
+    assert res.form == "factored" and direct.form == "complex" and res.backend == backend
+    expected = brute_force(signals.numpy().astype(np.complex128), atoms.numpy().astype(np.complex128))
+    np.testing.assert_array_equal(res.index.numpy(), expected)
+    np.testing.assert_array_equal(direct.index.numpy(), expected)
+    assert res.index[:6].tolist() == [40, 41, 40, 41, 0, n_atoms - 1]  # duplicates never win
+    torch.testing.assert_close(res.scale, direct.scale)  # scale and score from the original atoms
+    torch.testing.assert_close(res.score, direct.score)
+
+
+def test_atoms_off_real_rank_r_take_the_complex_search():
+    # Random complex atoms (stacked rank 2R) and factorable atoms perturbed above the tolerance
+    # both fall back to the complex search, which still equals brute force.
+    rng = np.random.default_rng(3)
+    random_atoms = torch.from_numpy(rng.normal(size=(500, 6)) + 1j * rng.normal(size=(500, 6))).to(torch.complex64)
+    atoms, _ = fisp_on_a_complex_basis(n_t1=12, n_t2=10)
+    bump = torch.from_numpy(1e-3 * (rng.normal(size=atoms.shape) + 1j * rng.normal(size=atoms.shape)))
+    perturbed = (atoms.to(torch.complex128) * (1 + bump)).to(torch.complex64)
+    signals = torch.from_numpy(rng.normal(size=(200, 6)) + 1j * rng.normal(size=(200, 6))).to(torch.complex64)
+    for a in (random_atoms, perturbed):
+        prep = dictmatch.prepare_atoms(a)
+        assert prep.form == "complex" and prep.residual > dictmatch.FACTOR_TOLERANCE[torch.complex64]
+        for backend in BACKENDS:
+            res = dictmatch.match(signals, a, prepared=prep, backend=backend)
+            assert res.form == "complex"
+            np.testing.assert_array_equal(res.index.numpy(), brute_force(signals.numpy().astype(np.complex128),
+                                                                         a.numpy().astype(np.complex128)))
+    # a real dictionary times one global phase is factored too; exactly real atoms stay "real"
+    assert dictmatch.prepare_atoms(atoms.real * np.exp(0.3j)).form == "factored"
+    assert dictmatch.prepare_atoms(atoms.real + 0j).form == "real"
 
 
 def test_lagrange_weights_reproduce_polynomials():

@@ -35,8 +35,9 @@ import torch
 
 LOGGER = logging.getLogger("bids_qmri.fitting.dictmatch")
 
-__all__ = ["MatchResult", "simulate_dictionary", "dictionary_gram", "normalise_atoms", "match",
-           "RefineResult", "refine_gauss_newton", "refine_on_grid", "lagrange_weights", "chunk_peak_bytes"]
+__all__ = ["MatchResult", "PreparedAtoms", "prepare_atoms", "simulate_dictionary", "dictionary_gram",
+           "normalise_atoms", "match", "RefineResult", "refine_gauss_newton", "refine_on_grid", "lagrange_weights",
+           "chunk_peak_bytes"]
 
 Simulate = Callable[[torch.Tensor], torch.Tensor]  # params [n, P] -> complex [n, Nt]
 
@@ -103,12 +104,96 @@ class MatchResult:
     """``index`` ``[V]`` (into the full dictionary; −1 where the signal is zero or not finite),
     ``score`` ``[V]`` (``|⟨d̂, s⟩|/‖s‖``, 1 for a perfect match), ``scale`` ``[V]`` complex
     (``⟨d, s⟩/‖d‖²``: the signal ≈ scale · atom), ``backend``: ``"kernel"`` or ``"torch"`` (which
-    implementation searched)."""
+    implementation searched), ``form``: how the atoms were searched (``PreparedAtoms.form``:
+    ``"real"``, ``"factored"`` or ``"complex"``)."""
 
     index: torch.Tensor
     score: torch.Tensor
     scale: torch.Tensor
     backend: str = "torch"
+    form: str = "complex"
+
+
+#: Largest residual, per unit atom, of the real rank-R factorisation ``d̂ = x M`` for which complex
+#: atoms are searched as real ones: a few roundings of the atoms' own precision, so the scores move
+#: by about what the search's own rounding moves them (``|Δ⟨d̂, s⟩| ≤ residual · ‖s‖``).
+FACTOR_TOLERANCE = {torch.complex64: 2e-6, torch.complex128: 1e-13}
+
+
+@dataclass(frozen=True)
+class PreparedAtoms:
+    """Unit atoms ready to be searched (``prepare_atoms``).
+
+    ``unit`` ``[A, R]`` complex unit atoms and ``norms`` ``[A]`` (the original atoms' norms: the
+    score and scale of a match always come from these). ``form``:
+
+    - ``"real"``: the imaginary parts are exactly zero; ``real_atoms`` is ``unit.real``.
+    - ``"factored"``: complex atoms of real rank R: ``unit = real_atoms @ basis_change`` with
+      ``real_atoms`` ``[A, R]`` real and ``basis_change`` ``M`` ``[R, R]`` complex, up to a per-atom
+      residual ``residual`` (at most ``FACTOR_TOLERANCE``). Then ``⟨d̂_k, s⟩ = Σ_j conj(d̂_kj) s_j =
+      x_k · (conj(M) s)``: each signal is transformed once (``s @ Mᴴ``) and searched against the
+      real atoms ``x_k`` (half the multiply-adds of complex atoms). This is the case of a real
+      dictionary (FISP) projected onto a complex basis that spans a real subspace, e.g. the
+      dictionary's own SVD basis with complex phases, or any complex rotation of it.
+    - ``"complex"``: neither; searched as complex atoms.
+    """
+
+    unit: torch.Tensor
+    norms: torch.Tensor
+    form: str
+    real_atoms: torch.Tensor | None = None
+    basis_change: torch.Tensor | None = None
+    residual: float = 0.0
+
+    def search_signals(self, signals: torch.Tensor) -> torch.Tensor:
+        """The signals in the space searched: ``s @ Mᴴ`` (in double precision) for ``"factored"``
+        atoms, else the signals themselves."""
+        if self.form != "factored":
+            return signals
+        out = torch.empty_like(signals)
+        for lo in range(0, signals.shape[0], 65536):  # bounded double-precision temporaries
+            out[lo:lo + 65536] = signals[lo:lo + 65536].to(torch.complex128) @ self.basis_change.mH
+        return out
+
+
+def prepare_atoms(atoms: torch.Tensor, *, atom_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  factor: bool = True, tolerance: float | None = None) -> PreparedAtoms:
+    """Unit atoms of ``atoms`` ``[A, R]`` and the form in which they are searched (``PreparedAtoms``).
+
+    ``atom_norms``: ``normalise_atoms(atoms)`` if already computed. ``factor=False`` keeps complex
+    atoms complex (the direct path). Complex atoms are factored when the stacked real matrix
+    ``[Re d̂ | Im d̂]`` ``[A, 2R]`` has rank R: with its SVD ``U S Vᵀ`` (from the R factor of a QR,
+    precise in the small singular values), ``x = [Re d̂ | Im d̂] V_R`` and ``M = (V₁ + i V₂)ᵀ``
+    where ``V_R = [V₁; V₂]`` are the leading R right singular vectors. The largest per-atom
+    residual ``‖[Re d̂ | Im d̂] V_rest‖`` (the score error per unit signal norm; at most the
+    (R+1)-th singular value) must not exceed ``tolerance`` (default ``FACTOR_TOLERANCE`` of the
+    dtype), else the atoms stay complex.
+    """
+    atoms = torch.as_tensor(atoms)
+    if not atoms.is_complex():
+        atoms = atoms.to(torch.complex128 if atoms.dtype == torch.float64 else torch.complex64)
+    unit, norms = atom_norms if atom_norms is not None else normalise_atoms(atoms)
+    unit = unit.to(atoms.dtype)
+    if not bool(unit.imag.any()):
+        return PreparedAtoms(unit, norms, "real", real_atoms=unit.real)
+    n_atoms, rank = unit.shape
+    if not factor or n_atoms < 2 * rank:
+        return PreparedAtoms(unit, norms, "complex", residual=float("nan"))
+    stacked = torch.cat([unit.real, unit.imag], 1).to(torch.float64)  # [A, 2R]
+    r_factor = torch.linalg.qr(stacked, mode="r")[1]
+    v = torch.linalg.svd(r_factor)[2].mT  # [2R, 2R] right singular vectors, singular values descending
+    residual = float(torch.linalg.vector_norm(stacked @ v[:, rank:], dim=1).max())
+    limit = FACTOR_TOLERANCE[unit.dtype] if tolerance is None else tolerance
+    if not residual <= limit:
+        return PreparedAtoms(unit, norms, "complex", residual=residual)
+    # x = stacked @ V_R as a sum of columns in a fixed order (no GEMM blocking): duplicate atoms get
+    # bitwise equal rows, so their ties survive
+    x = torch.zeros((n_atoms, rank), dtype=torch.float64)
+    for j in range(2 * rank):
+        x += stacked[:, j:j + 1] * v[j, :rank]
+    basis_change = (v[:rank, :rank] + 1j * v[rank:, :rank]).mT.contiguous()  # M = (V1 + i V2)^T
+    return PreparedAtoms(unit, norms, "factored", real_atoms=x.to(unit.real.dtype), basis_change=basis_change,
+                         residual=residual)
 
 
 def _real_atoms(atoms_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +247,9 @@ def _match_block(signals: torch.Tensor, atoms_re: torch.Tensor, atoms_im: torch.
 #: ``backend="auto"`` takes the fused kernel from this many voxel-atom pairs on: below it the torch
 #: path is done in about the time the kernel takes to compile when numba has no cache yet (5–8 s).
 KERNEL_MIN_PAIRS = 200_000_000
+#: Signals per step of the passes over all signals (norms, the kernel's gathers, the final inner
+#: products): each temporary stays at about 10 MiB whatever the number of voxels.
+SIGNAL_CHUNK = 131072
 BACKENDS = ("auto", "kernel", "torch")
 
 
@@ -178,20 +266,23 @@ def _use_kernel(backend: str, pairs: int) -> bool:
 
 def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | None = None,
           atom_groups: list[slice] | None = None, voxel_chunk: int = 1024, atom_chunk: int = 256,
-          atom_norms: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str = "auto",
-          num_threads: int | None = None) -> MatchResult:
+          atom_norms: tuple[torch.Tensor, torch.Tensor] | None = None, prepared: PreparedAtoms | None = None,
+          backend: str = "auto", num_threads: int | None = None) -> MatchResult:
     """Best atom of ``atoms`` ``[A, R]`` for each signal of ``signals`` ``[V, R]`` (complex).
 
     ``atom_groups`` (list of slices of the atom axis) with ``groups`` ``[V]`` (index into
     ``atom_groups``, −1: not matched) restricts each signal to its own sub-dictionary.
-    ``atom_norms``: ``normalise_atoms(atoms)`` if already computed. The computation runs in the
-    dtype of ``atoms`` (complex64: single-precision GEMM). Real atoms (imaginary part exactly zero,
-    as FISP fingerprints on a real SVD basis are) take one real GEMM of ``[Re s; Im s]`` instead of
-    two, with the same scores. ``backend``: ``"kernel"`` (the fused numba kernel), ``"torch"``
-    (the GEMM path; ``voxel_chunk`` and ``atom_chunk`` are its block sizes) or ``"auto"`` (the
-    kernel when numba is installed and the search has ``KERNEL_MIN_PAIRS`` voxel-atom pairs or
-    more). ``num_threads``: the kernel's threads (default ``torch.get_num_threads()``, which the
-    run sets from ``--omp-nthreads``).
+    ``prepared``: ``prepare_atoms(atoms)`` if already computed (else it is computed here, from
+    ``atom_norms`` = ``normalise_atoms(atoms)`` when given). The computation runs in the dtype of
+    ``atoms`` (complex64: single precision). Real atoms (imaginary part exactly zero, as FISP
+    fingerprints on a real SVD basis are) and complex atoms of real rank R (a real dictionary on a
+    complex basis: ``PreparedAtoms`` ``"factored"``, searched as real atoms after one R × R
+    transform of each signal) take the real search: one real GEMM of ``[Re s; Im s]``, or the
+    kernel's real variant, instead of complex products. ``backend``: ``"kernel"`` (the fused numba
+    kernel), ``"torch"`` (the GEMM path; ``voxel_chunk`` and ``atom_chunk`` are its block sizes) or
+    ``"auto"`` (the kernel when numba is installed and the search has ``KERNEL_MIN_PAIRS``
+    voxel-atom pairs or more). ``num_threads``: the kernel's threads (default
+    ``torch.get_num_threads()``, which the run sets from ``--omp-nthreads``).
     """
     atoms = torch.as_tensor(atoms)
     if not atoms.is_complex():
@@ -199,7 +290,8 @@ def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | 
     signals = torch.as_tensor(signals).to(atoms.dtype)
     if signals.shape[-1] != atoms.shape[-1]:
         raise ValueError(f"signals have {signals.shape[-1]} coefficients, atoms {atoms.shape[-1]}")
-    unit, norms = atom_norms if atom_norms is not None else normalise_atoms(atoms)
+    prep = prepared if prepared is not None else prepare_atoms(atoms, atom_norms=atom_norms)
+    unit, norms = prep.unit, prep.norms
     n = signals.shape[0]
     if atom_groups is None:
         atom_groups = [slice(0, atoms.shape[0])]
@@ -207,39 +299,48 @@ def match(signals: torch.Tensor, atoms: torch.Tensor, *, groups: torch.Tensor | 
     elif groups is None:
         raise ValueError("atom_groups needs groups (the group of each signal)")
     groups = torch.as_tensor(groups, dtype=torch.long)
-    finite = torch.isfinite(torch.view_as_real(signals)).all(-1).all(-1)
-    snorm = torch.linalg.vector_norm(torch.where(finite[:, None], signals, 0), dim=-1)
+    finite = torch.empty(n, dtype=torch.bool)
+    snorm = torch.empty(n, dtype=signals.real.dtype)
+    for lo in range(0, n, SIGNAL_CHUNK):  # chunked: temporaries stay small for a whole brain
+        part = signals[lo:lo + SIGNAL_CHUNK]
+        finite[lo:lo + SIGNAL_CHUNK] = ok = torch.isfinite(torch.view_as_real(part)).all(-1).all(-1)
+        snorm[lo:lo + SIGNAL_CHUNK] = torch.linalg.vector_norm(torch.where(ok[:, None], part, 0), dim=-1)
     usable = finite & (snorm > 0) & (groups >= 0)
     index = torch.full((n,), -1, dtype=torch.long)
-    real_atoms = not bool(unit.imag.any())
+    real_search = prep.form in ("real", "factored")
     rows_of = [torch.nonzero(usable & (groups == g)).flatten() for g in range(len(atom_groups))]
     pairs = sum(len(rows) * len(range(*sl.indices(atoms.shape[0]))) for rows, sl in zip(rows_of, atom_groups))
     kernel = _use_kernel(backend, pairs)
     for rows, sl in zip(rows_of, atom_groups):
         if rows.numel() == 0:
             continue
-        sub = unit[sl]
         if kernel:
             from bids_qmri.fitting import match_kernel
 
-            arg = match_kernel.best_atoms(signals[rows].numpy(), sub.resolve_conj().numpy(),
-                                          num_threads=num_threads or torch.get_num_threads())
-            index[rows] = torch.from_numpy(arg) + (sl.start or 0)
+            sub = prep.real_atoms[sl] if real_search else unit[sl].resolve_conj()
+            for lo in range(0, rows.numel(), SIGNAL_CHUNK):  # gathered a chunk at a time (bounded copies)
+                sel = rows[lo:lo + SIGNAL_CHUNK]
+                arg = match_kernel.best_atoms(prep.search_signals(signals[sel]).numpy(), sub.numpy(),
+                                              num_threads=num_threads or torch.get_num_threads())
+                index[sel] = torch.from_numpy(arg) + (sl.start or 0)
             continue
-        if real_atoms:
-            atoms_re, atoms_im = sub.real.mT.contiguous(), None  # [R, A_g]
+        if real_search:
+            atoms_re, atoms_im = prep.real_atoms[sl].mT.contiguous(), None  # [R, A_g]
         else:
-            atoms_re, atoms_im = _real_atoms(sub.mH)  # [2R, A_g] each
+            atoms_re, atoms_im = _real_atoms(unit[sl].mH)  # [2R, A_g] each
         for lo in range(0, rows.numel(), voxel_chunk):
             sel = rows[lo:lo + voxel_chunk]
-            _, arg = _match_block(signals[sel], atoms_re, atoms_im, atom_chunk)
+            _, arg = _match_block(prep.search_signals(signals[sel]), atoms_re, atoms_im, atom_chunk)
             index[sel] = arg + (sl.start or 0)
     ok = index >= 0
     safe = index.clamp_min(0)
-    ip = torch.linalg.vecdot(unit[safe], signals)  # Σ conj(d̂) s
+    ip = torch.empty(n, dtype=signals.dtype)
+    for lo in range(0, n, SIGNAL_CHUNK):  # Σ conj(d̂) s, with the original atoms
+        ip[lo:lo + SIGNAL_CHUNK] = torch.linalg.vecdot(unit[safe[lo:lo + SIGNAL_CHUNK]], signals[lo:lo + SIGNAL_CHUNK])
     score = torch.where(ok, ip.abs() / snorm.clamp_min(torch.finfo(snorm.dtype).tiny), 0.0)
     scale = torch.where(ok, ip / norms[safe].clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
-    return MatchResult(index=index, score=score, scale=scale, backend="kernel" if kernel else "torch")
+    return MatchResult(index=index, score=score, scale=scale, backend="kernel" if kernel else "torch",
+                       form=prep.form)
 
 
 def _projected_residual(signals: torch.Tensor, model: torch.Tensor) -> torch.Tensor:

@@ -157,14 +157,15 @@ def best_atoms(signals: np.ndarray, unit_atoms: np.ndarray, *, num_threads: int 
     signal of ``signals`` ``[V, R]`` (both complex; ties: the lowest index). Atoms of any one common
     norm give the same argmax.
 
-    Runs in float32 for complex64 atoms, else float64. Real atoms (imaginary part exactly zero)
-    take the real kernel (half the multiply-adds). ``num_threads``: numba threads (capped at
+    ``unit_atoms`` may be a real array (float32 or float64). Runs in float32 for complex64 or
+    float32 atoms, else float64. Real atoms (a real array, or an imaginary part exactly zero) take
+    the real kernel (half the multiply-adds). ``num_threads``: numba threads (capped at
     ``numba.config.NUMBA_NUM_THREADS``; the caller's setting is restored afterwards). The caller
     passes finite signals only (a NaN would order above every score).
     """
     if numba is None:
         raise RuntimeError("the fused matching kernel needs numba (pip install numba)")
-    dtype = np.float32 if unit_atoms.dtype == np.complex64 else np.float64
+    dtype = np.float32 if unit_atoms.dtype in (np.complex64, np.float32) else np.float64
     bits_dtype = np.int32 if dtype == np.float32 else np.int64
     n_signals, rank = signals.shape
     n_atoms = unit_atoms.shape[0]
@@ -172,7 +173,7 @@ def best_atoms(signals: np.ndarray, unit_atoms: np.ndarray, *, num_threads: int 
     if n_signals == 0 or n_atoms == 0:
         return arg
     r4 = padded_rank(rank)
-    real_atoms = not np.any(unit_atoms.imag)
+    real_atoms = not np.iscomplexobj(unit_atoms) or not np.any(unit_atoms.imag)
     tiles_re = _tiles(unit_atoms.real.astype(dtype), r4, tile)
     tiles_im = np.empty((0, r4, tile), dtype) if real_atoms else _tiles(unit_atoms.imag.astype(dtype), r4, tile)
     best = np.full(n_signals, -1, dtype=bits_dtype)

@@ -59,6 +59,15 @@ def grid_from_options(options: dict) -> mrfdict.DictionaryGrid:
     return mrfdict.DictionaryGrid(t1_steps=steps, t2_steps=steps, b1_step=b1_step)
 
 
+#: How the atoms were searched (``dictmatch.MatchResult.form``), for the sidecar.
+MATCH_FORMS = {
+    "real": ", real atoms",
+    "factored": (", complex atoms of real rank R (a real dictionary on a complex basis) searched as real atoms "
+                 "after one R x R complex change of basis of each voxel's coefficients (exact up to rounding)"),
+    "complex": ", complex atoms",
+}
+
+
 def _volume(values, mask: np.ndarray) -> np.ndarray:
     out = np.full(mask.shape, np.nan, dtype=np.float32)
     out[mask] = np.asarray(values, dtype=np.float32)
@@ -139,7 +148,7 @@ def estimate_dictmatch(data: dict, mask: np.ndarray, protocol, context) -> tuple
         **source,
         "Refinement": refine,
         "MatchingImplementation": ("fused numba kernel (fitting.match_kernel)" if result.backend == "kernel" else
-                                   "torch GEMM + running argmax"),
+                                   "torch GEMM + running argmax") + MATCH_FORMS[result.form],
         "MedianMatchScore": float(result.score[ok].median()) if ok.any() else None,
         "VoxelsNotMatched": int((~ok).sum()),
     }
