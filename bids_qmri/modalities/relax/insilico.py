@@ -28,7 +28,9 @@ What seed 004 measures, and how this module follows it:
 
 Estimators: the RIM and the ResNet through ``estimate.infer_volume`` (the code a run uses;
 realisations are the slices), the MLE through ``mle.fit_inversion_recovery`` / ``fit_t2_decay``
-(Gaussian likelihood, as seed 004's).
+(Gaussian likelihood, as seed 004's). Seed 004's T1 MLE regularises B with a Laplacian (§4.4.1,
+λ_B = 500 in its own scaling): ``mle_lambda_b`` > 0 fits each realisation's image with
+``mle.fit_inversion_recovery_volume`` at that λ_B (0: voxel-wise, faster).
 
 1. ``relax_bias_cv.tsv`` (+ PNG): Fig. 2, bias and CV vs SNR for A, B, T1 (IR) and A, T2 (T2).
 2. ``relax_blur.tsv``: Fig. 3, the four structures, regions structure / neighbourhood, E1 / E2.
@@ -119,10 +121,23 @@ def _noisy(clean: torch.Tensor, sigma: float, n: int, gen: torch.Generator, nois
     return torch.hypot(re, im)
 
 
-def _estimate(method: str, net, noisy: torch.Tensor, brain: np.ndarray, times, kind: str) -> np.ndarray:
+def _estimate(method: str, net, noisy: torch.Tensor, brain: np.ndarray, times, kind: str,
+              mle_lambda_b: float = 0.0) -> np.ndarray:
     """Estimates ``[n, Q, H, W]`` (NaN where none) of every realisation."""
     n = noisy.shape[0]
     names = rim.PARAMETERS[kind]
+    if method == "mle" and kind == "ir" and mle_lambda_b > 0:
+        from .mle import fit_inversion_recovery_volume
+
+        # seed 004's MLE: B regularised by a Laplacian, one realisation (image) at a time so
+        # that the Laplacian never couples realisations
+        out = np.full((n, len(names), *brain.shape), np.nan)
+        for i in range(n):
+            fit = fit_inversion_recovery_volume(noisy[i].permute(1, 2, 0)[:, :, None, :].numpy(), brain[:, :, None],
+                                                np.asarray(times), lambda_b=mle_lambda_b)
+            for q, name in enumerate(names):
+                out[i, q] = fit[name][..., 0]
+        return out
     if method == "mle":
         from .mle import fit_inversion_recovery, fit_t2_decay
 
@@ -156,7 +171,8 @@ def _summary(values: np.ndarray) -> dict:
 
 
 def monte_carlo(kind: str, times, nets: dict, *, snrs=DEFAULT_SNRS, n_mc: int = 100, size: int | None = 64,
-                seed: int = 0, image: dict | None = None, noise: str = "rician") -> pd.DataFrame:
+                seed: int = 0, image: dict | None = None, noise: str = "rician",
+                mle_lambda_b: float = 0.0) -> pd.DataFrame:
     """Fig. 2 rows: method, snr, parameter, bias and CV (median, quartiles over brain voxels)."""
     image = image or test_image(kind, size, seed)
     params, brain = image["params"], image["brain"].numpy()
@@ -167,7 +183,7 @@ def monte_carlo(kind: str, times, nets: dict, *, snrs=DEFAULT_SNRS, n_mc: int = 
         gen = torch.Generator().manual_seed(seed * 1000 + int(snr))
         noisy = _noisy(clean, A_REFERENCE / snr, n_mc, gen, noise)
         for method, net in nets.items():
-            est = _estimate(method, net, noisy, brain, times, kind)
+            est = _estimate(method, net, noisy, brain, times, kind, mle_lambda_b)
             bias, cv = _voxel_stats(est, truth, brain)
             failed = float(np.isnan(est[:, -1][:, brain]).mean())
             for q, name in enumerate(rim.PARAMETERS[kind]):
@@ -175,7 +191,8 @@ def monte_carlo(kind: str, times, nets: dict, *, snrs=DEFAULT_SNRS, n_mc: int = 
                 rows.append({"model": kind, "method": method, "snr": snr, "parameter": name,
                              "rel_bias_median": b["median"], "rel_bias_q25": b["q25"], "rel_bias_q75": b["q75"],
                              "cv_median": c["median"], "cv_q25": c["q25"], "cv_q75": c["q75"],
-                             "failed_fraction": failed, "n_mc": n_mc, "voxels": int(brain.sum()), "noise": noise})
+                             "failed_fraction": failed, "n_mc": n_mc, "voxels": int(brain.sum()), "noise": noise,
+                             "mle_lambda_b": mle_lambda_b})
     return pd.DataFrame(rows)
 
 
@@ -212,7 +229,7 @@ def _structures(image: dict) -> dict[str, np.ndarray]:
 
 
 def blur_test(kind: str, times, nets: dict, *, snr: float = 10, n_mc: int = 100, size: int | None = 64,
-              seed: int = 0, noise: str = "rician") -> pd.DataFrame:
+              seed: int = 0, noise: str = "rician", mle_lambda_b: float = 0.0) -> pd.DataFrame:
     """Fig. 3 rows: structure, region (structure / neighbourhood), scenario E1/E2, method; per-voxel
     relative bias and CV over the realisations, their median (seed 004) and mean over the region."""
     from scipy import ndimage
@@ -229,7 +246,7 @@ def blur_test(kind: str, times, nets: dict, *, snr: float = 10, n_mc: int = 100,
         gen = torch.Generator().manual_seed(seed * 1000 + 77)
         noisy = _noisy(_signal(p, times, kind), A_REFERENCE / snr, n_mc, gen, noise)
         for method, net in nets.items():
-            est = _estimate(method, net, noisy, brain, times, kind)
+            est = _estimate(method, net, noisy, brain, times, kind, mle_lambda_b)
             for name, m in structs.items():
                 ring = ndimage.binary_dilation(m, np.ones((3, 3), bool)) & ~m & brain
                 for region, where in (("structure", m), ("neighbourhood", ring)):
@@ -240,19 +257,19 @@ def blur_test(kind: str, times, nets: dict, *, snr: float = 10, n_mc: int = 100,
                                  "rel_bias_median": float(np.nanmedian(bias[-1])),
                                  "rel_bias_mean": float(np.nanmean(bias[-1])),
                                  "cv_median": float(np.nanmedian(cv[-1])), "cv_mean": float(np.nanmean(cv[-1])),
-                                 "n_mc": n_mc, "noise": noise})
+                                 "n_mc": n_mc, "noise": noise, "mle_lambda_b": mle_lambda_b})
     return pd.DataFrame(rows)
 
 
 def ti_lists(net, model_times, *, snr: float = 10, n_mc: int = 50, size: int | None = 64, seed: int = 0,
-             noise: str = "rician") -> pd.DataFrame:
+             noise: str = "rician", mle_lambda_b: float = 0.0) -> pd.DataFrame:
     """Fig. 9 rows: the RIM trained for ``model_times`` on other TI lists, beside the MLE."""
     lists = {"model": tuple(model_times), **SEED_TI_LISTS}
     image = test_image("ir", size, seed)
     rows = []
     for label, times in lists.items():
         df = monte_carlo("ir", times, {"rim": net, "mle": None}, snrs=(snr,), n_mc=n_mc, seed=seed, image=image,
-                         noise=noise)
+                         noise=noise, mle_lambda_b=mle_lambda_b)
         df = df[df["parameter"] == "T1"].assign(ti_list=label, n_times=len(times))
         rows.append(df)
     return pd.concat(rows, ignore_index=True)
@@ -289,7 +306,8 @@ def _plot_bias_cv(df: pd.DataFrame, path: Path) -> Path:
 
 def run_relax_insilico(out_dir, *, models: dict, methods=("rim", "resnet", "mle"), snrs=DEFAULT_SNRS, n_mc: int = 100,
                        size: int | None = 64, blur_snr: float = 10, lists_snr: float = 10, model_dir=None,
-                       seed: int = 0, allow_training: bool = True, noise: str = "rician") -> list[Path]:
+                       seed: int = 0, allow_training: bool = True, noise: str = "rician",
+                       mle_lambda_b: float = 0.0) -> list[Path]:
     """``models``: ``{"ir": times, "t2": times}`` (seconds) — the series to test; the networks come
     from the model registry (bundled, ``model_dir`` or trained on the fly)."""
     from bids_qmri.modalities.bssfp.insilico import _save_tsv
@@ -309,11 +327,11 @@ def run_relax_insilico(out_dir, *, models: dict, methods=("rim", "resnet", "mle"
                 nets[method], card = get_model(method, protocol, model_dir=model_dir, seed=seed,
                                                allow_training=allow_training)
                 log.info("%s %s: %s", kind, method, card.get("path"))
-        mc.append(monte_carlo(kind, protocol.times, nets, snrs=snrs, n_mc=n_mc, size=size, seed=seed, noise=noise))
-        blur.append(blur_test(kind, protocol.times, nets, snr=blur_snr, n_mc=n_mc, size=size, seed=seed, noise=noise))
+        opts = {"size": size, "seed": seed, "noise": noise, "mle_lambda_b": mle_lambda_b}
+        mc.append(monte_carlo(kind, protocol.times, nets, snrs=snrs, n_mc=n_mc, **opts))
+        blur.append(blur_test(kind, protocol.times, nets, snr=blur_snr, n_mc=n_mc, **opts))
         if kind == "ir" and "rim" in nets:
-            lists.append(ti_lists(nets["rim"], protocol.times, snr=lists_snr, n_mc=max(2, n_mc // 2), size=size,
-                                  seed=seed, noise=noise))
+            lists.append(ti_lists(nets["rim"], protocol.times, snr=lists_snr, n_mc=max(2, n_mc // 2), **opts))
     mc_df = pd.concat(mc, ignore_index=True)
     written = [_save_tsv(mc_df, out_dir / "relax_bias_cv.tsv"), _plot_bias_cv(mc_df, out_dir / "relax_bias_cv.png"),
                _save_tsv(pd.concat(blur, ignore_index=True), out_dir / "relax_blur.tsv")]
