@@ -103,8 +103,16 @@ def add_insilico_command(sub) -> None:
     p.add_argument("--methods", nargs="+", default=["rim", "resnet", "mle"], choices=["rim", "resnet", "mle"])
     p.add_argument("--snr", nargs="+", type=float, default=list(DEFAULT_SNRS))
     p.add_argument("--mc", type=int, default=100, help="noise realisations per SNR")
-    p.add_argument("--size", type=int, default=64, help="test image size (pixels, 1.5 mm)")
-    p.add_argument("--blur-snr", type=float, default=30.0)
+    p.add_argument("--size", type=int, default=64,
+                   help="test image: the central SIZE×SIZE pixels (1.5 mm) of the axial slice with the most brain; "
+                        "0: the whole slice (seed 004: a whole 256×256 slice)")
+    p.add_argument("--noise", choices=["rician", "gaussian"], default="rician",
+                   help="rician: magnitude of complex Gaussian noise (as the networks are trained); gaussian: real "
+                        "Gaussian noise added to the magnitude model (seed 004 eq. 1)")
+    p.add_argument("--blur-snr", type=float, default=10.0, help="SNR of the blur test (seed 004 Fig. 3: 10)")
+    p.add_argument("--mle-lambda-b", type=float, default=50.0,
+                   help="IR MLE: Laplacian regularisation of B per image, as seed 004's MLE (its λ_B = 500 is in "
+                        "another scaling); 0: voxel-wise fits")
     p.add_argument("--lists-snr", type=float, default=10.0)
     p.add_argument("--model-dir", type=Path, default=None,
                    help="cache for networks trained on the fly (only needed off the bundled TI/TE lists)")
@@ -113,8 +121,9 @@ def add_insilico_command(sub) -> None:
 
 
 def _run_insilico(args, parser) -> int:
-    if args.mc < 2 or args.size < 16 or min(args.snr) <= 0:
-        parser.exit(EXIT_USAGE, "bids_qmri-insilico: error: --mc must be ≥ 2, --size ≥ 16 and SNRs positive\n")
+    if args.mc < 2 or 0 < args.size < 32 or args.size < 0 or min(args.snr) <= 0 or args.mle_lambda_b < 0:
+        parser.exit(EXIT_USAGE, "bids_qmri-insilico: error: --mc must be ≥ 2, --size 0 (whole slice) or ≥ 32, "
+                                "SNRs positive and --mle-lambda-b ≥ 0\n")
     import torch
 
     from .insilico import run_relax_insilico
@@ -122,8 +131,9 @@ def _run_insilico(args, parser) -> int:
     torch.set_num_threads(1)
     models = {k: tuple(args.ir_times if k == "ir" else args.t2_times) for k in args.models}
     written = run_relax_insilico(args.out_dir, models=models, methods=tuple(args.methods), snrs=tuple(args.snr),
-                                 n_mc=args.mc, size=args.size, blur_snr=args.blur_snr, lists_snr=args.lists_snr,
-                                 model_dir=args.model_dir, seed=args.seed)
+                                 n_mc=args.mc, size=args.size or None, blur_snr=args.blur_snr,
+                                 lists_snr=args.lists_snr, model_dir=args.model_dir, seed=args.seed, noise=args.noise,
+                                 mle_lambda_b=args.mle_lambda_b)
     for path in written:
         print(path)
     return 0
