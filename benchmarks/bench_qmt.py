@@ -25,6 +25,7 @@ import time
 import torch
 
 from bids_qmri.modalities.qmt import nls, simulate
+from bids_qmri.modalities.qmt.estimate import INFERENCE_CHUNK
 from bids_qmri.modalities.qmt.net import ResidualMLP, features
 from bids_qmri.physics.crb import jacobian
 from bids_qmri.synth.dataset import qmt_basis
@@ -91,8 +92,8 @@ def inference(a, basis) -> None:
     with torch.no_grad():
         net(features(y[:1000]))
         t, c = time.perf_counter(), time.process_time()
-        for lo in range(0, a.chunk, 65536):
-            net(features(y[lo:lo + 65536]))
+        for lo in range(0, a.chunk, INFERENCE_CHUNK):  # the workflow's batch size
+            net(features(y[lo:lo + INFERENCE_CHUNK]))
         inf, inf_cpu = time.perf_counter() - t, time.process_time() - c
     whole = inf * a.brain_voxels / a.chunk
     print(f"qmtnet inference: {a.chunk} voxels in {inf:.2f} s wall, {inf_cpu:.2f} s CPU -> {a.brain_voxels} voxels "

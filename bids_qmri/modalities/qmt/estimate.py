@@ -41,6 +41,9 @@ NET_TRAINING = {"n_train": 4096, "n_val": 512, "max_epochs": 400, "patience": 40
 #: NLLS defaults: grid starts per voxel (besides the network's) and LM iterations per start.
 NLS_STARTS = 1
 NLS_ITERATIONS = 40
+#: voxels per network batch: the 128-wide activations of 4096 voxels stay in cache; 65 536 took
+#: 1.5x the time (1.5 M voxels, 2 threads: 21.5 s vs 32.5 s wall, benchmarks/bench_qmt.py)
+INFERENCE_CHUNK = 4096
 NLS_CHUNK = 32  # voxels per LM batch (memory: the Jacobian of 32 voxels x 1142 TRs x 7 tangents)
 # float64 throughout: in float32 the T1 of a noise-free voxel stops 2-20 % off (the (T1, M0) Fisher
 # matrix is nearly singular); float64 reaches it to 1e-6 at about the same cost per iteration.
@@ -137,7 +140,7 @@ def get_net(method: str, protocol: QMTProtocol, basis: torch.Tensor, context):
                      seed=context.seed, allow_training=context.allow_training)
 
 
-def predict(net, coeffs: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+def predict(net, coeffs: torch.Tensor, chunk: int = INFERENCE_CHUNK) -> torch.Tensor:
     """``[V, 3]`` float64 (m0s, T1, T2f) of the network; NaN where the coefficients are all zero."""
     from .net import features
 
