@@ -32,7 +32,7 @@ def test_tissue_draws_follow_table1():
     frac[wm] = 1.0
     medians, spreads = [], []
     for _ in range(400):  # one patch per draw
-        m = simulate._tissue_maps(frac, rng)
+        m = simulate.tissue_maps(frac, rng)
         medians.append([np.median(m[k]) for k in ("T1", "T2", "A")])
         spreads.append(np.std(m["T1"]) / np.mean(m["T1"]))
     medians = np.array(medians)
@@ -53,7 +53,7 @@ def test_partial_volume_mixes_rates():
     try:
         simulate.VOXEL_VARIATION = 0.0
         rng = np.random.default_rng(3)
-        got = simulate._tissue_maps(frac, rng)
+        got = simulate.tissue_maps(frac, rng)
     finally:
         simulate.VOXEL_VARIATION = draws
     rng = np.random.default_rng(3)  # replay the draws: GM then CSF, each T1, T2, A in tissue order

@@ -52,7 +52,7 @@ import torch
 from . import rim
 from .estimate import infer_volume
 from .inputs import SeriesProtocol
-from .simulate import A_REFERENCE, PHANTOM_TISSUES, _tissue_maps, anatomy
+from .simulate import A_REFERENCE, PHANTOM_TISSUES, anatomy, tissue_maps
 
 __all__ = ["DEFAULT_SNRS", "NOISE_MODELS", "SEED_TI_LISTS", "STRUCTURES", "blur_test", "monte_carlo",
            "run_relax_insilico", "test_image"]
@@ -95,7 +95,7 @@ def test_image(kind: str, size: int | None, seed: int, resolution_mm: float = 1.
             lo = int(np.clip(c - size // 2, 0, max(n - size, 0)))
             window.append(slice(lo, lo + size))
         frac, brain = frac[:, window[0], window[1]], brain[window[0], window[1]]
-    maps = _tissue_maps(frac, np.random.default_rng([seed, 2004]))
+    maps = tissue_maps(frac, np.random.default_rng([seed, 2004]))
     names = rim.PARAMETERS[kind]
     values = {"A": maps["A"], "B": np.full_like(maps["A"], TEST_B), "T1": maps["T1"], "T2": maps["T2"]}
     params = torch.as_tensor(np.stack([values[n] for n in names]), dtype=torch.float64)

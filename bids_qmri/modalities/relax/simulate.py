@@ -32,7 +32,7 @@ import torch
 from . import rim
 
 __all__ = ["A_REFERENCE", "SIGMA_RANGE", "TABLE1", "Patches", "TissueAnatomy", "anatomy", "simulate_patches",
-           "sigma_for_snr"]
+           "sigma_for_snr", "tissue_maps"]
 
 #: seed 004 Table 1 (T1, T2 in seconds): tissue -> (μ_T1, σ_T1, μ_T2, σ_T2, μ_A, σ_A)
 SIGMA_A_OTHER = 0.1
@@ -109,7 +109,7 @@ class Patches:
     sigma: torch.Tensor  # [batch] noise σ before scaling (Table 1 units)
 
 
-def _tissue_maps(frac: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def tissue_maps(frac: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Per-patch tissue draws mixed by the fractions ``[T, H, W]`` -> T1, T2, A ``[H, W]``."""
     total = frac.sum(0)
     weight = np.where(total > 1e-6, 1.0 / np.maximum(total, 1e-6), 0.0)
@@ -154,7 +154,7 @@ def simulate_patches(kind: str, times, n: int, rng: np.random.Generator, *, reso
             frac, brain = frac[..., :, ::-1], brain[:, ::-1]
         if rng.random() < 0.5:
             frac, brain = np.swapaxes(frac, -1, -2), brain.T
-        maps = _tissue_maps(np.ascontiguousarray(frac, dtype=np.float64), rng)
+        maps = tissue_maps(np.ascontiguousarray(frac, dtype=np.float64), rng)
         bb = 2.0 - abs(rng.normal(0.0, B_HALF_NORMAL_SIGMA)) if b is None else float(b)
         sd = math.exp(rng.uniform(*np.log(SIGMA_RANGE))) if sigma is None else float(sigma)
         a, t1, t2 = maps["A"], maps["T1"], maps["T2"]
