@@ -151,8 +151,9 @@ class PreparedAtoms:
         if self.form != "factored":
             return signals
         out = torch.empty_like(signals)
-        for lo in range(0, signals.shape[0], 65536):  # bounded double-precision temporaries
-            out[lo:lo + 65536] = signals[lo:lo + 65536].to(torch.complex128) @ self.basis_change.mH
+        for lo in range(0, signals.shape[0], SIGNAL_CHUNK):  # bounded double-precision temporaries
+            part = signals[lo:lo + SIGNAL_CHUNK]
+            out[lo:lo + SIGNAL_CHUNK] = part.to(torch.complex128) @ self.basis_change.mH
         return out
 
 
