@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CohortPair", "find_pairs", "cohort_model", "pair_slices"]
+__all__ = ["CohortPair", "find_pairs", "cohort_model", "fine_tune", "pair_slices", "slices_from_maps"]
 
 log = logging.getLogger("bids_qmri.modalities.mprage2mrf.cohort")
 
@@ -86,8 +86,6 @@ def pair_slices(pair: CohortPair, multiple: int):
 
     from bids_qmri.anatomy import registration as reg
 
-    from .simulate import PairVolume, coefficient_targets, normalise_mprage, slices_of
-
     img = nib.load(pair.t1w)
     t1w = np.asarray(img.dataobj, dtype=np.float32)
     brain = np.asarray(nib.load(pair.mask).dataobj) > 0
@@ -102,9 +100,18 @@ def pair_slices(pair: CohortPair, multiple: int):
         estimated = Path(tmp) / "estimated.nii.gz"
         nib.save(nib.Nifti1Image((np.asarray(ref.dataobj) > 0).astype(np.float32), ref.affine), estimated)
         whole = on_t1w(estimated) > 0.999
-    valid = brain & whole & (t1 > 0) & (t2 > 0) & (m0 > 0)
+    return slices_from_maps(t1w, brain, t1, t2, m0, img.affine, multiple, covered=whole)
+
+
+def slices_from_maps(t1w, brain, t1, t2, m0, affine, multiple: int, *, covered=True):
+    """``(x, y, mask)`` slice stacks of a T1w and MRF maps on its grid: the T1w (skull-stripped
+    with ``brain``) normalised as at inference, targets (the model's dictionary at B1 = 1) where
+    ``brain`` and ``covered`` (the MRF's field of view) have valid maps."""
+    from .simulate import PairVolume, coefficient_targets, normalise_mprage, slices_of
+
+    valid = brain & covered & (t1 > 0) & (t2 > 0) & (m0 > 0)
     target = coefficient_targets(t1, t2, m0, valid, valid)
-    volume = PairVolume(normalise_mprage(t1w, brain), target, valid, t1, t2, img.affine)
+    volume = PairVolume(normalise_mprage(t1w, brain), target, valid, t1, t2, affine)
     return slices_of(volume, multiple)
 
 
@@ -126,16 +133,38 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def fine_tune(base_net, train, *, epochs: int, lr: float, seed: int, threads: int):
+    """A copy of ``base_net`` trained on the ``(x, y, mask)`` slice stacks ``train`` (its rescale
+    table kept) -> ``(net, LoopResult, LoopSettings)``."""
+    import torch
+
+    from .training import Mprage2MRFTrainConfig, train_on_slices
+
+    cfg = Mprage2MRFTrainConfig(epochs=int(epochs), patience=int(epochs), lr=float(lr), seed=int(seed),
+                                base=base_net.base, depth=base_net.depth, dropout=base_net.dropout,
+                                threads=threads, progress=False)
+    net = type(base_net).from_config(base_net.config())
+    net.load_state_dict(base_net.state_dict())
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            # no held-out pair in a small cohort: the training pairs select the epoch (keep best)
+            result, loop_settings = train_on_slices(net, train, train, cfg, set_table=False)
+    finally:
+        torch.set_num_threads(old)
+    return net, result, loop_settings
+
+
 def cohort_model(base_net, base_card: dict, participant: str, output_dir, context, *, epochs: int, lr: float = 1e-4):
     """``(net, card)``: ``base_net`` fine-tuned on every cohort pair in ``output_dir`` except
     ``participant``'s ("sub-XX"); trained once per training set and cached under the model folder."""
-    import torch
-
     from bids_qmri.errors import InputError
     from bids_qmri.models.registry import load_model, save_model, sha256_file
     from bids_qmri.utils.locks import exclusive_lock
 
-    from .training import Mprage2MRFTrainConfig, model_card, train_on_slices
+    from .training import model_card
 
     all_pairs = find_pairs(output_dir)
     pairs = [p for p in all_pairs if p.participant != participant]
@@ -158,20 +187,8 @@ def cohort_model(base_net, base_card: dict, participant: str, output_dir, contex
         t0, cpu0 = time.perf_counter(), time.process_time()
         train = _stack([pair_slices(p, base_net.multiple) for p in pairs])
         t_pairs = time.perf_counter() - t0
-        cfg = Mprage2MRFTrainConfig(epochs=int(epochs), patience=int(epochs), lr=float(lr), seed=int(context.seed),
-                                    base=base_net.base, depth=base_net.depth, dropout=base_net.dropout,
-                                    threads=context.num_threads, progress=False)
-        net = type(base_net).from_config(base_net.config())
-        net.load_state_dict(base_net.state_dict())
-        old = torch.get_num_threads()
-        torch.set_num_threads(max(1, int(context.num_threads)))
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(context.seed))
-                # no held-out pair in a small cohort: the training pairs select the epoch (keep best)
-                result, loop_settings = train_on_slices(net, train, train, cfg, set_table=False)
-        finally:
-            torch.set_num_threads(old)
+        net, result, loop_settings = fine_tune(base_net, train, epochs=epochs, lr=lr, seed=context.seed,
+                                               threads=context.num_threads)
         from bids_qmri.modalities.mrf.protocol import MRFProtocol
         from bids_qmri.training.loop import training_record
 
