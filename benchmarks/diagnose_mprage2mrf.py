@@ -154,10 +154,11 @@ def main(argv=None):
             gm = pair.brain & (fr["GM"] > 0.9)
             csf = pair.brain & (fr["CSF"] > 0.9)
             v = pair.mprage[pair.brain]
-            norm.append({"seed": seed, "p99_over_max": round(float(np.percentile(v, 99)), 3),
-                         "wm_median_over_max": round(float(np.median(pair.mprage[wm])), 3),
-                         "gm_median_over_max": round(float(np.median(pair.mprage[gm])), 3),
-                         "csf_median_over_max": round(float(np.median(pair.mprage[csf])), 3),
+            top = float(v.max())  # ratios: whatever normalise_mprage's scale
+            norm.append({"seed": seed, "p99_over_max": round(float(np.percentile(v, 99)) / top, 3),
+                         "wm_median_over_max": round(float(np.median(pair.mprage[wm])) / top, 3),
+                         "gm_median_over_max": round(float(np.median(pair.mprage[gm])) / top, 3),
+                         "csf_median_over_max": round(float(np.median(pair.mprage[csf])) / top, 3),
                          "gm_over_wm": round(float(np.median(pair.mprage[gm]) / np.median(pair.mprage[wm])), 3),
                          "drawn": {t: {q: round(means[t][q], 3) for q in ("T1", "T2", "PD")} for t in CLASSES}})
             labels = region_labels(pair.template_mm, atlas)
