@@ -119,6 +119,7 @@ def simulate_pair(seed: int, *, protocol, resolution_mm: float = 3.0, snr: float
         from bids_qmri.anatomy import registration as reg
 
         head = nib.Nifti1Image(s.numpy().astype(np.float32), phantom.grid.affine)
+        head.header.set_xyzt_units("mm", "sec")
         s = torch.from_numpy(reg.n4(head).numpy().astype(np.float64))
     target = coefficient_targets(phantom.params["T1"], phantom.params["T2"], phantom.params["PD"],
                                  m.numpy(), phantom.brain_mask)
