@@ -53,6 +53,8 @@ def mrf_target_basis():
 #: edge): over the 3 mm training phantoms (seeds 0-11) it lies 1.37-2.85x above the WM median,
 #: the 99th percentile 1.17-2.01x, the 80th 0.93-1.11x (WM is the MPRAGE's brightest tissue and
 #: ~40 % of the brain, so the 80th percentile sits in its peak, where noise does not move it).
+#: No percentile is resolution-free: the same phantom (seed 9000) at 3 and 1 mm gives 0.93 / 1.09
+#: (80th), 1.23 / 1.28 (99th), 1.51 / 1.94 (maximum) x its WM median.
 #: The level is the mean 80th percentile of those max-normalised phantoms (0.590, SD 0.110), so a
 #: model trained on the maximum sees inputs where it was trained; the rare brighter voxels are
 #: clipped at 1 (values in [0, 1] as in the seed).
