@@ -21,7 +21,7 @@ __all__ = ["estimate_mprage2mrf", "load_model_for", "match_coefficients", "synth
 
 log = logging.getLogger("bids_qmri.modalities.mprage2mrf.estimate")
 
-ALGORITHM = ("mprage2mrf (seed 002): skull-stripped MPRAGE scaled by its brain 80th percentile (clipped to [0, 1]), axial slices through seven "
+ALGORITHM = ("mprage2mrf (seed 002): skull-stripped MPRAGE divided by its brain maximum, axial slices through seven "
              "2D U-Nets (SV1 real; SV2-4 real and imaginary), tanh outputs rescaled with the training min/max table "
              "into the first four MRF SVD coefficients; then {matching}")
 SLICE_BATCH = 8

@@ -5,8 +5,7 @@ phantom's reference grid: the MPRAGE magnitude from ``physics.mprage`` with the 
 (Rician noise at ``snr``), and the MRF SVD coefficients of the synthetic dataset's FISP schedule
 and basis (``synth.dataset.mrf_dictionary``: the same dictionary and interpolation that write
 the dataset's MRF), times PD, on the same grid (so registration is exact). As in seed 002 the
-MPRAGE is skull-stripped with the brain mask and scaled by its 80th percentile (``normalise_mprage``:
-seed 002 divides by the maximum, an outlier); the coefficients are
+MPRAGE is skull-stripped with the brain mask and divided by its maximum; the coefficients are
 phase-renormalised (SV1 real, first four SVs kept) and divided by the volume's maximum of SV1
 (the matcher is invariant to that scale). Axial slices (third axis) are zero-padded to a multiple
 of the network's pooling factor.
@@ -48,26 +47,18 @@ def mrf_target_basis():
     return schedule, basis[:, :N_SV]
 
 
-#: Brain percentile that sets the MPRAGE's scale, and the value it is given. Seed 002 divides by
-#: the maximum, but the maximum is an outlier (noise, fat or marrow partial volume at the brain's
-#: edge): over the 3 mm training phantoms (seeds 0-11) it lies 1.37-2.85x above the WM median,
-#: the 99th percentile 1.17-2.01x, the 80th 0.93-1.11x (WM is the MPRAGE's brightest tissue and
-#: ~40 % of the brain, so the 80th percentile sits in its peak, where noise does not move it).
-#: No percentile is resolution-free: the same phantom (seed 9000) at 3 and 1 mm gives 0.93 / 1.09
-#: (80th), 1.23 / 1.28 (99th), 1.51 / 1.94 (maximum) x its WM median.
-#: The level is the mean 80th percentile of those max-normalised phantoms (0.590, SD 0.110), so a
-#: model trained on the maximum sees inputs where it was trained; the rare brighter voxels are
-#: clipped at 1 (values in [0, 1] as in the seed).
-INPUT_PERCENTILE = 80.0
-INPUT_LEVEL = 0.59
-
-
 def normalise_mprage(volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    """Skull-strip, scale so the brain's ``INPUT_PERCENTILE`` is ``INPUT_LEVEL``, clip to [0, 1]
-    (seed 002's division by the maximum, made robust to outliers, noise and resolution)."""
+    """Skull-strip and divide by the brain's maximum (seed 002): values in [0, 1].
+
+    The maximum is an outlier (noise, fat or marrow partial volume at the brain's edge): over the
+    3 mm training phantoms (seeds 0-11) it lies 1.37-2.85x above the WM median, against 0.93-1.11x
+    for the 80th percentile. But the bundled model, trained on the maximum, does worse on the
+    held-out phantoms when fed 80th-percentile-scaled inputs at the same mean level (CCC T1 0.449
+    vs 0.617, T2 0.241 vs 0.256; README), so a percentile scaling needs a model trained with it
+    and was not adopted without one."""
     v = np.where(brain, np.nan_to_num(np.asarray(volume, dtype=np.float64)), 0.0)
-    ref = float(np.percentile(v[brain], INPUT_PERCENTILE)) if brain.any() else 0.0
-    return np.clip(v * (INPUT_LEVEL / ref) if ref > 0 else v, 0.0, 1.0).astype(np.float32)
+    top = float(v.max()) if brain.any() else 0.0
+    return (v / top if top > 0 else v).astype(np.float32)
 
 
 def rotate_and_scale(coeffs: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
