@@ -141,6 +141,32 @@ def test_residual_mlp_architecture_and_safetensors_round_trip(tmp_path):
     torch.testing.assert_close(back(x), net.eval()(x))
 
 
+def test_log_outputs_are_exp_of_standardised_log_and_survive_a_round_trip(tmp_path):
+    """With the output layer zeroed the net returns the training statistics' centre: the geometric
+    mean for a log output, the arithmetic mean for a linear one; the choice is kept in the config."""
+    from bids_qmri.models.registry import load_model, save_model
+    from bids_qmri.modalities.qmt.net import ResidualMLP
+
+    gen = torch.Generator().manual_seed(3)
+    targets = torch.rand(200, 3, generator=gen, dtype=torch.float64) * torch.tensor([0.3, 3.0, 0.5]) + 0.01
+    net = ResidualMLP(25, log_outputs=("T2f", "T1"))
+    assert net.log_outputs == ("T1", "T2f")  # in output order
+    net.set_output_stats(targets.float())
+    torch.nn.init.zeros_(net.out.weight)
+    torch.nn.init.zeros_(net.out.bias)
+    want = torch.stack([targets[:, 0].mean(), targets[:, 1].log().mean().exp(), targets[:, 2].log().mean().exp()])
+    got = net.eval()(torch.randn(4, 25)).double()
+    torch.testing.assert_close(got, want.expand(4, 3), rtol=1e-5, atol=1e-7)
+    torch.nn.init.normal_(net.out.weight)
+    save_model(net, {"method": "qmtnet"}, tmp_path, "m", origin="test")
+    back, _ = load_model(tmp_path / "m.safetensors")
+    x = torch.randn(5, 25)
+    assert back.log_outputs == ("T1", "T2f") and bool((back(x)[:, 1:] > 0).all())
+    torch.testing.assert_close(back(x), net(x))
+    with pytest.raises(ValueError, match="not outputs"):
+        ResidualMLP(25, log_outputs=("B1",))
+
+
 @pytest.mark.parametrize("method", ["qmtnet", "qmtnetmse"])
 def test_training_learns_and_is_reproducible(tiny_sets, schedule_and_basis, method):
     """Each net beats the best constant estimator (the training mean) on its own held-out loss;

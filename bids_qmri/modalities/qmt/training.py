@@ -28,6 +28,8 @@ from .net import OUTPUTS, ResidualMLP, features
 LOGGER = logging.getLogger("bids_qmri.modalities.qmt.training")
 
 METHOD_LOSS = {"qmtnet": "crb", "qmtnetmse": "mse"}
+#: outputs the networks estimate as exp(·) (``net.ResidualMLP``; TRAINING.md: the pilot that chose it)
+LOG_OUTPUTS = ("T1", "T2f")
 #: indices of the network outputs in ``simulate.PARAMETERS``
 OUT_INDEX = [simulate.PARAMETERS.index(k) for k in OUTPUTS]
 
@@ -86,7 +88,8 @@ def evaluate(net, data: dict, *, snr_max: float | None = 50.0, seed: int = 1) ->
 def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, train_set: dict | None = None,
                  val_set: dict | None = None, n_train: int = 4096, n_val: int = 512, max_epochs: int = 400,
                  patience: int = 400, batch_size: int = 512, lr: float = 0.01, lr_step: int = 40,
-                 width: int = 128, n_blocks: int = 6, seed: int = 0, max_seconds: float | None = None,
+                 lr_schedule: str = "step", width: int = 128, n_blocks: int = 6,
+                 log_outputs: tuple[str, ...] = LOG_OUTPUTS, seed: int = 0, max_seconds: float | None = None,
                  progress=None, epoch_callback=None, cache_dir=None) -> tuple[ResidualMLP, dict]:
     """Train ``qmtnet`` (CRB loss) or ``qmtnetmse`` (MSE) -> ``(net, card)``; the sets are simulated
     for ``protocol``'s schedule and ``basis`` unless given (``simulate.simulate_set`` dicts), and
@@ -112,13 +115,14 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
     targets = train_set["theta"][:, OUT_INDEX].float()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        net = ResidualMLP(2 * train_set["coeffs"].shape[1] - 1, OUTPUTS, width=width, n_blocks=n_blocks)
+        net = ResidualMLP(2 * train_set["coeffs"].shape[1] - 1, OUTPUTS, width=width, n_blocks=n_blocks,
+                          log_outputs=log_outputs)
     net.set_output_stats(targets)
-    sd = net.out_sd.clone()
+    sd = targets.std(0).clamp_min(1e-12)  # the losses' units: the parameters' training-set SDs
     loss = _loss_fn(loss_name, sd)
     val = noisy_batch(val_set, torch.arange(n_val), torch.Generator().manual_seed(int(seed) + 1))
     settings = LoopSettings(max_epochs=max_epochs, patience=patience, batch_size=batch_size, lr=lr,
-                            lr_schedule="step", lr_step=lr_step, lr_gamma=0.5, max_seconds=max_seconds,
+                            lr_schedule=lr_schedule, lr_step=lr_step, lr_gamma=0.5, max_seconds=max_seconds,
                             progress=progress, desc=f"{method} ({loss_name})")
     history_crb = []
 
@@ -140,7 +144,8 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
         "architecture": {"class": "ResidualMLP", "fully_connected_layers": net.n_layers, "width": width,
                          "residual_blocks": n_blocks, "normalisation": "GroupNorm(8)", "activation": "ReLU",
                          "inputs": "unit-norm SVD coefficients, first made real: [Re c_1..c_R, Im c_2..c_R]",
-                         "outputs": list(OUTPUTS), "output_units": ["fraction", "s", "s"]},
+                         "outputs": list(OUTPUTS), "output_units": ["fraction", "s", "s"],
+                         "log_outputs": list(net.log_outputs)},
         "protocol": protocol.as_dict(), "protocol_key": protocol.key(),
         "training_distributions": {k: {"mean": v[0], "sd": v[1], "truncated_to": [v[2], v[3]]}
                                    for k, v in simulate.DISTRIBUTIONS.items()}
