@@ -163,6 +163,8 @@ def test_log_outputs_are_exp_of_standardised_log_and_survive_a_round_trip(tmp_pa
     x = torch.randn(5, 25)
     assert back.log_outputs == ("T1", "T2f") and bool((back(x)[:, 1:] > 0).all())
     torch.testing.assert_close(back(x), net(x))
+    u = net.parameterised(x)  # what the losses see: log θ for the log outputs
+    torch.testing.assert_close(torch.cat([u[:, :1], u[:, 1:].exp()], 1), net(x))
     with pytest.raises(ValueError, match="not outputs"):
         ResidualMLP(25, log_outputs=("B1",))
 

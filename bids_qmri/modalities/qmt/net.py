@@ -6,9 +6,10 @@ every layer but the output is followed by group normalisation and ReLU. Outputs 
 parameters, ``θ = mean + sd·z`` with the training set's statistics stored as buffers (so nothing
 bounds an estimate: an efficient, unbiased estimator must be free to leave the prior's range).
 Outputs named in ``log_outputs`` (T1 and T2f in training) are ``θ = exp(mean + sd·z)`` with the
-statistics of ``log θ``: their CRBs scale with θ² (√CRB/θ is roughly constant over the prior), so
-a short T2f needs the same relative, not absolute, precision as a long one (issue 16: with linear
-outputs the loss was dominated by the shortest T1/T2f).
+statistics of ``log θ`` (``parameterised`` returns ``log θ``, what the training losses see): their
+CRBs scale with θ² (√CRB/θ is roughly constant over the prior), so a short T2f needs the same
+relative, not absolute, precision as a long one (issue 16: with linear outputs the loss was
+dominated by the shortest T1/T2f).
 
 ``features``: the R complex coefficients made unit-ℓ2 (seed 003) and rotated so that the first
 is real and non-negative (our addition: the global phase of M0 is an exact nuisance symmetry, so
@@ -76,16 +77,19 @@ class ResidualMLP(nn.Module):
             self.out_mean.copy_(t.mean(0))
             self.out_sd.copy_(t.std(0).clamp_min(1e-12))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def parameterised(self, x: torch.Tensor) -> torch.Tensor:
+        """The estimates in the training parameterisation: ``log θ`` for the log outputs, else ``θ``."""
         h = torch.relu(self.gn(self.inp(x)))
         for block in self.blocks:
             h = block(h)
-        z = self.out(h)
+        return self.out_mean + self.out_sd * self.out(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.parameterised(x)
         if not self.log_outputs:
-            return self.out_mean + self.out_sd * z
-        # 20 SDs of log θ either side of the mean: far outside any prior, but exp cannot overflow
-        return torch.where(self.is_log, (self.out_mean + self.out_sd * z.clamp(-20, 20)).exp(),
-                           self.out_mean + self.out_sd * z)
+            return u
+        # log θ clamped to ±80 (exp stays finite in float32); no estimate comes near it
+        return torch.where(self.is_log, u.clamp(-80, 80).exp(), u)
 
     def config(self) -> dict:
         return {"n_in": self.n_in, "outputs": list(self.outputs), "width": self.width, "n_blocks": self.n_blocks,

@@ -54,13 +54,21 @@ def noisy_batch(data: dict, idx: torch.Tensor, gen: torch.Generator, *, sigma: f
     return x, target, crb
 
 
+def parameterised_targets(net: ResidualMLP, y: torch.Tensor, crb: torch.Tensor):
+    """Targets and their CRBs in the net's training parameterisation: for a log output ``log θ``
+    and ``CRB/θ²`` (the CRB of ``log θ``: a CRB transforms with the squared derivative), so the
+    CRB-weighted loss keeps its meaning (an efficient unbiased estimator of ``log θ`` scores 1)."""
+    is_log = net.is_log.to(y.device)
+    return torch.where(is_log, y.clamp_min(1e-30).log(), y), torch.where(is_log, crb / y.clamp_min(1e-30) ** 2, crb)
+
+
 def _loss_fn(name: str, sd: torch.Tensor):
     base = LOSSES[name]
 
     def loss(net, batch):
         x, y, crb = batch
-        pred = net(x)
-        return base(pred / sd, y / sd, crb / sd**2)
+        u, crb_u = parameterised_targets(net, y, crb)
+        return base(net.parameterised(x) / sd, u / sd, crb_u / sd**2)
 
     return loss
 
@@ -118,7 +126,7 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
         net = ResidualMLP(2 * train_set["coeffs"].shape[1] - 1, OUTPUTS, width=width, n_blocks=n_blocks,
                           log_outputs=log_outputs)
     net.set_output_stats(targets)
-    sd = targets.std(0).clamp_min(1e-12)  # the losses' units: the parameters' training-set SDs
+    sd = net.out_sd.clone()  # the losses' units: the SDs of the (log) targets
     loss = _loss_fn(loss_name, sd)
     val = noisy_batch(val_set, torch.arange(n_val), torch.Generator().manual_seed(int(seed) + 1))
     settings = LoopSettings(max_epochs=max_epochs, patience=patience, batch_size=batch_size, lr=lr,
