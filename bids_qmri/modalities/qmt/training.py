@@ -2,14 +2,15 @@
 
 Every epoch (every batch) draws a fresh complex M0 (|M0| ~ U[0.1, 1], phase ~ U[0, 2π)) and
 fresh complex Gaussian noise (σ = 0.01 per real channel, so SNR_max = |M0|/σ ∈ [10, 100]) on the
-cached noise-free coefficients; the inputs are ``net.features`` (unit ℓ2). ``loss="crb"``:
-each squared error divided by the sample's Cramér–Rao bound at its M0 and σ
-(``crb_unit·σ²/|M0|²``, ``simulate``); ``loss="mse"``: the squared error of the parameters in
-units of their training-set standard deviation (so m0s, T1 and T2f weigh alike; seed 003 does
-not say how its MSE was scaled). Both: Adam, batch 512, learning rate 0.01 halved every 40
-epochs (seed 003), the same architecture and initialisation. The validation loss is the
-training loss on held-out samples with one fixed noise draw; the card also records the
-normalised CRB loss per parameter on held-out samples at SNR_max 50, and their mean biases.
+cached noise-free coefficients; the inputs are ``net.features`` (unit ℓ2). Both losses see the
+net's parameterisation (m0s, log T1, log T2f by default, ``LOG_OUTPUTS``). ``loss="crb"``: each
+squared error divided by the sample's Cramér–Rao bound at its M0 and σ (``crb_unit·σ²/|M0|²``,
+``simulate``; ``CRB/θ²`` for a log: the CRB of log θ); ``loss="mse"``: the squared error in units
+of the training-set standard deviation (so m0s, T1 and T2f weigh alike; seed 003 does not say how
+its MSE was scaled). Both: Adam, batch 512, learning rate 0.01 halved every 40 epochs (seed 003),
+the same architecture and initialisation. The validation loss is the training loss on held-out
+samples with one fixed noise draw; the card also records the normalised CRB loss of θ (the seed's
+metric) per parameter on held-out samples at SNR_max 50, and their mean biases.
 """
 
 from __future__ import annotations
