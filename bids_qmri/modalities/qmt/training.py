@@ -2,14 +2,15 @@
 
 Every epoch (every batch) draws a fresh complex M0 (|M0| ~ U[0.1, 1], phase ~ U[0, 2π)) and
 fresh complex Gaussian noise (σ = 0.01 per real channel, so SNR_max = |M0|/σ ∈ [10, 100]) on the
-cached noise-free coefficients; the inputs are ``net.features`` (unit ℓ2). ``loss="crb"``:
-each squared error divided by the sample's Cramér–Rao bound at its M0 and σ
-(``crb_unit·σ²/|M0|²``, ``simulate``); ``loss="mse"``: the squared error of the parameters in
-units of their training-set standard deviation (so m0s, T1 and T2f weigh alike; seed 003 does
-not say how its MSE was scaled). Both: Adam, batch 512, learning rate 0.01 halved every 40
-epochs (seed 003), the same architecture and initialisation. The validation loss is the
-training loss on held-out samples with one fixed noise draw; the card also records the
-normalised CRB loss per parameter on held-out samples at SNR_max 50, and their mean biases.
+cached noise-free coefficients; the inputs are ``net.features`` (unit ℓ2). Both losses see the
+net's parameterisation (m0s, log T1, log T2f by default, ``LOG_OUTPUTS``). ``loss="crb"``: each
+squared error divided by the sample's Cramér–Rao bound at its M0 and σ (``crb_unit·σ²/|M0|²``,
+``simulate``; ``CRB/θ²`` for a log: the CRB of log θ); ``loss="mse"``: the squared error in units
+of the training-set standard deviation (so m0s, T1 and T2f weigh alike; seed 003 does not say how
+its MSE was scaled). Both: Adam, batch 512, learning rate 0.01 halved every 40 epochs (seed 003),
+the same architecture and initialisation. The validation loss is the training loss on held-out
+samples with one fixed noise draw; the card also records the normalised CRB loss of θ (the seed's
+metric) per parameter on held-out samples at SNR_max 50, and their mean biases.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from .net import OUTPUTS, ResidualMLP, features
 LOGGER = logging.getLogger("bids_qmri.modalities.qmt.training")
 
 METHOD_LOSS = {"qmtnet": "crb", "qmtnetmse": "mse"}
+#: outputs the networks estimate as exp(·) (``net.ResidualMLP``; TRAINING.md: the pilot that chose it)
+LOG_OUTPUTS = ("T1", "T2f")
 #: indices of the network outputs in ``simulate.PARAMETERS``
 OUT_INDEX = [simulate.PARAMETERS.index(k) for k in OUTPUTS]
 
@@ -52,13 +55,21 @@ def noisy_batch(data: dict, idx: torch.Tensor, gen: torch.Generator, *, sigma: f
     return x, target, crb
 
 
+def parameterised_targets(net: ResidualMLP, y: torch.Tensor, crb: torch.Tensor):
+    """Targets and their CRBs in the net's training parameterisation: for a log output ``log θ``
+    and ``CRB/θ²`` (the CRB of ``log θ``: a CRB transforms with the squared derivative), so the
+    CRB-weighted loss keeps its meaning (an efficient unbiased estimator of ``log θ`` scores 1)."""
+    is_log = net.is_log.to(y.device)
+    return torch.where(is_log, y.clamp_min(1e-30).log(), y), torch.where(is_log, crb / y.clamp_min(1e-30) ** 2, crb)
+
+
 def _loss_fn(name: str, sd: torch.Tensor):
     base = LOSSES[name]
 
     def loss(net, batch):
         x, y, crb = batch
-        pred = net(x)
-        return base(pred / sd, y / sd, crb / sd**2)
+        u, crb_u = parameterised_targets(net, y, crb)
+        return base(net.parameterised(x) / sd, u / sd, crb_u / sd**2)
 
     return loss
 
@@ -86,7 +97,8 @@ def evaluate(net, data: dict, *, snr_max: float | None = 50.0, seed: int = 1) ->
 def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, train_set: dict | None = None,
                  val_set: dict | None = None, n_train: int = 4096, n_val: int = 512, max_epochs: int = 400,
                  patience: int = 400, batch_size: int = 512, lr: float = 0.01, lr_step: int = 40,
-                 width: int = 128, n_blocks: int = 6, seed: int = 0, max_seconds: float | None = None,
+                 lr_schedule: str = "step", width: int = 128, n_blocks: int = 6,
+                 log_outputs: tuple[str, ...] = LOG_OUTPUTS, seed: int = 0, max_seconds: float | None = None,
                  progress=None, epoch_callback=None, cache_dir=None) -> tuple[ResidualMLP, dict]:
     """Train ``qmtnet`` (CRB loss) or ``qmtnetmse`` (MSE) -> ``(net, card)``; the sets are simulated
     for ``protocol``'s schedule and ``basis`` unless given (``simulate.simulate_set`` dicts), and
@@ -112,13 +124,14 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
     targets = train_set["theta"][:, OUT_INDEX].float()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        net = ResidualMLP(2 * train_set["coeffs"].shape[1] - 1, OUTPUTS, width=width, n_blocks=n_blocks)
+        net = ResidualMLP(2 * train_set["coeffs"].shape[1] - 1, OUTPUTS, width=width, n_blocks=n_blocks,
+                          log_outputs=log_outputs)
     net.set_output_stats(targets)
-    sd = net.out_sd.clone()
+    sd = net.out_sd.clone()  # the losses' units: the SDs of the (log) targets
     loss = _loss_fn(loss_name, sd)
     val = noisy_batch(val_set, torch.arange(n_val), torch.Generator().manual_seed(int(seed) + 1))
     settings = LoopSettings(max_epochs=max_epochs, patience=patience, batch_size=batch_size, lr=lr,
-                            lr_schedule="step", lr_step=lr_step, lr_gamma=0.5, max_seconds=max_seconds,
+                            lr_schedule=lr_schedule, lr_step=lr_step, lr_gamma=0.5, max_seconds=max_seconds,
                             progress=progress, desc=f"{method} ({loss_name})")
     history_crb = []
 
@@ -140,7 +153,8 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
         "architecture": {"class": "ResidualMLP", "fully_connected_layers": net.n_layers, "width": width,
                          "residual_blocks": n_blocks, "normalisation": "GroupNorm(8)", "activation": "ReLU",
                          "inputs": "unit-norm SVD coefficients, first made real: [Re c_1..c_R, Im c_2..c_R]",
-                         "outputs": list(OUTPUTS), "output_units": ["fraction", "s", "s"]},
+                         "outputs": list(OUTPUTS), "output_units": ["fraction", "s", "s"],
+                         "log_outputs": list(net.log_outputs)},
         "protocol": protocol.as_dict(), "protocol_key": protocol.key(),
         "training_distributions": {k: {"mean": v[0], "sd": v[1], "truncated_to": [v[2], v[3]]}
                                    for k, v in simulate.DISTRIBUTIONS.items()}
