@@ -151,6 +151,65 @@ def test_noisy_training_runs():
     assert card["training"]["snr"] == 25 and math.isfinite(card["validation_loss"])
 
 
+def test_mixed_snr_noise_has_each_samples_std():
+    """Per-sample training noise: the noise actually added to each sample has the seed's σ for *its*
+    SNR (written out here: 0.074/(√2·SNR) per channel), the SNRs are log-uniform over the range and
+    exactly the noise-free share of the batch is untouched."""
+    from scipy import stats
+
+    lo, hi, free_share, n = 5.0, 200.0, 0.3, 20000
+    par = sample_parameters("brain", n, torch.Generator().manual_seed(1), tr=4.8e-3, with_b0=True)
+    clean = training.simulate_signal(par, seed_protocol(12))
+    noisy, snr = training.noisy_signal(clean, torch.Generator().manual_seed(2), snr_range=(lo, hi),
+                                       noise_free_fraction=free_share)
+    added = noisy - clean
+    free = torch.isinf(snr)
+    assert int(free.sum()) == round(free_share * n)
+    assert torch.equal(noisy[free], clean[free].to(noisy.dtype))
+    snr = snr[~free]
+    assert snr.min() >= lo and snr.max() <= hi
+    assert stats.kstest(((snr.log() - math.log(lo)) / math.log(hi / lo)).numpy(), "uniform").pvalue > 0.01
+    z = torch.cat([added[~free].real, added[~free].imag], dim=1) / (0.074 / (math.sqrt(2) * snr))[:, None]
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    # per SNR quintile: a single SNR for the whole batch would leave these far from 1 at both ends
+    order = snr.argsort()
+    for part in order.chunk(5):
+        assert abs(float(z[part].var()) - 1) < 0.03
+    # a batch noised at one SNR: the per-sample z would not be standard normal
+    one = training.noisy_signal(clean[~free], torch.Generator().manual_seed(2), snr=20.0)[0] - clean[~free]
+    z_one = torch.cat([one.real, one.imag], dim=1) / (0.074 / (math.sqrt(2) * snr))[:, None]
+    assert abs(float(z_one[order[:1000]].std()) - 1) > 0.3
+
+
+def test_mixed_snr_training_draws_per_batch(monkeypatch):
+    seen = []
+    real = training.noisy_signal
+
+    def spy(signal, generator, **kw):
+        out = real(signal, generator, **kw)
+        seen.append(out[1])
+        return out
+
+    monkeypatch.setattr(training, "noisy_signal", spy)
+    cfg = TrainConfig(method="svnn", n_samples=600, max_epochs=2, batch_size=100, snr_range=(10, 100),
+                      noise_free_fraction=0.25, progress=False)
+    _, card = train_bssfp_net(seed_protocol(12), cfg)
+    # one validation draw (60 samples) + one per batch (540 training samples: 5×100 + 40 per epoch),
+    # each with its own SNRs and noise-free quarter
+    assert [len(s) for s in seen] == [60] + ([100] * 5 + [40]) * 2
+    for s in seen:
+        assert int(torch.isinf(s).sum()) == round(0.25 * len(s))
+        assert s[torch.isfinite(s)].min() >= 10 and s[torch.isfinite(s)].max() <= 100
+    assert not torch.equal(seen[1], seen[2])
+    assert card["training"]["snr_range"] == (10.0, 100.0) and card["training"]["noise_free_fraction"] == 0.25
+    with pytest.raises(ValueError, match="not both"):
+        TrainConfig(snr=20, snr_range=(10, 100))
+    with pytest.raises(ValueError, match="needs snr_range"):
+        TrainConfig(noise_free_fraction=0.5)
+    with pytest.raises(ValueError, match="snr_range"):
+        TrainConfig(snr_range=(0, 100))
+
+
 TINY = {"n_samples": 500, "max_epochs": 1, "patience": 1}
 
 

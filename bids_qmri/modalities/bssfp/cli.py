@@ -36,6 +36,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--pinn-feature-scale", default=d.pinn_feature_scale, choices=list(PINN_FEATURE_SCALES),
                    help="PINN loss in raw feature units (none, the seeds') or in the network's standardised "
                         "input units (input_std; better conditioned for the complex nets, where ΔB0 dominates)")
+    t.add_argument("--snr-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="per-sample training noise instead of --snr: SNR log-uniform over [LO, HI] (seed "
+                        "definition), redrawn every batch")
+    t.add_argument("--noise-free-fraction", type=float, default=d.noise_free_fraction,
+                   help="with --snr-range: share of every batch left noise-free (keeps the noise-free accuracy)")
 
 
 def _protocol(args, parser):
@@ -74,6 +79,7 @@ def train_from_args(args, parser):
             method=args.method, distribution=args.distribution, theta_margin=args.theta_margin,
             init_from=str(args.init_from) if args.init_from else None,
             pinn_feature_scale=args.pinn_feature_scale, targets=args.targets, seed=args.seed, threads=args.threads, device=args.device,
+            snr_range=tuple(args.snr_range) if args.snr_range else None, noise_free_fraction=args.noise_free_fraction,
             **{k: v for k, v in given.items() if v is not None},
         )
     except ValueError as exc:

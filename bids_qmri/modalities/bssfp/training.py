@@ -39,7 +39,9 @@ __all__ = [
     "features_from_parameters",
     "log_outputs",
     "network_loss",
+    "noisy_signal",
     "parameter_ranges",
+    "sample_snr",
     "sample_parameters",
     "simulate_features",
     "train_bssfp_net",
@@ -204,6 +206,47 @@ def simulate_features(
     return signal_to_features(s, params["B1"], protocol, kind)
 
 
+def sample_snr(
+    n: int,
+    snr_range: tuple[float, float],
+    noise_free_fraction: float,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """One SNR per sample: log-uniform over ``snr_range``, and ``inf`` (no noise) for exactly
+    ``round(noise_free_fraction·n)`` samples at random places.
+
+    Log-uniform so that every decade of SNR gets the same share (noise at SNR 10 and at SNR 100
+    shape different parts of the estimator); the noise-free share keeps the noise-free accuracy
+    (seed 001 Fig. 5) that a purely noisy training set gives away.
+    """
+    lo, hi = (float(v) for v in snr_range)
+    snr = _uniform(n, math.log(lo), math.log(hi), generator, dtype).exp()
+    n_free = int(round(noise_free_fraction * n))
+    if n_free:
+        snr[torch.randperm(n, generator=generator)[:n_free]] = math.inf
+    return snr
+
+
+def noisy_signal(
+    signal: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    snr: float | None = None,
+    snr_range: tuple[float, float] | None = None,
+    noise_free_fraction: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | float | None]:
+    """``signal [N, Npc]`` with complex noise at one ``snr`` or, with ``snr_range``, at a per-sample
+    SNR from ``sample_snr``; returns ``(noisy, snr used)``. No noise when neither is given."""
+    if snr_range is not None:
+        per_sample = sample_snr(signal.shape[0], snr_range, noise_free_fraction, generator, signal.real.dtype)
+        # σ = 0 where the SNR is inf: those samples come back unchanged
+        return add_complex_noise(signal, per_sample.unsqueeze(-1), generator), per_sample
+    if snr is not None and math.isfinite(snr):
+        return add_complex_noise(signal, snr, generator), snr
+    return signal, None
+
+
 PINN_FEATURE_SCALES = ("none", "input_std")
 
 
@@ -255,6 +298,10 @@ class TrainConfig:
     lr_schedule: str = "constant"  # "cosine": anneal to 0 over max_epochs (short budgets); "step": halve every 40
     val_fraction: float = 0.1
     snr: float | None = None  # training noise; None = noise-free (the seeds' choice)
+    # per-sample training noise instead of one snr: SNR log-uniform over (lo, hi), redrawn every
+    # batch, and noise_free_fraction of every batch without noise (protects the noise-free accuracy)
+    snr_range: tuple[float, float] | None = None
+    noise_free_fraction: float = 0.0
     # complex nets: leave |θ| > (1 − margin)·π out of training. A smooth network cannot jump from
     # +π to −π where the signal wraps; samples there dominated the PINN loss (plateau ~6e-4)
     theta_margin: float = 0.05
@@ -286,6 +333,16 @@ class TrainConfig:
             raise ValueError(f"unknown pinn_feature_scale {self.pinn_feature_scale!r}; use one of {PINN_FEATURE_SCALES}")
         if self.keep not in ("best", "last"):
             raise ValueError(f"unknown keep {self.keep!r}; use 'best' or 'last'")
+        if self.snr_range is not None:
+            if self.snr is not None:
+                raise ValueError("give one training noise: snr or snr_range, not both")
+            lo, hi = self.snr_range = tuple(float(v) for v in self.snr_range)
+            if not (0 < lo <= hi < math.inf):
+                raise ValueError(f"snr_range must be 0 < LO <= HI < inf, got {lo:g} {hi:g}")
+        if not 0.0 <= self.noise_free_fraction <= 1.0:
+            raise ValueError(f"noise_free_fraction must lie in [0, 1], got {self.noise_free_fraction:g}")
+        if self.noise_free_fraction and self.snr_range is None:
+            raise ValueError("noise_free_fraction needs snr_range (the mixture it is a part of)")
         if self.n_samples < 20 or self.max_epochs < 1 or self.batch_size < 1:
             raise ValueError("need at least 20 samples, 1 epoch and batch size 1")
 
@@ -330,11 +387,12 @@ def train_bssfp_net(
         clean = signal_to_features(signal, params["B1"], protocol, kind).float()
         targets = _targets(params, kind).float().to(device)
         b1 = params["B1"]
-        noisy = cfg.snr is not None and math.isfinite(cfg.snr)
+        noise = {"snr": cfg.snr, "snr_range": cfg.snr_range, "noise_free_fraction": cfg.noise_free_fraction}
+        noisy = cfg.snr_range is not None or (cfg.snr is not None and math.isfinite(cfg.snr))
         if noisy:
-            val_x = signal_to_features(
-                add_complex_noise(signal[n_train:], cfg.snr, gen), b1[n_train:], protocol, kind
-            ).float()
+            # one fixed noise draw for validation, from the same mixture as training
+            val_x = signal_to_features(noisy_signal(signal[n_train:], gen, **noise)[0], b1[n_train:],
+                                       protocol, kind).float()
         else:
             val_x = clean[n_train:]
         val_x, val_y = val_x.to(device), targets[n_train:]
@@ -362,7 +420,7 @@ def train_bssfp_net(
 
         def batch(idx):
             if noisy:
-                x = signal_to_features(add_complex_noise(signal[idx], cfg.snr, gen), b1[idx], protocol, kind).float()
+                x = signal_to_features(noisy_signal(signal[idx], gen, **noise)[0], b1[idx], protocol, kind).float()
                 return x.to(device), targets[idx]
             return clean[idx], targets[idx]
 
