@@ -33,10 +33,9 @@ from bids_qmri.modalities.mprage2mrf.estimate import match_coefficients, synthes
 from bids_qmri.modalities.mprage2mrf.protocol import synthetic_protocol
 from bids_qmri.modalities.mprage2mrf.simulate import simulate_pair
 from bids_qmri.modalities.mrf.protocol import MRFProtocol
-from bids_qmri.models.registry import BUNDLED_DIR, load_model, model_stem
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the evaluation's phantom MRF and atlas sampling
-from eval_mprage2mrf import measured_mrf, region_labels  # noqa: E402
+from eval_mprage2mrf import held_out_model, measured_mrf, region_labels  # noqa: E402
 
 
 def region_means(maps_by_name: dict, brain, labels, atlas, min_voxels: int) -> list[dict]:
@@ -65,11 +64,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     c0, w0 = time.process_time(), time.perf_counter()
     protocol = synthetic_protocol()
-    model = args.model or BUNDLED_DIR / "mprage2mrf" / f"{model_stem('mprage2mrf', protocol)}.safetensors"
-    net, card = load_model(model)
-    used = set(card.get("training", {}).get("train_seeds", [])) | set(card.get("training", {}).get("val_seeds", []))
-    if used & set(args.seeds):
-        p.error(f"seeds {sorted(used & set(args.seeds))} were used in training: pick held-out seeds")
+    model, net, card = held_out_model(p, args.model, args.seeds)
     resolution = card.get("training", {}).get("resolution_mm", 3.0)
     mrf = MRFProtocol.from_dict(card["mrf_protocol"])
     atlas = resolve_atlas(None)

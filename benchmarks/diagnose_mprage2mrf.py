@@ -39,12 +39,11 @@ from bids_qmri.modalities.mprage2mrf.estimate import match_coefficients, synthes
 from bids_qmri.modalities.mprage2mrf.protocol import synthetic_protocol
 from bids_qmri.modalities.mprage2mrf.simulate import simulate_pair
 from bids_qmri.modalities.mrf.protocol import MRFProtocol
-from bids_qmri.models.registry import BUNDLED_DIR, load_model, model_stem
 from bids_qmri.physics.mprage import mprage_signal
 from bids_qmri.synth import phantom as ph
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the evaluation's atlas sampling, not a copy of it
-from eval_mprage2mrf import region_labels  # noqa: E402
+from eval_mprage2mrf import held_out_model, region_labels  # noqa: E402
 
 CLASSES = ph.BRAIN_TISSUES
 
@@ -127,8 +126,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     c0, w0 = time.process_time(), time.perf_counter()
     protocol = synthetic_protocol()
-    model = args.model or BUNDLED_DIR / "mprage2mrf" / f"{model_stem('mprage2mrf', protocol)}.safetensors"
-    net, card = load_model(model)
+    model, net, card = held_out_model(p, args.model, args.seeds)
     resolution = card.get("training", {}).get("resolution_mm", 3.0)
     mrf = MRFProtocol.from_dict(card["mrf_protocol"])
     atlas = resolve_atlas(None)

@@ -178,6 +178,18 @@ def speed(net, card, *, threads, model_dir, grid_steps, slices: int = 16, match_
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
+def held_out_model(parser, model, seeds):
+    """``(path, net, card)`` of ``model`` (default: the bundled one); a parser error if any of
+    ``seeds`` was a training or validation phantom of that model."""
+    model = model or BUNDLED_DIR / "mprage2mrf" / f"{model_stem('mprage2mrf', synthetic_protocol())}.safetensors"
+    net, card = load_model(model)
+    training = card.get("training", {})
+    used = (set(training.get("train_seeds", [])) | set(training.get("val_seeds", []))) & set(seeds)
+    if used:
+        parser.error(f"seeds {sorted(used)} were used in training: pick held-out seeds")
+    return model, net, card
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=None, help="weights (default: the bundled model)")
@@ -195,11 +207,7 @@ def main(argv=None):
                    help="N4 the phantoms' MPRAGE first, as the workflow's anatomy does to the T1w it feeds the U-Nets")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    model = args.model or BUNDLED_DIR / "mprage2mrf" / f"{model_stem('mprage2mrf', synthetic_protocol())}.safetensors"
-    net, card = load_model(model)
-    train_seeds = set(card.get("training", {}).get("train_seeds", [])) | set(card.get("training", {}).get("val_seeds", []))
-    if train_seeds & set(args.seeds):
-        p.error(f"seeds {sorted(train_seeds & set(args.seeds))} were used in training: pick held-out seeds")
+    model, net, card = held_out_model(p, args.model, args.seeds)
     resolution = args.resolution or card.get("training", {}).get("resolution_mm", 3.0)
     result = {"model": str(model)}
     with tempfile.TemporaryDirectory() as tmp:
