@@ -1,8 +1,8 @@
 """Simulate one shard of the bundled qMT networks' training set (synthetic dataset's schedule and basis).
 
-    OMP_NUM_THREADS=1 nice -n 10 python scripts/simulate_qmt_set.py N SEED OUT_DIR [--parts K]
+    OMP_NUM_THREADS=1 nice -n 10 python scripts/simulate_qmt_set.py N SEED OUT_DIR [--parts K] [--start K0]
 
-K parts ``modalities.qmt.simulate.simulate_set(N, schedule, basis, seed=SEED·1000 + k)``, each
+K parts (k = K0 .. K0 + K - 1; ``--start`` regenerates one lost part, e.g. the held-out ``set_2_3``) ``modalities.qmt.simulate.simulate_set(N, schedule, basis, seed=SEED·1000 + k)``, each
 saved as ``OUT_DIR/set_<SEED>_<k>.pt`` when done (so a shared machine's partial progress is kept):
 parameters from seed 003's distributions, exact fingerprints on ``synth.dataset.qmt_basis()``, the
 CRB of every sample over all 8 parameters (``physics.qmt.hybrid_state_jacobian``). Parts are
@@ -28,12 +28,13 @@ def main() -> None:
     p.add_argument("seed", type=int)
     p.add_argument("out_dir", type=Path)
     p.add_argument("--parts", type=int, default=1)
+    p.add_argument("--start", type=int, default=0, help="first part index k (default 0)")
     a = p.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     basis, sched = qmt_basis()
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    for k in range(a.parts):
+    for k in range(a.start, a.start + a.parts):
         cpu = time.process_time()
         data = simulate.simulate_set(a.n, sched, basis, seed=1000 * a.seed + k)
         data["cpu_seconds"] = torch.tensor(time.process_time() - cpu, dtype=torch.float64)

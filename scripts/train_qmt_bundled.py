@@ -1,13 +1,15 @@
 """Train the bundled qMT networks (qmtnet, qmtnetmse) for the synthetic dataset's schedule and basis.
 
     OMP_NUM_THREADS=1 nice -n 10 python scripts/train_qmt_bundled.py METHOD SET.pt [SET.pt ...] \
-        [--val-samples N] [--epochs E] [--lr-step S] [--minutes M] [--out DIR]
+        [--val-samples N] [--epochs E] [--lr LR] [--lr-step S] [--lr-schedule step|cosine] [--minutes M] \
+        [--init-from WEIGHTS] [--out DIR]
 
 ``SET.pt``: ``modalities.qmt.simulate.simulate_set`` parts (``scripts/simulate_qmt_set.py``) for
 ``synth.dataset.qmt_basis()``, concatenated; the last ``--val-samples`` (default 15 %) are held out.
 Calls ``training.train_qmtnet`` as ``bids_qmri-train --modality qmt --qmt-train-set`` does, and
 writes ``<out>/<method>_<slug>.{safetensors,json}`` and ``_history.json`` (default: the bundled
-folder; see TRAINING.md there).
+folder; see TRAINING.md there). ``--init-from``: continue (fine-tune) from a saved network of the same
+method (e.g. the bundled one), recorded in the card as ``training.init_from`` (file, sha256).
 """
 
 from __future__ import annotations
@@ -30,14 +32,19 @@ def main() -> None:
     p.add_argument("--val-samples", type=int, default=None)
     p.add_argument("--minutes", type=float, default=None)
     p.add_argument("--epochs", type=int, default=400)
+    p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--lr-step", type=int, default=40)
+    p.add_argument("--lr-schedule", default="step", choices=["step", "cosine"])
+    p.add_argument("--init-from", type=Path, default=None, metavar="WEIGHTS",
+                   help="continue from this .safetensors network of the same method (card beside it)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     torch.set_num_threads(1)
     train, val = _read_sets(a.sets, a.val_samples, p)
     protocol, basis = synthetic_protocol()
     net, card = train_qmtnet(a.method, protocol, basis, train_set=train, val_set=val, max_epochs=a.epochs,
-                             patience=a.epochs, lr_step=a.lr_step,
+                             patience=a.epochs, lr=a.lr, lr_step=a.lr_step,
+                             lr_schedule=a.lr_schedule, init_from=a.init_from,
                              max_seconds=None if a.minutes is None else 60 * a.minutes, seed=0, progress=False)
     out = a.out or bundled_dir("qmt")
     out.mkdir(parents=True, exist_ok=True)

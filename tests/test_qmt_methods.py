@@ -201,6 +201,43 @@ def test_training_learns_and_is_reproducible(tiny_sets, schedule_and_basis, meth
         assert torch.equal(a, b)
 
 
+def test_init_from_starts_at_the_saved_net_and_records_it(tiny_sets, schedule_and_basis, tmp_path):
+    """``init_from`` (``scripts/train_qmt_bundled.py --init-from``, ``bids_qmri-train --modality qmt
+    --init-from``): training starts from the file's weights and output statistics (an epoch at a
+    learning rate of 1e-12 leaves them equal to the file, where a fresh net of the same seed differs),
+    the card records the file's sha256 and its training (the whole chain), and a net of the other
+    loss or another width is refused in one line."""
+    from bids_qmri.modalities.qmt.training import train_qmtnet
+    from bids_qmri.models.registry import save_model, sha256_file
+
+    train_set, val_set = tiny_sets
+    proto = _Proto(schedule_and_basis[0])
+    kw = dict(val_set=val_set, batch_size=64, width=32, seed=4)
+    net, card = train_qmtnet("qmtnet", proto, train_set=train_set, max_epochs=3, lr=3e-3, **kw)
+    card.pop("history")
+    w = save_model(net, card, tmp_path, "start", origin="test")
+    # another training set (other output statistics) and another seed: only the file can make them equal
+    other = {k: v[: len(v) // 2] if torch.is_tensor(v) and v.ndim else v for k, v in train_set.items()}
+    tiny = dict(train_set=other, max_epochs=1, lr=1e-12, **{**kw, "seed": 7})
+    cont, card2 = train_qmtnet("qmtnet", proto, init_from=w, **tiny)
+    fresh, _ = train_qmtnet("qmtnet", proto, **tiny)
+    for name, a in net.state_dict().items():
+        torch.testing.assert_close(cont.state_dict()[name], a, rtol=0, atol=1e-8, msg=name)
+    assert not torch.allclose(fresh.out.weight, net.out.weight, atol=1e-3)
+    assert not torch.allclose(fresh.out_mean, net.out_mean)  # the statistics of `other`, not the file's
+    init = card2["training"]["init_from"]
+    assert init["file"] == "start.safetensors" and init["sha256"] == sha256_file(w)
+    assert init["previous_training"]["max_epochs"] == 3 and "init_from" not in init["previous_training"]
+    card2.pop("history")
+    w2 = save_model(cont, card2, tmp_path / "second", "more", origin="test")
+    _, card3 = train_qmtnet("qmtnet", proto, init_from=w2, **tiny)
+    assert card3["training"]["init_from"]["previous_training"]["init_from"]["sha256"] == sha256_file(w)
+    with pytest.raises(ValueError, match="qmtnet network cannot initialise qmtnetmse"):
+        train_qmtnet("qmtnetmse", proto, init_from=w, **tiny)
+    with pytest.raises(ValueError, match="cannot initialise qmtnet"):
+        train_qmtnet("qmtnet", proto, init_from=w, **{**tiny, "width": 64})
+
+
 class _Constant(torch.nn.Module):
     def __init__(self, data):
         super().__init__()
@@ -325,7 +362,7 @@ def _train_args(*extra, **shared):
     add_train_arguments(p)
     args = p.parse_args(list(extra))
     base = dict(method="qmtnet", sidecar=None, samples=None, epochs=None, patience=None, batch_size=None, lr=None,
-                seed=0, threads=1)
+                lr_schedule=None, init_from=None, seed=0, threads=1)
     args.__dict__.update({**base, **shared})
     return p, args
 
@@ -367,7 +404,9 @@ def test_train_cli_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "junk.pt").write_text("not a tensor file")
     for extra, shared, text in (((), {"sidecar": bad}, "FlipAngle has 2 values"),
                                 (("--qmt-basis", str(tmp_path / "b.tsv")), {}, "--qmt-basis needs --sidecar"),
-                                (("--qmt-train-set", str(tmp_path / "junk.pt")), {}, "not a qMT training-set file")):
+                                (("--qmt-train-set", str(tmp_path / "junk.pt")), {}, "not a qMT training-set file"),
+                                ((), {"samples": 16, "init_from": tmp_path / "none.safetensors"},
+                                 "model card cannot be read")):
         parser, args = _train_args(*extra, **shared)
         with pytest.raises(SystemExit) as exc:
             train_from_args(args, parser)

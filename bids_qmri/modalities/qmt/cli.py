@@ -136,12 +136,16 @@ def train_from_args(args, parser):
         _fail(parser, "--lr must be positive")
     given = {"n_train": args.samples, "n_val": None if args.qmt_train_set else args.qmt_val_samples,
              "max_epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size, "lr": args.lr,
-             "lr_step": args.qmt_lr_step,
+             "lr_step": args.qmt_lr_step, "lr_schedule": args.lr_schedule,
+             "init_from": args.init_from,
              "max_seconds": None if args.qmt_minutes is None else 60.0 * args.qmt_minutes}
     if args.patience is None and args.epochs is not None:
         given["patience"] = args.epochs  # the seed trains a fixed number of epochs
     torch.set_num_threads(max(1, int(args.threads)))
-    net, card = train_qmtnet(args.method, protocol, basis, train_set=train_set, val_set=val_set, seed=args.seed,
-                             cache_dir=args.qmt_cache, progress=False,
-                             **{k: v for k, v in given.items() if v is not None})
+    try:
+        net, card = train_qmtnet(args.method, protocol, basis, train_set=train_set, val_set=val_set, seed=args.seed,
+                                 cache_dir=args.qmt_cache, progress=False,
+                                 **{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:  # a bad --init-from (ModelFileError is one), an unknown schedule: one line
+        _fail(parser, str(exc))
     return protocol, net, card

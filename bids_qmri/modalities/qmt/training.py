@@ -99,12 +99,18 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
                  patience: int = 400, batch_size: int = 512, lr: float = 0.01, lr_step: int = 40,
                  lr_schedule: str = "step", width: int = 128, n_blocks: int = 6,
                  log_outputs: tuple[str, ...] = LOG_OUTPUTS, seed: int = 0, max_seconds: float | None = None,
-                 progress=None, epoch_callback=None, cache_dir=None) -> tuple[ResidualMLP, dict]:
+                 progress=None, epoch_callback=None, cache_dir=None,
+                 init_from=None) -> tuple[ResidualMLP, dict]:
     """Train ``qmtnet`` (CRB loss) or ``qmtnetmse`` (MSE) -> ``(net, card)``; the sets are simulated
     for ``protocol``'s schedule and ``basis`` unless given (``simulate.simulate_set`` dicts), and
-    kept in ``cache_dir`` (``simulate.cached_set``) when one is given."""
+    kept in ``cache_dir`` (``simulate.cached_set``) when one is given. ``init_from``: a saved
+    network (``.safetensors`` with its card) of the same method and architecture to continue from
+    (fine-tuning): its weights and output statistics are kept (they belong together), so the loss
+    units are the start's; the card records it (``training.init_from``: file, sha256, its own
+    training record, so a chain of continuations stays whole)."""
     if method not in METHOD_LOSS:
         raise ValueError(f"unknown qMT network {method!r}; use one of {', '.join(METHOD_LOSS)}")
+    start = _load_start(init_from, method) if init_from is not None else None
     loss_name = METHOD_LOSS[method]
     t0, cpu0 = time.perf_counter(), time.process_time()
     schedule = protocol.schedule()
@@ -127,6 +133,15 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
         net = ResidualMLP(2 * train_set["coeffs"].shape[1] - 1, OUTPUTS, width=width, n_blocks=n_blocks,
                           log_outputs=log_outputs)
     net.set_output_stats(targets)
+    init = None
+    if start is not None:
+        start_net, start_card = start
+        if start_net.config() != net.config():
+            raise ValueError(f"{init_from}: a ResidualMLP {start_net.config()} cannot initialise {method} "
+                             f"{net.config()} - pick a network of the same basis rank, width and outputs")
+        net.load_state_dict(start_net.state_dict())  # weights and the output statistics they were trained with
+        init = {"file": str(init_from).rsplit("/", 1)[-1], "sha256": start_card.get("sha256"),
+                "previous_training": start_card.get("training", {})}
     sd = net.out_sd.clone()  # the losses' units: the SDs of the (log) targets
     loss = _loss_fn(loss_name, sd)
     val = noisy_batch(val_set, torch.arange(n_val), torch.Generator().manual_seed(int(seed) + 1))
@@ -147,6 +162,10 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
                         epoch_callback=callback, log=LOGGER)
     for row, c in zip(result.history, history_crb):
         row["val_normalised_crb_loss"] = c
+    training = training_record(settings, result, n_train=n_train, n_val=n_val, simulation_s=sim_s,
+                               wall_s=time.perf_counter() - t0)
+    if init is not None:
+        training["init_from"] = init
     card = {
         "name": f"bids_qmri-qmt-{method}-{protocol.key()}",
         "modality": "qmt", "method": method, "loss": loss_name,
@@ -163,11 +182,24 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
         "simulation_s_per_sample": sim_s / max(1, n_train + n_val),
         "heldout_snr50": evaluate(net, val_set, snr_max=50.0, seed=int(seed) + 2),
         "heldout_training_snr_range": evaluate(net, val_set, snr_max=None, seed=int(seed) + 3),
-        "training": training_record(settings, result, n_train=n_train, n_val=n_val, simulation_s=sim_s,
-                                    wall_s=time.perf_counter() - t0),
+        "training": training,
         "validation_loss": result.best_loss,
         "cpu_s": {"simulation": round(sim_cpu_s, 1), "training": round(time.process_time() - cpu0, 1),
                   "note": "this process's CPU time (simulation: as recorded with the set)"},
         "history": result.history,
     }
+    return net, card
+
+
+def _load_start(path, method: str):
+    """``(net, card)`` of the network ``init_from`` names (``registry.load_model``: its checksum is
+    checked against its card); refuses another kind of network or the other loss's twin."""
+    from bids_qmri.models.registry import load_model
+
+    net, card = load_model(path)
+    if not isinstance(net, ResidualMLP) or card.get("modality") != "qmt":
+        raise ValueError(f"{path}: not a qMT network ({type(net).__name__}) - pick a qmtnet/qmtnetmse .safetensors")
+    if card.get("method") != method:
+        raise ValueError(f"{path}: a {card.get('method')} network cannot initialise {method} - pick a {method} "
+                         "file (the two nets differ in their loss only)")
     return net, card
