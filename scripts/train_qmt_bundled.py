@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -38,13 +39,20 @@ def main() -> None:
     p.add_argument("--init-from", type=Path, default=None, metavar="WEIGHTS",
                    help="continue from this .safetensors network of the same method (card beside it)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--print-every", type=int, default=10, help="print the validation loss every N epochs")
     a = p.parse_args()
     torch.set_num_threads(1)
+    cpu0 = time.process_time()
+
+    def report(epoch, model, val_loss):
+        if epoch % a.print_every == 0:
+            print(f"epoch {epoch}: validation loss {val_loss:.4f}, {time.process_time() - cpu0:.0f} CPU-s", flush=True)
+
     train, val = _read_sets(a.sets, a.val_samples, p)
     protocol, basis = synthetic_protocol()
     net, card = train_qmtnet(a.method, protocol, basis, train_set=train, val_set=val, max_epochs=a.epochs,
                              patience=a.epochs, lr=a.lr, lr_step=a.lr_step,
-                             lr_schedule=a.lr_schedule, init_from=a.init_from,
+                             lr_schedule=a.lr_schedule, init_from=a.init_from, epoch_callback=report,
                              max_seconds=None if a.minutes is None else 60 * a.minutes, seed=0, progress=False)
     out = a.out or bundled_dir("qmt")
     out.mkdir(parents=True, exist_ok=True)
