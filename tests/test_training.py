@@ -98,7 +98,10 @@ def test_simulated_features_use_the_physics():
 def _rmse_vs_baseline(net, protocol, kind, n=2000, theta_margin=0.0):
     g = torch.Generator().manual_seed(123)
     par = sample_parameters("uniform", n, g, tr=protocol.tr, with_b0=kind == "complex", theta_margin=theta_margin)
-    y = net(simulate_features(par, protocol, kind).float()).detach().double()
+    x = simulate_features(par, protocol, kind).float()
+    if getattr(net, "noise_input", False):  # noise-conditioned: noise-free input, η = 0
+        x = torch.cat([x, torch.zeros(len(x), 1)], dim=1)
+    y = net(x).detach().double()
     out = []
     for i, k in enumerate(("T1", "T2")):
         rmse = torch.sqrt(torch.mean((y[:, i] - par[k]) ** 2))
