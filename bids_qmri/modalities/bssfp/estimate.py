@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bids_qmri.fitting.miracle import MIRACLE_DEFAULTS, miracle
-from bids_qmri.modalities.bssfp.net import add_noise_input, bssfp_features, noise_level
+from bids_qmri.modalities.bssfp.net import NOISE_INPUT_SCALE, add_noise_input, bssfp_features, noise_level
 from bids_qmri.physics.bssfp import BSSFPProtocol, normalise_configurations
 
 __all__ = ["ALGORITHMS", "BSSFP_METHODS", "REFERENCES", "estimate", "estimate_bssfp", "estimate_noise_sigma", "predict"]
@@ -247,8 +247,8 @@ def estimate_bssfp(
             else:
                 sigma = float(noise_sigma)
             eta = noise_level(torch.as_tensor(F).to(torch.complex128), sigma)
-            x = add_noise_input(x, eta.to(torch.float32))
-            provenance["noise_input"] = {"sigma_configurations": sigma,
+            x = add_noise_input(x, (NOISE_INPUT_SCALE * eta).to(torch.float32))
+            provenance["noise_input"] = {"sigma_configurations": sigma, "scale": NOISE_INPUT_SCALE,
                                          "eta_median": float(np.median(eta[ok].numpy())) if bool(ok.any()) else None}
         x[~ok] = 0.0
         y = predict(net, x, device=device)

@@ -19,7 +19,7 @@ import torch
 
 from bids_qmri.nets.mlp import ScaledMLP
 
-__all__ = ["ARCHITECTURES", "BSSFPNet", "NOISE_INPUT_NAME", "add_noise_input", "bssfp_features",
+__all__ = ["ARCHITECTURES", "BSSFPNet", "NOISE_INPUT_NAME", "NOISE_INPUT_SCALE", "add_noise_input", "bssfp_features",
            "configuration_noise_sigma", "input_names", "noise_level", "widen_for_noise_input"]
 
 #: kind -> (number of inputs, hidden width, output parameter names)
@@ -45,6 +45,12 @@ def bssfp_features(f_normalised: torch.Tensor, b1: torch.Tensor, kind: str) -> t
 
 
 NOISE_INPUT_NAME = "eta = sigma_F / ||F||"
+#: Share of the measured noise level a noise-conditioned net is told at inference (``estimate_bssfp``).
+#: Trained with mean-squared error, the net given the true η returns the posterior mean under its
+#: training prior, whose long T1/T2 tail (CSF) pulls tissue estimates up at low SNR (+5 % median T1
+#: bias in vivo at SNR 15); η = 0 gives the noise-free estimator with its heavy tails at SNR 10. A
+#: fraction in between trades the two (measured: models/bundled/bssfp/TRAINING.md).
+NOISE_INPUT_SCALE = 0.5
 
 
 def input_names(kind: str, noise_input: bool = False) -> list[str]:
