@@ -251,3 +251,20 @@ def test_background_estimate_on_the_synthetic_dataset(tmp_path):
     assert abs(est / truth - 1) < 0.02, (est, truth, info)
     smoothed, _ = estimate_noise_sigma(remove_gibbs(F, zooms, num_processes=1), mask)
     assert 0.5 * truth < smoothed < 0.8 * truth  # Gibbs removal interpolates: less noise per voxel
+
+
+@pytest.mark.parametrize("method", ["svnn", "svnncomplex"])
+def test_nets_without_noise_input_ignore_the_noise_level(method):
+    """Files written before the noise input (the seed set) load as before and give the same maps
+    whatever noise level the caller passes; their provenance has no noise_input."""
+    p = seed_protocol(12)
+    g = torch.Generator().manual_seed(4)
+    par = sample_parameters("uniform", 100, g, tr=p.tr, with_b0=method == "svnncomplex")
+    F = configurations(remove_receiver_phase(simulate_signal(par, p)), p.phase_increments_rad()).numpy()
+    b1 = par["B1"].numpy()
+    plain, prov = estimate_bssfp(method, F, b1, p, allow_training=False, model_set="seed", range_check=False)
+    told, _ = estimate_bssfp(method, F, b1, p, allow_training=False, model_set="seed", range_check=False,
+                             noise_sigma=0.01)
+    assert "noise_input" not in prov and prov["model_card"]["architecture"].get("noise_input") is None
+    for key in plain:
+        assert np.array_equal(plain[key], told[key])
