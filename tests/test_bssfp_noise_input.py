@@ -215,8 +215,9 @@ def test_estimate_bssfp_passes_the_noise_level(tmp_path, monkeypatch):
         direct = net(x).numpy()
     assert np.allclose(with_sigma["T1map"], direct[:, 0], rtol=1e-5)
     without, prov0 = estimate_bssfp("svnncomplex", F, b1, p, range_check=False)
-    assert prov0["noise_input"]["sigma_configurations"] == 0.0
-    assert any("noise level" in w for w in prov0["warnings"])
+    assert prov0["noise_input"]["sigma_configurations"] is None and "warnings" not in prov0
+    zero, _ = estimate_bssfp("svnncomplex", F, b1, p, noise_sigma=0.0, range_check=False)
+    assert np.array_equal(zero["T1map"], without["T1map"])  # not given = noise-free
     assert not np.allclose(without["T1map"], with_sigma["T1map"])
 
 
@@ -268,3 +269,28 @@ def test_nets_without_noise_input_ignore_the_noise_level(method):
     assert "noise_input" not in prov and prov["model_card"]["architecture"].get("noise_input") is None
     for key in plain:
         assert np.array_equal(plain[key], told[key])
+
+
+def test_contract_estimate_measures_the_noise_or_warns(monkeypatch):
+    """The workflow's estimate measures σ in the background and records it; without a background the
+    map's sidecar gets a warning."""
+    import bids_qmri.modalities.bssfp.models as models
+    from bids_qmri.modalities.bssfp.estimate import estimate
+
+    net = _random_net("complex", noise_input=True, seed=6)
+    card = {"b1_range": [0.6, 1.4], "parameter_ranges": {k: list(v) for k, v in net.ranges.items()}}
+    monkeypatch.setattr(models, "get_model", lambda *a, **k: (net, card))
+    sigma = noise_sigma(20.0)
+    f, brain, p = _head_volume(sigma)
+
+    class Context:
+        model_dir, seed, allow_training, device, options = None, 0, False, "cpu", {}
+
+    data = {"configurations": f, "b1": np.ones(brain.shape)}
+    _, prov = estimate("svnncomplex", data, brain, p, Context())
+    got = prov["noise_input"]["sigma_configurations"]
+    assert abs(got / configuration_noise_sigma(sigma, 12) - 1) < 0.03 and "warnings" not in prov
+    assert prov["noise_input"]["estimate"]["voxels_used"] > 1000
+    _, prov = estimate("svnncomplex", data, np.ones_like(brain), p, Context())
+    assert prov["noise_input"]["sigma_configurations"] is None
+    assert any("noise level could not be measured" in w for w in prov["warnings"])

@@ -191,8 +191,8 @@ def estimate_bssfp(
     ``default``). ``range_check``: count (and warn about) network estimates clipped at the training
     range (``_range_limits``; off for simulations that do not need it). ``noise_sigma``: the per-channel
     noise σ of ``F`` (its units; 0 = noise-free), which a noise-conditioned net reads as η = σ/‖F‖ per
-    voxel (``net.noise_level``); None: unknown, a noise-conditioned net is then run at η = 0 and the
-    provenance says so (other methods ignore it). Returns ``({"T1map": s, "T2map": s[, "fieldmap": Hz]}, provenance)``;
+    voxel (``net.noise_level``); None: not given, a noise-conditioned net is then run at η = 0 (noise-free
+    data) and the provenance's σ is None (other methods ignore it). Returns ``({"T1map": s, "T2map": s[, "fieldmap": Hz]}, provenance)``;
     voxels that cannot be estimated are NaN. ``provenance`` has ``algorithm`` and ``reference``
     (text for the sidecar), ``model_card`` (dict for the networks, None for MIRACLE) and counts.
     """
@@ -239,16 +239,11 @@ def estimate_bssfp(
                               device=device, model_set=model_set)
         x = bssfp_features(f.to(torch.complex64), torch.as_tensor(b1, dtype=torch.float32), net.kind)
         if getattr(net, "noise_input", False):
-            if noise_sigma is None or not math.isfinite(noise_sigma) or noise_sigma < 0:
-                provenance.setdefault("warnings", []).append(
-                    f"{method}: the noise level of the data was not given or could not be measured: the "
-                    "noise-conditioned network ran as for noise-free data")
-                sigma = 0.0
-            else:
-                sigma = float(noise_sigma)
+            known = noise_sigma is not None and math.isfinite(noise_sigma) and noise_sigma >= 0
+            sigma = float(noise_sigma) if known else 0.0  # unknown: as for noise-free data (η = 0)
             eta = noise_level(torch.as_tensor(F).to(torch.complex128), sigma)
             x = add_noise_input(x, (NOISE_INPUT_SCALE * eta).to(torch.float32))
-            provenance["noise_input"] = {"sigma_configurations": sigma, "scale": NOISE_INPUT_SCALE,
+            provenance["noise_input"] = {"sigma_configurations": sigma if known else None, "scale": NOISE_INPUT_SCALE,
                                          "eta_median": float(np.median(eta[ok].numpy())) if bool(ok.any()) else None}
         x[~ok] = 0.0
         y = predict(net, x, device=device)
@@ -295,6 +290,12 @@ def estimate(method: str, data: dict, mask: np.ndarray, protocol: BSSFPProtocol,
                                       model_set=(context.options or {}).get("bssfp_models"), noise_sigma=sigma)
     if "noise_input" in provenance:  # a noise-conditioned net: how its noise level was measured
         provenance["noise_input"]["estimate"] = noise_info
+        if sigma is None:
+            warning = (f"{method}: the noise level could not be measured ({noise_info.get('reason', 'no background')}): "
+                       "the noise-conditioned network ran as for noise-free data; give the series a background "
+                       "(field of view beyond the head) or compare with MIRACLE")
+            log.warning(warning)
+            provenance.setdefault("warnings", []).append(warning)
     volumes = {}
     for suffix, values in maps.items():
         volume = np.full(mask.shape, np.nan, dtype=np.float32)
