@@ -139,8 +139,9 @@ def estimate_noise_sigma(F: np.ndarray, mask: np.ndarray, *, dilate: int = 2, ro
     σ² = median(|F±1|²)/(2 ln 2). Head tissue outside the brain mask (skull, skin) carries signal, so
     the estimate is repeated on the voxels whose |F0| and |F±1| stay below 4σ (a Rayleigh or circular
     Gaussian amplitude exceeds 4σ with probability 3e-4). The estimate is on the configurations the
-    networks read, after denoising and Gibbs removal; MP-PCA leaves the background (outside its head
-    support) as acquired, so σ is the acquired noise, an upper bound for the brain's after denoising.
+    networks read: Gibbs removal interpolates and lowers the per-voxel noise in the background and the
+    brain alike, which the estimate sees (0.64× on the 4-mm phantom); MP-PCA leaves most of the
+    background as acquired and denoises the brain more, so with it σ is an upper bound for the brain.
     Returns ``(σ or None, info)``; None with a reason when fewer than ``MIN_BACKGROUND_VOXELS`` voxels
     are left."""
     from scipy import ndimage
