@@ -119,6 +119,11 @@ def _write_card(method, protocol, model_dir, row, miracle, args):
                                       f"on resonance, {args.mc} complex-noise draws per SNR, seed {args.seed} "
                                       "(benchmarks/bench_bssfp_noise_training.py); miracle: the same draws"},
     }
+    if card.get("architecture", {}).get("noise_input"):
+        from bids_qmri.modalities.bssfp.net import NOISE_INPUT_SCALE
+
+        card["accuracy"]["noise_input"] = (f"noise_free: the net told eta = 0; cod_mc_mean: told {NOISE_INPUT_SCALE:g} x "
+                                           "the test noise's eta (estimate_bssfp's NOISE_INPUT_SCALE)")
     write_json_atomic(path, card)
 
 
