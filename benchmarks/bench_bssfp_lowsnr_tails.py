@@ -19,27 +19,39 @@ import torch
 
 from bids_qmri.modalities.bssfp.estimate import estimate_bssfp, predict
 from bids_qmri.modalities.bssfp.insilico import cod, linear_grid
-from bids_qmri.modalities.bssfp.net import bssfp_features
 from bids_qmri.modalities.bssfp.training import simulate_signal
 from bids_qmri.physics.bssfp import configurations, normalise_configurations, remove_receiver_phase, seed_protocol
-from bids_qmri.physics.noise import add_complex_noise
+from bids_qmri.modalities.bssfp.net import (
+    NOISE_INPUT_SCALE,
+    add_noise_input,
+    bssfp_features,
+    configuration_noise_sigma,
+    noise_level,
+)
+from bids_qmri.physics.noise import add_complex_noise, noise_sigma
 
 CASES = (("miracle", "default"), ("svnn", "default"), ("pinn", "default"), ("svnncomplex", "default"),
          ("pinncomplex", "default"), ("svnn", "seed"), ("pinn", "seed"))
 
 
-def _estimate(case, features, protocol):
-    """(T1, T2) per row of ``features`` for a (method, model set) pair or a network file."""
+def _estimate(case, features, protocol, snr=float("inf")):
+    """(T1, T2) per row of ``features`` for a (method, model set) pair or a network file; a
+    noise-conditioned net is told the test noise (``snr``; inf = noise-free), as ``estimate_bssfp`` does."""
+    sigma = configuration_noise_sigma(noise_sigma(snr), protocol.npc) if np.isfinite(snr) else 0.0
     if isinstance(case, Path):
         from bids_qmri.nets.io import load_net
 
         net = load_net(case).eval()
         f = normalise_configurations(torch.as_tensor(features).to(torch.complex128)).to(torch.complex64)
-        y = predict(net, bssfp_features(f, torch.ones(len(features)), net.kind))
+        x = bssfp_features(f, torch.ones(len(features)), net.kind)
+        if getattr(net, "noise_input", False):
+            eta = noise_level(torch.as_tensor(features).to(torch.complex128), sigma)
+            x = add_noise_input(x, (NOISE_INPUT_SCALE * eta).float())
+        y = predict(net, x)
         return y[:, 0].astype(float), y[:, 1].astype(float)
     method, model_set = case
     maps, _ = estimate_bssfp(method, features, np.ones(len(features)), protocol, model_set=model_set,
-                             range_check=False, allow_training=False)
+                             range_check=False, allow_training=False, noise_sigma=sigma)
     return maps["T1map"].astype(float), maps["T2map"].astype(float)
 
 
@@ -70,7 +82,7 @@ def main(argv=None):
         row = (f"{label:44s} noise-free |rel err| {100 * np.mean(np.abs(t1 / truth['T1'] - 1)):.2f} / "
                f"{100 * np.mean(np.abs(t2 / truth['T2'] - 1)):.2f} %")
         for snr, features in noisy.items():
-            est = dict(zip(("T1", "T2"), (v.reshape(args.draws, n) for v in _estimate(case, features, protocol))))
+            est = dict(zip(("T1", "T2"), (v.reshape(args.draws, n) for v in _estimate(case, features, protocol, snr))))
             far = est["T2"] > 0.3
             row += (f" | SNR {snr:g}: " + " / ".join(f"{cod(truth[k], np.nanmean(est[k], 0)):.4f} "
                                                       f"({cod(truth[k], np.nanmedian(est[k], 0)):.4f})" for k in ("T1", "T2"))

@@ -33,6 +33,7 @@ import torch
 from bids_qmri.modalities.bssfp.estimate import predict
 from bids_qmri.modalities.bssfp.insilico import cod, invivo_test_set, linear_grid, monte_carlo, theta_sweep
 from bids_qmri.modalities.bssfp.models import get_model
+from bids_qmri.modalities.bssfp.net import add_noise_input
 from bids_qmri.modalities.bssfp.training import sample_parameters, simulate_features
 from bids_qmri.physics.bssfp import seed_protocol
 
@@ -52,6 +53,12 @@ def _extended(n, generator, tr, with_b0):
     return {k: v[keep][:n] for k, v in par.items()}
 
 
+def _noise_free_features(net, par, protocol):
+    """Noise-free features; a noise-conditioned net is told so (η = 0)."""
+    x = simulate_features(par, protocol, net.kind).float()
+    return add_noise_input(x, 0.0) if getattr(net, "noise_input", False) else x
+
+
 def noise_free_accuracy(method, protocol, model_dir, fig5_row):
     """The cards' ``accuracy.noise_free`` block for one net (see ``ACCURACY_DEFINITION``)."""
     net, _ = get_model(method, protocol, model_dir=model_dir, allow_training=False, model_set="default")
@@ -59,14 +66,14 @@ def noise_free_accuracy(method, protocol, model_dir, fig5_row):
     out = {}
     g = torch.Generator().manual_seed(123)  # tests/test_training.py's rel. RMSE draw
     par = sample_parameters("uniform", 1000, g, tr=protocol.tr, with_b0=complex_net, theta_margin=0.05)
-    y = predict(net, simulate_features(par, protocol, net.kind).float()).astype(np.float64)
+    y = predict(net, _noise_free_features(net, par, protocol)).astype(np.float64)
     out["rel_rmse_seed_range"] = [round(float(np.sqrt(np.mean((y[:, i] - par[k].numpy()) ** 2)) / par[k].std()), 4)
                                   for i, k in enumerate(("T1", "T2"))]
     g = torch.Generator().manual_seed(2024)
     sets = {"tissue": sample_parameters("uniform", 20000, g, tr=protocol.tr, with_b0=complex_net, theta_margin=0.1),
             "extended": _extended(20000, g, protocol.tr, complex_net)}
     for name, par in sets.items():
-        y = predict(net, simulate_features(par, protocol, net.kind).float()).astype(np.float64)
+        y = predict(net, _noise_free_features(net, par, protocol)).astype(np.float64)
         out[f"{name}_median_mean_pct"] = {
             k: [round(float(np.median(e)), 2), round(float(np.mean(e)), 2)]
             for i, k in enumerate(("T1", "T2")) for e in [np.abs(y[:, i] / par[k].numpy() - 1) * 100]}
@@ -112,6 +119,11 @@ def _write_card(method, protocol, model_dir, row, miracle, args):
                                       f"on resonance, {args.mc} complex-noise draws per SNR, seed {args.seed} "
                                       "(benchmarks/bench_bssfp_noise_training.py); miracle: the same draws"},
     }
+    if card.get("architecture", {}).get("noise_input"):
+        from bids_qmri.modalities.bssfp.net import NOISE_INPUT_SCALE
+
+        card["accuracy"]["noise_input"] = (f"noise_free: the net told eta = 0; cod_mc_mean: told {NOISE_INPUT_SCALE:g} x "
+                                           "the test noise's eta (estimate_bssfp's NOISE_INPUT_SCALE)")
     write_json_atomic(path, card)
 
 

@@ -134,15 +134,16 @@ def test_bundled_complex_nets_meet_seed_fig5(key):
 
 # The default set (--bssfp-models default, trained on the brain distribution with log-scaled outputs;
 # bids_qmri/models/bundled/bssfp/TRAINING.md) on the same seed-range grid test, measured: mean |relative
-# error| T1, T2 in %. All meet seed 001 Fig. 5 (pinncomplex Npc 12 after 48 PINN epochs from the
-# SVNN's weights; with 12 it was 1.07 % in T1).
+# error| T1, T2 in %. All meet seed 001 Fig. 5. Since issue 18's third round the set is noise-conditioned;
+# this noise-free test tells it η = 0 (measured 2026-12-03; the noise-free set before: svnncomplex 0.98 / 0.98,
+# 1.11 / 1.44, 1.41 / 2.15 %, pinncomplex 0.98 / 0.64, 1.45 / 1.20, 2.24 / 2.67 % at Npc 12 / 6 / 4).
 DEFAULT_GRID_ERR_PCT = {
-    ("svnncomplex", 12): (0.98, 0.98),
-    ("svnncomplex", 6): (1.11, 1.44),
-    ("svnncomplex", 4): (1.41, 2.15),
-    ("pinncomplex", 12): (0.98, 0.64),
-    ("pinncomplex", 6): (1.45, 1.20),
-    ("pinncomplex", 4): (2.24, 2.67),
+    ("svnncomplex", 12): (0.93, 0.99),
+    ("svnncomplex", 6): (1.09, 1.47),
+    ("svnncomplex", 4): (1.31, 2.14),
+    ("pinncomplex", 12): (0.97, 0.60),
+    ("pinncomplex", 6): (1.39, 1.03),
+    ("pinncomplex", 4): (2.23, 2.44),
 }
 
 

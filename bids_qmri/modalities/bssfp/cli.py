@@ -41,6 +41,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "definition), redrawn every batch")
     t.add_argument("--noise-free-fraction", type=float, default=d.noise_free_fraction,
                    help="with --snr-range: share of every batch left noise-free (keeps the noise-free accuracy)")
+    t.add_argument("--noise-input", action="store_true",
+                   help="noise-conditioned net: the noise level eta = sigma_F/||F|| is one more input (needs "
+                        "--snr-range or --snr; from a net without it, --init-from starts eta's weights at zero)")
 
 
 def _protocol(args, parser):
@@ -79,7 +82,7 @@ def train_from_args(args, parser):
             method=args.method, distribution=args.distribution, theta_margin=args.theta_margin,
             init_from=str(args.init_from) if args.init_from else None,
             pinn_feature_scale=args.pinn_feature_scale, targets=args.targets, seed=args.seed, threads=args.threads, device=args.device,
-            snr_range=tuple(args.snr_range) if args.snr_range else None, noise_free_fraction=args.noise_free_fraction,
+            snr_range=tuple(args.snr_range) if args.snr_range else None, noise_free_fraction=args.noise_free_fraction, noise_input=args.noise_input,
             **{k: v for k, v in given.items() if v is not None},
         )
     except ValueError as exc:

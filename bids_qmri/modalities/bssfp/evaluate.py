@@ -92,7 +92,8 @@ def noise_floor(bids: Path, out: Path, acq: str, methods, protocol, model_dir: P
     """The errors of ``workflow_errors`` without any image processing (see the module docstring)."""
     from bids_qmri.modalities.bssfp.estimate import estimate_bssfp
     from bids_qmri.physics.bssfp import bssfp_signal
-    from bids_qmri.physics.noise import add_complex_noise
+    from bids_qmri.modalities.bssfp.net import configuration_noise_sigma
+    from bids_qmri.physics.noise import add_complex_noise, noise_sigma
     from bids_qmri.preproc.configurations import compute_configurations
 
     truth, tissue, trained = tissue_masks(bids, out, acq, sub, ses)
@@ -111,7 +112,8 @@ def noise_floor(bids: Path, out: Path, acq: str, methods, protocol, model_dir: P
     in_range = trained[tissue]
     floor = {}
     for method in methods:
-        maps, _ = estimate_bssfp(method, F, b1, protocol, model_dir=model_dir, seed=1)
+        maps, _ = estimate_bssfp(method, F, b1, protocol, model_dir=model_dir, seed=1,
+                                 noise_sigma=configuration_noise_sigma(noise_sigma(snr), protocol.npc))
         for suffix, ref in (("T1map", t1), ("T2map", t2)):
             rel = np.abs(maps[suffix] - ref) / ref
             floor[method, suffix, "all"] = 100 * float(np.median(rel))

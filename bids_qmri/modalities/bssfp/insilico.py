@@ -21,7 +21,8 @@ import torch
 
 from bids_qmri.modalities.bssfp.estimate import BSSFP_METHODS, estimate_bssfp
 from bids_qmri.physics.bssfp import BSSFPProtocol, configurations, remove_receiver_phase, seed_protocol
-from bids_qmri.physics.noise import add_complex_noise
+from bids_qmri.physics.noise import add_complex_noise, noise_sigma
+from bids_qmri.modalities.bssfp.net import configuration_noise_sigma
 from bids_qmri.modalities.bssfp.training import DISTRIBUTIONS, sample_parameters, simulate_signal
 from bids_qmri.utils.atomic import atomic_path
 
@@ -79,6 +80,8 @@ def monte_carlo(
     b1 = params["B1"].numpy()
     draws = 1 if not math.isfinite(snr) else n_mc
     per_chunk = max(1, chunk_voxels // n)
+    # the test noise, known here: what a noise-conditioned net is told (0 = noise-free)
+    sigma_f = configuration_noise_sigma(noise_sigma(snr), npc) if math.isfinite(snr) else 0.0
     acc: dict[str, list[np.ndarray]] = {}
     for start in range(0, draws, per_chunk):
         k = min(per_chunk, draws - start)
@@ -87,7 +90,7 @@ def monte_carlo(
             sk = add_complex_noise(sk, snr, generator)
         f = configurations(remove_receiver_phase(sk), phi).numpy()
         maps, _ = estimate_bssfp(method, f, np.tile(b1, k), protocol, model_dir=model_dir, seed=seed,
-                                 model_set=model_set, range_check=False)
+                                 model_set=model_set, range_check=False, noise_sigma=sigma_f)
         for key, v in maps.items():
             v = v.reshape(k, n).astype(np.float64)
             fin = np.isfinite(v)
@@ -117,7 +120,7 @@ def theta_sweep(
     s = simulate_signal(par, protocol)
     f = configurations(remove_receiver_phase(s), protocol.phase_increments_rad()).numpy()
     maps, _ = estimate_bssfp(method, f, par["B1"].numpy(), protocol, model_dir=model_dir, seed=seed,
-                                 model_set=model_set, range_check=False)
+                                 model_set=model_set, range_check=False, noise_sigma=0.0)
     rows = []
     for name, key in PARAMS:
         rel = np.abs(maps[key].astype(np.float64) / par[name].numpy() - 1).reshape(n_theta, n) * 100
@@ -150,7 +153,7 @@ def onthefly_check(
         _, card = get_model(method, protocol, model_dir=model_dir, seed=seed, model_set=model_set)
         train_cpu = time.process_time() - t0
         maps, _ = estimate_bssfp(method, f, grid["B1"].numpy(), protocol, model_dir=model_dir, seed=seed,
-                                 model_set=model_set, range_check=False)
+                                 model_set=model_set, range_check=False, noise_sigma=0.0)
         for name, key in PARAMS:
             rows.append({"protocol": protocol.describe(), "protocol_key": protocol.key(), "method": method,
                          "parameter": name, "cod": cod(grid[name].numpy(), maps[key].astype(np.float64)),

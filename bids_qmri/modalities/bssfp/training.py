@@ -17,7 +17,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from bids_qmri.modalities.bssfp.net import BSSFPNet, bssfp_features, input_names
+from bids_qmri.modalities.bssfp.net import (
+    BSSFPNet,
+    add_noise_input,
+    bssfp_features,
+    configuration_noise_sigma,
+    input_names,
+    noise_level,
+    widen_for_noise_input,
+)
 from bids_qmri.physics.bssfp import (
     BSSFPProtocol,
     bssfp_signal,
@@ -25,7 +33,7 @@ from bids_qmri.physics.bssfp import (
     normalise_configurations,
     remove_receiver_phase,
 )
-from bids_qmri.physics.noise import add_complex_noise
+from bids_qmri.physics.noise import add_complex_noise, noise_sigma
 from bids_qmri.training.loop import LR_SCHEDULES, LoopSettings, train_loop, training_record
 
 __all__ = [
@@ -175,11 +183,18 @@ def simulate_signal(params: dict[str, torch.Tensor], protocol: BSSFPProtocol) ->
     )
 
 
-def signal_to_features(signal: torch.Tensor, b1: torch.Tensor, protocol: BSSFPProtocol, kind: str) -> torch.Tensor:
-    """Receiver-phase removal → configurations (−1, 0, 1) → unit norm → network features."""
+def signal_to_features(signal: torch.Tensor, b1: torch.Tensor, protocol: BSSFPProtocol, kind: str,
+                       signal_sigma=None) -> torch.Tensor:
+    """Receiver-phase removal → configurations (−1, 0, 1) → unit norm → network features.
+
+    With ``signal_sigma`` (the per-channel noise σ of ``signal``, scalar or ``[N]``; 0 = noise-free)
+    the noise level η = σ_F/‖F‖ (``net.noise_level``) is appended: a noise-conditioned net's input."""
     phi = protocol.phase_increments_rad(signal.real.dtype)
-    f = normalise_configurations(configurations(remove_receiver_phase(signal), phi))
-    return bssfp_features(f, b1, kind)
+    raw = configurations(remove_receiver_phase(signal), phi)
+    x = bssfp_features(normalise_configurations(raw), b1, kind)
+    if signal_sigma is None:
+        return x
+    return add_noise_input(x, noise_level(raw, configuration_noise_sigma(torch.as_tensor(signal_sigma), protocol.npc)))
 
 
 def features_from_parameters(t1, t2, b1, b0, protocol: BSSFPProtocol, kind: str) -> torch.Tensor:
@@ -272,12 +287,13 @@ def network_loss(
         return torch.mean((unit - net.to_unit(target)) ** 2)
     if loss == "pinn":
         pred = net.to_physical(unit)
-        b1 = x[:, -1]
+        n = getattr(net, "n_features", x.shape[1])  # a noise-conditioned net's η follows B1
+        b1 = x[:, n - 1]
         b0 = pred[:, 2] if net.kind == "complex" else torch.zeros_like(b1)
         resim = features_from_parameters(pred[:, 0], pred[:, 1], b1, b0, protocol, net.kind)
-        residual = resim[:, :-1] - x[:, :-1]
+        residual = resim[:, :-1] - x[:, : n - 1]
         if pinn_feature_scale == "input_std":
-            residual = residual / net.in_std[:-1]
+            residual = residual / net.in_std[: n - 1]
         elif pinn_feature_scale != "none":
             raise ValueError(f"unknown pinn_feature_scale {pinn_feature_scale!r}; use one of {PINN_FEATURE_SCALES}")
         return torch.mean(residual**2)
@@ -302,6 +318,9 @@ class TrainConfig:
     # batch, and noise_free_fraction of every batch without noise (protects the noise-free accuracy)
     snr_range: tuple[float, float] | None = None
     noise_free_fraction: float = 0.0
+    # noise-conditioned net (issue 18): one more input, η = σ_F/‖F‖ of each sample's training noise
+    # (0 when noise-free); needs training noise. From a net without it (init_from): η's weights start at 0
+    noise_input: bool = False
     # complex nets: leave |θ| > (1 − margin)·π out of training. A smooth network cannot jump from
     # +π to −π where the signal wraps; samples there dominated the PINN loss (plateau ~6e-4)
     theta_margin: float = 0.05
@@ -341,6 +360,8 @@ class TrainConfig:
                 raise ValueError(f"snr_range must be 0 < LO <= HI < inf, got {lo:g} {hi:g}")
         if not 0.0 <= self.noise_free_fraction <= 1.0:
             raise ValueError(f"noise_free_fraction must lie in [0, 1], got {self.noise_free_fraction:g}")
+        if self.noise_input and self.snr_range is None and (self.snr is None or not math.isfinite(self.snr)):
+            raise ValueError("noise_input needs training noise (snr_range or snr): the net learns what η means from it")
         if self.noise_free_fraction and self.snr_range is None:
             raise ValueError("noise_free_fraction needs snr_range (the mixture it is a part of)")
         if self.n_samples < 20 or self.max_epochs < 1 or self.batch_size < 1:
@@ -389,10 +410,15 @@ def train_bssfp_net(
         b1 = params["B1"]
         noise = {"snr": cfg.snr, "snr_range": cfg.snr_range, "noise_free_fraction": cfg.noise_free_fraction}
         noisy = cfg.snr_range is not None or (cfg.snr is not None and math.isfinite(cfg.snr))
+
+        def noisy_features(idx):
+            s, snr = noisy_signal(signal[idx], gen, **noise)
+            sigma = noise_sigma(torch.as_tensor(snr, dtype=torch.float64)) if cfg.noise_input else None
+            return signal_to_features(s, b1[idx], protocol, kind, signal_sigma=sigma).float()
+
         if noisy:
             # one fixed noise draw for validation, from the same mixture as training
-            val_x = signal_to_features(noisy_signal(signal[n_train:], gen, **noise)[0], b1[n_train:],
-                                       protocol, kind).float()
+            val_x = noisy_features(slice(n_train, None))
         else:
             val_x = clean[n_train:]
         val_x, val_y = val_x.to(device), targets[n_train:]
@@ -400,7 +426,10 @@ def train_bssfp_net(
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            net = BSSFPNet(kind, parameter_ranges(cfg.distribution, kind, protocol.tr), log_outputs=log_outputs(cfg))
+            net = BSSFPNet(kind, parameter_ranges(cfg.distribution, kind, protocol.tr), log_outputs=log_outputs(cfg),
+                           noise_input=cfg.noise_input)
+        # input statistics of a noise-conditioned net: one draw of the training mixture (η's scale)
+        stats_x = noisy_features(slice(0, n_train)) if cfg.noise_input else None
         init = None
         if cfg.init_from:
             from bids_qmri.nets.io import load_net
@@ -411,17 +440,23 @@ def train_bssfp_net(
                 raise ValueError(f"{cfg.init_from}: a {getattr(start_net, 'kind', type(start_net).__name__)} network "
                                  f"with other ranges cannot initialise {cfg.method} — pick a model of the same "
                                  "method and distribution")
-            net.load_state_dict(start_net.state_dict())  # keeps its input statistics too
+            if cfg.noise_input and not getattr(start_net, "noise_input", False):
+                # η's weights start at zero: the widened net equals the start net before fine-tuning
+                widen_for_noise_input(net, start_net, float(stats_x[:, -1].mean()), float(stats_x[:, -1].std()))
+            elif bool(getattr(start_net, "noise_input", False)) != cfg.noise_input:
+                raise ValueError(f"{cfg.init_from}: a noise-conditioned network cannot initialise one without "
+                                 "noise input — start from a net without it, or train with --noise-input")
+            else:
+                net.load_state_dict(start_net.state_dict())  # keeps its input statistics too
             init = _file_digest(cfg.init_from)
         else:
-            net.set_input_stats(clean[:n_train])
+            net.set_input_stats(clean[:n_train] if stats_x is None else stats_x)
         net.to(device)
         clean = clean.to(device)
 
         def batch(idx):
             if noisy:
-                x = signal_to_features(noisy_signal(signal[idx], gen, **noise)[0], b1[idx], protocol, kind).float()
-                return x.to(device), targets[idx]
+                return noisy_features(idx).to(device), targets[idx]
             return clean[idx], targets[idx]
 
         def loss(model, xy):
@@ -447,7 +482,8 @@ def train_bssfp_net(
         "name": f"bids_qmri-bssfp-{cfg.method}-npc{protocol.npc}-{protocol.key()}",
         "modality": "bssfp",
         "method": cfg.method,
-        "architecture": {"class": "BSSFPNet", "kind": kind, "hidden": net.hidden, "inputs": input_names(kind),
+        "architecture": {"class": "BSSFPNet", "kind": kind, "hidden": net.hidden,
+                         "inputs": input_names(kind, net.noise_input), "noise_input": net.noise_input,
                          "outputs": list(net.outputs), "activation": "ReLU", "output": "sigmoid",
                          "log_scaled_outputs": list(net.log_outputs)},
         "loss": loss_name,
