@@ -146,6 +146,9 @@ def test_rim_loss_weights_voxels_and_averages_steps():
     weight = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
     assert float(rim.rim_loss(est, target, weight)) == pytest.approx(4.0 / 2)  # mean over 2 steps
     assert float(rim.rim_loss(est, target)) == pytest.approx(8.0 / 16)
+    # per-parameter weights multiply each parameter's squared error: (3·4 + 1·4) / 2 steps / 2 parameters
+    assert float(rim.rim_loss(est, target, weight, (3.0, 1.0))) == pytest.approx(16.0 / 4)
+    assert float(rim.rim_loss(est, target, weight, (1.0, 1.0))) == pytest.approx(4.0 / 2)
 
 
 def _overfit(net, signal, target, times, steps):

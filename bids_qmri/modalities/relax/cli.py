@@ -33,6 +33,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rim-gradient", choices=["gauss_newton", "raw"], default=d.rim_gradient,
                    help="the likelihood gradient the RIM sees: divided per voxel and parameter by the Gauss-Newton "
                         "curvature (gauss_newton) or as is (raw, seed 004)")
+    g.add_argument("--relax-structures", action="store_true",
+                   help="add one-voxel points and lines to every training patch (against blurring small structures)")
+    g.add_argument("--rim-b-weight", type=float, default=d.b_weight,
+                   help="weight of B's squared error in the IRT1 loss (seed 004 eq. 6: 1)")
     g.add_argument("--resnet-channels", type=int, nargs="+", default=list(d.resnet_channels),
                    help="widths of the ResNet's residual blocks (seed 004: 40 40 80 80 160 320 160 80 80 40 6)")
 
@@ -65,14 +69,16 @@ def train_from_args_for(modality: str):
         from .training import RelaxTrainConfig, train_relax_net
 
         protocol = _protocol(args, parser, modality)
-        given = {"iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr}
+        given = {"iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr,
+                 "lr_schedule": args.lr_schedule, "keep": args.keep}
         try:
             cfg = RelaxTrainConfig(
                 method=args.method, seed=args.seed, threads=args.threads,
                 iterations_per_epoch=args.iterations_per_epoch, resolution_mm=args.anatomy_resolution,
                 max_seconds=None if args.budget_minutes is None else 60.0 * args.budget_minutes,
                 hidden=args.rim_hidden, steps=args.rim_steps, gru_kernel=args.rim_gru_kernel,
-                rim_gradient=args.rim_gradient, init_from=str(args.init_from) if args.init_from else None,
+                rim_gradient=args.rim_gradient, structures=args.relax_structures, b_weight=args.rim_b_weight,
+                init_from=str(args.init_from) if args.init_from else None,
                 resnet_channels=tuple(args.resnet_channels), **{k: v for k, v in given.items() if v is not None})
             net, card = train_relax_net("ir" if modality == "irt1" else "t2", protocol.times, cfg)
         except ValueError as exc:

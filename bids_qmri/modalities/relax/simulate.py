@@ -18,6 +18,13 @@ magnitude taken (Rician, as magnitude images are; seed 004 added real Gaussian n
 patch log-uniform in [0.0065, 0.255] (seed 004: SNR 100 to 3; here SNR = ``A_REFERENCE``/σ).
 Patches are divided by their ``rim.signal_scale`` over the brain voxels, as whole images are at
 inference; targets are in the networks' coordinates (``rim.to_network``).
+
+Small structures (``structures=True``, ``add_structures``): seed 004's BrainWeb models have
+vessels and one-voxel islands, our phantom's tissues are smooth and piecewise constant, so a
+network trained on it learns to smooth away a one-voxel structure (the blur test of
+``insilico``). With the option every patch gets 0-``MAX_POINTS`` one-voxel points and
+0-``MAX_LINES`` one-voxel-wide horizontal or vertical lines (``LINE_LENGTH`` voxels) on brain
+voxels, each with T1 and T2 of a random Table 1 row and A of another random row (or the host's).
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ import torch
 
 from . import rim
 
-__all__ = ["A_REFERENCE", "SIGMA_RANGE", "TABLE1", "Patches", "TissueAnatomy", "anatomy", "simulate_patches",
+__all__ = ["A_REFERENCE", "SIGMA_RANGE", "TABLE1", "Patches", "TissueAnatomy", "add_structures", "anatomy",
+           "simulate_patches",
            "sigma_for_snr", "tissue_maps"]
 
 #: seed 004 Table 1 (T1, T2 in seconds): tissue -> (μ_T1, σ_T1, μ_T2, σ_T2, μ_A, σ_A)
@@ -56,6 +64,8 @@ SIGMA_RANGE = (0.0065, 0.255)
 #: SNR = A_REFERENCE / σ (white-matter A of Table 1: σ = 0.0065 is SNR 100)
 A_REFERENCE = 0.65
 PATCH = 40
+#: ``add_structures``: at most this many one-voxel points and lines per patch, line lengths (voxels)
+MAX_POINTS, MAX_LINES, LINE_LENGTH = 12, 4, (3, 12)
 #: clipping of drawn values (seconds; A in Table 1 units)
 BOUNDS = {"T1": (0.05, 6.0), "T2": (0.005, 3.0), "A": (0.05, 2.0)}
 
@@ -131,13 +141,47 @@ def tissue_maps(frac: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndar
     return out
 
 
+def add_structures(maps: dict[str, np.ndarray], brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Overwrite, in place, T1, T2 and A of ``maps`` (``[H, W]`` each) on random one-voxel points and
+    lines (see the module's docstring) starting on ``brain`` voxels; returns the mask of the changed
+    voxels."""
+    changed = np.zeros(brain.shape, bool)
+    where = np.argwhere(brain)
+    if not len(where):
+        return changed
+    rows = list(TABLE1)
+    h, w = brain.shape
+    n_points, n_lines = int(rng.integers(MAX_POINTS + 1)), int(rng.integers(MAX_LINES + 1))
+    for i in range(n_points + n_lines):
+        r, c = where[rng.integers(len(where))]
+        if i < n_points:
+            rr, cc = np.array([r]), np.array([c])
+        else:
+            d = np.arange(int(rng.integers(LINE_LENGTH[0], LINE_LENGTH[1] + 1)))
+            rr, cc = (r + 0 * d, c + d) if rng.random() < 0.5 else (r + d, c + 0 * d)
+            keep = (rr < h) & (cc < w)
+            rr, cc = rr[keep], cc[keep]
+        m1, s1, m2, s2, _, _ = TABLE1[rows[rng.integers(len(rows))]]
+        t1 = float(np.clip(rng.normal(m1, s1), *BOUNDS["T1"]))
+        t2 = float(np.clip(min(rng.normal(m2, s2), 0.9 * t1), *BOUNDS["T2"]))
+        n = len(rr)
+        var = 1.0 + VOXEL_VARIATION * rng.standard_normal((3, n))
+        maps["T1"][rr, cc] = np.clip(t1 * var[0], *BOUNDS["T1"])
+        maps["T2"][rr, cc] = np.clip(np.minimum(t2 * var[1], 0.9 * maps["T1"][rr, cc]), *BOUNDS["T2"])
+        if rng.random() < 0.5:  # else the host's A
+            _, _, _, _, ma, sa = TABLE1[rows[rng.integers(len(rows))]]
+            maps["A"][rr, cc] = np.clip(rng.normal(ma, sa) * var[2], *BOUNDS["A"])
+        changed[rr, cc] = True
+    return changed
+
+
 def simulate_patches(kind: str, times, n: int, rng: np.random.Generator, *, resolution_mm: float = 1.5,
                      size: int = PATCH, sigma: float | None = None, b: float | None = None,
-                     dtype=torch.float32) -> Patches:
+                     dtype=torch.float32, structures: bool = False) -> Patches:
     """``n`` training patches for model ``kind`` (``ir``/``t2``) at ``times`` (seconds).
 
     ``sigma`` (Table 1 units) and ``b`` fix the noise level and inversion efficiency instead of
-    drawing them (test sets)."""
+    drawing them (test sets); ``structures`` adds one-voxel points and lines (``add_structures``)."""
     anat = anatomy(resolution_mm)
     times = np.asarray(times, dtype=np.float64)
     brain_idx = np.argwhere(anat.brain)
@@ -155,6 +199,8 @@ def simulate_patches(kind: str, times, n: int, rng: np.random.Generator, *, reso
         if rng.random() < 0.5:
             frac, brain = np.swapaxes(frac, -1, -2), brain.T
         maps = tissue_maps(np.ascontiguousarray(frac, dtype=np.float64), rng)
+        if structures:
+            add_structures(maps, np.ascontiguousarray(brain), rng)
         bb = 2.0 - abs(rng.normal(0.0, B_HALF_NORMAL_SIGMA)) if b is None else float(b)
         sd = math.exp(rng.uniform(*np.log(SIGMA_RANGE))) if sigma is None else float(sigma)
         a, t1, t2 = maps["A"], maps["T1"], maps["T2"]

@@ -59,6 +59,11 @@ class RelaxTrainConfig:
     resnet_channels: tuple[int, ...] = (40,) * 6
     resnet_width: int = 40
     init_from: str | None = None  # continue from a saved model of the same method and architecture
+    # training data and loss options (defaults: seed 004's)
+    structures: bool = False  # one-voxel points and lines in every training patch (simulate.add_structures)
+    b_weight: float = 1.0  # weight of B's squared error in the loss (IR; eq. 6: 1)
+    lr_schedule: str = "constant"
+    keep: str = "best"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -67,7 +72,15 @@ class RelaxTrainConfig:
                              f"{', '.join(LEARNED_METHODS)}")
         if self.iterations < 1 or self.iterations_per_epoch < 1 or self.batch_size < 1 or self.n_val < 1:
             raise ValueError("iterations, iterations per epoch, batch size and validation size must be ≥ 1")
+        if not self.b_weight > 0:
+            raise ValueError("the B loss weight must be > 0")
         self.resnet_channels = tuple(int(c) for c in self.resnet_channels)
+
+    def param_weight(self, kind: str) -> tuple[float, ...] | None:
+        """Per-parameter loss weights (``rim.rim_loss``), None for eq. 6's plain mean."""
+        if self.b_weight == 1.0 or "B" not in rim.PARAMETERS[kind]:
+            return None
+        return tuple(self.b_weight if p == "B" else 1.0 for p in rim.PARAMETERS[kind])
 
 
 def build_net(method: str, kind: str, n_times: int, cfg: RelaxTrainConfig) -> torch.nn.Module:
@@ -118,10 +131,13 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
         tt = torch.tensor(times)
 
         def batch(idx):
-            return simulate_patches(kind, times, len(idx), rng, resolution_mm=cfg.resolution_mm, size=cfg.patch)
+            return simulate_patches(kind, times, len(idx), rng, resolution_mm=cfg.resolution_mm, size=cfg.patch,
+                                    structures=cfg.structures)
+
+        pw = cfg.param_weight(kind)
 
         def loss(model, p):
-            return rim.rim_loss(model(p.signal, tt), p.target, p.weight)
+            return rim.rim_loss(model(p.signal, tt), p.target, p.weight, pw)
 
         def validate(model):
             return loss(model, val)
@@ -129,11 +145,14 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
         n_per_epoch = cfg.iterations_per_epoch * cfg.batch_size
         epochs = max(1, -(-cfg.iterations // cfg.iterations_per_epoch))
         settings = LoopSettings(max_epochs=epochs, patience=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                                keep="best", progress=cfg.progress, max_seconds=cfg.max_seconds,
+                                lr_schedule=cfg.lr_schedule, keep=cfg.keep, progress=cfg.progress, max_seconds=cfg.max_seconds,
                                 desc=f"{cfg.method} {kind} N={len(times)}")
         result = train_loop(net, n_train=n_per_epoch, batch=batch, loss=loss, validate=validate, settings=settings,
                             generator=torch.Generator().manual_seed(cfg.seed), epoch_callback=epoch_callback, log=log)
         metrics = evaluate_patches(net, val, times, kind)
+        if pw is not None:  # the kept weights on seed 004's unweighted eq. 6, comparable across B weights
+            with torch.no_grad():
+                metrics["loss_eq6"] = round(float(rim.rim_loss(net(val.signal, tt), val.target, val.weight)), 5)
     finally:
         torch.set_num_threads(old_threads)
     training = training_record(settings, result, n_train=n_per_epoch, n_val=cfg.n_val, simulation_s=t_sim,
@@ -160,7 +179,9 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
             f"per-tissue normal distributions per patch, {VOXEL_VARIATION:.0%} voxel variation, "
             f"B = 2 - half-normal({B_HALF_NORMAL_SIGMA}), Rician noise sigma log-uniform in {list(SIGMA_RANGE)} "
             f"(SNR {A_REFERENCE / SIGMA_RANGE[1]:.1f}-{A_REFERENCE / SIGMA_RANGE[0]:.0f}), patches divided by the "
-            f"median over brain voxels of the maximum over the series; {symbol}s {list(times)} s"),
+            f"median over brain voxels of the maximum over the series; {symbol}s {list(times)} s"
+            + ("; one-voxel points and lines added (simulate.add_structures)" if cfg.structures else "")
+            + (f"; loss weight of B {cfg.b_weight:g}" if pw is not None else "")),
         "validation_loss": result.best_loss,
         "validation": {"n_patches": cfg.n_val, "sigma": "log-uniform as training", **metrics},
         "training": training,
