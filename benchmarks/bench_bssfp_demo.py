@@ -15,8 +15,8 @@ participant --methods bssfp:all`` and ``group``), then prints
 a simulated dataset. One run at 3 mm on the shared 2-core machine: ~15–30 min wall (59 min
 measured at load 9–16, 1171 CPU-s). ``--direct`` skips the app: the GM+WM voxels of sub-01 ses-01 are simulated from
 the ground truth (its B1, ΔB0 and M0) with the dataset's noise (SNR 25) and estimated by every
-method of both model sets directly (no image processing), printing the same errors and the range
-warnings; seconds, not minutes.
+method of both model sets directly (no image processing; noise-conditioned nets are told the known
+noise level), printing the same errors and the range warnings; seconds, not minutes.
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_bssfp_demo.py --work /tmp/demo
 """
@@ -72,8 +72,9 @@ def direct(bids: Path, sub: str = "01", ses: str | None = "01", snr: float = 25.
     import torch
 
     from bids_qmri.modalities.bssfp.estimate import estimate_bssfp
+    from bids_qmri.modalities.bssfp.net import configuration_noise_sigma
     from bids_qmri.physics.bssfp import bssfp_signal, seed_protocol
-    from bids_qmri.physics.noise import add_complex_noise
+    from bids_qmri.physics.noise import add_complex_noise, noise_sigma
     from bids_qmri.preproc.configurations import compute_configurations
 
     torch.set_num_threads(1)
@@ -99,7 +100,9 @@ def direct(bids: Path, sub: str = "01", ses: str | None = "01", snr: float = 25.
         for m in METHODS:
             if m == "miracle" and ref is not None:
                 continue
-            maps, prov = estimate_bssfp(m, F, b1, p, allow_training=False, model_set=model_set)
+            # the known noise, as the workflow's background estimate gives it to noise-conditioned nets
+            maps, prov = estimate_bssfp(m, F, b1, p, allow_training=False, model_set=model_set,
+                                        noise_sigma=configuration_noise_sigma(noise_sigma(snr), p.npc))
             e = [100 * float(np.median(np.abs(maps[k] / v - 1))) for k, v in (("T1map", t1), ("T2map", t2))]
             ref = ref or e
             label = "miracle" if m == "miracle" else f"{m} ({model_set})"
