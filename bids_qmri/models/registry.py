@@ -41,6 +41,7 @@ __all__ = [
     "bundled_dir",
     "cache_dir",
     "get_model",
+    "init_record",
     "load_model",
     "model_stem",
     "save_model",
@@ -67,6 +68,13 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def init_record(path: str | os.PathLike, card: dict) -> dict:
+    """What a card's ``training.init_from`` records for a network continued from the saved ``path``
+    (its ``card`` as ``load_model`` returns it): file name, sha256 and the start's own training
+    record, so that a chain of continuations stays whole."""
+    return {"file": Path(path).name, "sha256": card.get("sha256"), "previous_training": card.get("training", {})}
 
 
 def save_model(net, card: dict, directory: str | os.PathLike, stem: str, *, origin: str) -> Path:

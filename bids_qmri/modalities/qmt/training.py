@@ -140,8 +140,9 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
             raise ValueError(f"{init_from}: a ResidualMLP {start_net.config()} cannot initialise {method} "
                              f"{net.config()} - pick a network of the same basis rank, width and outputs")
         net.load_state_dict(start_net.state_dict())  # weights and the output statistics they were trained with
-        init = {"file": str(init_from).rsplit("/", 1)[-1], "sha256": start_card.get("sha256"),
-                "previous_training": start_card.get("training", {})}
+        from bids_qmri.models.registry import init_record
+
+        init = init_record(init_from, start_card)
     sd = net.out_sd.clone()  # the losses' units: the SDs of the (log) targets
     loss = _loss_fn(loss_name, sd)
     val = noisy_batch(val_set, torch.arange(n_val), torch.Generator().manual_seed(int(seed) + 1))

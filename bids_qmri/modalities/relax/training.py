@@ -117,7 +117,7 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
             net = build_net(cfg.method, kind, len(times), cfg)
         init = None
         if cfg.init_from:
-            from bids_qmri.models.registry import load_model
+            from bids_qmri.models.registry import init_record, load_model
 
             start, start_card = load_model(cfg.init_from)
             if type(start) is not type(net) or start.config() != net.config():
@@ -125,9 +125,7 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
                                  f"{cfg.method} {net.config()} — pick a model of the same method, series length "
                                  "and architecture options")
             net.load_state_dict(start.state_dict())
-            # the whole chain: an earlier continuation keeps its own init_from inside "training"
-            init = {"file": str(cfg.init_from).rsplit("/", 1)[-1], "sha256": start_card.get("sha256"),
-                    "previous_training": start_card.get("training", {})}
+            init = init_record(cfg.init_from, start_card)
         tt = torch.tensor(times)
 
         def batch(idx):
