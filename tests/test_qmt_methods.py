@@ -325,15 +325,76 @@ def test_bias_variance_decomposition_identities():
     torch.testing.assert_close(out["loss_bias"] + out["loss_variance"], out["loss"])  # Eq. 5, exact
 
 
-def test_insilico_cli_writes_tables_and_figure(tmp_path):
+def test_grid_test_set_is_seed003_dataset2(schedule_and_basis):
+    """Seed 003 test dataset #2: a regular 2-D slice, every other parameter at the training mean
+    (B0 = 0); its fingerprints and CRBs are the direct signal and the finite-difference Fisher's."""
+    from bids_qmri.modalities.qmt.insilico import GRID_SLICES, grid_theta
+
+    means = {k: v[0] for k, v in simulate.DISTRIBUTIONS.items()} | {"B0": 0.0}
+    for name, axes in GRID_SLICES.items():
+        theta = grid_theta(name, 4)
+        assert theta.shape == (16, 7)
+        varied = [simulate.PARAMETERS.index(a[0]) for a in axes]
+        for j, k in enumerate(simulate.PARAMETERS):
+            if j not in varied:
+                assert (theta[:, j] == means[k]).all(), k
+        for j, (_, lo, hi) in zip(varied, axes):
+            np.testing.assert_allclose(np.unique(theta[:, j].numpy()), np.linspace(lo, hi, 4))
+        assert (theta[:, 2] <= theta[:, 1]).all()  # T2f <= T1
+    sched, basis = schedule_and_basis
+    theta = grid_theta("T1_T2f", 2)
+    out = simulate.set_from_theta(theta, sched, basis, chunk=3, log=None)
+    for k in (0, 3):
+        want = qmt.hybrid_state_signal(*[float(v) for v in theta[k]], **sched).to(torch.complex128) @ basis
+        np.testing.assert_allclose(out["coeffs"][k].numpy(), want.numpy(), rtol=0,
+                                   atol=2e-5 * float(want.abs().max()))
+        np.testing.assert_allclose(out["crb_unit"][k].numpy()[:3], _fd_crb(theta[k].numpy(), sched, basis)[:3],
+                                   rtol=0.02)
+
+
+def test_summarise_quartiles_and_lowest_crb_quarter():
+    """``summarise``: median and quartiles of std/√CRB over all samples, and the median over the
+    quarter of samples with the lowest CRB, against numpy on a constructed case."""
+    from bids_qmri.modalities.qmt.insilico import summarise
+
+    gen = torch.Generator().manual_seed(1)
+    s = 40
+    crb = torch.rand(s, 3, generator=gen, dtype=D) + 0.01
+    ratio = torch.rand(s, 3, generator=gen, dtype=D)
+    bias = torch.randn(s, 3, generator=gen, dtype=D)
+    o = {"std_over_sqrt_crb": ratio, "bias": bias, "loss_bias": bias**2 / crb, "loss_variance": ratio**2}
+    row = summarise(o, crb, prefix="x_")
+    for i, k in enumerate(("m0s", "T1", "T2f")):
+        r, c = ratio[:, i].numpy(), crb[:, i].numpy()
+        low = np.argsort(c)[:10]  # the 10 lowest CRBs of 40
+        assert row[f"x_median_std_over_sqrt_crb_lowcrb_{k}"] == float(torch.tensor(r[low]).median())
+        assert row[f"x_median_std_over_sqrt_crb_{k}"] == float(torch.tensor(r).median())
+        np.testing.assert_allclose(row[f"x_q25_std_over_sqrt_crb_{k}"], np.quantile(r, 0.25))
+        np.testing.assert_allclose(row[f"x_q75_std_over_sqrt_crb_{k}"], np.quantile(r, 0.75))
+        np.testing.assert_allclose(row[f"x_mean_abs_bias_{k}"], np.abs(bias[:, i].numpy()).mean())
+
+
+def test_insilico_cli_writes_tables_and_figure(tmp_path, capsys):
     import pandas as pd
 
     from bids_qmri.cli.insilico import main
 
-    assert main(["qmt", str(tmp_path / "ins"), "--test-samples", "3", "--noise", "8", "--snr", "50", "100"]) == 0
+    assert main(["qmt", str(tmp_path / "ins"), "--test-samples", "3", "--noise", "8", "--snr", "50", "100",
+                 "--grid", "2"]) == 0
     t = pd.read_csv(tmp_path / "ins" / "qmt_insilico.tsv", sep="\t")
     assert sorted(t.model) == ["qmtnet", "qmtnet", "qmtnetmse", "qmtnetmse"]
     np.testing.assert_allclose(t.loss, t.loss_bias + t.loss_variance, rtol=1e-5)
+    np.testing.assert_allclose(t.loss, sum(t[f"loss_{p}_{k}"] for p in ("bias", "variance")
+                                          for k in ("m0s", "T1", "T2f")) / 3, rtol=1e-5)
+    g = pd.read_csv(tmp_path / "ins" / "qmt_insilico_grid.tsv", sep="\t")
+    assert len(g) == 2 * 2 * 2 * 4  # models x SNRs x slices x 2x2 points
+    t1t2 = g[(g.slice == "T1_T2f") & (g.model == "qmtnet") & (g.snr_max == 50)]
+    np.testing.assert_allclose(sorted(t1t2.T2f), [0.02, 0.02, 0.2, 0.2])
+    np.testing.assert_allclose(t.grid_T1_T2f_mean_abs_bias_T2f[(t.model == "qmtnet") & (t.snr_max == 50)],
+                               t1t2.bias_T2f.abs().mean(), rtol=1e-5)
+    with pytest.raises(SystemExit) as e:
+        main(["qmt", str(tmp_path / "bad"), "--grid", "1"])
+    assert e.value.code == 2 and "--grid" in capsys.readouterr().err.strip().splitlines()[-1]
     curves = pd.read_csv(tmp_path / "ins" / "qmt_insilico_curves.tsv", sep="\t")
     assert set(curves.model) == {"qmtnet", "qmtnetmse"} and curves.epoch.max() > 1
     assert (tmp_path / "ins" / "qmt_insilico.png").stat().st_size > 10_000

@@ -6,6 +6,16 @@ phase per draw). ``decompose(estimates, truth, crb)``: per sample and parameter 
 the standard deviation and ``std/√CRB``, and the CRB-normalised loss split into its bias part
 ``(θ̄ − θ)²/CRB`` and its variance part ``Σ(θ̂ − θ̄)²/(N·CRB)`` (Eq. 4; their sum is the mean
 loss over the draws exactly, Eq. 5).
+
+Test sets, as seed 003 §2.4: dataset #1 is random draws from the training distributions
+(``simulate.simulate_set``; the seed's Figs. 5–8, 9 056 samples there); dataset #2 is regular grids
+on 2-D slices through the 8-D parameter space with the other parameters at the training means
+(``grid_theta``; the seed's Fig. 4, whose T2f mean |bias| of 5.2 vs 14.1 ms is over the T1 × T2f
+slice). The seed shows std/√CRB of dataset #1 as histograms (Fig. 6) and splits the loss by CRB value
+(Fig. 8); ``summarise`` gives the median and quartiles over all samples and the median over the
+quarter with the lowest CRB of each parameter (where an estimator inside the prior's range can be
+efficient: where √CRB exceeds the prior's SD, as for most m0s samples at SNR_max 50 on our schedule,
+any such estimator has std ≪ √CRB).
 """
 
 from __future__ import annotations
@@ -18,7 +28,13 @@ from . import simulate
 from .net import features
 from .training import OUT_INDEX
 
-__all__ = ["noise_realisations", "decompose"]
+__all__ = ["noise_realisations", "decompose", "grid_theta", "summarise", "GRID_SLICES"]
+
+#: seed 003 test dataset #2: slice name -> the two varied parameters and their ranges (SI units). The
+#: seed gives no ranges; ours are the prior mean ± 1 SD (m0s 0.04–0.20, T1 0.8–2.4 s) and, for T2f,
+#: 20–200 ms (the mean − 1 SD is negative; all points keep T2f ≤ T1).
+GRID_SLICES = {"T1_T2f": (("T1", 0.8, 2.4), ("T2f", 0.02, 0.2)),
+               "m0s_T1": (("m0s", 0.04, 0.2), ("T1", 0.8, 2.4))}
 
 
 def noise_realisations(net, data: dict, snr_max: float, n_noise: int = 300, *, seed: int = 0) -> torch.Tensor:
@@ -47,17 +63,56 @@ def decompose(estimates: torch.Tensor, truth: torch.Tensor, crb: torch.Tensor) -
             "loss": ((estimates - truth) ** 2 / crb).mean(0)}
 
 
+def grid_theta(slice_name: str, n: int) -> torch.Tensor:
+    """``[n·n, 7]`` parameters (``simulate.PARAMETERS`` order) on the ``n × n`` grid of the slice
+    ``GRID_SLICES[slice_name]`` (first parameter slowest); the others at the means of the training
+    distributions (``simulate.DISTRIBUTIONS``; B0 = 0, the middle of its uniform range)."""
+    theta = torch.tensor([simulate.DISTRIBUTIONS[k][0] if k != "B0" else 0.0 for k in simulate.PARAMETERS],
+                         dtype=torch.float64).repeat(n * n, 1)
+    (pa, lo_a, hi_a), (pb, lo_b, hi_b) = GRID_SLICES[slice_name]
+    a, b = torch.meshgrid(torch.linspace(lo_a, hi_a, n, dtype=torch.float64),
+                          torch.linspace(lo_b, hi_b, n, dtype=torch.float64), indexing="ij")
+    theta[:, simulate.PARAMETERS.index(pa)] = a.reshape(-1)
+    theta[:, simulate.PARAMETERS.index(pb)] = b.reshape(-1)
+    return theta
+
+
+def summarise(o: dict, crb: torch.Tensor, prefix: str = "") -> dict:
+    """Per output parameter ``k``: ``mean_abs_bias_k``, ``median_std_over_sqrt_crb_k`` with its
+    quartiles (``q25_…``, ``q75_…``), ``median_std_over_sqrt_crb_lowcrb_k`` (over the quarter of the
+    samples with the lowest CRB of ``k``) and the loss parts ``loss_bias_k``, ``loss_variance_k``
+    (``o``: ``decompose``'s output; ``crb [S, 3]``)."""
+    from .net import OUTPUTS
+
+    row = {}
+    ratio = o["std_over_sqrt_crb"]
+    for i, k in enumerate(OUTPUTS):
+        r = ratio[:, i]
+        low = crb[:, i] <= torch.quantile(crb[:, i], 0.25)
+        row[f"{prefix}mean_abs_bias_{k}"] = float(o["bias"][:, i].abs().mean())
+        row[f"{prefix}median_std_over_sqrt_crb_{k}"] = float(r.median())
+        row[f"{prefix}q25_std_over_sqrt_crb_{k}"] = float(torch.quantile(r, 0.25))
+        row[f"{prefix}q75_std_over_sqrt_crb_{k}"] = float(torch.quantile(r, 0.75))
+        row[f"{prefix}median_std_over_sqrt_crb_lowcrb_{k}"] = float(r[low].median())
+        row[f"{prefix}loss_bias_{k}"] = float(o["loss_bias"][:, i].mean())
+        row[f"{prefix}loss_variance_{k}"] = float(o["loss_variance"][:, i].mean())
+    return row
+
+
 def crb_at(data: dict, snr_max: float) -> torch.Tensor:
     """CRB ``[S, 3]`` of the network outputs at ``SNR_max`` (|M0| = SNR_max·σ)."""
     return data["crb_unit"][:, OUT_INDEX] / snr_max**2
 
 
 def run_qmt_insilico(out_dir, *, n_test: int = 64, n_noise: int = 300, snrs=(10.0, 20.0, 50.0, 100.0, 200.0),
-                     seed: int = 0, test_set=None) -> list:
-    """Seed 003 Figs. 3, 5–8 for the bundled qmtnet / qmtnetmse (the synthetic dataset's schedule):
-    ``qmt_insilico.tsv`` (per model and SNR_max: the loss and its bias / variance parts, per
-    parameter mean |bias| and median std/√CRB), ``qmt_insilico_curves.tsv`` (training curves from
-    the bundled ``_history.json``) and ``qmt_insilico.png``."""
+                     seed: int = 0, test_set=None, n_grid: int = 11, models=None) -> list:
+    """Seed 003 Figs. 3–8 for the bundled qmtnet / qmtnetmse (the synthetic dataset's schedule):
+    ``qmt_insilico.tsv`` (per model and SNR_max, on dataset #1: the loss and its bias / variance
+    parts, per parameter ``summarise``'s columns; with ``n_grid`` > 0 the same prefixed
+    ``grid_<slice>_`` on each dataset #2 slice, ``n_grid × n_grid`` points), ``qmt_insilico_grid.tsv``
+    (per grid point: truth, bias, std/√CRB), ``qmt_insilico_curves.tsv`` (training curves from the
+    bundled ``_history.json``) and ``qmt_insilico.png``. ``models``: ``{method: (net, card)}`` to
+    evaluate instead of the bundled pair (e.g. candidate weights)."""
     import json
     from pathlib import Path
 
@@ -82,26 +137,42 @@ def run_qmt_insilico(out_dir, *, n_test: int = 64, n_noise: int = 300, snrs=(10.
     proto = QMTProtocol.from_dict(meta, basis=basis)
     data = test_set if test_set is not None else simulate.simulate_set(n_test, sched, basis, seed=seed + 777, log=None)
     truth = data["theta"][:, OUT_INDEX]
-    rows, curves = [], []
-    for method in ("qmtnet", "qmtnetmse"):
-        net, card = get_model("qmt", method, proto, model_dir=None, trainer=None, allow_training=False)
-        hist = Path(card["path"]).with_name(Path(card["path"]).stem + "_history.json")
-        if hist.is_file():
+    grids = {name: simulate.set_from_theta(grid_theta(name, n_grid), sched, basis, log=None)
+             for name in GRID_SLICES} if n_grid > 0 else {}
+    if models is None:
+        models = {m: get_model("qmt", m, proto, model_dir=None, trainer=None, allow_training=False)
+                  for m in ("qmtnet", "qmtnetmse")}
+    rows, curves, grid_rows = [], [], []
+    for method, (net, card) in models.items():
+        hist = Path(card["path"]).with_name(Path(card["path"]).stem + "_history.json") if card.get("path") else None
+        if hist is not None and hist.is_file():
             curves += [{"model": method, **r} for r in json.loads(hist.read_text())]
         for snr in snrs:
-            o = decompose(noise_realisations(net, data, snr, n_noise, seed=seed), truth, crb_at(data, snr))
+            crb = crb_at(data, snr)
+            o = decompose(noise_realisations(net, data, snr, n_noise, seed=seed), truth, crb)
             row = {"model": method, "snr_max": snr, "loss": float(o["loss"].mean()),
-                   "loss_bias": float(o["loss_bias"].mean()), "loss_variance": float(o["loss_variance"].mean())}
-            for i, k in enumerate(OUTPUTS):
-                row[f"mean_abs_bias_{k}"] = float(o["bias"][:, i].abs().mean())
-                row[f"median_std_over_sqrt_crb_{k}"] = float(o["std_over_sqrt_crb"][:, i].median())
-                row[f"loss_bias_{k}"] = float(o["loss_bias"][:, i].mean())
-                row[f"loss_variance_{k}"] = float(o["loss_variance"][:, i].mean())
+                   "loss_bias": float(o["loss_bias"].mean()), "loss_variance": float(o["loss_variance"].mean()),
+                   **summarise(o, crb)}
+            for name, g in grids.items():
+                gcrb, gtruth = crb_at(g, snr), g["theta"][:, OUT_INDEX]
+                go = decompose(noise_realisations(net, g, snr, n_noise, seed=seed), gtruth, gcrb)
+                row[f"grid_{name}_loss"] = float(go["loss"].mean())
+                row.update(summarise(go, gcrb, prefix=f"grid_{name}_"))
+                for j in range(len(gtruth)):
+                    grid_rows.append({"model": method, "snr_max": snr, "slice": name,
+                                      **{k: float(gtruth[j, i]) for i, k in enumerate(OUTPUTS)},
+                                      **{f"bias_{k}": float(go["bias"][j, i]) for i, k in enumerate(OUTPUTS)},
+                                      **{f"std_over_sqrt_crb_{k}": float(go["std_over_sqrt_crb"][j, i])
+                                         for i, k in enumerate(OUTPUTS)}})
             rows.append(row)
     table = pd.DataFrame(rows)
     tsv = out_dir / "qmt_insilico.tsv"
     table.to_csv(tsv, sep="\t", index=False, float_format="%.6g")
     paths = [tsv]
+    if grid_rows:
+        gtsv = out_dir / "qmt_insilico_grid.tsv"
+        pd.DataFrame(grid_rows).to_csv(gtsv, sep="\t", index=False, float_format="%.6g")
+        paths.append(gtsv)
     if curves:
         ctsv = out_dir / "qmt_insilico_curves.tsv"
         pd.DataFrame(curves).to_csv(ctsv, sep="\t", index=False, float_format="%.6g")
@@ -140,6 +211,8 @@ def add_insilico_command(sub) -> None:
     p.add_argument("--test-samples", type=int, default=64, help="random test fingerprints (with their CRB)")
     p.add_argument("--noise", type=int, default=300, help="noise realisations per sample and SNR (seed 003: 300)")
     p.add_argument("--snr", nargs="+", type=float, default=[10.0, 20.0, 50.0, 100.0, 200.0])
+    p.add_argument("--grid", type=int, default=11, metavar="N",
+                   help="seed 003 test dataset #2: N x N points on the T1-T2f and m0s-T1 slices (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run)
 
@@ -147,11 +220,12 @@ def add_insilico_command(sub) -> None:
 def _run(args, parser) -> int:
     from bids_qmri.errors import EXIT_OK, EXIT_USAGE
 
-    if args.noise < 2 or args.test_samples < 1 or any(not s > 0 for s in args.snr):
-        parser.exit(EXIT_USAGE, "bids_qmri-insilico: error: --noise >= 2, --test-samples >= 1 and positive --snr "
-                                "values are needed\n")
+    bad_grid = args.grid < 0 or args.grid == 1
+    if args.noise < 2 or args.test_samples < 1 or bad_grid or any(not s > 0 for s in args.snr):
+        parser.exit(EXIT_USAGE, "bids_qmri-insilico: error: --noise >= 2, --test-samples >= 1, --grid 0 or >= 2 "
+                                "and positive --snr values are needed\n")
     torch.set_num_threads(1)
     for path in run_qmt_insilico(args.out_dir, n_test=args.test_samples, n_noise=args.noise, snrs=tuple(args.snr),
-                                 seed=args.seed):
+                                 seed=args.seed, n_grid=args.grid):
         print(path)
     return EXIT_OK

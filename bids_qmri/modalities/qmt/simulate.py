@@ -45,7 +45,7 @@ from bids_qmri.physics import qmt
 LOGGER = logging.getLogger("bids_qmri.modalities.qmt.simulate")
 
 __all__ = ["PARAMETERS", "DISTRIBUTIONS", "sample_parameters", "fingerprints", "coefficient_jacobian",
-           "crb_from_jacobian", "simulate_set"]
+           "crb_from_jacobian", "simulate_set", "set_from_theta"]
 
 #: The 7 physical parameters, in the order of every ``[N, 7]`` array of this module (SI units).
 PARAMETERS = ("m0s", "T1", "T2f", "T2s", "Rx", "B0", "B1")
@@ -145,7 +145,15 @@ def simulate_set(n: int, schedule: dict, basis: torch.Tensor, *, seed: int, chun
     ``crb_unit [n, 7]`` (float64, M0 = 1, σ = 1) if ``with_crb``; ``seconds`` (0-dim) records the
     simulation time (so the per-sample cost is known wherever the set is cached)."""
     gen = torch.Generator().manual_seed(int(seed))
-    theta = sample_parameters(n, schedule["tr"], gen)
+    return set_from_theta(sample_parameters(n, schedule["tr"], gen), schedule, basis, chunk=chunk,
+                          with_crb=with_crb, log=log)
+
+
+def set_from_theta(theta: torch.Tensor, schedule: dict, basis: torch.Tensor, *, chunk: int = CHUNK,
+                   with_crb: bool = True, log=LOGGER) -> dict[str, torch.Tensor]:
+    """``simulate_set`` for given parameters ``theta [n, 7]`` (``PARAMETERS`` order, float64), e.g.
+    the regular grids of ``insilico.grid_theta``."""
+    n = len(theta)
     t0 = time.perf_counter()
     cs, crbs = [], []
     for i in range(0, n, chunk):
