@@ -183,6 +183,25 @@ def test_tiny_training_sets_table_and_learns(pair):
     assert result.best_loss < 0.7 * losses[0]
 
 
+def test_population_option_draws_the_same_participant_with_other_tissue_values(pair):
+    """``population='healthy'`` (training and evaluation's ``--population``): the same seed gives the
+    same head and mask; the brain's tissue values come from the healthy cohort's spread, so the
+    pure-GM T1 lies within 4 of its between-subject SDs (3.5 % of 1.4 s) plus the within-head
+    field of the Table 1 mean; an unknown population is refused by the training config."""
+    from bids_qmri.synth import phantom as ph
+
+    healthy = simulate_pair(7, protocol=PROTOCOL, resolution_mm=6.0, population="healthy")
+    assert np.array_equal(healthy.brain, pair.brain)
+    assert not np.allclose(healthy.t1, pair.t1)
+    rng = np.random.default_rng(np.random.SeedSequence([7, 2002]))
+    gm = ph.make_phantom(rng, 6.0, population="healthy").fractions["GM"] > 0.9
+    mu, sd = ph.TISSUE_PARAMETERS["GM"]["T1"]
+    assert abs(float(np.median(healthy.t1[gm])) - mu) < 4 * 0.035 * mu + 2 * sd * (1 - ph.BETWEEN_FRACTION) ** 0.5
+    with pytest.raises(ValueError, match="unknown phantom population 'elderly'"):
+        Mprage2MRFTrainConfig(population="elderly")
+    assert Mprage2MRFTrainConfig().population == ph.DEFAULT_POPULATION
+
+
 # --------------------------------------------------------------------------- matching, estimate
 def _mrf_protocol():
     from bids_qmri.modalities.mrf.protocol import MRFProtocol
