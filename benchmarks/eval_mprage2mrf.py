@@ -186,11 +186,14 @@ def speed(net, card, *, threads, model_dir, grid_steps, slices: int = 16, match_
 
 def held_out_model(parser, model, seeds):
     """``(path, net, card)`` of ``model`` (default: the bundled one); a parser error if any of
-    ``seeds`` was a training or validation phantom of that model."""
+    ``seeds`` was a training or validation phantom of that model or of any model it continued."""
     model = model or BUNDLED_DIR / "mprage2mrf" / f"{model_stem('mprage2mrf', synthetic_protocol())}.safetensors"
     net, card = load_model(model)
-    training = card.get("training", {})
-    used = (set(training.get("train_seeds", [])) | set(training.get("val_seeds", []))) & set(seeds)
+    training, seen = card.get("training", {}), set()
+    while training:  # a continuation's card holds its start's training record: every link's seeds count
+        seen |= set(training.get("train_seeds", [])) | set(training.get("val_seeds", []))
+        training = (training.get("init_from") or {}).get("previous_training", {})
+    used = seen & set(seeds)
     if used:
         parser.error(f"seeds {sorted(used)} were used in training: pick held-out seeds")
     return model, net, card

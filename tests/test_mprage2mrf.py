@@ -108,6 +108,27 @@ def test_weights_load_safely_with_table_and_basis(tmp_path):
         load_model(tmp_path / "m.safetensors")
 
 
+def test_evaluation_refuses_seeds_of_any_link_of_a_continuation(tmp_path):
+    """``eval_mprage2mrf.py`` judges held-out phantoms only: a continued model's card holds its
+    start's training record, and seeds of either are refused (a one-line parser error)."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from eval_mprage2mrf import held_out_model
+
+    start = {"train_seeds": [0, 1], "val_seeds": [500]}
+    card = {"name": "t", "training": {"train_seeds": [1000, 1001], "val_seeds": [1500],
+                                      "init_from": {"file": "s.safetensors", "previous_training": start}}}
+    save_model(_tiny_net(), card, tmp_path, "m", origin="test")
+    parser = argparse.ArgumentParser()
+    for seeds in ([1, 9000], [500], [1001], [1500]):
+        with pytest.raises(SystemExit):
+            held_out_model(parser, tmp_path / "m.safetensors", seeds)
+    assert held_out_model(parser, tmp_path / "m.safetensors", [9000, 9001])[2]["training"]["train_seeds"] == [1000, 1001]
+
+
 # ----------------------------------------------------------------------------------- protocol
 def test_protocol_from_sidecar_and_problems():
     meta = {"InversionTime": 0.9, "RepetitionTimePreparation": 2.13, "FlipAngle": 8.0,
