@@ -220,7 +220,10 @@ def test_population_option_draws_the_same_participant_with_other_tissue_values(p
     assert abs(float(np.median(healthy.t1[gm])) - mu) < 4 * 0.035 * mu + 2 * sd * (1 - ph.BETWEEN_FRACTION) ** 0.5
     with pytest.raises(ValueError, match="unknown phantom population 'elderly'"):
         Mprage2MRFTrainConfig(population="elderly")
-    assert Mprage2MRFTrainConfig().population == ph.DEFAULT_POPULATION
+    with pytest.raises(ValueError, match="unknown phantom population 'elderly'"):
+        Mprage2MRFTrainConfig(population="healthy+elderly")
+    assert Mprage2MRFTrainConfig().populations() == [ph.DEFAULT_POPULATION]
+    assert Mprage2MRFTrainConfig(population="healthy+seed004").populations() == ["healthy", "seed004"]
 
 
 # --------------------------------------------------------------------------- matching, estimate

@@ -24,10 +24,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mprage2mrf-base", type=int, default=d.base, help="U-Net base filters (seed 002: 16)")
     g.add_argument("--mprage2mrf-depth", type=int, default=d.depth,
                    help="U-Net pooling levels (seed 002: 4, 16 -> 256 filters)")
-    g.add_argument("--mprage2mrf-population", default=d.population, choices=("seed004", "healthy"),
+    g.add_argument("--mprage2mrf-population", default=d.population, metavar="P[+P...]",
                    help="phantom population of the training participants' tissue values: seed004 (seed 004 Table "
                         "1's broad spread, the phantom's default) or healthy (a healthy adult cohort's "
-                        "between-subject spread; synth.phantom.POPULATIONS)")
+                        "between-subject spread; synth.phantom.POPULATIONS); healthy+seed004 alternates them")
     g.add_argument("--mprage2mrf-budget-minutes", type=float, default=None,
                    help="stop after this much wall time (checked after every epoch; the card records the epochs)")
 

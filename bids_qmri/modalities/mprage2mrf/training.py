@@ -48,7 +48,9 @@ class Mprage2MRFTrainConfig:
     threads: int = 1
     progress: bool | None = None
     init_from: str | None = None  # continue from a saved model of the same architecture (its rescale table kept)
-    population: str = "seed004"  # the phantom population the participants are drawn from (synth.phantom.POPULATIONS)
+    # the phantom population the participants are drawn from (synth.phantom.POPULATIONS); "a+b" alternates
+    # them over the participants (training and validation each: a, b, a, b, ...)
+    population: str = "seed004"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -60,8 +62,13 @@ class Mprage2MRFTrainConfig:
             raise ValueError("base filters and depth must be >= 1 and dropout in [0, 1)")
         from bids_qmri.synth.phantom import POPULATIONS
 
-        if self.population not in POPULATIONS:
-            raise ValueError(f"unknown phantom population {self.population!r}: choose from {', '.join(POPULATIONS)}")
+        for name in self.populations():
+            if name not in POPULATIONS:
+                raise ValueError(f"unknown phantom population {name!r}: choose from {', '.join(POPULATIONS)} "
+                                 "(or several joined by '+', alternated over the participants)")
+
+    def populations(self) -> list[str]:
+        return self.population.split("+")
 
     def train_seeds(self) -> list[int]:
         return [1000 * self.seed + i for i in range(self.n_train)]
@@ -155,9 +162,12 @@ def train_mprage2mrf(protocol, cfg: Mprage2MRFTrainConfig, *, epoch_callback=Non
             net.set_basis(basis)
         init = initialise_from(net, cfg.init_from) if cfg.init_from else None
         log.info("simulating %d + %d phantom pairs at %g mm", cfg.n_train, cfg.n_val, cfg.resolution_mm)
-        kw = dict(protocol=protocol, resolution_mm=cfg.resolution_mm, snr=cfg.snr, population=cfg.population)
-        train = pairs_to_slices([simulate_pair(s, **kw) for s in cfg.train_seeds()], net.multiple)
-        val = pairs_to_slices([simulate_pair(s, **kw) for s in cfg.val_seeds()], net.multiple)
+        kw = dict(protocol=protocol, resolution_mm=cfg.resolution_mm, snr=cfg.snr)
+        pops = cfg.populations()
+        train = pairs_to_slices([simulate_pair(s, population=pops[i % len(pops)], **kw)
+                                 for i, s in enumerate(cfg.train_seeds())], net.multiple)
+        val = pairs_to_slices([simulate_pair(s, population=pops[i % len(pops)], **kw)
+                               for i, s in enumerate(cfg.val_seeds())], net.multiple)
         t_sim = time.perf_counter() - t0
         # a continuation keeps the start's rescale table: its outputs are on that scale
         result, settings = train_on_slices(net, train, val, cfg, set_table=init is None, epoch_callback=epoch_callback)
