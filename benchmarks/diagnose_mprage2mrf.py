@@ -16,14 +16,16 @@
 4. Input normalisation: the brain maximum against robust statistics (99th percentile, the WM
    median) across participants and resolutions.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/diagnose_mprage2mrf.py [--model W] [--seeds 9000 9001 9002] [--json OUT]``
+``--population healthy``: participants and Monte Carlo draws from the healthy adult cohort
+(``synth.phantom.POPULATIONS``) instead of the phantom's default.
+
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/diagnose_mprage2mrf.py [--model W] [--seeds 9000 9001 9002] [--population P] [--json OUT]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -48,10 +50,10 @@ from eval_mprage2mrf import held_out_model, region_labels  # noqa: E402
 CLASSES = ph.BRAIN_TISSUES
 
 
-def phantom_of(seed: int, resolution: float):
+def phantom_of(seed: int, resolution: float, population: str = ph.DEFAULT_POPULATION):
     """The phantom ``simulate_pair(seed)`` draws (same random stream: fractions and tissue means)."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2002]))
-    return ph.make_phantom(rng, resolution)
+    return ph.make_phantom(rng, resolution, population=population)
 
 
 def mixture(fractions: dict, values: dict) -> np.ndarray:
@@ -70,15 +72,14 @@ def tissue_features(t1: dict, pd: dict, protocol, b1: float = 1.0) -> np.ndarray
     return np.stack([s["GM"] / s["WM"], s["CSF"] / s["WM"]], axis=-1)
 
 
-def draw_population(rng, n: int) -> dict:
+def draw_population(rng, n: int, population: str = ph.DEFAULT_POPULATION) -> dict:
     """``n`` participants' tissue means as ``draw_tissue_parameters`` draws them (between-participant part)."""
-    a = math.sqrt(ph.BETWEEN_FRACTION)
     out = {}
     for p in ("T1", "T2", "PD"):
         out[p] = {}
         for t in CLASSES:
-            mu, sd = ph.TISSUE_PARAMETERS[t][p]
-            out[p][t] = np.clip(mu + sd * a * rng.standard_normal(n), *ph.BOUNDS[p])
+            mu = ph.TISSUE_PARAMETERS[t][p][0]
+            out[p][t] = np.clip(mu + ph.between_sd(t, p, population) * rng.standard_normal(n), *ph.BOUNDS[p])
     for t in CLASSES:
         out["T2"][t] = np.minimum(out["T2"][t], 0.9 * out["T1"][t])
     return out
@@ -90,10 +91,10 @@ def quadratic(f: np.ndarray) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def identifiability(protocol, n: int = 20_000, seed: int = 0):
+def identifiability(protocol, n: int = 20_000, seed: int = 0, population: str = ph.DEFAULT_POPULATION):
     """Regressions of each tissue's T1/T2 draw on the MPRAGE contrast features -> (R^2 table, predictor)."""
     rng = np.random.default_rng(seed)
-    pop = draw_population(rng, n)
+    pop = draw_population(rng, n, population)
     f = tissue_features(pop["T1"], pop["PD"], protocol)
     X = quadratic(f)
     half = n // 2
@@ -121,6 +122,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[9000, 9001, 9002])
     p.add_argument("--grid-steps", type=int, default=80)
     p.add_argument("--min-voxels", type=int, default=5)
+    p.add_argument("--population", choices=ph.POPULATIONS, default=ph.DEFAULT_POPULATION,
+                   help="phantom population of the participants (and of the Monte Carlo draws)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -130,13 +133,13 @@ def main(argv=None):
     resolution = card.get("training", {}).get("resolution_mm", 3.0)
     mrf = MRFProtocol.from_dict(card["mrf_protocol"])
     atlas = resolve_atlas(None)
-    r2, predict = identifiability(protocol)
+    r2, predict = identifiability(protocol, population=args.population)
     rows, norm = [], []
     with tempfile.TemporaryDirectory() as tmp:
         ctx = EstimateContext(model_dir=Path(tmp), options={"mprage2mrf_grid_steps": args.grid_steps})
         for seed in args.seeds:
-            pair = simulate_pair(seed, protocol=protocol, resolution_mm=resolution)
-            phantom = phantom_of(seed, resolution)
+            pair = simulate_pair(seed, protocol=protocol, resolution_mm=resolution, population=args.population)
+            phantom = phantom_of(seed, resolution, args.population)
             assert np.array_equal(phantom.brain_mask, pair.brain)  # the same participant
             maps, _ = match_coefficients(synthesise(net, pair.mprage, pair.brain), pair.brain, net.basis(), mrf, ctx)
             fr = phantom.fractions
@@ -174,7 +177,8 @@ def main(argv=None):
                 rows.append(row)
             print(f"seed {seed}: {sum(r['seed'] == seed for r in rows)} regions", flush=True)
     seeds = np.array([r["seed"] for r in rows])
-    out = {"model": str(model), "seeds": args.seeds, "resolution_mm": resolution, "n_regions": len(rows),
+    out = {"model": str(model), "seeds": args.seeds, "population": args.population, "resolution_mm": resolution,
+           "n_regions": len(rows),
            "identifiability_r2": r2, "normalisation": norm, "decomposition": {}, "ccc": {}}
     rng = np.random.default_rng(0)
     for q in ("T1", "T2"):

@@ -108,6 +108,27 @@ def test_weights_load_safely_with_table_and_basis(tmp_path):
         load_model(tmp_path / "m.safetensors")
 
 
+def test_evaluation_refuses_seeds_of_any_link_of_a_continuation(tmp_path):
+    """``eval_mprage2mrf.py`` judges held-out phantoms only: a continued model's card holds its
+    start's training record, and seeds of either are refused (a one-line parser error)."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from eval_mprage2mrf import held_out_model
+
+    start = {"train_seeds": [0, 1], "val_seeds": [500]}
+    card = {"name": "t", "training": {"train_seeds": [1000, 1001], "val_seeds": [1500],
+                                      "init_from": {"file": "s.safetensors", "previous_training": start}}}
+    save_model(_tiny_net(), card, tmp_path, "m", origin="test")
+    parser = argparse.ArgumentParser()
+    for seeds in ([1, 9000], [500], [1001], [1500]):
+        with pytest.raises(SystemExit):
+            held_out_model(parser, tmp_path / "m.safetensors", seeds)
+    assert held_out_model(parser, tmp_path / "m.safetensors", [9000, 9001])[2]["training"]["train_seeds"] == [1000, 1001]
+
+
 # ----------------------------------------------------------------------------------- protocol
 def test_protocol_from_sidecar_and_problems():
     meta = {"InversionTime": 0.9, "RepetitionTimePreparation": 2.13, "FlipAngle": 8.0,
@@ -181,6 +202,28 @@ def test_tiny_training_sets_table_and_learns(pair):
     assert float(yt[~varies].abs().sum()) < 1e-3 * max(1, yt[~varies].numel())
     losses = [h["val_loss"] for h in result.history]
     assert result.best_loss < 0.7 * losses[0]
+
+
+def test_population_option_draws_the_same_participant_with_other_tissue_values(pair):
+    """``population='healthy'`` (training and evaluation's ``--population``): the same seed gives the
+    same head and mask; the brain's tissue values come from the healthy cohort's spread, so the
+    pure-GM T1 lies within 4 of its between-subject SDs (3.5 % of 1.4 s) plus the within-head
+    field of the Table 1 mean; an unknown population is refused by the training config."""
+    from bids_qmri.synth import phantom as ph
+
+    healthy = simulate_pair(7, protocol=PROTOCOL, resolution_mm=6.0, population="healthy")
+    assert np.array_equal(healthy.brain, pair.brain)
+    assert not np.allclose(healthy.t1, pair.t1)
+    rng = np.random.default_rng(np.random.SeedSequence([7, 2002]))
+    gm = ph.make_phantom(rng, 6.0, population="healthy").fractions["GM"] > 0.9
+    mu, sd = ph.TISSUE_PARAMETERS["GM"]["T1"]
+    assert abs(float(np.median(healthy.t1[gm])) - mu) < 4 * 0.035 * mu + 2 * sd * (1 - ph.BETWEEN_FRACTION) ** 0.5
+    with pytest.raises(ValueError, match="unknown phantom population 'elderly'"):
+        Mprage2MRFTrainConfig(population="elderly")
+    with pytest.raises(ValueError, match="unknown phantom population 'elderly'"):
+        Mprage2MRFTrainConfig(population="healthy+elderly")
+    assert Mprage2MRFTrainConfig().populations() == [ph.DEFAULT_POPULATION]
+    assert Mprage2MRFTrainConfig(population="healthy+seed004").populations() == ["healthy", "seed004"]
 
 
 # --------------------------------------------------------------------------- matching, estimate
@@ -309,7 +352,14 @@ def test_bundled_model_for_the_synthetic_protocol():
 
     net, card, warnings = load_model_for(PROTOCOL, EstimateContext(model_dir=None))
     assert warnings == [] and card["origin"] == "bundled" and card["mprage_protocol"] == PROTOCOL.as_dict()
-    assert card["training"]["train_seeds"] == list(range(12)) and card["validation_loss"] < 0.2
+    # two continuations of the first bundled model (seeds 0-11): healthy phantoms 1000-1023, then
+    # healthy and seed004 phantoms alternating, 2000-2015 (TRAINING.md); evaluation seeds 9000+ are outside all
+    t = card["training"]
+    assert t["train_seeds"] == list(range(2000, 2016)) and t["population"] == "healthy+seed004"
+    first = t["init_from"]["previous_training"]
+    assert first["train_seeds"] == list(range(1000, 1024)) and first["population"] == "healthy"
+    assert first["init_from"]["previous_training"]["train_seeds"] == list(range(12))
+    assert card["validation_loss"] < 0.2
     _, basis = mrf_target_basis()
     torch.testing.assert_close(net.basis(), basis.to(torch.complex64))
     assert net.table()["SV1_real"][1] == 1.0  # SV1 divided by its brain maximum

@@ -177,6 +177,67 @@ def test_tissue_parameters_match_table1():
             assert v.std() == pytest.approx(sd, rel=0.15), (tissue, p)
 
 
+def _tiny_grid_and_mixed_brain():
+    grid = ph.Grid((4, 4, 4), np.diag([8.0, 8.0, 8.0, 1.0]))
+    fractions = {t: np.full(grid.shape, 1.0 / 3 if t in ph.BRAIN_TISSUES else 0.0, np.float32) for t in ph.TISSUES}
+    return grid, fractions
+
+
+def test_default_population_draws_what_it_drew_before_populations_existed():
+    """The phantom's default is unchanged: the tissue means and maps of one draw equal, to the
+    last bit, those of the code before ``population`` existed (values recorded from it)."""
+    grid, fractions = _tiny_grid_and_mixed_brain()
+    for kw in ({}, {"population": "seed004"}):
+        maps, means = ph.draw_tissue_parameters(np.random.default_rng(42), grid, fractions, **kw)
+        assert means["GM"]["T1"] == 1.4867240012581264 and means["WM"]["T2"] == 0.03499075445632051
+        assert means["CSF"]["PD"] == 1.5353067814471832
+        assert float(maps["T1"].sum()) == 82.20832824707031 and float(maps["T2"].sum()) == 5.8849029541015625
+    assert ph.DEFAULT_POPULATION == ph.POPULATIONS[0] == "seed004"
+
+
+def test_healthy_population_has_the_cited_between_subject_spread():
+    """``healthy``: per-participant brain-tissue T1, T2, PD with the between-subject CVs of Choi
+    et al. 2023 (3D MRF, 40 healthy adults at 3 T: T1 3.5 %, T2 7.3 %; PD 3.5 % our choice),
+    around seed 004 Table 1's means; the same random stream as the default (the same standard-
+    normal offsets, anatomy untouched), the non-brain tissues and the within-head fields as before."""
+    grid, fractions = _tiny_grid_and_mixed_brain()
+    cited_cv = {"T1": 0.035, "T2": 0.073, "PD": 0.035}
+    n = 400
+    drawn = {pop: {(t, p): [] for t in ph.TISSUES for p in ("T1", "T2", "PD")} for pop in ph.POPULATIONS}
+    for k in range(n):
+        for pop in ph.POPULATIONS:
+            _, means = ph.draw_tissue_parameters(np.random.default_rng([11, k]), grid, fractions, population=pop)
+            for (t, p), v in drawn[pop].items():
+                v.append(means[t][p])
+    for t in ph.BRAIN_TISSUES:
+        for p, cv in cited_cv.items():
+            mu, sd = ph.TISSUE_PARAMETERS[t][p]
+            h, d = np.asarray(drawn["healthy"][(t, p)]), np.asarray(drawn["seed004"][(t, p)])
+            # SD of a sample SD of n normal draws: ~1/sqrt(2n) = 3.5 %; 15 % is > 4 of those
+            assert h.std() == pytest.approx(cv * mu, rel=0.15), (t, p, h.std(), cv * mu)
+            assert abs(h.mean() - mu) < 4 * cv * mu / math.sqrt(n), (t, p)
+            assert d.std() == pytest.approx(sd * math.sqrt(ph.BETWEEN_FRACTION), rel=0.15), (t, p)
+            # same standard-normal offsets, only scaled
+            np.testing.assert_allclose((h - mu) / (cv * mu), (d - mu) / (sd * math.sqrt(ph.BETWEEN_FRACTION)),
+                                       rtol=1e-9, atol=1e-9)
+    # e.g. GM T1: 0.28 s between participants in seed004, 49 ms in a healthy cohort
+    assert np.std(drawn["healthy"][("GM", "T1")]) < 0.06 < 0.25 < np.std(drawn["seed004"][("GM", "T1")])
+    for t in ("skull", "fat"):  # outside the brain: unchanged
+        assert drawn["healthy"][(t, "T1")] == drawn["seed004"][(t, "T1")]
+    # A phantom: the same anatomy whatever the population, its brain values from the population.
+    a = ph.make_phantom(np.random.default_rng(5), 8.0)
+    b = ph.make_phantom(np.random.default_rng(5), 8.0, population="healthy")
+    assert all(np.array_equal(a.fractions[t], b.fractions[t]) for t in ph.TISSUES)
+    assert a.tissue_means["fat"] == b.tissue_means["fat"] and a.tissue_means["GM"] != b.tissue_means["GM"]
+
+
+def test_unknown_population_is_a_one_line_usage_error():
+    from bids_qmri.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown phantom population 'elderly': choose from seed004, healthy"):
+        ph.make_phantom(np.random.default_rng(0), 8.0, population="elderly")
+
+
 def test_phantom_anatomy_and_fields_are_plausible():
     p = ph.make_phantom(np.random.default_rng(11), 4.0)
     f = ph.make_session_fields(np.random.default_rng(12), p)

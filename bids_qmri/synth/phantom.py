@@ -95,6 +95,24 @@ BETWEEN_FRACTION = 0.9
 #: Smoothness (Gaussian SD, mm) of the intra-tissue parameter fields.
 FIELD_SMOOTHNESS_MM = 8.0
 
+#: Named populations of participants (``make_phantom(population=...)``); the first is the default.
+#: ``seed004``: every tissue value varies between participants with BETWEEN_FRACTION of seed 004
+#: Table 1's variance (GM T1 SD 0.28 s) -- a deliberately broad *training* distribution for a RIM,
+#: not a cohort. ``healthy``: a healthy adult cohort at 3 T. Choi et al. (Cereb Cortex 33:3562,
+#: 2023, doi:10.1093/cercor/bhac292; 3D MRF of 40 healthy adults at 3 T) report a between-subject
+#: coefficient of variation of 3.5 % for cortical-region T1 and 7.3 % for T2; the healthy population
+#: draws the brain tissues' (GM, WM, CSF) per-participant T1 and T2 with those CVs of the Table 1
+#: means (GM T1 SD 49 ms, WM 27 ms; GM T2 8 ms), and PD with a CV of 3.5 % too (our choice: no
+#: cohort value at hand; PD enters the MPRAGE, so its spread cannot be left at Table 1's). The
+#: means, the within-head spatial fields (sqrt(1 - BETWEEN_FRACTION) of Table 1's SD), the qMT
+#: parameters and the non-brain tissues are those of ``seed004``, and the random stream is the
+#: same: a seed draws the same anatomy, fields and standard-normal offsets in both populations,
+#: only scaled differently.
+POPULATIONS = ("seed004", "healthy")
+DEFAULT_POPULATION = "seed004"
+#: ``healthy``: between-participant coefficient of variation per parameter of the brain tissues.
+HEALTHY_BETWEEN_CV = {"T1": 0.035, "T2": 0.073, "PD": 0.035}
+
 # Head layers outside the intracranial hull: (tissue, outer distance in mm).
 HEAD_LAYERS = (("skull", 2.0), ("marrow", 4.0), ("skull", 6.0), ("fat", 10.0), ("skin", 12.0))
 # Air cavity (ethmoid/sphenoid sinus) below the orbitofrontal cortex, template mm, radius mm.
@@ -465,8 +483,25 @@ def build_anatomy(grid: Grid, scaling: np.ndarray, displacement: np.ndarray, ana
 RATE_MIXED = ("T1", "T2")
 
 
+def between_sd(tissue: str, parameter: str, population: str = DEFAULT_POPULATION) -> float:
+    """SD of the per-participant value of ``parameter`` in ``tissue`` in ``population`` (SI units)."""
+    mu, sd = TISSUE_PARAMETERS[tissue][parameter]
+    if population == "healthy" and tissue in BRAIN_TISSUES and parameter in HEALTHY_BETWEEN_CV:
+        return HEALTHY_BETWEEN_CV[parameter] * mu
+    return sd * math.sqrt(BETWEEN_FRACTION)
+
+
+def check_population(population: str) -> str:
+    """``population`` if it is one of ``POPULATIONS``, else a one-line ``UsageError``."""
+    from ..errors import UsageError
+
+    if population not in POPULATIONS:
+        raise UsageError(f"unknown phantom population {population!r}: choose from {', '.join(POPULATIONS)}")
+    return population
+
+
 def draw_tissue_parameters(rng: np.random.Generator, grid: Grid,
-                           fractions: dict[str, np.ndarray]
+                           fractions: dict[str, np.ndarray], population: str = DEFAULT_POPULATION
                            ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
     """Parameter maps (partial-volume mixtures of tissue values) and the tissue means.
 
@@ -476,20 +511,23 @@ def draw_tissue_parameters(rng: np.random.Generator, grid: Grid,
     Other parameters (PD, m0s, T2s, Rx) mix linearly.
 
     Tissue value at x = μ + σ (√b · z + √(1−b) · F(x)), z ~ N(0,1) per participant, F a smooth
-    unit field, b = BETWEEN_FRACTION; truncated to ``BOUNDS`` and T2 < 0.9·T1.
+    unit field, b = BETWEEN_FRACTION; truncated to ``BOUNDS`` and T2 < 0.9·T1. ``population``
+    (``POPULATIONS``) sets the between-participant SD (``between_sd``: σ√b for ``seed004``, a
+    healthy cohort's for ``healthy``); the spatial part and the random stream do not depend on it.
     """
+    check_population(population)
     total = sum(fractions[t] for t in TISSUES).astype(np.float64)
     weight = np.where(total > 1e-6, 1.0 / np.maximum(total, 1e-6), 0.0)
     maps = {p: np.zeros(grid.shape) for p in PARAMETERS}
     means: dict[str, dict[str, float]] = {}
-    a, b = math.sqrt(BETWEEN_FRACTION), math.sqrt(1.0 - BETWEEN_FRACTION)
+    b = math.sqrt(1.0 - BETWEEN_FRACTION)
     for tissue in TISSUES:
         f = fractions[tissue].astype(np.float64)
         means[tissue] = {}
         values = {}
         for p in PARAMETERS:
             mu, sd = TISSUE_PARAMETERS[tissue][p]
-            offset = mu + sd * a * rng.standard_normal()
+            offset = mu + between_sd(tissue, p, population) * rng.standard_normal()
             spatial = smooth_field(rng, grid, FIELD_SMOOTHNESS_MM)
             values[p] = np.clip(offset + sd * b * spatial, *BOUNDS[p])
             means[tissue][p] = float(offset)
@@ -506,12 +544,15 @@ def draw_tissue_parameters(rng: np.random.Generator, grid: Grid,
 
 
 def make_phantom(rng: np.random.Generator, resolution_mm: float = 2.0,
-                 max_displacement_mm: float = 3.0, anatomy: str = DEFAULT_ANATOMY) -> Phantom:
-    """One participant's phantom on the reference grid at ``resolution_mm`` from ``anatomy``."""
+                 max_displacement_mm: float = 3.0, anatomy: str = DEFAULT_ANATOMY,
+                 population: str = DEFAULT_POPULATION) -> Phantom:
+    """One participant's phantom on the reference grid at ``resolution_mm`` from ``anatomy``, its
+    tissue values drawn from ``population`` (``POPULATIONS``)."""
+    check_population(population)
     grid = reference_grid(resolution_mm)
     scaling, disp = _deformation(rng, grid, max_displacement_mm)
     fractions, air = build_anatomy(grid, scaling, disp, anatomy)
-    params, means = draw_tissue_parameters(rng, grid, fractions)
+    params, means = draw_tissue_parameters(rng, grid, fractions, population)
     return Phantom(grid, fractions, params, means, air, disp.astype(np.float32), scaling, anatomy)
 
 

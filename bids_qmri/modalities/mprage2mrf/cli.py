@@ -24,6 +24,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mprage2mrf-base", type=int, default=d.base, help="U-Net base filters (seed 002: 16)")
     g.add_argument("--mprage2mrf-depth", type=int, default=d.depth,
                    help="U-Net pooling levels (seed 002: 4, 16 -> 256 filters)")
+    g.add_argument("--mprage2mrf-population", default=d.population, metavar="P[+P...]",
+                   help="phantom population of the training participants' tissue values: seed004 (seed 004 Table "
+                        "1's broad spread, the phantom's default) or healthy (a healthy adult cohort's "
+                        "between-subject spread; synth.phantom.POPULATIONS); healthy+seed004 alternates them")
     g.add_argument("--mprage2mrf-budget-minutes", type=float, default=None,
                    help="stop after this much wall time (checked after every epoch; the card records the epochs)")
 
@@ -46,7 +50,7 @@ def train_from_args(args, parser):
         cfg = Mprage2MRFTrainConfig(
             n_train=args.mprage2mrf_participants, n_val=args.mprage2mrf_val_participants,
             resolution_mm=args.mprage2mrf_resolution, base=args.mprage2mrf_base, depth=args.mprage2mrf_depth,
-            seed=args.seed, threads=args.threads, init_from=str(args.init_from) if args.init_from else None,
+            seed=args.seed, threads=args.threads, population=args.mprage2mrf_population, init_from=str(args.init_from) if args.init_from else None,
             max_seconds=None if args.mprage2mrf_budget_minutes is None else 60.0 * args.mprage2mrf_budget_minutes,
             **{k: v for k, v in given.items() if v is not None})
         net, card = train_mprage2mrf(protocol, cfg)

@@ -87,15 +87,18 @@ def coefficient_targets(t1, t2, pd, valid: np.ndarray, brain: np.ndarray) -> np.
 
 
 def simulate_pair(seed: int, *, protocol, resolution_mm: float = 3.0, snr: float = 25.0,
-                  anatomy: str | None = None, bias_correct: bool = False) -> PairVolume:
-    """One phantom participant's (MPRAGE, MRF coefficients) pair; ``seed`` draws everything.
+                  anatomy: str | None = None, bias_correct: bool = False,
+                  population: str | None = None) -> PairVolume:
+    """One phantom participant's (MPRAGE, MRF coefficients) pair; ``seed`` draws everything,
+    ``population`` (``synth.phantom.POPULATIONS``, default the phantom's) the tissue values' spread.
     ``bias_correct``: N4 on the whole head first, as the anatomy workflow does to the T1w that
     mprage2mrf receives (it also flattens the MPRAGE's B1-driven shading)."""
     from bids_qmri.physics.mprage import mprage_signal
     from bids_qmri.synth import dataset as ds, phantom as ph
 
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2002]))
-    phantom = ph.make_phantom(rng, resolution_mm, anatomy=anatomy or ph.DEFAULT_ANATOMY)
+    phantom = ph.make_phantom(rng, resolution_mm, anatomy=anatomy or ph.DEFAULT_ANATOMY,
+                              population=population or ph.DEFAULT_POPULATION)
     fields = ph.make_session_fields(rng, phantom)
     p = {k: torch.from_numpy(phantom.params[k].astype(np.float64)) for k in ("T1", "T2", "PD")}
     b1 = torch.from_numpy(fields.b1.astype(np.float64))

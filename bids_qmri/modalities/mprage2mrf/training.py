@@ -48,6 +48,9 @@ class Mprage2MRFTrainConfig:
     threads: int = 1
     progress: bool | None = None
     init_from: str | None = None  # continue from a saved model of the same architecture (its rescale table kept)
+    # the phantom population the participants are drawn from (synth.phantom.POPULATIONS); "a+b" alternates
+    # them over the participants (training and validation each: a, b, a, b, ...)
+    population: str = "seed004"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -57,6 +60,15 @@ class Mprage2MRFTrainConfig:
             raise ValueError(f"the phantom resolution must be 0.5-8 mm, got {self.resolution_mm}")
         if self.base < 1 or self.depth < 1 or not 0 <= self.dropout < 1:
             raise ValueError("base filters and depth must be >= 1 and dropout in [0, 1)")
+        from bids_qmri.synth.phantom import POPULATIONS
+
+        for name in self.populations():
+            if name not in POPULATIONS:
+                raise ValueError(f"unknown phantom population {name!r}: choose from {', '.join(POPULATIONS)} "
+                                 "(or several joined by '+', alternated over the participants)")
+
+    def populations(self) -> list[str]:
+        return self.population.split("+")
 
     def train_seeds(self) -> list[int]:
         return [1000 * self.seed + i for i in range(self.n_train)]
@@ -151,8 +163,11 @@ def train_mprage2mrf(protocol, cfg: Mprage2MRFTrainConfig, *, epoch_callback=Non
         init = initialise_from(net, cfg.init_from) if cfg.init_from else None
         log.info("simulating %d + %d phantom pairs at %g mm", cfg.n_train, cfg.n_val, cfg.resolution_mm)
         kw = dict(protocol=protocol, resolution_mm=cfg.resolution_mm, snr=cfg.snr)
-        train = pairs_to_slices([simulate_pair(s, **kw) for s in cfg.train_seeds()], net.multiple)
-        val = pairs_to_slices([simulate_pair(s, **kw) for s in cfg.val_seeds()], net.multiple)
+        pops = cfg.populations()
+        train = pairs_to_slices([simulate_pair(s, population=pops[i % len(pops)], **kw)
+                                 for i, s in enumerate(cfg.train_seeds())], net.multiple)
+        val = pairs_to_slices([simulate_pair(s, population=pops[i % len(pops)], **kw)
+                               for i, s in enumerate(cfg.val_seeds())], net.multiple)
         t_sim = time.perf_counter() - t0
         # a continuation keeps the start's rescale table: its outputs are on that scale
         result, settings = train_on_slices(net, train, val, cfg, set_table=init is None, epoch_callback=epoch_callback)
@@ -170,7 +185,8 @@ def train_mprage2mrf(protocol, cfg: Mprage2MRFTrainConfig, *, epoch_callback=Non
         training["init_from"] = init
     training.update(cfg.extra)
     card = model_card(net, protocol, mrf, basis, training, result.best_loss,
-                      training_data=(f"{cfg.n_train} digital-brain phantom participants (seeds {cfg.train_seeds()[0]}-"
+                      training_data=(f"{cfg.n_train} digital-brain phantom participants of the {cfg.population!r} "
+                                     f"population (seeds {cfg.train_seeds()[0]}-"
                                      f"{cfg.train_seeds()[-1]}; validation {cfg.val_seeds()}) at {cfg.resolution_mm:g} "
                                      f"mm: MPRAGE from physics.mprage ({protocol.describe()}, Rician noise SNR "
                                      f"{cfg.snr:g}) and noise-free MRF SVD coefficients of the synthetic dataset's FISP "
