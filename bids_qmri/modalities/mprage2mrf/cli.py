@@ -50,7 +50,8 @@ def train_from_args(args, parser):
         cfg = Mprage2MRFTrainConfig(
             n_train=args.mprage2mrf_participants, n_val=args.mprage2mrf_val_participants,
             resolution_mm=args.mprage2mrf_resolution, base=args.mprage2mrf_base, depth=args.mprage2mrf_depth,
-            seed=args.seed, threads=args.threads, population=args.mprage2mrf_population, init_from=str(args.init_from) if args.init_from else None,
+            seed=args.seed, threads=args.threads, population=args.mprage2mrf_population,
+            init_from=str(args.init_from) if args.init_from else None,
             max_seconds=None if args.mprage2mrf_budget_minutes is None else 60.0 * args.mprage2mrf_budget_minutes,
             **{k: v for k, v in given.items() if v is not None})
         net, card = train_mprage2mrf(protocol, cfg)
