@@ -380,7 +380,9 @@ def test_learned_maps_through_the_workflow(noisy):
 #: rim 5.7 % / 4.4 %, resnet 4.8 % / 6.5 % (T1 / T2; mle 2.6 % / 2.6 %), bounds +~30 %; with the
 #: IRT1 mask of the shortest TI and the continued IRT1 RIM (issue 17): rim T1 4.0 %, mle 2.7 / 2.6 %;
 #: the 2026-12-03 RIMs (structures, IRT1 B weight, annealed): rim T1 3.0 %, T2 3.6 % (bounds +~30 %);
-#: the IRT1 RIM continued once more (2026-12-03 09:40): rim T1 2.5 %, mle 2.7 % (bound +~30 %)
+#: the IRT1 RIM continued once more (2026-12-03 09:40): rim T1 2.5 %, mle 2.7 % (bound +~30 %);
+#: the IRT1 RIM with the structure voxels weighted 30x (2026-12-03 11:40): rim T1 2.25 % (bound +~30 %);
+#: weighted 100x (2026-12-03 12:31, epoch 40): rim T1 2.49 %, mle 2.67 % (bound +~30 %)
 LEARNED_BOUNDS = {("T1map", "rim"): 0.032, ("T1map", "resnet"): 0.065, ("T2map", "rim"): 0.046,
                   ("T2map", "resnet"): 0.085}
 

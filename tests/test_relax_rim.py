@@ -151,6 +151,41 @@ def test_rim_loss_weights_voxels_and_averages_steps():
     assert float(rim.rim_loss(est, target, weight, (1.0, 1.0))) == pytest.approx(4.0 / 2)
 
 
+def test_rim_loss_voxel_weight_changes_only_the_weighted_voxels_terms():
+    """voxel_weight: all 1 gives eq. 6 exactly; W on some voxels multiplies only their squared
+    errors, the divisor (loss voxels × steps × parameters) stays; checked against a hand sum."""
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    est = torch.rand(5, 2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    head = torch.ones(2, 4, 4, dtype=torch.float64)
+    head[0, 0, :] = 0.0  # 4 voxels outside the loss
+    pw = (1.0, 10.0, 1.0)
+    ones = torch.ones(2, 4, 4, dtype=torch.float64)
+    for w, p in ((head, pw), (head, None), (None, None)):
+        assert torch.equal(rim.rim_loss(est, target, w, p, ones), rim.rim_loss(est, target, w, p))
+    marked = torch.zeros(2, 4, 4, dtype=torch.bool)
+    marked[0, 2, 1] = marked[1, 3, 3] = marked[0, 0, 2] = True  # the last one is outside the loss voxels
+    vw = torch.where(marked, 30.0, 1.0).to(torch.float64)
+    # hand sum: every (step, patch, parameter, voxel) term, ×30 on the marked voxels, × B's 10
+    total = 0.0
+    for j in range(5):
+        for b in range(2):
+            for q in range(3):
+                for r in range(4):
+                    for c in range(4):
+                        if head[b, r, c] == 0:
+                            continue
+                        term = float(est[j, b, q, r, c] - target[b, q, r, c]) ** 2 * pw[q]
+                        total += term * (30.0 if marked[b, r, c] else 1.0)
+    expected = total / (float(head.sum()) * 5 * 3)
+    assert float(rim.rim_loss(est, target, head, pw, vw)) == pytest.approx(expected, rel=1e-12)
+    # the difference is exactly 29 × the marked loss voxels' terms
+    diff = float(rim.rim_loss(est, target, head, pw, vw) - rim.rim_loss(est, target, head, pw))
+    sq = ((est - target[None]) ** 2 * torch.tensor(pw, dtype=torch.float64)[:, None, None])
+    own = float(sq[:, 0, :, 2, 1].sum() + sq[:, 1, :, 3, 3].sum())
+    assert diff == pytest.approx(29.0 * own / (float(head.sum()) * 5 * 3), rel=1e-12)
+
+
 def _overfit(net, signal, target, times, steps):
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []

@@ -35,6 +35,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "curvature (gauss_newton) or as is (raw, seed 004)")
     g.add_argument("--relax-structures", action="store_true",
                    help="add one-voxel points and lines to every training patch (against blurring small structures)")
+    g.add_argument("--relax-structure-weight", type=float, default=d.structure_weight, metavar="W",
+                   help="multiply the squared error on the structures' voxels by W (with --relax-structures; "
+                        "seed 004 eq. 6: 1)")
     g.add_argument("--rim-b-weight", type=float, default=d.b_weight,
                    help="weight of B's squared error in the IRT1 loss (seed 004 eq. 6: 1)")
     g.add_argument("--resnet-channels", type=int, nargs="+", default=list(d.resnet_channels),
@@ -77,7 +80,8 @@ def train_from_args_for(modality: str):
                 iterations_per_epoch=args.iterations_per_epoch, resolution_mm=args.anatomy_resolution,
                 max_seconds=None if args.budget_minutes is None else 60.0 * args.budget_minutes,
                 hidden=args.rim_hidden, steps=args.rim_steps, gru_kernel=args.rim_gru_kernel,
-                rim_gradient=args.rim_gradient, structures=args.relax_structures, b_weight=args.rim_b_weight,
+                rim_gradient=args.rim_gradient, structures=args.relax_structures,
+                structure_weight=args.relax_structure_weight, b_weight=args.rim_b_weight,
                 init_from=str(args.init_from) if args.init_from else None,
                 resnet_channels=tuple(args.resnet_channels), **{k: v for k, v in given.items() if v is not None})
             net, card = train_relax_net("ir" if modality == "irt1" else "t2", protocol.times, cfg)

@@ -320,14 +320,19 @@ class RelaxResNet(nn.Module):
 
 
 def rim_loss(estimates: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-             param_weight: torch.Tensor | Sequence[float] | None = None) -> torch.Tensor:
+             param_weight: torch.Tensor | Sequence[float] | None = None,
+             voxel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Seed 004 eq. 6: mean over the J estimates ``[J, batch, Q, H, W]`` of the squared error to
     ``target`` ``[batch, Q, H, W]`` (network coordinates), averaged over the voxels where ``weight``
     ``[batch, H, W]`` is 1 (default all) and the Q parameters. ``param_weight`` ``[Q]`` multiplies
-    each parameter's squared error (default all 1: eq. 6)."""
+    each parameter's squared error (default all 1: eq. 6). ``voxel_weight`` ``[batch, H, W]``
+    multiplies each voxel's squared error without changing the divisor (the count of ``weight``'s
+    voxels), so only the up-weighted voxels' terms change (default all 1: eq. 6)."""
     err = (estimates - target[None]) ** 2
     if param_weight is not None:
         err = err * torch.as_tensor(param_weight, dtype=err.dtype, device=err.device)[:, None, None]
+    if voxel_weight is not None:
+        err = err * voxel_weight[None, :, None].to(err.dtype)
     if weight is None:
         return err.mean()
     w = weight[None, :, None].to(err.dtype)

@@ -117,6 +117,7 @@ class Patches:
     brain: torch.Tensor  # [batch, H, W] bool
     scale: torch.Tensor  # [batch]
     sigma: torch.Tensor  # [batch] noise σ before scaling (Table 1 units)
+    structure: torch.Tensor | None = None  # [batch, H, W] bool: voxels add_structures changed (structures=True)
 
 
 def tissue_maps(frac: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -181,11 +182,12 @@ def simulate_patches(kind: str, times, n: int, rng: np.random.Generator, *, reso
     """``n`` training patches for model ``kind`` (``ir``/``t2``) at ``times`` (seconds).
 
     ``sigma`` (Table 1 units) and ``b`` fix the noise level and inversion efficiency instead of
-    drawing them (test sets); ``structures`` adds one-voxel points and lines (``add_structures``)."""
+    drawing them (test sets); ``structures`` adds one-voxel points and lines (``add_structures``) and
+    returns their mask in ``Patches.structure``."""
     anat = anatomy(resolution_mm)
     times = np.asarray(times, dtype=np.float64)
     brain_idx = np.argwhere(anat.brain)
-    sig_n, tgt_n, w_n, br_n, sd_n = [], [], [], [], []
+    sig_n, tgt_n, w_n, br_n, sd_n, st_n = [], [], [], [], [], []
     for _ in range(n):
         centre = brain_idx[rng.integers(len(brain_idx))]
         axis = int(rng.integers(3))
@@ -200,7 +202,7 @@ def simulate_patches(kind: str, times, n: int, rng: np.random.Generator, *, reso
             frac, brain = np.swapaxes(frac, -1, -2), brain.T
         maps = tissue_maps(np.ascontiguousarray(frac, dtype=np.float64), rng)
         if structures:
-            add_structures(maps, np.ascontiguousarray(brain), rng)
+            st_n.append(add_structures(maps, np.ascontiguousarray(brain), rng))
         bb = 2.0 - abs(rng.normal(0.0, B_HALF_NORMAL_SIGMA)) if b is None else float(b)
         sd = math.exp(rng.uniform(*np.log(SIGMA_RANGE))) if sigma is None else float(sigma)
         a, t1, t2 = maps["A"], maps["T1"], maps["T2"]
@@ -225,4 +227,4 @@ def simulate_patches(kind: str, times, n: int, rng: np.random.Generator, *, reso
     params = torch.as_tensor(np.stack(tgt_n), dtype=dtype)
     params[:, 0] = params[:, 0] / scale[:, None, None]
     return Patches(signal, rim.to_network(params, kind), torch.as_tensor(np.stack(w_n), dtype=dtype), brain, scale,
-                   torch.as_tensor(sd_n, dtype=dtype))
+                   torch.as_tensor(sd_n, dtype=dtype), torch.as_tensor(np.stack(st_n)) if structures else None)

@@ -62,6 +62,7 @@ class RelaxTrainConfig:
     # training data and loss options (defaults: seed 004's)
     structures: bool = False  # one-voxel points and lines in every training patch (simulate.add_structures)
     b_weight: float = 1.0  # weight of B's squared error in the loss (IR; eq. 6: 1)
+    structure_weight: float = 1.0  # weight of the structure voxels' squared error (needs structures; eq. 6: 1)
     lr_schedule: str = "constant"
     keep: str = "best"
     extra: dict = field(default_factory=dict)
@@ -74,6 +75,10 @@ class RelaxTrainConfig:
             raise ValueError("iterations, iterations per epoch, batch size and validation size must be ≥ 1")
         if not self.b_weight > 0:
             raise ValueError("the B loss weight must be > 0")
+        if not self.structure_weight > 0:
+            raise ValueError("the structure loss weight must be > 0")
+        if self.structure_weight != 1.0 and not self.structures:
+            raise ValueError("a structure loss weight needs the structures in the patches: add --relax-structures")
         self.resnet_channels = tuple(int(c) for c in self.resnet_channels)
 
     def param_weight(self, kind: str) -> tuple[float, ...] | None:
@@ -81,6 +86,13 @@ class RelaxTrainConfig:
         if self.b_weight == 1.0 or "B" not in rim.PARAMETERS[kind]:
             return None
         return tuple(self.b_weight if p == "B" else 1.0 for p in rim.PARAMETERS[kind])
+
+    def voxel_weight(self, patches) -> torch.Tensor | None:
+        """Per-voxel loss weights (``rim.rim_loss``): ``structure_weight`` on the voxels
+        ``simulate.add_structures`` changed, 1 elsewhere; None for eq. 6's plain mean."""
+        if self.structure_weight == 1.0 or patches.structure is None:
+            return None
+        return torch.where(patches.structure, self.structure_weight, 1.0).to(patches.target.dtype)
 
 
 def build_net(method: str, kind: str, n_times: int, cfg: RelaxTrainConfig) -> torch.nn.Module:
@@ -135,7 +147,7 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
         pw = cfg.param_weight(kind)
 
         def loss(model, p):
-            return rim.rim_loss(model(p.signal, tt), p.target, p.weight, pw)
+            return rim.rim_loss(model(p.signal, tt), p.target, p.weight, pw, cfg.voxel_weight(p))
 
         def validate(model):
             return loss(model, val)
@@ -149,6 +161,7 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
                             generator=torch.Generator().manual_seed(cfg.seed), epoch_callback=epoch_callback, log=log)
         metrics = evaluate_patches(net, val, times, kind)
         if pw is not None:  # the kept weights on seed 004's unweighted eq. 6, comparable across B weights
+            # (the validation patches have no structures: the structure weight does not change their loss)
             with torch.no_grad():
                 metrics["loss_eq6"] = round(float(rim.rim_loss(net(val.signal, tt), val.target, val.weight)), 5)
     finally:
@@ -179,7 +192,9 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
             f"(SNR {A_REFERENCE / SIGMA_RANGE[1]:.1f}-{A_REFERENCE / SIGMA_RANGE[0]:.0f}), patches divided by the "
             f"median over brain voxels of the maximum over the series; {symbol}s {list(times)} s"
             + ("; one-voxel points and lines added (simulate.add_structures)" if cfg.structures else "")
-            + (f"; loss weight of B {cfg.b_weight:g}" if pw is not None else "")),
+            + (f"; loss weight of B {cfg.b_weight:g}" if pw is not None else "")
+            + (f"; loss weight of the structure voxels {cfg.structure_weight:g}" if cfg.structure_weight != 1.0
+               else "")),
         "validation_loss": result.best_loss,
         "validation": {"n_patches": cfg.n_val, "sigma": "log-uniform as training", **metrics},
         "training": training,
