@@ -50,7 +50,7 @@ class Mprage2MRFTrainConfig:
     init_from: str | None = None  # continue from a saved model of the same architecture (its rescale table kept)
     # the phantom population the participants are drawn from (synth.phantom.POPULATIONS); "a+b" alternates
     # them over the participants (training and validation each: a, b, a, b, ...)
-    population: str = "seed004"
+    population: str = "seed004"  # synth.phantom.DEFAULT_POPULATION (a test checks they agree)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

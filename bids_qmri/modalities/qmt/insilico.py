@@ -25,7 +25,7 @@ import math
 import torch
 
 from . import simulate
-from .net import features
+from .net import OUTPUTS, features
 from .training import OUT_INDEX
 
 __all__ = ["noise_realisations", "decompose", "grid_theta", "summarise", "GRID_SLICES"]
@@ -82,8 +82,6 @@ def summarise(o: dict, crb: torch.Tensor, prefix: str = "") -> dict:
     quartiles (``q25_…``, ``q75_…``), ``median_std_over_sqrt_crb_lowcrb_k`` (over the quarter of the
     samples with the lowest CRB of ``k``) and the loss parts ``loss_bias_k``, ``loss_variance_k``
     (``o``: ``decompose``'s output; ``crb [S, 3]``)."""
-    from .net import OUTPUTS
-
     row = {}
     ratio = o["std_over_sqrt_crb"]
     for i, k in enumerate(OUTPUTS):
@@ -125,7 +123,6 @@ def run_qmt_insilico(out_dir, *, n_test: int = 64, n_noise: int = 300, snrs=(10.
     from bids_qmri.models.registry import get_model
     from bids_qmri.synth.dataset import _degrees, qmt_basis
 
-    from .net import OUTPUTS
     from .protocol import QMTProtocol
 
     out_dir = Path(out_dir)
