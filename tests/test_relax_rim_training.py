@@ -188,6 +188,38 @@ def _state(net):
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
+def test_average_last_keeps_the_mean_of_the_last_epochs():
+    """--average-last N: the kept RIM weights are the arithmetic mean of the weights after each of
+    the last N epochs (captured independently through the epoch callback), the card names those
+    epochs and carries the averaged net's validation loss; N = 1 is exactly keep="last"; the ResNet
+    (BatchNorm statistics) and N < 0 are refused."""
+    seen = {}
+
+    def capture(epoch, net, val_loss):
+        seen[epoch] = _state(net)
+
+    cfg = training.RelaxTrainConfig(method="rim", seed=3, average_last=2, **{**TINY, "iterations": 4})
+    net, card = training.train_relax_net("ir", TI, cfg, epoch_callback=capture)
+    assert sorted(seen) == [1, 2, 3, 4] and card["training"]["averaged_epochs"] == [3, 4]
+    kept = _state(net)
+    for k, v in kept.items():
+        torch.testing.assert_close(v, (seen[3][k] + seen[4][k]) / 2, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(kept[k], seen[4][k]) for k in kept)  # not just the last epoch
+    val = simulate.simulate_patches("ir", TI, cfg.n_val, np.random.default_rng([cfg.seed, 1]), resolution_mm=RES,
+                                    size=cfg.patch)
+    with torch.no_grad():
+        expect = float(rim.rim_loss(net(val.signal, torch.tensor(TI)), val.target, val.weight))
+    assert card["validation_loss"] == pytest.approx(expect, rel=1e-6)
+    last, _ = training.train_relax_net("ir", TI, training.RelaxTrainConfig(method="rim", seed=3, keep="last", **TINY))
+    one, card1 = training.train_relax_net("ir", TI, training.RelaxTrainConfig(method="rim", seed=3, average_last=1,
+                                                                              **TINY))
+    assert all(torch.equal(v, _state(one)[k]) for k, v in _state(last).items()) and card1["training"]["averaged_epochs"] == [2]
+    with pytest.raises(ValueError, match="RIM only"):
+        training.RelaxTrainConfig(method="resnet", average_last=5)
+    with pytest.raises(ValueError, match="average-last"):
+        training.RelaxTrainConfig(method="rim", average_last=-1)
+
+
 @pytest.mark.parametrize("method", training.LEARNED_METHODS)
 def test_training_is_reproducible_and_carded(method):
     cfg = training.RelaxTrainConfig(method=method, seed=3, **TINY)
@@ -290,6 +322,9 @@ def test_train_cli_for_a_series(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(base + ["--modality", "mese", "--sidecar", str(sidecar)])
     assert exc.value.code != 0 and "InversionTime series" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(base + ["--modality", "irt1", "--sidecar", str(sidecar), "--average-last", "2"])
+    assert exc.value.code != 0 and "RIM only" in capsys.readouterr().err  # the flag reaches the config
     assert main(base + ["--modality", "irt1", "--sidecar", str(sidecar)]) == 0
     card = json.loads(next(tmp_path.glob("resnet_n6_*.json")).read_text())
     assert card["times_s"] == list(TI) and card["architecture"]["channels"] == [4]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -65,6 +66,7 @@ class RelaxTrainConfig:
     structure_weight: float = 1.0  # weight of the structure voxels' squared error (needs structures; eq. 6: 1)
     lr_schedule: str = "constant"
     keep: str = "best"
+    average_last: int = 0  # > 0: the kept weights are the mean of the last N epochs' weights (RIM only)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -79,6 +81,11 @@ class RelaxTrainConfig:
             raise ValueError("the structure loss weight must be > 0")
         if self.structure_weight != 1.0 and not self.structures:
             raise ValueError("a structure loss weight needs the structures in the patches: add --relax-structures")
+        if self.average_last < 0:
+            raise ValueError("--average-last must be ≥ 0 epochs (0: no averaging)")
+        if self.average_last and self.method != "rim":
+            raise ValueError("--average-last is for the RIM only: the ResNet's BatchNorm statistics would not "
+                             "match averaged weights")
         self.resnet_channels = tuple(int(c) for c in self.resnet_channels)
 
     def param_weight(self, kind: str) -> tuple[float, ...] | None:
@@ -157,8 +164,26 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
         settings = LoopSettings(max_epochs=epochs, patience=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                                 lr_schedule=cfg.lr_schedule, keep=cfg.keep, progress=cfg.progress, max_seconds=cfg.max_seconds,
                                 desc=f"{cfg.method} {kind} N={len(times)}")
+        recent = deque(maxlen=cfg.average_last or 1)  # (epoch, weights) of the last epochs, for average_last
+
+        def after_epoch(epoch, model, val_loss):
+            if cfg.average_last:
+                recent.append((epoch, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+            if epoch_callback is not None:
+                epoch_callback(epoch, model, val_loss)
+
         result = train_loop(net, n_train=n_per_epoch, batch=batch, loss=loss, validate=validate, settings=settings,
-                            generator=torch.Generator().manual_seed(cfg.seed), epoch_callback=epoch_callback, log=log)
+                            generator=torch.Generator().manual_seed(cfg.seed), epoch_callback=after_epoch, log=log)
+        kept_loss, averaged = result.best_loss, None
+        if cfg.average_last:
+            # the arithmetic mean of the last epochs' weights replaces `keep`'s choice (the RIM has no
+            # normalisation buffers: every state-dict entry is a convolution weight or bias)
+            net.load_state_dict({k: torch.stack([w[k].double() for _, w in recent]).mean(0).to(v.dtype)
+                                 for k, v in recent[-1][1].items()})
+            net.eval()
+            with torch.no_grad():
+                kept_loss = float(validate(net))
+            averaged = [e for e, _ in recent]
         metrics = evaluate_patches(net, val, times, kind)
         if pw is not None:  # the kept weights on seed 004's unweighted eq. 6, comparable across B weights
             # (the validation patches have no structures: the structure weight does not change their loss)
@@ -174,6 +199,8 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
     training["cpu_s"] = round(time.process_time() - cpu_start, 1)  # this process, all threads
     if init is not None:
         training["init_from"] = init
+    if averaged is not None:
+        training["averaged_epochs"] = averaged
     training.update(cfg.extra)
     symbol = "TI" if kind == "ir" else "TE"
     card = {
@@ -195,7 +222,7 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
             + (f"; loss weight of B {cfg.b_weight:g}" if pw is not None else "")
             + (f"; loss weight of the structure voxels {cfg.structure_weight:g}" if cfg.structure_weight != 1.0
                else "")),
-        "validation_loss": result.best_loss,
+        "validation_loss": kept_loss,
         "validation": {"n_patches": cfg.n_val, "sigma": "log-uniform as training", **metrics},
         "training": training,
         "history": result.history,
