@@ -45,7 +45,7 @@ from bids_qmri.physics import qmt
 LOGGER = logging.getLogger("bids_qmri.modalities.qmt.simulate")
 
 __all__ = ["PARAMETERS", "DISTRIBUTIONS", "sample_parameters", "fingerprints", "coefficient_jacobian",
-           "crb_from_jacobian", "simulate_set", "set_from_theta"]
+           "crb_from_jacobian", "simulate_set", "set_from_theta", "effective_directions", "fisher_basis"]
 
 #: The 7 physical parameters, in the order of every ``[N, 7]`` array of this module (SI units).
 PARAMETERS = ("m0s", "T1", "T2f", "T2s", "Rx", "B0", "B1")
@@ -137,6 +137,44 @@ def crb_from_jacobian(c: torch.Tensor, jac: torch.Tensor, sigma: float | torch.T
     scaled = f * d[..., :, None] * d[..., None, :]
     inv = torch.linalg.pinv(scaled, rtol=1e-13, hermitian=True)
     return (inv.diagonal(dim1=-2, dim2=-1) * d * d)[..., :7]
+
+
+def effective_directions(s: torch.Tensor, jac: torch.Tensor, targets=(0, 1, 2)) -> torch.Tensor:
+    """``[N, len(targets), Nt]``: each target's Jacobian column ``∂s/∂θ_k`` minus its (real) least-squares
+    projection on the nuisance columns (the other physical parameters and the M0 columns ``s``, ``i·s``),
+    i.e. the part of the signal change that no nuisance can mimic. Their norms alone give the Fisher
+    information of the targets with the nuisances free, so a basis that keeps them keeps the CRB."""
+    s, jac = s.to(torch.complex128), jac.to(torch.complex128)
+    nuis = [k for k in range(jac.shape[-1]) if k not in targets]
+    cols = torch.cat([jac, s[..., None], 1j * s[..., None]], -1).transpose(-1, -2)  # [N, 9, Nt]
+    real = torch.view_as_real(cols).flatten(-2)  # [N, 9, 2Nt]: the real inner product of the Fisher matrix
+    n = real[:, nuis + [jac.shape[-1], jac.shape[-1] + 1]]
+    n = n / torch.linalg.vector_norm(n, dim=-1, keepdim=True).clamp_min(1e-300)
+    t = real[:, list(targets)]
+    coef = torch.linalg.pinv(n.transpose(-1, -2), rtol=1e-10) @ t.transpose(-1, -2)  # [N, nuis, targets]
+    g = t - (n.transpose(-1, -2) @ coef).transpose(-1, -2)
+    return torch.view_as_complex(g.reshape(*g.shape[:-1], -1, 2).contiguous())
+
+
+def fisher_basis(s: torch.Tensor, jac: torch.Tensor, rank: int, *, targets=(0, 1, 2),
+                 reference: torch.Tensor | None = None) -> torch.Tensor:
+    """A rank-``rank`` temporal basis ``[Nt, rank]`` (orthonormal, complex128) that keeps the Fisher
+    information of the targets (issue 16): the leading right singular vectors of the atoms' signals
+    ``s [N, Nt]`` stacked with their ``effective_directions``, each row scaled to unit norm (so every
+    atom's signal and every target's unmimickable change weigh alike). A plain SVD of the signals keeps
+    their energy, which is dominated by what the nuisances and M0 do, and drops the small directions
+    that tell the targets apart from T2s, Rx and B1. ``reference`` (e.g. the plain SVD basis of
+    the same atoms): the result is rotated within its span to the unitary closest to it (orthogonal
+    Procrustes); the CRB depends on the span only, and coefficients stay close to the reference's."""
+    from bids_qmri.physics import svd
+
+    rows = torch.cat([s.to(torch.complex128)[:, None], effective_directions(s, jac, targets)], 1).flatten(0, 1)
+    rows = rows / torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min(1e-300)
+    basis = svd.svd_basis(rows, rank).to(torch.complex128)
+    if reference is not None:
+        u, _, vh = torch.linalg.svd(basis.mH @ reference.to(torch.complex128))
+        basis = basis @ (u @ vh)
+    return basis
 
 
 def simulate_set(n: int, schedule: dict, basis: torch.Tensor, *, seed: int, chunk: int = CHUNK,
