@@ -419,11 +419,15 @@ def test_bundled_model_for_the_synthetic_protocol():
 
     net, card, warnings = load_model_for(PROTOCOL, EstimateContext(model_dir=None))
     assert warnings == [] and card["origin"] == "bundled" and card["mprage_protocol"] == PROTOCOL.as_dict()
-    # two continuations of the first bundled model (seeds 0-11): healthy phantoms 1000-1023, then
-    # healthy and seed004 phantoms alternating, 2000-2015 (TRAINING.md); evaluation seeds 9000+ are outside all
+    # three continuations of the first bundled model (seeds 0-11): healthy phantoms 1000-1023, then
+    # healthy and seed004 phantoms alternating, 2000-2015, then alternating again, 3000-3019, with a
+    # cosine rate and the long-T2 loss weight (TRAINING.md); evaluation seeds 9000+ are outside all
     t = card["training"]
-    assert t["train_seeds"] == list(range(2000, 2016)) and t["population"] == "healthy+seed004"
-    first = t["init_from"]["previous_training"]
+    assert t["train_seeds"] == list(range(3000, 3020)) and t["val_seeds"] == list(range(3500, 3506))
+    assert (t["population"], t["lr_schedule"], t["long_t2_weight"]) == ("healthy+seed004", "cosine", 3.0)
+    second = t["init_from"]["previous_training"]
+    assert second["train_seeds"] == list(range(2000, 2016)) and second["population"] == "healthy+seed004"
+    first = second["init_from"]["previous_training"]
     assert first["train_seeds"] == list(range(1000, 1024)) and first["population"] == "healthy"
     assert first["init_from"]["previous_training"]["train_seeds"] == list(range(12))
     assert card["validation_loss"] < 0.2
