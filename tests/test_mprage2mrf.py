@@ -226,6 +226,73 @@ def test_population_option_draws_the_same_participant_with_other_tissue_values(p
     assert Mprage2MRFTrainConfig(population="healthy+seed004").populations() == ["healthy", "seed004"]
 
 
+def test_long_t2_loss_weight_counts_csf_rich_voxels_more(pair):
+    """``long_t2_weight`` (off by default): the weight map is W exactly where the true T2 reaches
+    the threshold (checked against the phantom's T2 on the kept slices), and the loss is the
+    weighted mean of the squared errors (two-level analytic value); weights of 1 are the plain loss."""
+    from bids_qmri.modalities.mprage2mrf.simulate import long_t2_weights
+    from bids_qmri.modalities.mprage2mrf.training import pairs_to_slices
+
+    x, y, m = slices_of(pair, 4)
+    w = long_t2_weights(pair, 4, 3.0, 0.2)
+    assert w.shape == m.shape and set(torch.unique(w).tolist()) <= {1.0, 3.0}
+    kept = [z for z in range(pair.brain.shape[2]) if pair.brain[..., z].sum() >= 20]
+    long_brain = pair.brain[..., kept] & (pair.t2[..., kept] >= 0.2)
+    n_long, n_brain = int(long_brain.sum()), int(pair.brain[..., kept].sum())
+    assert 0 < n_long < n_brain // 4
+    assert int(((w == 3) & m).sum()) == n_long
+    # errors a on long-T2 brain pixels, b on the others: 7 (3 nL a^2 + nS b^2) / (3 nL + nS)
+    a, b = 0.4, 0.1
+    long_px = (w == 3)[:, None]
+    pred = y + torch.where(long_px, a, b) * m[:, None]
+    n_short = n_brain - n_long
+    expected = 7 * (3 * n_long * a**2 + n_short * b**2) / (3 * n_long + n_short)
+    assert float(masked_mse(pred, y, m, w)) == pytest.approx(expected, rel=1e-5)
+    assert float(masked_mse(pred, y, m, torch.ones_like(w))) == pytest.approx(float(masked_mse(pred, y, m)), rel=1e-6)
+    assert float(masked_mse(pred, y, m, w)) > float(masked_mse(pred, y, m))
+    # the config: off by default (three stacks), on gives the map as a fourth; bad values refused
+    assert len(pairs_to_slices([pair], 4, Mprage2MRFTrainConfig())) == 3
+    four = pairs_to_slices([pair], 4, Mprage2MRFTrainConfig(long_t2_weight=3.0))
+    assert len(four) == 4 and torch.equal(four[3], w)
+    with pytest.raises(ValueError, match="long-T2 loss weight must be >= 1"):
+        Mprage2MRFTrainConfig(long_t2_weight=0.5)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        Mprage2MRFTrainConfig(lr_schedule="linear")
+
+
+def test_train_options_reach_the_config(monkeypatch):
+    """``bids_qmri-train --method mprage2mrf --lr-schedule cosine --keep last
+    --mprage2mrf-long-t2-weight 3`` configures the run; the defaults are seed 002's."""
+    from bids_qmri.cli import train as cli
+    from bids_qmri.modalities.mprage2mrf import training
+
+    seen = []
+
+    def fake(protocol, cfg):
+        seen.append(cfg)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(training, "train_mprage2mrf", fake)
+    for extra in (["--lr-schedule", "cosine", "--keep", "last", "--mprage2mrf-long-t2-weight", "3"], []):
+        with pytest.raises(SystemExit):
+            cli.main(["--method", "mprage2mrf", "--out-dir", "unused", *extra])
+    assert (seen[0].lr_schedule, seen[0].keep, seen[0].long_t2_weight) == ("cosine", "last", 3.0)
+    assert (seen[1].lr_schedule, seen[1].keep, seen[1].long_t2_weight) == ("constant", "best", 1.0)
+
+
+def test_tiny_training_with_long_t2_weights_and_cosine_learns(pair):
+    from bids_qmri.modalities.mprage2mrf.training import pairs_to_slices
+
+    cfg = Mprage2MRFTrainConfig(epochs=4, patience=4, batch_size=4, lr=3e-3, progress=False,
+                                lr_schedule="cosine", long_t2_weight=3.0)
+    data = pairs_to_slices([pair], 4, cfg)
+    net = _tiny_net()
+    result, settings = train_on_slices(net, data, data, cfg)
+    assert settings.lr_schedule == "cosine"
+    losses = [h["val_loss"] for h in result.history]
+    assert result.best_loss < 0.7 * losses[0]
+
+
 # --------------------------------------------------------------------------- matching, estimate
 def _mrf_protocol():
     from bids_qmri.modalities.mrf.protocol import MRFProtocol
@@ -352,11 +419,15 @@ def test_bundled_model_for_the_synthetic_protocol():
 
     net, card, warnings = load_model_for(PROTOCOL, EstimateContext(model_dir=None))
     assert warnings == [] and card["origin"] == "bundled" and card["mprage_protocol"] == PROTOCOL.as_dict()
-    # two continuations of the first bundled model (seeds 0-11): healthy phantoms 1000-1023, then
-    # healthy and seed004 phantoms alternating, 2000-2015 (TRAINING.md); evaluation seeds 9000+ are outside all
+    # three continuations of the first bundled model (seeds 0-11): healthy phantoms 1000-1023, then
+    # healthy and seed004 phantoms alternating, 2000-2015, then alternating again, 3000-3019, with a
+    # cosine rate and the long-T2 loss weight (TRAINING.md); evaluation seeds 9000+ are outside all
     t = card["training"]
-    assert t["train_seeds"] == list(range(2000, 2016)) and t["population"] == "healthy+seed004"
-    first = t["init_from"]["previous_training"]
+    assert t["train_seeds"] == list(range(3000, 3020)) and t["val_seeds"] == list(range(3500, 3506))
+    assert (t["population"], t["lr_schedule"], t["long_t2_weight"]) == ("healthy+seed004", "cosine", 3.0)
+    second = t["init_from"]["previous_training"]
+    assert second["train_seeds"] == list(range(2000, 2016)) and second["population"] == "healthy+seed004"
+    first = second["init_from"]["previous_training"]
     assert first["train_seeds"] == list(range(1000, 1024)) and first["population"] == "healthy"
     assert first["init_from"]["previous_training"]["train_seeds"] == list(range(12))
     assert card["validation_loss"] < 0.2

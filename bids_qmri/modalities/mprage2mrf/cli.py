@@ -28,6 +28,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="phantom population of the training participants' tissue values: seed004 (seed 004 Table "
                         "1's broad spread, the phantom's default) or healthy (a healthy adult cohort's "
                         "between-subject spread; synth.phantom.POPULATIONS); healthy+seed004 alternates them")
+    g.add_argument("--mprage2mrf-long-t2-weight", type=float, default=d.long_t2_weight, metavar="W",
+                   help=f"count the voxels whose true T2 is >= {d.long_t2_s:g} s (CSF-rich) W times in the loss "
+                        "(1: off, seed 002's plain MSE; also --lr-schedule and --keep apply)")
     g.add_argument("--mprage2mrf-budget-minutes", type=float, default=None,
                    help="stop after this much wall time (checked after every epoch; the card records the epochs)")
 
@@ -45,12 +48,13 @@ def train_from_args(args, parser):
     else:
         protocol = synthetic_protocol()
     given = {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size, "lr": args.lr,
-             "snr": args.snr}
+             "snr": args.snr, "lr_schedule": args.lr_schedule, "keep": args.keep}
     try:
         cfg = Mprage2MRFTrainConfig(
             n_train=args.mprage2mrf_participants, n_val=args.mprage2mrf_val_participants,
             resolution_mm=args.mprage2mrf_resolution, base=args.mprage2mrf_base, depth=args.mprage2mrf_depth,
             seed=args.seed, threads=args.threads, population=args.mprage2mrf_population,
+            long_t2_weight=args.mprage2mrf_long_t2_weight,
             init_from=str(args.init_from) if args.init_from else None,
             max_seconds=None if args.mprage2mrf_budget_minutes is None else 60.0 * args.mprage2mrf_budget_minutes,
             **{k: v for k, v in given.items() if v is not None})

@@ -21,7 +21,7 @@ import torch
 
 from .unet import N_SV, coefficients_to_channels
 
-__all__ = ["PairVolume", "coefficient_targets", "mrf_target_basis", "simulate_pair", "slices_of", "normalise_mprage", "pad_to"]
+__all__ = ["PairVolume", "coefficient_targets", "mrf_target_basis", "long_t2_weights", "simulate_pair", "slices_of", "normalise_mprage", "pad_to"]
 
 log = logging.getLogger("bids_qmri.modalities.mprage2mrf.simulate")
 
@@ -131,9 +131,23 @@ def pad_to(a: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(a, pads)
 
 
+def _kept_slices(pair: PairVolume, min_brain: int) -> list[int]:
+    return [z for z in range(pair.brain.shape[2]) if pair.brain[..., z].sum() >= min_brain]
+
+
+def long_t2_weights(pair: PairVolume, multiple: int, weight: float, long_t2_s: float, min_brain: int = 20):
+    """Per-voxel loss weights ``[S, H, W]`` (float32) of the slices ``slices_of`` keeps: ``weight``
+    where the ground-truth T2 is at least ``long_t2_s`` (CSF-rich voxels: T2 is rate-mixed, so
+    0.2 s is about half CSF, half GM), 1 elsewhere (padding included; the mask removes it)."""
+    keep = _kept_slices(pair, min_brain)
+    t2 = pad_to(np.asarray(pair.t2)[..., keep], multiple)
+    w = np.where(t2 >= long_t2_s, np.float32(weight), np.float32(1.0)).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(w.transpose(2, 0, 1)))
+
+
 def slices_of(pair: PairVolume, multiple: int, min_brain: int = 20):
     """Axial slices with at least ``min_brain`` brain voxels: ``(x [S, 1, H, W], y [S, 7, H, W], mask [S, H, W])``."""
-    keep = [z for z in range(pair.brain.shape[2]) if pair.brain[..., z].sum() >= min_brain]
+    keep = _kept_slices(pair, min_brain)
     x = pad_to(pair.mprage[..., keep], multiple)  # [H, W, S]
     y = pad_to(pair.target[:, :, keep], multiple)  # [H, W, S, 7]
     b = pad_to(pair.brain[..., keep], multiple)

@@ -5,7 +5,10 @@ Training and validation pairs come from disjoint phantom seeds (``train_seeds`` 
 ``val_seeds``; held-out evaluation seeds must stay outside both). The rescale table is the
 min/max of every component over the training targets (seed 002 Table 2). The loss is the sum of
 the seven networks' MSEs over brain voxels, each on its own tanh scale; the networks share no
-parameters, so each one sees only its own MSE (seed 002 Fig. 1).
+parameters, so each one sees only its own MSE (seed 002 Fig. 1). Beyond the paper, and off by
+default: ``long_t2_weight`` > 1 counts the voxels whose true T2 is at least ``long_t2_s`` (CSF-rich)
+that many times in every MSE, training and validation alike (issue 15: CSF-dominated regions' T2
+came out too low); ``lr_schedule`` anneals the learning rate (``training.loop.LR_SCHEDULES``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from bids_qmri.training.loop import LoopSettings, train_loop, training_record
 
-from .simulate import mrf_target_basis, simulate_pair, slices_of
+from .simulate import long_t2_weights, mrf_target_basis, simulate_pair, slices_of
 from .unet import COMPONENTS, MPRAGE2MRFNet
 
 __all__ = ["Mprage2MRFTrainConfig", "masked_mse", "pairs_to_slices", "table_from_targets", "train_mprage2mrf", "train_on_slices"]
@@ -41,6 +44,8 @@ class Mprage2MRFTrainConfig:
     patience: int = 1000
     batch_size: int = 8
     lr: float = 1e-4  # seed 002
+    lr_schedule: str = "constant"  # seed 002; "cosine" anneals to 0 over `epochs`, "step" halves every 40
+    keep: str = "best"  # seed 002: best validation weights; "last": the final epoch's
     base: int = 16  # seed 002: 16 filters doubling to 256
     depth: int = 4
     dropout: float = 0.1
@@ -51,6 +56,9 @@ class Mprage2MRFTrainConfig:
     # the phantom population the participants are drawn from (synth.phantom.POPULATIONS); "a+b" alternates
     # them over the participants (training and validation each: a, b, a, b, ...)
     population: str = "seed004"  # synth.phantom.DEFAULT_POPULATION (a test checks they agree)
+    # loss weight of the voxels whose true T2 >= long_t2_s (1: off, seed 002's plain MSE)
+    long_t2_weight: float = 1.0
+    long_t2_s: float = 0.2
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -60,6 +68,14 @@ class Mprage2MRFTrainConfig:
             raise ValueError(f"the phantom resolution must be 0.5-8 mm, got {self.resolution_mm}")
         if self.base < 1 or self.depth < 1 or not 0 <= self.dropout < 1:
             raise ValueError("base filters and depth must be >= 1 and dropout in [0, 1)")
+        if not self.long_t2_weight >= 1 or not self.long_t2_s > 0:
+            raise ValueError(f"the long-T2 loss weight must be >= 1 (1: off) and its T2 threshold > 0 s, got "
+                             f"{self.long_t2_weight} and {self.long_t2_s}")
+        from bids_qmri.training.loop import LR_SCHEDULES
+
+        if self.lr_schedule not in LR_SCHEDULES or self.keep not in ("best", "last"):
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} and keep best or last, got "
+                             f"{self.lr_schedule!r} and {self.keep!r}")
         from bids_qmri.synth.phantom import POPULATIONS
 
         for name in self.populations():
@@ -77,9 +93,13 @@ class Mprage2MRFTrainConfig:
         return [1000 * self.seed + 500 + i for i in range(self.n_val)]
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over the channels of each channel's mean squared error over the masked pixels."""
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over the channels of each channel's mean squared error over the masked pixels;
+    ``weight`` ``[B, H, W]``: each pixel's weight in those means (None: all 1)."""
     w = mask[:, None].to(pred.dtype)
+    if weight is not None:
+        w = w * weight[:, None].to(pred.dtype)
     n = w.sum().clamp_min(1.0)
     return (((pred - target) ** 2) * w).sum(dim=(0, 2, 3)).div(n).sum()
 
@@ -95,39 +115,48 @@ def table_from_targets(flat: torch.Tensor, floor: float = 1e-3) -> tuple[torch.T
     return (torch.where(narrow, centre - width / 2, lo), torch.where(narrow, centre + width / 2, hi))
 
 
-def pairs_to_slices(pairs, multiple: int):
+def pairs_to_slices(pairs, multiple: int, cfg: Mprage2MRFTrainConfig | None = None):
+    """``(x, y, mask)`` slice stacks of ``pairs``, and the long-T2 loss weights as a fourth
+    stack when ``cfg.long_t2_weight`` > 1."""
     xs, ys, ms = zip(*(slices_of(p, multiple) for p in pairs))
-    return torch.cat(xs), torch.cat(ys), torch.cat(ms)
+    out = (torch.cat(xs), torch.cat(ys), torch.cat(ms))
+    if cfg is not None and cfg.long_t2_weight > 1:
+        out += (torch.cat([long_t2_weights(p, multiple, cfg.long_t2_weight, cfg.long_t2_s) for p in pairs]),)
+    return out
 
 
 def train_on_slices(net: MPRAGE2MRFNet, train, val, cfg: Mprage2MRFTrainConfig, *, set_table: bool = True,
                     epoch_callback=None):
-    """Train ``net`` in place on ``(x, y, mask)`` slice stacks -> ``(LoopResult, LoopSettings)``."""
-    x, y, m = train
+    """Train ``net`` in place on ``(x, y, mask)`` slice stacks, or ``(x, y, mask, weight)`` (per-pixel
+    loss weights, ``pairs_to_slices``) -> ``(LoopResult, LoopSettings)``."""
+    x, y, m = train[:3]
+    w = train[3] if len(train) > 3 else None
     if set_table:
         sel = m[:, None].expand_as(y)
         flat = y.permute(1, 0, 2, 3)[sel.permute(1, 0, 2, 3)].view(len(COMPONENTS), -1)
         net.set_table(*table_from_targets(flat))
     yt = net.to_network(y).clamp(-1, 1)
-    vx, vy, vm = val
+    vx, vy, vm = val[:3]
+    vw = val[3] if len(val) > 3 else None
     vyt = net.to_network(vy).clamp(-1, 1)
 
     def batch(idx):
-        return x[idx], yt[idx], m[idx]
+        return x[idx], yt[idx], m[idx], None if w is None else w[idx]
 
     def loss(model, b):
-        return masked_mse(model(b[0]), b[1], b[2])
+        return masked_mse(model(b[0]), b[1], b[2], b[3])
 
     def validate(model):
         total, n = 0.0, 0
         for lo in range(0, len(vx), 16):
             k = min(16, len(vx) - lo)
-            total += float(loss(model, (vx[lo:lo + k], vyt[lo:lo + k], vm[lo:lo + k]))) * k
+            total += float(loss(model, (vx[lo:lo + k], vyt[lo:lo + k], vm[lo:lo + k],
+                                        None if vw is None else vw[lo:lo + k]))) * k
             n += k
         return total / max(n, 1)
 
     settings = LoopSettings(max_epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size, lr=cfg.lr,
-                            keep="best", progress=cfg.progress, max_seconds=cfg.max_seconds, desc="mprage2mrf")
+                            lr_schedule=cfg.lr_schedule, keep=cfg.keep, progress=cfg.progress, max_seconds=cfg.max_seconds, desc="mprage2mrf")
     result = train_loop(net, n_train=len(x), batch=batch, loss=loss, validate=validate, settings=settings,
                         generator=torch.Generator().manual_seed(cfg.seed), epoch_callback=epoch_callback, log=log)
     return result, settings
@@ -165,9 +194,9 @@ def train_mprage2mrf(protocol, cfg: Mprage2MRFTrainConfig, *, epoch_callback=Non
         kw = dict(protocol=protocol, resolution_mm=cfg.resolution_mm, snr=cfg.snr)
         pops = cfg.populations()
         train = pairs_to_slices([simulate_pair(s, population=pops[i % len(pops)], **kw)
-                                 for i, s in enumerate(cfg.train_seeds())], net.multiple)
+                                 for i, s in enumerate(cfg.train_seeds())], net.multiple, cfg)
         val = pairs_to_slices([simulate_pair(s, population=pops[i % len(pops)], **kw)
-                               for i, s in enumerate(cfg.val_seeds())], net.multiple)
+                               for i, s in enumerate(cfg.val_seeds())], net.multiple, cfg)
         t_sim = time.perf_counter() - t0
         # a continuation keeps the start's rescale table: its outputs are on that scale
         result, settings = train_on_slices(net, train, val, cfg, set_table=init is None, epoch_callback=epoch_callback)
