@@ -432,6 +432,9 @@ def test_insilico_cli_writes_tables_and_figure(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["qmt", str(tmp_path / "bad"), "--grid", "1"])
     assert e.value.code == 2 and "--grid" in capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as e:
+        main(["qmt", str(tmp_path / "bad"), "--test-samples", "0"])
+    assert e.value.code == 2 and "--test-samples >= 1" in capsys.readouterr().err.strip().splitlines()[-1]
     curves = pd.read_csv(tmp_path / "ins" / "qmt_insilico_curves.tsv", sep="\t")
     assert set(curves.model) == {"qmtnet", "qmtnetmse"} and curves.epoch.max() > 1
     assert (tmp_path / "ins" / "qmt_insilico.png").stat().st_size > 10_000
