@@ -321,7 +321,7 @@ def qmt_basis(rank: int = QMT_RANK) -> tuple[torch.Tensor, dict]:
     plain SVD (which keeps signal energy, not information; TRAINING.md). Atoms: a random
     brain-range dictionary (``QMT_BASIS_RANGES``), simulated once with its exact Jacobian and cached
     on disk (it depends only on the schedule)."""
-    from ..modalities.qmt.simulate import fisher_basis
+    from ..modalities.qmt.simulate import coefficient_jacobian, fisher_basis
 
     schedule = qmt.default_qmt_schedule()
 
@@ -333,12 +333,7 @@ def qmt_basis(rank: int = QMT_RANK) -> tuple[torch.Tensor, dict]:
         p["T2"] = np.minimum(p["T2"], 0.9 * p["T1"])
         LOGGER.info("simulating the qMT basis dictionary (%d fingerprints and Jacobians, once; cached)", n)
         theta = torch.from_numpy(np.stack([p[k] for k in ("m0s", "T1", "T2", "T2s", "Rx", "B0", "B1")], 1))
-        sig, jac = [], []
-        for lo in range(0, n, 256):
-            s, j = qmt.hybrid_state_jacobian(*theta[lo:lo + 256].float().unbind(-1), **schedule)
-            sig.append(s.to(torch.complex128))
-            jac.append(j.to(torch.complex128))
-        sig, jac = torch.cat(sig), torch.cat(jac)
+        sig, jac = coefficient_jacobian(theta, schedule, None)  # the full signal, float32 physics
         plain = svd.svd_basis(sig, rank).to(torch.complex128)
         return {"basis": fisher_basis(sig, jac, rank, reference=plain)}
 

@@ -40,7 +40,7 @@ import time
 import numpy as np
 import torch
 
-from bids_qmri.physics import qmt
+from bids_qmri.physics import qmt, svd
 
 LOGGER = logging.getLogger("bids_qmri.modalities.qmt.simulate")
 
@@ -107,18 +107,20 @@ def fingerprints(theta: torch.Tensor, schedule: dict, basis: torch.Tensor, *, ch
     return torch.cat(out) if out else torch.zeros((0, basis.shape[1]), dtype=torch.complex128)
 
 
-def coefficient_jacobian(theta: torch.Tensor, schedule: dict, basis: torch.Tensor, *, chunk: int = JACOBIAN_CHUNK,
-                         dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def coefficient_jacobian(theta: torch.Tensor, schedule: dict, basis: torch.Tensor | None, *,
+                         chunk: int = JACOBIAN_CHUNK, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """``(c [N, R], ∂c/∂θ [N, R, 7])`` (complex128): the physics layer's forward-mode Jacobian
-    (``physics.qmt.hybrid_state_jacobian``, value and derivatives in one pass) on the basis."""
-    u = torch.as_tensor(basis).to(torch.complex64 if dtype == torch.float32 else torch.complex128)
+    (``physics.qmt.hybrid_state_jacobian``, value and derivatives in one pass) on the basis, or of
+    the full signal (R = the schedule's frames) when ``basis`` is None."""
+    u = None if basis is None else torch.as_tensor(basis).to(torch.complex64 if dtype == torch.float32
+                                                             else torch.complex128)
     cs, js = [], []
     for i in range(0, len(theta), chunk):
         s, j = qmt.hybrid_state_jacobian(*theta[i:i + chunk].to(dtype).unbind(-1), **schedule)
-        cs.append((s @ u).to(torch.complex128))
-        js.append((j.transpose(-1, -2) @ u).transpose(-1, -2).to(torch.complex128))
+        cs.append((s if u is None else s @ u).to(torch.complex128))
+        js.append((j if u is None else (j.transpose(-1, -2) @ u).transpose(-1, -2)).to(torch.complex128))
     if not cs:
-        r = basis.shape[1]
+        r = len(schedule["flip_rad"]) if basis is None else basis.shape[1]
         return torch.zeros((0, r), dtype=torch.complex128), torch.zeros((0, r, 7), dtype=torch.complex128)
     return torch.cat(cs), torch.cat(js)
 
@@ -166,8 +168,6 @@ def fisher_basis(s: torch.Tensor, jac: torch.Tensor, rank: int, *, targets=(0, 1
     that tell the targets apart from T2s, Rx and B1. ``reference`` (e.g. the plain SVD basis of
     the same atoms): the result is rotated within its span to the unitary closest to it (orthogonal
     Procrustes); the CRB depends on the span only, and coefficients stay close to the reference's."""
-    from bids_qmri.physics import svd
-
     rows = torch.cat([s.to(torch.complex128)[:, None], effective_directions(s, jac, targets)], 1).flatten(0, 1)
     rows = rows / torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min(1e-300)
     basis = svd.svd_basis(rows, rank).to(torch.complex128)
