@@ -108,7 +108,8 @@ def test_prior_informed_bound_is_the_linear_gaussian_posterior_covariance():
     jac = torch.complex(torch.randn(n_s, r, 7, generator=gen, dtype=D), torch.randn(n_s, r, 7, generator=gen, dtype=D))
     sigma, m0 = 0.3, 0.8 * np.exp(0.4j)
     prec = torch.tensor([2.0, 0.5, 4.0, 1.0, 3.0, 0.7, 1.5, 0.9, 1.2], dtype=D)
-    got = simulate.prior_informed_bound(c, jac, prec, sigma, torch.tensor(m0)).numpy()
+    fisher = simulate.fisher_from_jacobian(c, jac, sigma, torch.tensor(m0))
+    got = simulate.prior_informed_bound(fisher, prec).numpy()
     rng = np.random.default_rng(0)
     for i in range(n_s):
         cols = np.concatenate([m0 * jac[i].numpy(), c[i].numpy()[:, None], 1j * c[i].numpy()[:, None]], 1)
@@ -121,13 +122,26 @@ def test_prior_informed_bound_is_the_linear_gaussian_posterior_covariance():
         mc = ((post_mean - theta) ** 2).mean(0)[:7]
         np.testing.assert_allclose(got[i], mc, rtol=0.04)  # 40 000 draws: 1 SD of a variance is 0.7 %
     crb = simulate.crb_from_jacobian(c, jac, sigma, torch.tensor(m0))
-    np.testing.assert_allclose(simulate.prior_informed_bound(c, jac, torch.zeros(9, dtype=D), sigma,
-                                                             torch.tensor(m0)), crb, rtol=1e-10)
+    np.testing.assert_allclose(simulate.prior_informed_bound(fisher, torch.zeros(9, dtype=D)), crb, rtol=1e-10)
     for k in range(7):
         one = torch.zeros(9, dtype=D)
         one[k] = prec[k]
-        bk = simulate.prior_informed_bound(c, jac, one, sigma, torch.tensor(m0))[:, k]
+        bk = simulate.prior_informed_bound(fisher, one)[:, k]
         np.testing.assert_allclose(bk, 1 / (1 / crb[:, k] + prec[k]), rtol=1e-8)
+
+
+def test_prior_bound_at_scales_the_sets_fisher_matrix(schedule_and_basis):
+    """``insilico.prior_bound_at``: the set's ``fisher_unit`` scaled to SNR_max; without a prior it is
+    the CRB of the set (``crb_unit / SNR²``, computed separately), with one it is smaller."""
+    from bids_qmri.modalities.qmt.insilico import crb_at, prior_bound_at
+
+    sched, basis = schedule_and_basis
+    data = simulate.simulate_set(4, sched, basis, seed=2, with_fisher=True, log=None)
+    assert data["fisher_unit"].shape == (4, 9, 9)
+    for snr in (10.0, 50.0):
+        np.testing.assert_allclose(prior_bound_at(data, snr, torch.zeros(9, dtype=D)), crb_at(data, snr), rtol=1e-6)
+        with_prior = prior_bound_at(data, snr, simulate.prior_precision(sched["tr"], n=10_000))
+        assert (with_prior < crb_at(data, snr)).all()
 
 
 def test_prior_precision_is_the_training_distributions_variance():
@@ -513,6 +527,10 @@ def test_insilico_cli_writes_tables_and_figure(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["qmt", str(tmp_path / "bad"), "--test-samples", "0"])
     assert e.value.code == 2 and "--test-samples >= 1" in capsys.readouterr().err.strip().splitlines()[-1]
+    # the prior-informed bound B <= CRB per sample, so every quartile of std/sqrt(B) is >= that of std/sqrt(CRB)
+    for q in ("q25", "median", "q75"):
+        for k in ("m0s", "T1", "T2f"):
+            assert (t[f"{q}_std_over_sqrt_pib_{k}"] >= t[f"{q}_std_over_sqrt_crb_{k}"] * (1 - 1e-9)).all()
     curves = pd.read_csv(tmp_path / "ins" / "qmt_insilico_curves.tsv", sep="\t")
     assert set(curves.model) == {"qmtnet", "qmtnetmse"} and curves.epoch.max() > 1
     assert (tmp_path / "ins" / "qmt_insilico.png").stat().st_size > 10_000

@@ -208,17 +208,15 @@ def prior_precision(tr: float, widen: dict | None = None, *, n: int = 200_000, s
     return torch.cat([1.0 / theta.var(0), torch.zeros(2, dtype=torch.float64)])
 
 
-def prior_informed_bound(c: torch.Tensor, jac: torch.Tensor, precision: torch.Tensor,
-                         sigma: float | torch.Tensor = 1.0, m0: float | torch.Tensor = 1.0) -> torch.Tensor:
+def prior_informed_bound(fisher: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     """Prior-informed bound ``[N, 7]`` = ``diag((F + P)⁻¹)`` of the physical parameters (issue 16):
-    ``F`` the Fisher matrix of the CRB (``fisher_from_jacobian``, same basis, σ, M0 and
-    parameterisation), ``P = diag(precision)`` (``[9]`` or ``[N, 9]``, e.g. ``prior_precision``).
-    For a linear-Gaussian model it is the posterior covariance, and the Bayesian (Van Trees) bound on
-    the prior-averaged MSE; an estimator that uses the prior can have a variance below the CRB,
-    which bounds unbiased estimators only. ``precision`` 0 gives ``crb_from_jacobian``."""
-    f = fisher_from_jacobian(c, jac, sigma, m0)
+    ``fisher`` ``[N, 9, 9]`` the Fisher matrix of the CRB (``fisher_from_jacobian``: same basis, σ, M0
+    and parameterisation), ``P = diag(precision)`` (``[9]`` or ``[N, 9]``, e.g. ``prior_precision``).
+    For a linear-Gaussian model it is the posterior covariance, and it is the Bayesian (Van Trees)
+    bound on the prior-averaged MSE: an estimator that uses the prior can have a variance below the
+    CRB, which bounds unbiased estimators only. ``precision`` 0 gives ``crb_from_jacobian``."""
     p = torch.as_tensor(precision, dtype=torch.float64)
-    return _inverse_diagonal(f + torch.diag_embed(p.expand(*f.shape[:-1])))[..., :7]
+    return _inverse_diagonal(fisher + torch.diag_embed(p.expand(*fisher.shape[:-1])))[..., :7]
 
 
 def effective_directions(s: torch.Tensor, jac: torch.Tensor, targets=(0, 1, 2)) -> torch.Tensor:
@@ -258,30 +256,34 @@ def fisher_basis(s: torch.Tensor, jac: torch.Tensor, rank: int, *, targets=(0, 1
 
 
 def simulate_set(n: int, schedule: dict, basis: torch.Tensor, *, seed: int, chunk: int = CHUNK,
-                 with_crb: bool = True, widen: dict | None = None, log=LOGGER) -> dict[str, torch.Tensor]:
+                 with_crb: bool = True, with_fisher: bool = False, widen: dict | None = None,
+                 log=LOGGER) -> dict[str, torch.Tensor]:
     """A training set: ``theta [n, 7]`` (float64), ``coeffs [n, R]`` (complex64, M0 = 1), and
     ``crb_unit [n, 7]`` (float64, M0 = 1, σ = 1) if ``with_crb``; ``seconds`` (0-dim) records the
     simulation time (so the per-sample cost is known wherever the set is cached); ``widen [7]`` the
     factors of ``widened_distributions`` the parameters were drawn from (1: seed 003's)."""
     gen = torch.Generator().manual_seed(int(seed))
     out = set_from_theta(sample_parameters(n, schedule["tr"], gen, widen=widen), schedule, basis, chunk=chunk,
-                         with_crb=with_crb, log=log)
+                         with_crb=with_crb, with_fisher=with_fisher, log=log)
     out["widen"] = widen_factors(widen)
     return out
 
 
 def set_from_theta(theta: torch.Tensor, schedule: dict, basis: torch.Tensor, *, chunk: int = CHUNK,
-                   with_crb: bool = True, log=LOGGER) -> dict[str, torch.Tensor]:
+                   with_crb: bool = True, with_fisher: bool = False, log=LOGGER) -> dict[str, torch.Tensor]:
     """``simulate_set`` for given parameters ``theta [n, 7]`` (``PARAMETERS`` order, float64), e.g.
-    the regular grids of ``insilico.grid_theta``."""
+    the regular grids of ``insilico.grid_theta``. ``with_fisher`` (needs ``with_crb``): also
+    ``fisher_unit [n, 9, 9]`` (``fisher_from_jacobian`` at M0 = 1, σ = 1; for ``prior_informed_bound``)."""
     n = len(theta)
     t0 = time.perf_counter()
-    cs, crbs = [], []
+    cs, crbs, fishers = [], [], []
     for i in range(0, n, chunk):
         part = theta[i:i + chunk]
         if with_crb:
             c, j = coefficient_jacobian(part, schedule, basis, chunk=min(chunk, JACOBIAN_CHUNK))
             crbs.append(crb_from_jacobian(c, j))
+            if with_fisher:
+                fishers.append(fisher_from_jacobian(c, j))
         else:
             c = fingerprints(part, schedule, basis, chunk=chunk)
         cs.append(c.to(torch.complex64))
@@ -292,6 +294,8 @@ def set_from_theta(theta: torch.Tensor, schedule: dict, basis: torch.Tensor, *, 
            "seconds": torch.tensor(time.perf_counter() - t0, dtype=torch.float64)}
     if with_crb:
         out["crb_unit"] = torch.cat(crbs)
+    if fishers:
+        out["fisher_unit"] = torch.cat(fishers)
     return out
 
 
