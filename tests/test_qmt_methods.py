@@ -435,6 +435,11 @@ def test_bundled_models_are_found_for_the_synthetic_schedule():
         net, card = get_model("qmt", method, proto, model_dir=None, trainer=None, allow_training=False)
         assert card["method"] == method and card["loss"] == loss and card["protocol_key"] == proto.key()
         assert net.n_layers == 14
+        # on-the-fly training (estimate.NET_TRAINING) draws its training set as the bundled nets' was drawn
+        from bids_qmri.modalities.qmt.estimate import NET_TRAINING
+
+        widen = card["training_distributions"].get("widen", [{"factors": {}, "samples": 1}])
+        assert [w["factors"] for w in widen] == [simulate.check_widen(NET_TRAINING.get("widen"))], method
 
 
 def test_bias_variance_decomposition_identities():
