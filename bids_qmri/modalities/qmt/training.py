@@ -100,7 +100,7 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
                  lr_schedule: str = "step", width: int = 128, n_blocks: int = 6,
                  log_outputs: tuple[str, ...] = LOG_OUTPUTS, seed: int = 0, max_seconds: float | None = None,
                  progress=None, epoch_callback=None, cache_dir=None,
-                 init_from=None, widen: dict | None = None) -> tuple[ResidualMLP, dict]:
+                 init_from=None, widen: dict | None = None, keep: str = "best") -> tuple[ResidualMLP, dict]:
     """Train ``qmtnet`` (CRB loss) or ``qmtnetmse`` (MSE) -> ``(net, card)``; the sets are simulated
     for ``protocol``'s schedule and ``basis`` unless given (``simulate.simulate_set`` dicts), and
     kept in ``cache_dir`` (``simulate.cached_set``) when one is given. ``init_from``: a saved
@@ -110,7 +110,8 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
     training record, so a chain of continuations stays whole). ``widen``: draw a simulated training set
     from ``simulate.widened_distributions(widen)`` (issue 16; the validation set stays on seed 003's
     distributions, the evaluation distribution); given sets carry their own ``widen`` record. The card's
-    ``training_distributions.widen`` lists the factors and how many training samples each part had."""
+    ``training_distributions.widen`` lists the factors and how many training samples each part had.
+    ``keep``: the weights returned, lowest validation loss (``"best"``) or the final epoch (``"last"``)."""
     if method not in METHOD_LOSS:
         raise ValueError(f"unknown qMT network {method!r}; use one of {', '.join(METHOD_LOSS)}")
     widen = simulate.check_widen(widen)
@@ -153,7 +154,7 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
     loss = _loss_fn(loss_name, sd)
     val = noisy_batch(val_set, torch.arange(n_val), torch.Generator().manual_seed(int(seed) + 1))
     settings = LoopSettings(max_epochs=max_epochs, patience=patience, batch_size=batch_size, lr=lr,
-                            lr_schedule=lr_schedule, lr_step=lr_step, lr_gamma=0.5, max_seconds=max_seconds,
+                            lr_schedule=lr_schedule, lr_step=lr_step, lr_gamma=0.5, max_seconds=max_seconds, keep=keep,
                             progress=progress, desc=f"{method} ({loss_name})")
     history_crb = []
 
