@@ -179,11 +179,11 @@ def test_widened_distributions_sets_and_cache(schedule_and_basis, tmp_path):
     plain = simulate.cached_set(tmp_path, 4, sched, basis, seed=1, log=None)
     widened = simulate.cached_set(tmp_path, 4, sched, basis, seed=1, widen=wide, log=None)
     assert len(list(tmp_path.glob("qmt-trainset-*.pt"))) == 2
-    assert torch.equal(plain["widen"], torch.ones(7, dtype=D))
-    assert widened["widen"].tolist() == [2.0, 1.0, 1.0, 2.0, 1.5, 1.0, 1.0]
+    assert torch.equal(plain["widen"], torch.ones(4, 7, dtype=D))
+    assert widened["widen"].tolist() == [[2.0, 1.0, 1.0, 2.0, 1.5, 1.0, 1.0]] * 4
     from bids_qmri.modalities.qmt.training import widen_record
 
-    mixed = {"theta": torch.zeros(6, 7), "widen": torch.cat([torch.ones(2, 7), widened["widen"].expand(4, 7)])}
+    mixed = {"theta": torch.zeros(6, 7), "widen": torch.cat([torch.ones(2, 7), widened["widen"]])}
     rec = sorted(widen_record(mixed), key=lambda r: r["samples"])
     assert rec[0] == {"factors": {}, "samples": 2, "distributions": {}}
     assert rec[1]["factors"] == {"m0s": 2.0, "T2s": 2.0, "Rx": 1.5} and rec[1]["samples"] == 4

@@ -107,7 +107,7 @@ def _read_sets(paths, n_val, parser):
     data = {k: torch.cat([p[k] for p in parts]) for k in ("theta", "coeffs", "crb_unit")}
     # each part's widening (simulate.widened_distributions; absent: seed 003's), per sample
     data["widen"] = torch.cat([torch.as_tensor(p.get("widen", torch.ones(7, dtype=torch.float64)))
-                               .reshape(1, -1).expand(len(p["theta"]), -1) for p in parts])
+                               .reshape(-1, 7).expand(len(p["theta"]), -1) for p in parts])
     seconds = sum(float(p["seconds"]) for p in parts)
     cpu = sum(float(p.get("cpu_seconds", p["seconds"])) for p in parts)
 

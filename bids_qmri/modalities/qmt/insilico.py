@@ -223,8 +223,8 @@ def run_qmt_insilico(out_dir, *, n_test: int = 64, n_noise: int = 300, snrs=(10.
 def add_insilico_command(sub) -> None:
     from pathlib import Path
 
-    p = sub.add_parser("qmt", help="qMT (seed 003): bias, std/sqrt(CRB) and the loss's bias/variance parts vs "
-                                   "SNR for the bundled qmtnet and qmtnetmse")
+    p = sub.add_parser("qmt", help="qMT (seed 003): bias, std/sqrt(CRB) (and std/sqrt(B), B the prior-informed "
+                                   "bound) and the loss's bias/variance parts vs SNR for the bundled qmtnet and qmtnetmse")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--test-samples", type=int, default=64,
                    help="random test fingerprints (with their CRB), seed 003's dataset #1 (9056 there; ~22 CPU-ms "

@@ -260,12 +260,13 @@ def simulate_set(n: int, schedule: dict, basis: torch.Tensor, *, seed: int, chun
                  log=LOGGER) -> dict[str, torch.Tensor]:
     """A training set: ``theta [n, 7]`` (float64), ``coeffs [n, R]`` (complex64, M0 = 1), and
     ``crb_unit [n, 7]`` (float64, M0 = 1, σ = 1) if ``with_crb``; ``seconds`` (0-dim) records the
-    simulation time (so the per-sample cost is known wherever the set is cached); ``widen [7]`` the
-    factors of ``widened_distributions`` the parameters were drawn from (1: seed 003's)."""
+    simulation time (so the per-sample cost is known wherever the set is cached); ``widen [n, 7]`` the
+    factors of ``widened_distributions`` each sample was drawn from (1: seed 003's; per sample, so a
+    set can be sliced and concatenated; parts saved before held one ``[7]`` row)."""
     gen = torch.Generator().manual_seed(int(seed))
     out = set_from_theta(sample_parameters(n, schedule["tr"], gen, widen=widen), schedule, basis, chunk=chunk,
                          with_crb=with_crb, with_fisher=with_fisher, log=log)
-    out["widen"] = widen_factors(widen)
+    out["widen"] = widen_factors(widen).expand(len(out["theta"]), -1).contiguous()  # per sample: sets are cut and joined
     return out
 
 

@@ -203,7 +203,7 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
 def widen_record(data: dict) -> list[dict]:
     """``[{"factors": {name: factor}, "samples": n, "distributions": {name: [mean, sd, low, high]}}]``: how
     the training samples were drawn (``simulate.widened_distributions``; factors ``{}`` = seed 003's). ``data
-    ["widen"]``: ``[7]`` (one set) or ``[n, 7]`` (concatenated parts); absent = seed 003's."""
+    ["widen"]``: ``[n, 7]`` per sample, or one ``[7]`` row for the whole set; absent = seed 003's."""
     n = len(data["theta"])
     w = data.get("widen")
     w = torch.ones(n, len(simulate.PARAMETERS), dtype=torch.float64) if w is None else torch.as_tensor(w)
