@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 nice -n 10 python scripts/train_qmt_bundled.py METHOD SET.pt [SET.pt ...] \
         [--val-samples N] [--epochs E] [--lr LR] [--lr-step S] [--lr-schedule step|cosine] [--minutes M] \
-        [--init-from WEIGHTS] [--out DIR]
+        [--init-from WEIGHTS] [--keep best|last] [--out DIR]
 
 ``SET.pt``: ``modalities.qmt.simulate.simulate_set`` parts (``scripts/simulate_qmt_set.py``) for
 ``synth.dataset.qmt_basis()``, concatenated; the last ``--val-samples`` (default 15 %) are held out.
@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--lr-schedule", default="step", choices=["step", "cosine"])
     p.add_argument("--init-from", type=Path, default=None, metavar="WEIGHTS",
                    help="continue from this .safetensors network of the same method (card beside it)")
+    p.add_argument("--keep", default="best", choices=["best", "last"],
+                   help="weights kept: lowest validation loss (default) or the final epoch")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--print-every", type=int, default=10, help="print the validation loss every N epochs")
     a = p.parse_args()
@@ -52,7 +54,7 @@ def main() -> None:
     protocol, basis = synthetic_protocol()
     net, card = train_qmtnet(a.method, protocol, basis, train_set=train, val_set=val, max_epochs=a.epochs,
                              patience=a.epochs, lr=a.lr, lr_step=a.lr_step,
-                             lr_schedule=a.lr_schedule, init_from=a.init_from, epoch_callback=report,
+                             lr_schedule=a.lr_schedule, init_from=a.init_from, keep=a.keep, epoch_callback=report,
                              max_seconds=None if a.minutes is None else 60 * a.minutes, seed=0, progress=False)
     out = a.out or bundled_dir("qmt")
     out.mkdir(parents=True, exist_ok=True)

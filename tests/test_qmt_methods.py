@@ -97,6 +97,98 @@ def test_crb_matches_finite_difference_fisher(schedule_and_basis):
     np.testing.assert_allclose(scaled, got * 1e-4 / np.abs(m0.numpy())[:, None] ** 2, rtol=1e-6)
 
 
+def test_prior_informed_bound_is_the_linear_gaussian_posterior_covariance():
+    """``prior_informed_bound`` = diag((F + P)⁻¹) against independent truth: for a linear-Gaussian model
+    y = A θ + σ n with θ ~ N(0, P⁻¹), the posterior-mean estimate (ridge least squares, numpy lstsq
+    on the augmented system) has error covariance exactly (F + P)⁻¹ (Monte Carlo); with one
+    parameter's prior only, the Schur identity B_k = 1/(1/CRB_k + p_k); with none, the CRB."""
+    gen = torch.Generator().manual_seed(11)
+    n_s, r = 2, 6
+    c = torch.complex(torch.randn(n_s, r, generator=gen, dtype=D), torch.randn(n_s, r, generator=gen, dtype=D))
+    jac = torch.complex(torch.randn(n_s, r, 7, generator=gen, dtype=D), torch.randn(n_s, r, 7, generator=gen, dtype=D))
+    sigma, m0 = 0.3, 0.8 * np.exp(0.4j)
+    prec = torch.tensor([2.0, 0.5, 4.0, 1.0, 3.0, 0.7, 1.5, 0.9, 1.2], dtype=D)
+    fisher = simulate.fisher_from_jacobian(c, jac, sigma, torch.tensor(m0))
+    got = simulate.prior_informed_bound(fisher, prec).numpy()
+    rng = np.random.default_rng(0)
+    for i in range(n_s):
+        cols = np.concatenate([m0 * jac[i].numpy(), c[i].numpy()[:, None], 1j * c[i].numpy()[:, None]], 1)
+        a = np.concatenate([cols.real, cols.imag])  # [2R, 9]: the real model of the complex coefficients
+        theta = rng.standard_normal((40_000, 9)) / np.sqrt(prec.numpy())
+        y = theta @ a.T + sigma * rng.standard_normal((40_000, 2 * r))
+        aug = np.concatenate([a / sigma, np.diag(np.sqrt(prec.numpy()))])
+        rhs = np.concatenate([y.T / sigma, np.zeros((9, 40_000))])
+        post_mean = np.linalg.lstsq(aug, rhs, rcond=None)[0].T
+        mc = ((post_mean - theta) ** 2).mean(0)[:7]
+        np.testing.assert_allclose(got[i], mc, rtol=0.04)  # 40 000 draws: 1 SD of a variance is 0.7 %
+    crb = simulate.crb_from_jacobian(c, jac, sigma, torch.tensor(m0))
+    np.testing.assert_allclose(simulate.prior_informed_bound(fisher, torch.zeros(9, dtype=D)), crb, rtol=1e-10)
+    for k in range(7):
+        one = torch.zeros(9, dtype=D)
+        one[k] = prec[k]
+        bk = simulate.prior_informed_bound(fisher, one)[:, k]
+        np.testing.assert_allclose(bk, 1 / (1 / crb[:, k] + prec[k]), rtol=1e-8)
+
+
+def test_prior_bound_at_scales_the_sets_fisher_matrix(schedule_and_basis):
+    """``insilico.prior_bound_at``: the set's ``fisher_unit`` scaled to SNR_max; without a prior it is
+    the CRB of the set (``crb_unit / SNR²``, computed separately), with one it is smaller."""
+    from bids_qmri.modalities.qmt.insilico import crb_at, prior_bound_at
+
+    sched, basis = schedule_and_basis
+    data = simulate.simulate_set(4, sched, basis, seed=2, with_fisher=True, log=None)
+    assert data["fisher_unit"].shape == (4, 9, 9)
+    for snr in (10.0, 50.0):
+        np.testing.assert_allclose(prior_bound_at(data, snr, torch.zeros(9, dtype=D)), crb_at(data, snr), rtol=1e-6)
+        with_prior = prior_bound_at(data, snr, simulate.prior_precision(sched["tr"], n=10_000))
+        assert (with_prior < crb_at(data, snr)).all()
+
+
+def test_prior_precision_is_the_training_distributions_variance():
+    tr = 3.5e-3
+    p = simulate.prior_precision(tr, n=100_000).numpy()
+    for name in ("m0s", "T1", "T2s", "Rx", "B1"):
+        mean, sd, lo, hi = simulate.DISTRIBUTIONS[name]
+        var = stats.truncnorm((lo - mean) / sd, (hi - mean) / sd, loc=mean, scale=sd).var()
+        np.testing.assert_allclose(1 / p[simulate.PARAMETERS.index(name)], var, rtol=0.03, err_msg=name)
+    np.testing.assert_allclose(1 / p[5], (2 / tr) ** 2 / 12, rtol=0.02)  # B0 uniform on ±1/TR
+    assert (p[7:] == 0).all()  # M0: the nets see unit-norm coefficients, so its prior is flat
+
+
+def test_widened_distributions_sets_and_cache(schedule_and_basis, tmp_path):
+    """Issue 16's wider training distribution: SD and truncation limits × factor about the mean,
+    clipped to the physical limits; the sampler follows it; sets record it and the cache keys it;
+    a bad factor is a one-line error."""
+    tr = 3.5e-3
+    wide = {"m0s": 2, "T2s": 2, "Rx": 1.5}
+    d = simulate.widened_distributions(wide)
+    assert d["m0s"] == (0.12, 0.16, 0.0, 0.8) and d["T1"] == simulate.DISTRIBUTIONS["T1"]  # 0.88 clipped to 0.8
+    assert d["T2s"] == pytest.approx((12e-6, 6e-6, 2e-6, 28e-6)) and d["Rx"] == pytest.approx((44, 30, 0, 203))
+    th = simulate.sample_parameters(40_000, tr, torch.Generator().manual_seed(0), widen=wide).numpy()
+    for name in ("m0s", "T2s", "Rx", "T1"):
+        mean, sd, lo, hi = d[name]
+        col = th[:, simulate.PARAMETERS.index(name)]
+        truth = stats.truncnorm((lo - mean) / sd, (hi - mean) / sd, loc=mean, scale=sd)
+        assert col.min() >= lo and col.max() <= hi
+        assert abs(col.std() - truth.std()) < 0.02 * truth.std(), name
+    for bad in ({"B0": 2}, {"m0s": 0.5}, {"m0s": "x"}, {"T3": 2}):
+        with pytest.raises(ValueError, match="give factors in") as exc:
+            simulate.check_widen(bad)
+        assert "\n" not in str(exc.value)
+    sched, basis = schedule_and_basis
+    plain = simulate.cached_set(tmp_path, 4, sched, basis, seed=1, log=None)
+    widened = simulate.cached_set(tmp_path, 4, sched, basis, seed=1, widen=wide, log=None)
+    assert len(list(tmp_path.glob("qmt-trainset-*.pt"))) == 2
+    assert torch.equal(plain["widen"], torch.ones(4, 7, dtype=D))
+    assert widened["widen"].tolist() == [[2.0, 1.0, 1.0, 2.0, 1.5, 1.0, 1.0]] * 4
+    from bids_qmri.modalities.qmt.training import widen_record
+
+    mixed = {"theta": torch.zeros(6, 7), "widen": torch.cat([torch.ones(2, 7), widened["widen"]])}
+    rec = sorted(widen_record(mixed), key=lambda r: r["samples"])
+    assert rec[0] == {"factors": {}, "samples": 2, "distributions": {}}
+    assert rec[1]["factors"] == {"m0s": 2.0, "T2s": 2.0, "Rx": 1.5} and rec[1]["samples"] == 4
+
+
 def test_effective_directions_give_the_crb_and_fisher_basis_keeps_it(schedule_and_basis):
     """Issue 16's information-keeping basis. Schur complement: with one target k, ``1/‖G_k‖²`` of its
     effective direction is the full-signal CRB of θ_k (all other 8 unknowns free), and G_k is
@@ -343,6 +435,11 @@ def test_bundled_models_are_found_for_the_synthetic_schedule():
         net, card = get_model("qmt", method, proto, model_dir=None, trainer=None, allow_training=False)
         assert card["method"] == method and card["loss"] == loss and card["protocol_key"] == proto.key()
         assert net.n_layers == 14
+        # on-the-fly training (estimate.NET_TRAINING) draws its training set as the bundled nets' was drawn
+        from bids_qmri.modalities.qmt.estimate import NET_TRAINING
+
+        widen = card["training_distributions"].get("widen", [{"factors": {}, "samples": 1}])
+        assert [w["factors"] for w in widen] == [simulate.check_widen(NET_TRAINING.get("widen"))], method
 
 
 def test_bias_variance_decomposition_identities():
@@ -435,6 +532,10 @@ def test_insilico_cli_writes_tables_and_figure(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["qmt", str(tmp_path / "bad"), "--test-samples", "0"])
     assert e.value.code == 2 and "--test-samples >= 1" in capsys.readouterr().err.strip().splitlines()[-1]
+    # the prior-informed bound B <= CRB per sample, so every quartile of std/sqrt(B) is >= that of std/sqrt(CRB)
+    for q in ("q25", "median", "q75"):
+        for k in ("m0s", "T1", "T2f"):
+            assert (t[f"{q}_std_over_sqrt_pib_{k}"] >= t[f"{q}_std_over_sqrt_crb_{k}"] * (1 - 1e-9)).all()
     curves = pd.read_csv(tmp_path / "ins" / "qmt_insilico_curves.tsv", sep="\t")
     assert set(curves.model) == {"qmtnet", "qmtnetmse"} and curves.epoch.max() > 1
     assert (tmp_path / "ins" / "qmt_insilico.png").stat().st_size > 10_000
@@ -507,7 +608,10 @@ def test_train_cli_bad_input_is_one_line(tmp_path, capsys):
                                 (("--qmt-basis", str(tmp_path / "b.tsv")), {}, "--qmt-basis needs --sidecar"),
                                 (("--qmt-train-set", str(tmp_path / "junk.pt")), {}, "not a qMT training-set file"),
                                 ((), {"samples": 16, "init_from": tmp_path / "none.safetensors"},
-                                 "model card cannot be read")):
+                                 "model card cannot be read"),
+                                (("--qmt-widen", "B1=0.5"), {"samples": 16}, "--qmt-widen B1=0.5: give factors in"),
+                                (("--qmt-widen", "m0s=2", "--qmt-train-set", str(tmp_path / "junk.pt")), {},
+                                 "--qmt-widen applies to a simulated set")):
         parser, args = _train_args(*extra, **shared)
         with pytest.raises(SystemExit) as exc:
             train_from_args(args, parser)

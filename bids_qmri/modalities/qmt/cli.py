@@ -30,6 +30,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="held-out samples (default: 512 when simulating, 15%% of --qmt-train-set)")
     g.add_argument("--qmt-lr-step", type=int, default=40, help="epochs between halvings of the learning rate")
     g.add_argument("--qmt-minutes", type=float, default=None, help="wall-time budget of the training loop")
+    g.add_argument("--qmt-widen", nargs="+", default=None, metavar="NAME=FACTOR",
+                   help="draw the simulated training set from wider distributions (e.g. m0s=2 T1=2 T2s=2 Rx=2: SD and "
+                        "truncation limits x factor about the mean, clipped to physical limits); validation stays on "
+                        "seed 003's")
     g.add_argument("--qmt-cache", type=Path, default=None,
                    help="where simulated training sets (with their CRBs) are cached")
 
@@ -101,6 +105,9 @@ def _read_sets(paths, n_val, parser):
     if not 0 < n_val < n:
         _fail(parser, f"--qmt-val-samples must lie in [1, {n - 1}] for {n} samples")
     data = {k: torch.cat([p[k] for p in parts]) for k in ("theta", "coeffs", "crb_unit")}
+    # each part's widening (simulate.widened_distributions; absent: seed 003's), per sample
+    data["widen"] = torch.cat([torch.as_tensor(p.get("widen", torch.ones(7, dtype=torch.float64)))
+                               .reshape(-1, 7).expand(len(p["theta"]), -1) for p in parts])
     seconds = sum(float(p["seconds"]) for p in parts)
     cpu = sum(float(p.get("cpu_seconds", p["seconds"])) for p in parts)
 
@@ -120,6 +127,16 @@ def train_from_args(args, parser):
     from .training import train_qmtnet
 
     protocol, basis = _protocol_and_basis(args, parser)
+    widen = None
+    if getattr(args, "qmt_widen", None):
+        if args.qmt_train_set:
+            _fail(parser, "--qmt-widen applies to a simulated set; --qmt-train-set parts record their own widening")
+        from .simulate import check_widen
+
+        try:
+            widen = check_widen(dict(w.split("=", 1) if "=" in w else (w, "") for w in args.qmt_widen))
+        except ValueError as exc:
+            _fail(parser, f"--qmt-{exc}")
     train_set = val_set = None
     if args.qmt_train_set:
         if args.samples is not None:
@@ -137,7 +154,7 @@ def train_from_args(args, parser):
     given = {"n_train": args.samples, "n_val": None if args.qmt_train_set else args.qmt_val_samples,
              "max_epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size, "lr": args.lr,
              "lr_step": args.qmt_lr_step, "lr_schedule": args.lr_schedule,
-             "init_from": args.init_from,
+             "init_from": args.init_from, "widen": widen,
              "max_seconds": None if args.qmt_minutes is None else 60.0 * args.qmt_minutes}
     if args.patience is None and args.epochs is not None:
         given["patience"] = args.epochs  # the seed trains a fixed number of epochs

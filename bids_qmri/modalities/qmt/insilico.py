@@ -28,7 +28,7 @@ from . import simulate
 from .net import OUTPUTS, features
 from .training import OUT_INDEX
 
-__all__ = ["noise_realisations", "decompose", "grid_theta", "summarise", "GRID_SLICES"]
+__all__ = ["noise_realisations", "decompose", "grid_theta", "summarise", "crb_at", "prior_bound_at", "GRID_SLICES"]
 
 #: seed 003 test dataset #2: slice name -> the two varied parameters and their ranges (SI units). The
 #: seed gives no ranges; ours are the prior mean ± 1 SD (m0s 0.04–0.20, T1 0.8–2.4 s) and, for T2f,
@@ -53,14 +53,19 @@ def noise_realisations(net, data: dict, snr_max: float, n_noise: int = 300, *, s
     return torch.stack(out)
 
 
-def decompose(estimates: torch.Tensor, truth: torch.Tensor, crb: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``estimates [N, S, P]``, ``truth [S, P]``, ``crb [S, P]`` -> per-sample ``[S, P]`` tensors."""
+def decompose(estimates: torch.Tensor, truth: torch.Tensor, crb: torch.Tensor,
+              prior_bound: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``estimates [N, S, P]``, ``truth [S, P]``, ``crb [S, P]`` -> per-sample ``[S, P]`` tensors;
+    with ``prior_bound [S, P]`` (``prior_bound_at``) also ``std_over_sqrt_pib``, std/√B."""
     mean = estimates.mean(0)
     var = ((estimates - mean) ** 2).mean(0)
     bias = mean - truth
-    return {"bias": bias, "std": var.sqrt(), "std_over_sqrt_crb": (var / crb).sqrt(),
-            "loss_bias": bias**2 / crb, "loss_variance": var / crb,
-            "loss": ((estimates - truth) ** 2 / crb).mean(0)}
+    out = {"bias": bias, "std": var.sqrt(), "std_over_sqrt_crb": (var / crb).sqrt(),
+           "loss_bias": bias**2 / crb, "loss_variance": var / crb,
+           "loss": ((estimates - truth) ** 2 / crb).mean(0)}
+    if prior_bound is not None:
+        out["std_over_sqrt_pib"] = (var / prior_bound).sqrt()
+    return out
 
 
 def grid_theta(slice_name: str, n: int) -> torch.Tensor:
@@ -92,6 +97,11 @@ def summarise(o: dict, crb: torch.Tensor, prefix: str = "") -> dict:
         row[f"{prefix}q25_std_over_sqrt_crb_{k}"] = float(torch.quantile(r, 0.25))
         row[f"{prefix}q75_std_over_sqrt_crb_{k}"] = float(torch.quantile(r, 0.75))
         row[f"{prefix}median_std_over_sqrt_crb_lowcrb_{k}"] = float(r[low].median())
+        if "std_over_sqrt_pib" in o:
+            rb = o["std_over_sqrt_pib"][:, i]
+            row[f"{prefix}median_std_over_sqrt_pib_{k}"] = float(rb.median())
+            row[f"{prefix}q25_std_over_sqrt_pib_{k}"] = float(torch.quantile(rb, 0.25))
+            row[f"{prefix}q75_std_over_sqrt_pib_{k}"] = float(torch.quantile(rb, 0.75))
         row[f"{prefix}loss_bias_{k}"] = float(o["loss_bias"][:, i].mean())
         row[f"{prefix}loss_variance_{k}"] = float(o["loss_variance"][:, i].mean())
     return row
@@ -102,12 +112,20 @@ def crb_at(data: dict, snr_max: float) -> torch.Tensor:
     return data["crb_unit"][:, OUT_INDEX] / snr_max**2
 
 
+def prior_bound_at(data: dict, snr_max: float, precision: torch.Tensor) -> torch.Tensor:
+    """Prior-informed bound ``[S, 3]`` of the network outputs at ``SNR_max`` (``simulate.prior_informed_bound``
+    of the set's ``fisher_unit`` scaled to |M0| = SNR_max·σ: θ rows and columns × SNR_max, M0 ones × 1/σ)."""
+    s = torch.tensor([float(snr_max)] * 7 + [1.0 / simulate.NOISE_SIGMA] * 2, dtype=torch.float64)
+    return simulate.prior_informed_bound(data["fisher_unit"] * s[:, None] * s[None, :], precision)[:, OUT_INDEX]
+
+
 def run_qmt_insilico(out_dir, *, n_test: int = 64, n_noise: int = 300, snrs=(10.0, 20.0, 50.0, 100.0, 200.0),
                      seed: int = 0, test_set=None, n_grid: int = 11, models=None) -> list:
     """Seed 003 Figs. 3–8 for the bundled qmtnet / qmtnetmse (the synthetic dataset's schedule):
     ``qmt_insilico.tsv`` (per model and SNR_max, on dataset #1: the loss and its bias / variance
     parts, per parameter ``summarise``'s columns; with ``n_grid`` > 0 the same prefixed
-    ``grid_<slice>_`` on each dataset #2 slice, ``n_grid × n_grid`` points), ``qmt_insilico_grid.tsv``
+    ``grid_<slice>_`` on each dataset #2 slice; on dataset #1 also the quartiles of std/√B, B the
+    prior-informed bound of the training distribution, ``prior_bound_at``), ``n_grid × n_grid`` points), ``qmt_insilico_grid.tsv``
     (per grid point: truth, bias, std/√CRB), ``qmt_insilico_curves.tsv`` (training curves from the
     bundled ``_history.json``) and ``qmt_insilico.png``. ``models``: ``{method: (net, card)}`` to
     evaluate instead of the bundled pair (e.g. candidate weights)."""
@@ -132,7 +150,9 @@ def run_qmt_insilico(out_dir, *, n_test: int = 64, n_noise: int = 300, snrs=(10.
             "RFPulseDuration": [round(float(t), 10) for t in sched["pulse_dur"]],
             "RepetitionTimeExcitation": sched["tr"], "InversionPulseDuration": sched["inversion_dur"]}
     proto = QMTProtocol.from_dict(meta, basis=basis)
-    data = test_set if test_set is not None else simulate.simulate_set(n_test, sched, basis, seed=seed + 777, log=None)
+    data = test_set if test_set is not None else simulate.simulate_set(n_test, sched, basis, seed=seed + 777,
+                                                                       with_fisher=True, log=None)
+    precision = simulate.prior_precision(sched["tr"]) if "fisher_unit" in data else None
     truth = data["theta"][:, OUT_INDEX]
     grids = {name: simulate.set_from_theta(grid_theta(name, n_grid), sched, basis, log=None)
              for name in GRID_SLICES} if n_grid > 0 else {}
@@ -146,7 +166,8 @@ def run_qmt_insilico(out_dir, *, n_test: int = 64, n_noise: int = 300, snrs=(10.
             curves += [{"model": method, **r} for r in json.loads(hist.read_text())]
         for snr in snrs:
             crb = crb_at(data, snr)
-            o = decompose(noise_realisations(net, data, snr, n_noise, seed=seed), truth, crb)
+            pib = prior_bound_at(data, snr, precision) if precision is not None else None
+            o = decompose(noise_realisations(net, data, snr, n_noise, seed=seed), truth, crb, pib)
             row = {"model": method, "snr_max": snr, "loss": float(o["loss"].mean()),
                    "loss_bias": float(o["loss_bias"].mean()), "loss_variance": float(o["loss_variance"].mean()),
                    **summarise(o, crb)}
@@ -202,8 +223,8 @@ def run_qmt_insilico(out_dir, *, n_test: int = 64, n_noise: int = 300, snrs=(10.
 def add_insilico_command(sub) -> None:
     from pathlib import Path
 
-    p = sub.add_parser("qmt", help="qMT (seed 003): bias, std/sqrt(CRB) and the loss's bias/variance parts vs "
-                                   "SNR for the bundled qmtnet and qmtnetmse")
+    p = sub.add_parser("qmt", help="qMT (seed 003): bias, std/sqrt(CRB) (and std/sqrt(B), B the prior-informed "
+                                   "bound) and the loss's bias/variance parts vs SNR for the bundled qmtnet and qmtnetmse")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--test-samples", type=int, default=64,
                    help="random test fingerprints (with their CRB), seed 003's dataset #1 (9056 there; ~22 CPU-ms "

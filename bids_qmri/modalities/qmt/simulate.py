@@ -45,7 +45,9 @@ from bids_qmri.physics import qmt, svd
 LOGGER = logging.getLogger("bids_qmri.modalities.qmt.simulate")
 
 __all__ = ["PARAMETERS", "DISTRIBUTIONS", "sample_parameters", "fingerprints", "coefficient_jacobian",
-           "crb_from_jacobian", "simulate_set", "set_from_theta", "effective_directions", "fisher_basis"]
+           "crb_from_jacobian", "fisher_from_jacobian", "prior_precision", "prior_informed_bound",
+           "widened_distributions", "check_widen", "widen_factors",
+           "PHYSICAL_LIMITS", "simulate_set", "set_from_theta", "effective_directions", "fisher_basis"]
 
 #: The 7 physical parameters, in the order of every ``[N, 7]`` array of this module (SI units).
 PARAMETERS = ("m0s", "T1", "T2f", "T2s", "Rx", "B0", "B1")
@@ -77,9 +79,53 @@ def _truncated(mean, sd, lo, hi, n, gen, upper=None):
     return out
 
 
-def sample_parameters(n: int, tr: float, gen: torch.Generator) -> torch.Tensor:
-    """``[n, 7]`` float64 parameters (``PARAMETERS`` order) from the distributions above."""
-    d = DISTRIBUTIONS
+#: physical limits a widened training distribution (``widened_distributions``) is clipped to
+PHYSICAL_LIMITS = {"m0s": (0.0, 0.8), "T1": (0.05, 10.0), "T2f": (2e-3, 10.0), "T2s": (2e-6, 40e-6),
+                   "Rx": (0.0, 300.0), "B1": (0.1, 2.5)}
+
+
+def widened_distributions(widen: dict | None = None) -> dict:
+    """``DISTRIBUTIONS`` with the parameters named in ``widen`` (name -> factor ≥ 1) widened about
+    their mean: SD × factor and each truncation limit moved ``factor`` times as far from the mean,
+    clipped to ``PHYSICAL_LIMITS`` (issue 16: a training distribution wider than seed 003's, which stays
+    the evaluation distribution, so that the evaluation region is away from the training edges and
+    a network leans less on the prior). B0 (uniform over ±1/TR, a full period of the off-resonance
+    phase per TR) and M0 are not widened. ``None`` or ``{}``: seed 003's distributions."""
+    widen = check_widen(widen)
+    out = dict(DISTRIBUTIONS)
+    for name, f in widen.items():
+        mean, sd, lo, hi = DISTRIBUTIONS[name]
+        plo, phi = PHYSICAL_LIMITS[name]
+        out[name] = (mean, sd * f, max(plo, mean - f * (mean - lo)), min(phi, mean + f * (hi - mean)))
+    return out
+
+
+def check_widen(widen: dict | None) -> dict:
+    """``widen`` as a plain ``{name: float}`` without factors of 1; ValueError (one line) otherwise."""
+    out = {}
+    for name, f in (widen or {}).items():
+        try:
+            f = float(f)
+        except (TypeError, ValueError):
+            f = math.nan
+        if name not in DISTRIBUTIONS or not (math.isfinite(f) and 1.0 <= f <= 10.0):
+            raise ValueError(f"widen {name}={f!r}: give factors in [1, 10] for "
+                             f"{', '.join(DISTRIBUTIONS)} (B0 and M0 are not widened)")
+        if f != 1.0:
+            out[name] = f
+    return out
+
+
+def widen_factors(widen: dict | None) -> torch.Tensor:
+    """``[7]`` factors in ``PARAMETERS`` order (1 = seed 003's distribution): what a set records."""
+    widen = check_widen(widen)
+    return torch.tensor([widen.get(k, 1.0) for k in PARAMETERS], dtype=torch.float64)
+
+
+def sample_parameters(n: int, tr: float, gen: torch.Generator, widen: dict | None = None) -> torch.Tensor:
+    """``[n, 7]`` float64 parameters (``PARAMETERS`` order) from the distributions above, or from
+    ``widened_distributions(widen)``."""
+    d = widened_distributions(widen)
     m0s = _truncated(*d["m0s"], n, gen)
     t1 = _truncated(*d["T1"], n, gen)
     t2f = _truncated(*d["T2f"], n, gen, upper=t1)
@@ -125,20 +171,52 @@ def coefficient_jacobian(theta: torch.Tensor, schedule: dict, basis: torch.Tenso
     return torch.cat(cs), torch.cat(js)
 
 
-def crb_from_jacobian(c: torch.Tensor, jac: torch.Tensor, sigma: float | torch.Tensor = 1.0,
-                      m0: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """CRB ``[N, 7]`` of the physical parameters from ``c`` ``[N, R]`` and ``∂c/∂θ`` ``[N, R, 7]``
-    (at M0 = 1), for a complex scale ``m0`` and noise ``σ`` per real channel: the Fisher matrix over
-    ``(θ, Re M0, Im M0)`` is ``Re(Jᴴ J)/σ²`` with ``J = [m0·∂c/∂θ, c, i·c]``."""
+def fisher_from_jacobian(c: torch.Tensor, jac: torch.Tensor, sigma: float | torch.Tensor = 1.0,
+                         m0: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Fisher matrix ``[N, 9, 9]`` over ``(θ [7], Re M0, Im M0)`` from ``c`` ``[N, R]`` and ``∂c/∂θ``
+    ``[N, R, 7]`` (at M0 = 1), for a complex scale ``m0`` and noise ``σ`` per real channel:
+    ``Re(Jᴴ J)/σ²`` with ``J = [m0·∂c/∂θ, c, i·c]``."""
     c = c.to(torch.complex128)
     m0 = torch.as_tensor(m0, dtype=torch.complex128)
     m0 = m0[..., None, None] if m0.dim() else m0
     full = torch.cat([m0 * jac.to(torch.complex128), c[..., None], 1j * c[..., None]], -1)
-    f = (full.mH @ full).real / torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1) ** 2
+    return (full.mH @ full).real / torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1) ** 2
+
+
+def _inverse_diagonal(f: torch.Tensor) -> torch.Tensor:
+    """``diag(f⁻¹)`` of symmetric PSD matrices ``[N, P, P]``, inverted scaled to unit diagonal with a
+    pseudo-inverse (a parameter the data cannot identify keeps finite bounds for the others)."""
     d = f.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).rsqrt()
     scaled = f * d[..., :, None] * d[..., None, :]
     inv = torch.linalg.pinv(scaled, rtol=1e-13, hermitian=True)
-    return (inv.diagonal(dim1=-2, dim2=-1) * d * d)[..., :7]
+    return inv.diagonal(dim1=-2, dim2=-1) * d * d
+
+
+def crb_from_jacobian(c: torch.Tensor, jac: torch.Tensor, sigma: float | torch.Tensor = 1.0,
+                      m0: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """CRB ``[N, 7]`` of the physical parameters: ``diag(F⁻¹)`` of ``fisher_from_jacobian``."""
+    return _inverse_diagonal(fisher_from_jacobian(c, jac, sigma, m0))[..., :7]
+
+
+def prior_precision(tr: float, widen: dict | None = None, *, n: int = 200_000, seed: int = 0) -> torch.Tensor:
+    """``[9]`` diagonal prior precision ``1/var`` over ``(θ [7], Re M0, Im M0)`` of the training
+    distribution (Gaussian approximation): the variance of each physical parameter as drawn by
+    ``sample_parameters`` (``n`` Monte Carlo draws, so the truncations and T2f ≤ T1 are included;
+    B0 uniform: width²/12), and 0 for M0: the networks see unit-norm, phase-removed coefficients, so
+    they cannot use the M0 prior (it acts as a flat one)."""
+    theta = sample_parameters(n, tr, torch.Generator().manual_seed(seed), widen=widen)
+    return torch.cat([1.0 / theta.var(0), torch.zeros(2, dtype=torch.float64)])
+
+
+def prior_informed_bound(fisher: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Prior-informed bound ``[N, 7]`` = ``diag((F + P)⁻¹)`` of the physical parameters (issue 16):
+    ``fisher`` ``[N, 9, 9]`` the Fisher matrix of the CRB (``fisher_from_jacobian``: same basis, σ, M0
+    and parameterisation), ``P = diag(precision)`` (``[9]`` or ``[N, 9]``, e.g. ``prior_precision``).
+    For a linear-Gaussian model it is the posterior covariance, and it is the Bayesian (Van Trees)
+    bound on the prior-averaged MSE: an estimator that uses the prior can have a variance below the
+    CRB, which bounds unbiased estimators only. ``precision`` 0 gives ``crb_from_jacobian``."""
+    p = torch.as_tensor(precision, dtype=torch.float64)
+    return _inverse_diagonal(fisher + torch.diag_embed(p.expand(*fisher.shape[:-1])))[..., :7]
 
 
 def effective_directions(s: torch.Tensor, jac: torch.Tensor, targets=(0, 1, 2)) -> torch.Tensor:
@@ -178,27 +256,35 @@ def fisher_basis(s: torch.Tensor, jac: torch.Tensor, rank: int, *, targets=(0, 1
 
 
 def simulate_set(n: int, schedule: dict, basis: torch.Tensor, *, seed: int, chunk: int = CHUNK,
-                 with_crb: bool = True, log=LOGGER) -> dict[str, torch.Tensor]:
+                 with_crb: bool = True, with_fisher: bool = False, widen: dict | None = None,
+                 log=LOGGER) -> dict[str, torch.Tensor]:
     """A training set: ``theta [n, 7]`` (float64), ``coeffs [n, R]`` (complex64, M0 = 1), and
     ``crb_unit [n, 7]`` (float64, M0 = 1, σ = 1) if ``with_crb``; ``seconds`` (0-dim) records the
-    simulation time (so the per-sample cost is known wherever the set is cached)."""
+    simulation time (so the per-sample cost is known wherever the set is cached); ``widen [n, 7]`` the
+    factors of ``widened_distributions`` each sample was drawn from (1: seed 003's; per sample, so a
+    set can be sliced and concatenated; parts saved before held one ``[7]`` row)."""
     gen = torch.Generator().manual_seed(int(seed))
-    return set_from_theta(sample_parameters(n, schedule["tr"], gen), schedule, basis, chunk=chunk,
-                          with_crb=with_crb, log=log)
+    out = set_from_theta(sample_parameters(n, schedule["tr"], gen, widen=widen), schedule, basis, chunk=chunk,
+                         with_crb=with_crb, with_fisher=with_fisher, log=log)
+    out["widen"] = widen_factors(widen).expand(len(out["theta"]), -1).contiguous()  # per sample: sets are cut and joined
+    return out
 
 
 def set_from_theta(theta: torch.Tensor, schedule: dict, basis: torch.Tensor, *, chunk: int = CHUNK,
-                   with_crb: bool = True, log=LOGGER) -> dict[str, torch.Tensor]:
+                   with_crb: bool = True, with_fisher: bool = False, log=LOGGER) -> dict[str, torch.Tensor]:
     """``simulate_set`` for given parameters ``theta [n, 7]`` (``PARAMETERS`` order, float64), e.g.
-    the regular grids of ``insilico.grid_theta``."""
+    the regular grids of ``insilico.grid_theta``. ``with_fisher`` (needs ``with_crb``): also
+    ``fisher_unit [n, 9, 9]`` (``fisher_from_jacobian`` at M0 = 1, σ = 1; for ``prior_informed_bound``)."""
     n = len(theta)
     t0 = time.perf_counter()
-    cs, crbs = [], []
+    cs, crbs, fishers = [], [], []
     for i in range(0, n, chunk):
         part = theta[i:i + chunk]
         if with_crb:
             c, j = coefficient_jacobian(part, schedule, basis, chunk=min(chunk, JACOBIAN_CHUNK))
             crbs.append(crb_from_jacobian(c, j))
+            if with_fisher:
+                fishers.append(fisher_from_jacobian(c, j))
         else:
             c = fingerprints(part, schedule, basis, chunk=chunk)
         cs.append(c.to(torch.complex64))
@@ -209,11 +295,13 @@ def set_from_theta(theta: torch.Tensor, schedule: dict, basis: torch.Tensor, *, 
            "seconds": torch.tensor(time.perf_counter() - t0, dtype=torch.float64)}
     if with_crb:
         out["crb_unit"] = torch.cat(crbs)
+    if fishers:
+        out["fisher_unit"] = torch.cat(fishers)
     return out
 
 
 def schedule_key_parts(schedule: dict, basis: torch.Tensor) -> tuple:
-    """What a cached set depends on (with ``n``, ``seed`` and the distributions)."""
+    """What a cached set depends on (with ``n``, ``seed``, the distributions and any widening)."""
     return (np.asarray(schedule["flip_rad"]), np.asarray(schedule["pulse_dur"]), float(schedule["tr"]),
             float(schedule.get("inversion_dur", 1e-3)), torch.view_as_real(torch.as_tensor(basis)
                                                                          .to(torch.complex128)),
@@ -221,10 +309,13 @@ def schedule_key_parts(schedule: dict, basis: torch.Tensor) -> tuple:
 
 
 def cached_set(directory, n: int, schedule: dict, basis: torch.Tensor, *, seed: int, chunk: int = CHUNK,
-               log=LOGGER) -> dict[str, torch.Tensor]:
+               widen: dict | None = None, log=LOGGER) -> dict[str, torch.Tensor]:
     """``simulate_set`` stored once in ``directory`` (``utils.cache.disk_cached``, keyed by the
-    schedule, the basis, the distributions, ``n`` and ``seed``): the CRBs are computed once per set."""
+    schedule, the basis, the distributions, ``n``, ``seed`` and the widening: a widened set adds
+    its sorted factors to the key, so seed 003's sets keep their keys): the CRBs are computed once per set."""
     from bids_qmri.utils.cache import disk_cached
 
-    return disk_cached(directory, "qmt-trainset", (*schedule_key_parts(schedule, basis), int(n), int(seed)),
-                       lambda: simulate_set(n, schedule, basis, seed=seed, chunk=chunk, log=log))
+    widen = check_widen(widen)
+    extra = (("widen", sorted(widen.items()), sorted(PHYSICAL_LIMITS.items())),) if widen else ()
+    return disk_cached(directory, "qmt-trainset", (*schedule_key_parts(schedule, basis), int(n), int(seed), *extra),
+                       lambda: simulate_set(n, schedule, basis, seed=seed, chunk=chunk, widen=widen, log=log))

@@ -100,27 +100,34 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
                  lr_schedule: str = "step", width: int = 128, n_blocks: int = 6,
                  log_outputs: tuple[str, ...] = LOG_OUTPUTS, seed: int = 0, max_seconds: float | None = None,
                  progress=None, epoch_callback=None, cache_dir=None,
-                 init_from=None) -> tuple[ResidualMLP, dict]:
+                 init_from=None, widen: dict | None = None, keep: str = "best") -> tuple[ResidualMLP, dict]:
     """Train ``qmtnet`` (CRB loss) or ``qmtnetmse`` (MSE) -> ``(net, card)``; the sets are simulated
     for ``protocol``'s schedule and ``basis`` unless given (``simulate.simulate_set`` dicts), and
     kept in ``cache_dir`` (``simulate.cached_set``) when one is given. ``init_from``: a saved
     network (``.safetensors`` with its card) of the same method and architecture to continue from
     (fine-tuning): its weights and output statistics are kept (they belong together), so the loss
     units are the start's; the card records it (``training.init_from``: file, sha256, its own
-    training record, so a chain of continuations stays whole)."""
+    training record, so a chain of continuations stays whole). ``widen``: draw a simulated training set
+    from ``simulate.widened_distributions(widen)`` (issue 16; the validation set stays on seed 003's
+    distributions, the evaluation distribution); given sets carry their own ``widen`` record. The card's
+    ``training_distributions.widen`` lists the factors and how many training samples each part had.
+    ``keep``: the weights returned, lowest validation loss (``"best"``) or the final epoch (``"last"``)."""
     if method not in METHOD_LOSS:
         raise ValueError(f"unknown qMT network {method!r}; use one of {', '.join(METHOD_LOSS)}")
+    widen = simulate.check_widen(widen)
+    if widen and train_set is not None:
+        raise ValueError("widen applies to a simulated training set; a given set records its own widening")
     start = _load_start(init_from, method) if init_from is not None else None
     loss_name = METHOD_LOSS[method]
     t0, cpu0 = time.perf_counter(), time.process_time()
     schedule = protocol.schedule()
-    def make(n, s):
+    def make(n, s, w=None):
         if cache_dir is not None:
-            return simulate.cached_set(cache_dir, n, schedule, basis, seed=s)
-        return simulate.simulate_set(n, schedule, basis, seed=s)
+            return simulate.cached_set(cache_dir, n, schedule, basis, seed=s, widen=w)
+        return simulate.simulate_set(n, schedule, basis, seed=s, widen=w)
 
     if train_set is None:
-        train_set = make(n_train, seed)
+        train_set = make(n_train, seed, widen)
     if val_set is None:
         val_set = make(n_val, seed + 10_000)
     sim_s = float(train_set["seconds"]) + float(val_set["seconds"])
@@ -147,7 +154,7 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
     loss = _loss_fn(loss_name, sd)
     val = noisy_batch(val_set, torch.arange(n_val), torch.Generator().manual_seed(int(seed) + 1))
     settings = LoopSettings(max_epochs=max_epochs, patience=patience, batch_size=batch_size, lr=lr,
-                            lr_schedule=lr_schedule, lr_step=lr_step, lr_gamma=0.5, max_seconds=max_seconds,
+                            lr_schedule=lr_schedule, lr_step=lr_step, lr_gamma=0.5, max_seconds=max_seconds, keep=keep,
                             progress=progress, desc=f"{method} ({loss_name})")
     history_crb = []
 
@@ -179,7 +186,8 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
         "training_distributions": {k: {"mean": v[0], "sd": v[1], "truncated_to": [v[2], v[3]]}
                                    for k, v in simulate.DISTRIBUTIONS.items()}
         | {"B0": "uniform on [-1/TR, 1/TR] Hz", "M0": "|M0| ~ U[0.1, 1], phase ~ U[0, 2pi), redrawn every batch",
-           "noise": f"complex Gaussian, sigma {simulate.NOISE_SIGMA} per real channel, redrawn every batch"},
+           "noise": f"complex Gaussian, sigma {simulate.NOISE_SIGMA} per real channel, redrawn every batch",
+           "widen": widen_record(train_set)},
         "simulation_s_per_sample": sim_s / max(1, n_train + n_val),
         "heldout_snr50": evaluate(net, val_set, snr_max=50.0, seed=int(seed) + 2),
         "heldout_training_snr_range": evaluate(net, val_set, snr_max=None, seed=int(seed) + 3),
@@ -190,6 +198,22 @@ def train_qmtnet(method: str, protocol, basis: torch.Tensor | None = None, *, tr
         "history": result.history,
     }
     return net, card
+
+
+def widen_record(data: dict) -> list[dict]:
+    """``[{"factors": {name: factor}, "samples": n, "distributions": {name: [mean, sd, low, high]}}]``: how
+    the training samples were drawn (``simulate.widened_distributions``; factors ``{}`` = seed 003's). ``data
+    ["widen"]``: ``[n, 7]`` per sample, or one ``[7]`` row for the whole set; absent = seed 003's."""
+    n = len(data["theta"])
+    w = data.get("widen")
+    w = torch.ones(n, len(simulate.PARAMETERS), dtype=torch.float64) if w is None else torch.as_tensor(w)
+    rows, counts = torch.unique(w.reshape(-1, len(simulate.PARAMETERS)).expand(n, -1), dim=0, return_counts=True)
+    out = []
+    for row, count in zip(rows.tolist(), counts.tolist()):
+        factors = {k: f for k, f in zip(simulate.PARAMETERS, row) if f != 1.0}
+        dist = simulate.widened_distributions(factors)
+        out.append({"factors": factors, "samples": int(count), "distributions": {k: list(dist[k]) for k in factors}})
+    return out
 
 
 def _load_start(path, method: str):
