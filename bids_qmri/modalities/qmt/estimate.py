@@ -37,10 +37,10 @@ QMT_RANK = 13
 BASIS_SAMPLES = 1024
 BASIS_SEED = 0
 #: On-the-fly network training (options ``qmt_net_samples`` / ``qmt_net_epochs`` override). ``widen``: the
-#: training set is drawn as the bundled nets' was (``simulate.widened_distributions``, issue 16: 2x in m0s,
-#: T1, T2s and Rx, so the nets lean less on the prior; validation stays on seed 003's distributions).
-NET_TRAINING = {"n_train": 4096, "n_val": 512, "max_epochs": 400, "patience": 400,
-                "widen": {"m0s": 2.0, "T1": 2.0, "T2s": 2.0, "Rx": 2.0}}
+#: training set is drawn as the bundled nets' was: seed 003's distributions (issue 16 measured a 2x wider
+#: prior, ``simulate.widened_distributions``: std/sqrt(CRB) moved towards 1 but the maps' m0s errors grew,
+#: so it is not the default; models/bundled/qmt/TRAINING.md, "Stage 5").
+NET_TRAINING = {"n_train": 4096, "n_val": 512, "max_epochs": 400, "patience": 400, "widen": None}
 #: NLLS defaults: grid starts per voxel (besides the network's) and LM iterations per start.
 NLS_STARTS = 1
 NLS_ITERATIONS = 40
