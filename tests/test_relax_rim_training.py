@@ -184,6 +184,71 @@ def test_structure_weight_reaches_the_training_loss(monkeypatch):
         training.RelaxTrainConfig(method="rim", structures=True, structure_weight=0.0)
 
 
+def test_snr_weight_is_a_per_patch_weighted_mean_of_the_squared_errors():
+    """--rim-snr-weight P: the loss the trainer hands to rim_loss equals a weighted mean computed
+    here by hand in NumPy (each patch's squared error times (0.0065/σ)^P, σ the noise level the
+    patch was simulated with, times the structure weight on its structure voxels; divided by the
+    count of brain voxels, steps and parameters as eq. 6); P = 0 is today's loss exactly."""
+    sigmas = (0.0065, 0.026, 0.255)  # SNR 100, 25, 2.5: weights 1, 1/4^P, 1/39.2^P
+    p = [simulate.simulate_patches("ir", TI, 1, np.random.default_rng(k), resolution_mm=RES, size=12,
+                                   sigma=s, dtype=torch.float64, structures=True) for k, s in enumerate(sigmas)]
+    cat = simulate.Patches(*[torch.cat([getattr(q, f) for q in p]) for f in ("signal", "target", "weight", "brain",
+                                                                               "scale", "sigma", "structure")])
+    torch.testing.assert_close(cat.sigma, torch.tensor(sigmas, dtype=cat.sigma.dtype))
+    est = cat.target[None] + 0.1 * torch.randn((3,) + tuple(cat.target.shape), generator=torch.Generator().manual_seed(0),
+                                               dtype=torch.float64)
+    e, t = est.numpy(), cat.target.numpy()
+    mask, struct = cat.weight.numpy(), cat.structure.numpy()
+    for power, w_struct in ((1.0, 1.0), (2.0, 300.0), (0.5, 30.0)):
+        cfg = training.RelaxTrainConfig(method="rim", structures=True, structure_weight=w_struct, snr_weight=power)
+        per_patch = np.array([(0.0065 / s) ** power for s in sigmas])
+        vox = per_patch[:, None, None] * np.where(struct, w_struct, 1.0) * mask
+        hand = (((e - t[None]) ** 2) * vox[None, :, None]).sum() / (mask.sum() * e.shape[0] * e.shape[2])
+        got = rim.rim_loss(est, cat.target, cat.weight, None, cfg.voxel_weight(cat))
+        assert float(got) == pytest.approx(hand, rel=1e-12)
+        if power == 2.0:  # the SNR-2.5 patch counts 1/39.2² of the SNR-100 one
+            assert per_patch[2] == pytest.approx(1 / 39.23**2, rel=1e-3)
+    for w_struct in (1.0, 300.0):  # P = 0: the weights (and the loss) of today's trainer, bit for bit
+        off = training.RelaxTrainConfig(method="rim", structures=True, structure_weight=w_struct)
+        assert off.snr_weight == 0.0
+        zero = training.RelaxTrainConfig(method="rim", structures=True, structure_weight=w_struct, snr_weight=0.0)
+        a, b = off.voxel_weight(cat), zero.voxel_weight(cat)
+        assert (a is None and b is None) or torch.equal(a, b)
+        assert torch.equal(rim.rim_loss(est, cat.target, cat.weight, None, b),
+                           rim.rim_loss(est, cat.target, cat.weight, None, a))
+    assert training.RelaxTrainConfig(method="rim").voxel_weight(cat) is None  # eq. 6's plain mean
+
+
+def test_snr_weight_reaches_training_card_and_refuses_bad_values(monkeypatch, tmp_path, capsys):
+    """The trainer passes the SNR weights (one value per patch, ≤ 1) to the loss, the card records P
+    and the unweighted eq. 6 loss; P < 0, P > 4 or NaN is refused, by the CLI in one line."""
+    cfg = training.RelaxTrainConfig(method="rim", seed=3, snr_weight=1.5, **TINY)
+    seen = []
+    orig = rim.rim_loss
+
+    def spy(est, target, weight=None, param_weight=None, voxel_weight=None):
+        seen.append(voxel_weight)
+        return orig(est, target, weight, param_weight, voxel_weight)
+
+    monkeypatch.setattr(rim, "rim_loss", spy)
+    _, card = training.train_relax_net("ir", TI, cfg)
+    calls = [v for v in seen if v is not None]
+    assert calls and all(((v > 0) & (v <= 1)).all() for v in calls)
+    assert all(torch.equal(v, v[:, :1, :1].expand_as(v)) for v in calls)  # constant within each patch
+    assert card["training"]["snr_weight"] == 1.5 and "(sigma_min/sigma)^1.5" in card["training_data"]
+    assert "loss_eq6" in card["validation"]
+    for bad in (-1.0, 4.5, float("nan")):
+        with pytest.raises(ValueError, match="--rim-snr-weight"):
+            training.RelaxTrainConfig(method="rim", snr_weight=bad)
+    from bids_qmri.cli.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--method", "rim", "--modality", "irt1", "--times", *map(str, TI), "--rim-snr-weight", "-1",
+              "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exc.value.code != 0 and "--rim-snr-weight" in err and len(err.strip().splitlines()) == 1
+
+
 def _state(net):
     return {k: v.clone() for k, v in net.state_dict().items()}
 

@@ -64,6 +64,7 @@ class RelaxTrainConfig:
     structures: bool = False  # one-voxel points and lines in every training patch (simulate.add_structures)
     b_weight: float = 1.0  # weight of B's squared error in the loss (IR; eq. 6: 1)
     structure_weight: float = 1.0  # weight of the structure voxels' squared error (needs structures; eq. 6: 1)
+    snr_weight: float = 0.0  # P: each patch's squared error times (σ_min/σ)^P, σ its noise level (eq. 6: 0)
     lr_schedule: str = "constant"
     keep: str = "best"
     average_last: int = 0  # > 0: the kept weights are the mean of the last N epochs' weights (RIM only)
@@ -81,6 +82,8 @@ class RelaxTrainConfig:
             raise ValueError("the structure loss weight must be > 0")
         if self.structure_weight != 1.0 and not self.structures:
             raise ValueError("a structure loss weight needs the structures in the patches: add --relax-structures")
+        if not (0.0 <= self.snr_weight <= 4.0):
+            raise ValueError(f"--rim-snr-weight must be a power between 0 (off) and 4; got {self.snr_weight!r}")
         if self.average_last < 0:
             raise ValueError("--average-last must be ≥ 0 epochs (0: no averaging)")
         if self.average_last and self.method != "rim":
@@ -95,11 +98,18 @@ class RelaxTrainConfig:
         return tuple(self.b_weight if p == "B" else 1.0 for p in rim.PARAMETERS[kind])
 
     def voxel_weight(self, patches) -> torch.Tensor | None:
-        """Per-voxel loss weights (``rim.rim_loss``): ``structure_weight`` on the voxels
-        ``simulate.add_structures`` changed, 1 elsewhere; None for eq. 6's plain mean."""
-        if self.structure_weight == 1.0 or patches.structure is None:
-            return None
-        return torch.where(patches.structure, self.structure_weight, 1.0).to(patches.target.dtype)
+        """Per-voxel loss weights (``rim.rim_loss``) ``[batch, H, W]``: ``structure_weight`` on the
+        voxels ``simulate.add_structures`` changed, 1 elsewhere, times, with ``snr_weight`` P > 0,
+        each patch's ``(SIGMA_RANGE[0] / σ)^P`` (σ the patch's noise level: 1 at SNR 100, 1/39^P at
+        SNR 3, so the low-SNR patches' large errors dominate the mean less); None for eq. 6's plain mean."""
+        weight = None
+        if self.structure_weight != 1.0 and patches.structure is not None:
+            weight = torch.where(patches.structure, self.structure_weight, 1.0).to(patches.target.dtype)
+        if self.snr_weight:
+            per_patch = (SIGMA_RANGE[0] / patches.sigma.double()) ** self.snr_weight
+            per_patch = per_patch.to(patches.target.dtype)[:, None, None]
+            weight = per_patch.expand(patches.weight.shape) if weight is None else weight * per_patch
+        return weight
 
 
 def build_net(method: str, kind: str, n_times: int, cfg: RelaxTrainConfig) -> torch.nn.Module:
@@ -185,8 +195,9 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
                 kept_loss = float(validate(net))
             averaged = [e for e, _ in recent]
         metrics = evaluate_patches(net, val, times, kind)
-        if pw is not None:  # the kept weights on seed 004's unweighted eq. 6, comparable across B weights
-            # (the validation patches have no structures: the structure weight does not change their loss)
+        if pw is not None or cfg.snr_weight:  # the kept weights on seed 004's unweighted eq. 6, comparable
+            # across B and SNR weights (the validation patches have no structures: the structure weight
+            # does not change their loss)
             with torch.no_grad():
                 metrics["loss_eq6"] = round(float(rim.rim_loss(net(val.signal, tt), val.target, val.weight)), 5)
     finally:
@@ -221,7 +232,8 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
             + ("; one-voxel points and lines added (simulate.add_structures)" if cfg.structures else "")
             + (f"; loss weight of B {cfg.b_weight:g}" if pw is not None else "")
             + (f"; loss weight of the structure voxels {cfg.structure_weight:g}" if cfg.structure_weight != 1.0
-               else "")),
+               else "")
+            + (f"; each patch's loss weighted by (sigma_min/sigma)^{cfg.snr_weight:g}" if cfg.snr_weight else "")),
         "validation_loss": kept_loss,
         "validation": {"n_patches": cfg.n_val, "sigma": "log-uniform as training", **metrics},
         "training": training,
