@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--widen", nargs="+", default=[], metavar="NAME=FACTOR")
     a = p.parse_args()
     try:
-        widen = simulate.check_widen(dict(w.split("=", 1) if "=" in w else (w, "") for w in a.widen))
+        widen = simulate.parse_widen(a.widen)
     except ValueError as exc:
         p.error(str(exc))
     if not 1 <= a.n <= 9056:

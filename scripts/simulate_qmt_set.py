@@ -35,7 +35,7 @@ def main() -> None:
                    help="widen these training distributions (simulate.widened_distributions), e.g. m0s=2 Rx=2")
     a = p.parse_args()
     try:
-        widen = simulate.check_widen(dict(w.split("=", 1) if "=" in w else (w, "") for w in a.widen))
+        widen = simulate.parse_widen(a.widen)
     except ValueError as exc:
         p.error(str(exc))
     torch.set_num_threads(1)

@@ -155,6 +155,19 @@ def test_patches_carry_the_structure_mask():
         assert torch.equal(same, ~a.structure)
 
 
+def _spy_voxel_weights(monkeypatch) -> list:
+    """Record the ``voxel_weight`` of every ``rim.rim_loss`` call (training and validation)."""
+    seen = []
+    orig = rim.rim_loss
+
+    def spy(est, target, weight=None, param_weight=None, voxel_weight=None):
+        seen.append(voxel_weight)
+        return orig(est, target, weight, param_weight, voxel_weight)
+
+    monkeypatch.setattr(rim, "rim_loss", spy)
+    return seen
+
+
 def test_structure_weight_reaches_the_training_loss(monkeypatch):
     """--relax-structure-weight: the trainer passes W on the patches' structure voxels (1 elsewhere)
     to the loss and records W in the card; W = 1 passes nothing (eq. 6); W without structures or
@@ -165,14 +178,7 @@ def test_structure_weight_reaches_the_training_loss(monkeypatch):
     vw = cfg.voxel_weight(p)
     assert torch.equal(vw == 30.0, p.structure) and torch.all((vw == 30.0) | (vw == 1.0))
     assert training.RelaxTrainConfig(method="rim", structures=True).voxel_weight(p) is None
-    seen = []
-    orig = rim.rim_loss
-
-    def spy(est, target, weight=None, param_weight=None, voxel_weight=None):
-        seen.append(voxel_weight)
-        return orig(est, target, weight, param_weight, voxel_weight)
-
-    monkeypatch.setattr(rim, "rim_loss", spy)
+    seen = _spy_voxel_weights(monkeypatch)
     _, card = training.train_relax_net("ir", TI, cfg)
     train_calls = [v for v in seen if v is not None]
     assert train_calls and all(set(v.unique().tolist()) <= {1.0, 30.0} for v in train_calls)
@@ -223,14 +229,7 @@ def test_snr_weight_reaches_training_card_and_refuses_bad_values(monkeypatch, tm
     """The trainer passes the SNR weights (one value per patch, ≤ 1) to the loss, the card records P
     and the unweighted eq. 6 loss; P < 0, P > 4 or NaN is refused, by the CLI in one line."""
     cfg = training.RelaxTrainConfig(method="rim", seed=3, snr_weight=1.5, **TINY)
-    seen = []
-    orig = rim.rim_loss
-
-    def spy(est, target, weight=None, param_weight=None, voxel_weight=None):
-        seen.append(voxel_weight)
-        return orig(est, target, weight, param_weight, voxel_weight)
-
-    monkeypatch.setattr(rim, "rim_loss", spy)
+    seen = _spy_voxel_weights(monkeypatch)
     _, card = training.train_relax_net("ir", TI, cfg)
     calls = [v for v in seen if v is not None]
     assert calls and all(((v > 0) & (v <= 1)).all() for v in calls)

@@ -131,10 +131,10 @@ def train_from_args(args, parser):
     if getattr(args, "qmt_widen", None):
         if args.qmt_train_set:
             _fail(parser, "--qmt-widen applies to a simulated set; --qmt-train-set parts record their own widening")
-        from .simulate import check_widen
+        from .simulate import parse_widen
 
         try:
-            widen = check_widen(dict(w.split("=", 1) if "=" in w else (w, "") for w in args.qmt_widen))
+            widen = parse_widen(args.qmt_widen)
         except ValueError as exc:
             _fail(parser, f"--qmt-{exc}")
     train_set = val_set = None

@@ -46,7 +46,7 @@ LOGGER = logging.getLogger("bids_qmri.modalities.qmt.simulate")
 
 __all__ = ["PARAMETERS", "DISTRIBUTIONS", "sample_parameters", "fingerprints", "coefficient_jacobian",
            "crb_from_jacobian", "fisher_from_jacobian", "prior_precision", "prior_informed_bound",
-           "widened_distributions", "check_widen", "widen_factors",
+           "widened_distributions", "check_widen", "parse_widen", "widen_factors",
            "PHYSICAL_LIMITS", "simulate_set", "set_from_theta", "effective_directions", "fisher_basis"]
 
 #: The 7 physical parameters, in the order of every ``[N, 7]`` array of this module (SI units).
@@ -114,6 +114,12 @@ def check_widen(widen: dict | None) -> dict:
         if f != 1.0:
             out[name] = f
     return out
+
+
+def parse_widen(items) -> dict:
+    """``["m0s=2", "Rx=1.5", ...]`` (the command lines' ``NAME=FACTOR``) -> ``check_widen``'s dict;
+    ValueError (one line) for a bad item."""
+    return check_widen(dict(w.split("=", 1) if "=" in w else (w, "") for w in items or ()))
 
 
 def widen_factors(widen: dict | None) -> torch.Tensor:
