@@ -310,8 +310,10 @@ def _qmt_signal(p: dict[str, torch.Tensor], schedule: dict, chunk: int = QMT_CHU
 
 
 @functools.lru_cache(maxsize=1)
-def qmt_basis(rank: int = QMT_RANK) -> tuple[torch.Tensor, dict]:
-    """Rank-``rank`` basis ``[Nt, rank]`` of the synthetic dataset's qMT data and the schedule.
+def qmt_basis(rank: int = QMT_RANK, schedule: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """Rank-``rank`` basis ``[Nt, rank]`` of the synthetic dataset's qMT data and the schedule
+    (``schedule``: the same construction for another hybrid-state train, e.g. a candidate of
+    ``scripts/design_qmt_schedule.py``; default ``physics.qmt.default_qmt_schedule()``).
 
     Issue 16: a basis that keeps the Fisher information of m0s, T1 and T2f
     (``modalities.qmt.simulate.fisher_basis``: SVD of the atoms' signals stacked with the parts of
@@ -323,7 +325,7 @@ def qmt_basis(rank: int = QMT_RANK) -> tuple[torch.Tensor, dict]:
     on disk (it depends only on the schedule)."""
     from ..modalities.qmt.simulate import coefficient_jacobian, fisher_basis
 
-    schedule = qmt.default_qmt_schedule()
+    schedule = qmt.default_qmt_schedule() if schedule is None else schedule
 
     def compute():
         rng = np.random.default_rng(2023)
