@@ -1,7 +1,8 @@
 """Choose the knots of the synthetic dataset's hybrid-state qMT schedule (``physics.qmt.default_qmt_schedule``).
 
     OMP_NUM_THREADS=1 nice -n 10 python scripts/design_qmt_schedule.py CPU_SECONDS SEED [--rank 13]
-        [--objective {crb,efficiency}] [--draws 64] [--draw-seed 16] [--max-sar F] [--knots FILE]
+        [--objective {crb,efficiency}] [--draws 64] [--draw-seed 16] [--max-sar F] [--max-crb-growth F]
+        [--hold-efficiency] [--knots FILE]
         [--evaluate N] [--out FILE]
 
 A random search (multiplicative perturbations of a few knots at a time, keep if better) over the
@@ -33,11 +34,14 @@ estimator that uses the training prior (what the nets do; TRAINING.md "Why std <
 dimension B/CRB = F/(F + P), so the objective can only rise by raising the information F relative to
 the prior's P: an honest target for "std/√CRB → 1" (unlike log √CRB it saturates once F ≫ P at 1, so each target counts by how far its data are from outweighing its prior). ``--max-sar F``: reject candidates whose SAR-like
 energy Σ α²/τ over the cycle (∝ ∫ω1² dt of the rectangular pulses, without the fixed inversion)
-exceeds F × that of the bundled knots. Flip ≤ 180° and ω1 ≤ 2π·1 kHz, pulses 100-500 µs on the
+exceeds F × that of the bundled knots; ``--max-crb-growth F``: reject candidates whose full-signal
+√CRB of T1 or T2f at one of the three tissues exceeds F × the bundled knots'; ``--hold-efficiency``:
+reject candidates whose mean log √(B/CRB) of T1 or T2f over the draws falls below the bundled
+knots' (so that m0s cannot be bought with T1 and T2f). Flip ≤ 180° and ω1 ≤ 2π·1 kHz, pulses 100-500 µs on the
 10-µs raster hold for every candidate (``physics.qmt.schedule_from_knots`` clips to them).
 ``--evaluate N``: after the search (0 CPU-s: only this), for the final knots and the bundled ones
 on the first N draws of dataset #1 (``simulate.sample_parameters(9056, TR, seed 777)``, the insilico
-CLI's test set) with each schedule's rank-13 information-keeping basis (``synth.dataset.qmt_basis``,
+CLI's test set) with each schedule's rank-13 information-keeping basis (``synth.dataset.qmt_basis_for``,
 ``simulate.fisher_basis``; what the nets see): quartiles of √CRB/θ, of √(B/CRB) and of the
 linearised Bayes estimator's std/√CRB = √(BFB/CRB) (``scripts/qmt_prior_bound.py``), plus √CRB/θ at
 the three tissues, the SAR ratio and the flip/duration ranges. ``--knots FILE`` starts from (or,
@@ -117,13 +121,13 @@ def quartiles(a) -> str:
 
 def evaluate(knots: dict[str, tuple], n: int) -> None:
     """Print the rank-13 (information-keeping basis) predictions of each schedule on dataset #1's first ``n`` draws."""
-    from bids_qmri.synth.dataset import qmt_basis
+    from bids_qmri.synth.dataset import qmt_basis_for
 
     ref = qmt.schedule_from_knots(*qmt.SCHEDULE_KNOTS)
     for name, (f, d) in knots.items():
         t0 = time.process_time()
         sched = qmt.schedule_from_knots(f, d)
-        basis, _ = qmt_basis(13, sched)
+        basis, _ = qmt_basis_for(sched, 13)
         theta = simulate.sample_parameters(9056, sched["tr"], torch.Generator().manual_seed(777))[:n]
         r = bounds_at(theta, sched, basis)
         print(f"== {name}: dataset #1 first {n} draws, SNR_max {SNR_MAX:g}, rank-13 fisher_basis; quartiles 25/50/75 %")
@@ -155,6 +159,12 @@ def main() -> None:
     p.add_argument("--draw-seed", type=int, default=16, help="efficiency: generator seed of the draws")
     p.add_argument("--max-sar", type=float, default=None, metavar="F",
                    help="reject candidates with sum(flip^2/duration) above F x the bundled knots'")
+    p.add_argument("--max-crb-growth", type=float, default=None, metavar="F",
+                   help="efficiency: reject candidates whose full-signal sqrt(CRB) of T1 or T2f at a design tissue "
+                        "exceeds F x the bundled knots'")
+    p.add_argument("--hold-efficiency", action="store_true",
+                   help="efficiency: reject candidates whose mean log sqrt(B/CRB) of T1 or T2f over the draws "
+                        "falls below the bundled knots'")
     p.add_argument("--knots", default=None, help='start from knots in a JSON file {"flip_deg": [...], "duration_us": [...]}')
     p.add_argument("--evaluate", type=int, default=0, metavar="N",
                    help="at the end, rank-13 predictions on N dataset-#1 draws for the final and the bundled knots")
@@ -166,6 +176,10 @@ def main() -> None:
         p.error("--draws must lie in [8, 1024]")
     if a.max_sar is not None and not a.max_sar > 0:
         p.error("--max-sar must be > 0 (a factor of the bundled schedule's SAR-like energy)")
+    if a.objective != "efficiency" and (a.max_crb_growth or a.hold_efficiency):
+        p.error("--max-crb-growth and --hold-efficiency constrain --objective efficiency only")
+    if a.max_crb_growth is not None and not a.max_crb_growth >= 1:
+        p.error("--max-crb-growth must be >= 1 (the bundled knots must satisfy it)")
     if not 0 <= a.evaluate <= 9056:
         p.error("--evaluate N must lie in [0, 9056] (dataset #1)")
     torch.set_num_threads(1)
@@ -179,12 +193,23 @@ def main() -> None:
     draws = simulate.sample_parameters(a.draws, tr, torch.Generator().manual_seed(a.draw_seed))
     prec = simulate.prior_precision(tr)
 
+    ref_sched = qmt.schedule_from_knots(*qmt.SCHEDULE_KNOTS)
+    ref_tissues = relative_bounds(ref_sched) if a.max_crb_growth else None
+    ref_eff = None
+    if a.hold_efficiency:
+        r0 = bounds_at(draws, ref_sched, precision=prec)
+        ref_eff = torch.log((r0["b"] / r0["crb"]).sqrt()).mean(0)
+
     def score(f, d, rank=0):
-        """(value to minimise, what to print)."""
+        """(value to minimise, what to print); +inf for a candidate the constraints reject."""
         sched = qmt.schedule_from_knots(f, d)
         if a.objective == "efficiency":
+            if ref_tissues is not None and (relative_bounds(sched)[:, 1:] > a.max_crb_growth * ref_tissues[:, 1:]).any():
+                return float("inf"), None
             r = bounds_at(draws, sched, precision=prec)
             eff = (r["b"] / r["crb"]).sqrt()
+            if ref_eff is not None and (torch.log(eff).mean(0)[1:] < ref_eff[1:]).any():
+                return float("inf"), None
             return -float((torch.log(eff) * WEIGHTS).mean()), eff.median(0).values
         r = relative_bounds(sched, rank)
         return float((torch.log(r) * WEIGHTS).mean()), r
@@ -201,13 +226,14 @@ def main() -> None:
             rejected += 1
             continue
         v, r2 = score(f2, d2, a.rank)
+        rejected += v == float("inf")
         if v < best:
             best, flips, durs, r = v, f2, d2, r2
             print(it, round(best, 4), r.numpy().round(3).tolist(), f"{time.process_time():.0f} CPU-s",
                   file=sys.stdout, flush=True)
     print("flip knots (deg)", flips.round(1).tolist())
     print("duration knots (us)", durs.round(0).tolist())
-    print("iterations", it, "rejected by --max-sar", rejected, "score", round(best, 4))
+    print("iterations", it, "rejected by the constraints", rejected, "score", round(best, 4))
     if a.out:
         Path(a.out).write_text(json.dumps({"flip_deg": flips.round(1).tolist(), "duration_us": durs.round(0).tolist(),
                                            "objective": a.objective, "score": best, "iterations": it}, indent=1))
