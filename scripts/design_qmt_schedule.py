@@ -46,6 +46,17 @@ CLI's test set) with each schedule's rank-13 information-keeping basis (``synth.
 linearised Bayes estimator's std/√CRB = √(BFB/CRB) (``scripts/qmt_prior_bound.py``), plus √CRB/θ at
 the three tissues, the SAR ratio and the flip/duration ranges. ``--knots FILE`` starts from (or,
 with 0 CPU-s, evaluates) knots in a JSON file ``{"flip_deg": [...], "duration_us": [...]}``.
+Issue 16 (2026-12-03; TRAINING.md "Designing the acquisition"): 64 draws (seed 16), SAR ≤ 1.25×.
+Unconstrained (1200 CPU-s, seed 16) the rank-13 predicted m0s ratio rose most but T1 and T2f lost
+(tissue √CRB of T2f +42-64 %); with ``--max-crb-growth 1.15 --hold-efficiency`` (seed 17, 400 CPU-s,
+then seed 18, 720 CPU-s from its knots) the candidate knots (flips 5.9, 32.7, 8.0, 4.8, 1.0, 1.2,
+31.6, 180, 11.0, 44.7, 158.7, 40.2, 1.4, 11.0, 1.2°; durations 500, 500, 500, 362, 229, 441, 270,
+446, 240, 500, 145, 100, 119, 100, 115 µs; SAR-like 0.70×) predict on dataset #1 (1 024 draws,
+rank-13 ``fisher_basis``) medians √(B/CRB) 0.63 / 0.83 / 0.79 and linearised Bayes std/√CRB
+0.50 / 0.77 / 0.73 (bundled knots: 0.395 / 0.75 / 0.73 and 0.27 / 0.67 / 0.685), tissue √CRB of T1
+and T2f within −14 … +8 % of the bundled train's. Nets trained for it (32 k samples, 240 epochs):
+qmtnet std/√CRB medians 0.52 / 0.75 / 0.95 on dataset #1 (bundled 0.26 / 0.62 / 0.79), brain m0s
+errors lower, but held-out CRB loss 1.59 > 1.2 (T2f under-trained): not installed.
 
 """
 
