@@ -2,8 +2,7 @@
 
     OMP_NUM_THREADS=1 nice -n 10 python scripts/design_qmt_schedule.py CPU_SECONDS SEED [--rank 13]
         [--objective {crb,efficiency}] [--draws 64] [--draw-seed 16] [--max-sar F] [--max-crb-growth F]
-        [--hold-efficiency] [--knots FILE]
-        [--evaluate N] [--out FILE]
+        [--hold-efficiency] [--knots FILE] [--evaluate N] [--out FILE]
 
 A random search (multiplicative perturbations of a few knots at a time, keep if better) over the
 flip-angle and pulse-duration knots of ``physics.qmt.schedule_from_knots``, minimising the mean of
@@ -32,13 +31,14 @@ full signal: B = diag((F + P)⁻¹) the prior-informed bound (``simulate.prior_i
 ``simulate.prior_precision``, the training distribution's), i.e. the predicted std/√CRB of an
 estimator that uses the training prior (what the nets do; TRAINING.md "Why std < √CRB"). In one
 dimension B/CRB = F/(F + P), so the objective can only rise by raising the information F relative to
-the prior's P: an honest target for "std/√CRB → 1" (unlike log √CRB it saturates once F ≫ P at 1, so each target counts by how far its data are from outweighing its prior). ``--max-sar F``: reject candidates whose SAR-like
-energy Σ α²/τ over the cycle (∝ ∫ω1² dt of the rectangular pulses, without the fixed inversion)
+the prior's P: an honest target for "std/√CRB → 1" (unlike log √CRB it saturates at 1 once
+F ≫ P, so each target counts by how far its data are from outweighing its prior). ``--max-sar F``:
+reject candidates whose SAR-like energy Σ α²/τ over the cycle (∝ ∫ω1² dt of the rectangular pulses, without the fixed inversion)
 exceeds F × that of the bundled knots; ``--max-crb-growth F``: reject candidates whose full-signal
 √CRB of T1 or T2f at one of the three tissues exceeds F × the bundled knots'; ``--hold-efficiency``:
 reject candidates whose mean log √(B/CRB) of T1 or T2f over the draws falls below the bundled
-knots' (so that m0s cannot be bought with T1 and T2f). Flip ≤ 180° and ω1 ≤ 2π·1 kHz, pulses 100-500 µs on the
-10-µs raster hold for every candidate (``physics.qmt.schedule_from_knots`` clips to them).
+knots' (so that m0s cannot be bought with T1 and T2f). Flip ≤ 180° and ω1 ≤ 2π·1 kHz, pulses
+100-500 µs on the 10-µs raster hold for every candidate (``physics.qmt.schedule_from_knots`` clips to them).
 ``--evaluate N``: after the search (0 CPU-s: only this), for the final knots and the bundled ones
 on the first N draws of dataset #1 (``simulate.sample_parameters(9056, TR, seed 777)``, the insilico
 CLI's test set) with each schedule's rank-13 information-keeping basis (``synth.dataset.qmt_basis_for``,
