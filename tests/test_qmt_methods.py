@@ -130,6 +130,48 @@ def test_prior_informed_bound_is_the_linear_gaussian_posterior_covariance():
         np.testing.assert_allclose(bk, 1 / (1 / crb[:, k] + prec[k]), rtol=1e-8)
 
 
+def _design_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "design_qmt_schedule.py"
+    spec = importlib.util.spec_from_file_location("design_qmt_schedule", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, path
+
+
+def test_design_efficiency_objective_is_the_prior_informed_ratio():
+    """``scripts/design_qmt_schedule.py --objective efficiency`` (issue 16) scores √(B/CRB) from
+    ``bounds_at``: against analytic truth on the bundled schedule's exact Jacobian, with the prior of
+    target k only, B_k = 1/(1/CRB_k + p_k) and the linearised Bayes variance (BFB)_kk = CRB_k/(1 + p_k
+    CRB_k)², so std/√CRB = B_k/CRB_k; with the full prior BFB ≤ B ≤ CRB; the SAR-like energy of a
+    constant train is n α²/τ; a bad option combination is a one-line error."""
+    import subprocess
+    import sys
+
+    mod, path = _design_script()
+    sched = qmt.default_qmt_schedule()
+    theta = simulate.sample_parameters(3, sched["tr"], torch.Generator().manual_seed(4))
+    full = mod.bounds_at(theta, sched)
+    assert (full["bayes"] <= full["b"] * (1 + 1e-9)).all() and (full["b"] < full["crb"]).all()
+    prec = simulate.prior_precision(sched["tr"], n=20_000)
+    for k in range(3):
+        one = torch.zeros(9, dtype=D)
+        one[k] = prec[k]
+        r = mod.bounds_at(theta, sched, precision=one)
+        np.testing.assert_allclose(r["crb"], full["crb"], rtol=1e-9)
+        expect = 1 / (1 + prec[k] * r["crb"][:, k])
+        np.testing.assert_allclose(r["b"][:, k] / r["crb"][:, k], expect, rtol=1e-6)
+        np.testing.assert_allclose((r["bayes"][:, k] / r["crb"][:, k]).sqrt(), expect, rtol=1e-6)
+    const = qmt.schedule_from_knots([30.0] * 4, [300.0] * 4)
+    n = len(const["flip_rad"])
+    np.testing.assert_allclose(mod.sar(const), n * math.radians(30.0) ** 2 / 300e-6, rtol=1e-9)
+    proc = subprocess.run([sys.executable, str(path), "0", "1", "--objective", "efficiency", "--rank", "13"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "drop --rank" in proc.stderr.strip().splitlines()[-1]
+
+
 def test_prior_bound_at_scales_the_sets_fisher_matrix(schedule_and_basis):
     """``insilico.prior_bound_at``: the set's ``fisher_unit`` scaled to SNR_max; without a prior it is
     the CRB of the set (``crb_unit / SNR²``, computed separately), with one it is smaller."""

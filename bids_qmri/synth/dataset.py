@@ -311,7 +311,8 @@ def _qmt_signal(p: dict[str, torch.Tensor], schedule: dict, chunk: int = QMT_CHU
 
 @functools.lru_cache(maxsize=1)
 def qmt_basis(rank: int = QMT_RANK) -> tuple[torch.Tensor, dict]:
-    """Rank-``rank`` basis ``[Nt, rank]`` of the synthetic dataset's qMT data and the schedule.
+    """Rank-``rank`` basis ``[Nt, rank]`` of the synthetic dataset's qMT data and the schedule
+    (``physics.qmt.default_qmt_schedule()``; ``qmt_basis_for`` builds it, for any schedule).
 
     Issue 16: a basis that keeps the Fisher information of m0s, T1 and T2f
     (``modalities.qmt.simulate.fisher_basis``: SVD of the atoms' signals stacked with the parts of
@@ -321,9 +322,13 @@ def qmt_basis(rank: int = QMT_RANK) -> tuple[torch.Tensor, dict]:
     plain SVD (which keeps signal energy, not information; TRAINING.md). Atoms: a random
     brain-range dictionary (``QMT_BASIS_RANGES``), simulated once with its exact Jacobian and cached
     on disk (it depends only on the schedule)."""
-    from ..modalities.qmt.simulate import coefficient_jacobian, fisher_basis
+    return qmt_basis_for(qmt.default_qmt_schedule(), rank)
 
-    schedule = qmt.default_qmt_schedule()
+
+def qmt_basis_for(schedule: dict, rank: int = QMT_RANK) -> tuple[torch.Tensor, dict]:
+    """``qmt_basis``'s construction for another hybrid-state train ``schedule`` (e.g. a candidate
+    of ``scripts/design_qmt_schedule.py``), disk-cached by the schedule: ``(basis [Nt, rank], schedule)``."""
+    from ..modalities.qmt.simulate import coefficient_jacobian, fisher_basis
 
     def compute():
         rng = np.random.default_rng(2023)
