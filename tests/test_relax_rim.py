@@ -186,6 +186,70 @@ def test_rim_loss_voxel_weight_changes_only_the_weighted_voxels_terms():
     assert diff == pytest.approx(29.0 * own / (float(head.sum()) * 5 * 3), rel=1e-12)
 
 
+def test_rim_loss_bias_term_against_a_hand_loop():
+    """bias_weight λ: eq. 6 (with the B and voxel weights) + λ × the mean over steps, patches and
+    parameters of the squared mean error over each patch's loss voxels, checked against a hand loop;
+    λ = 0 is today's loss bit for bit; voxels outside the loss voxels do not enter the bias."""
+    gen = torch.Generator().manual_seed(1)
+    target = torch.rand(3, 3, 4, 5, generator=gen, dtype=torch.float64)
+    est = target[None] + 0.3 * torch.randn(4, 3, 3, 4, 5, generator=gen, dtype=torch.float64) + 0.05
+    head = torch.ones(3, 4, 5, dtype=torch.float64)
+    head[0, 0, :] = 0.0
+    head[2, :, 3:] = 0.0
+    pw = (1.0, 10.0, 1.0)
+    vw = torch.ones(3, 4, 5, dtype=torch.float64)
+    vw[1, 2, 2] = vw[2, 0, 0] = 300.0
+    for w, p, v in ((head, pw, vw), (head, None, None), (None, pw, None), (None, None, None)):
+        base = rim.rim_loss(est, target, w, p, v)
+        assert torch.equal(rim.rim_loss(est, target, w, p, v, bias_weight=0.0), base)
+        mask = torch.ones(3, 4, 5, dtype=torch.float64) if w is None else w
+        squares = []
+        for j in range(4):
+            for b in range(3):
+                for q in range(3):
+                    s = n = 0.0
+                    for r in range(4):
+                        for c in range(5):
+                            if mask[b, r, c]:
+                                s += float(est[j, b, q, r, c] - target[b, q, r, c])
+                                n += 1
+                    squares.append((s / n) ** 2)
+        hand = sum(squares) / len(squares)  # no parameter or voxel weights in the bias term
+        assert float(rim.patch_bias_term(est, target, w)) == pytest.approx(hand, rel=1e-12)
+        for lam in (0.5, 7.0):
+            got = float(rim.rim_loss(est, target, w, p, v, bias_weight=lam))
+            assert got == pytest.approx(float(base) + lam * hand, rel=1e-12)
+    outside = est.clone()
+    outside[:, 0, :, 0, :] += 5.0  # only voxels outside patch 0's loss voxels
+    assert float(rim.patch_bias_term(outside, target, head)) == pytest.approx(float(rim.patch_bias_term(est, target, head)),
+                                                                                rel=1e-12)
+
+
+def test_rim_loss_constant_offset_raises_the_bias_term_by_its_square():
+    """Estimates whose error has zero mean over every patch's loss voxels have no bias term; shifting
+    them by a constant c adds c² (λc² to the loss) — or c²/Q when only one of the Q parameters shifts —
+    while eq. 6 (no weights) rises by the same c² the MSE's bias² part predicts."""
+    gen = torch.Generator().manual_seed(2)
+    target = torch.rand(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    head = torch.ones(2, 6, 6, dtype=torch.float64)
+    head[1, :2, :] = 0.0
+    e = torch.randn(5, 2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    e = e * head[None, :, None]
+    e = e - (e.sum((-2, -1), keepdim=True) / head.sum((-2, -1))[None, :, None, None, None]) * head[None, :, None]
+    zero_mean = target[None] + e
+    assert float(rim.patch_bias_term(zero_mean, target, head)) < 1e-28
+    c, lam = 0.04, 25.0
+    eq6 = float(rim.rim_loss(zero_mean, target, head))
+    shifted = zero_mean + c
+    assert float(rim.patch_bias_term(shifted, target, head)) == pytest.approx(c * c, rel=1e-9)
+    assert float(rim.rim_loss(shifted, target, head)) == pytest.approx(eq6 + c * c, rel=1e-9)
+    assert float(rim.rim_loss(shifted, target, head, bias_weight=lam)) == pytest.approx(eq6 + c * c + lam * c * c,
+                                                                                       rel=1e-9)
+    one = zero_mean.clone()
+    one[:, :, 2] += c  # T only
+    assert float(rim.patch_bias_term(one, target, head)) == pytest.approx(c * c / 3, rel=1e-9)
+
+
 def _overfit(net, signal, target, times, steps):
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []

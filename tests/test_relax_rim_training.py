@@ -160,9 +160,9 @@ def _spy_voxel_weights(monkeypatch) -> list:
     seen = []
     orig = rim.rim_loss
 
-    def spy(est, target, weight=None, param_weight=None, voxel_weight=None):
+    def spy(est, target, weight=None, param_weight=None, voxel_weight=None, bias_weight=0.0):
         seen.append(voxel_weight)
-        return orig(est, target, weight, param_weight, voxel_weight)
+        return orig(est, target, weight, param_weight, voxel_weight, bias_weight=bias_weight)
 
     monkeypatch.setattr(rim, "rim_loss", spy)
     return seen
@@ -246,6 +246,53 @@ def test_snr_weight_reaches_training_card_and_refuses_bad_values(monkeypatch, tm
               "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert exc.value.code != 0 and "--rim-snr-weight" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bias_weight_reaches_training_loss_and_card_and_refuses_bad_values(monkeypatch, tmp_path, capsys):
+    """--rim-bias-weight λ: every loss call of the trainer (training and validation) gets λ, and its
+    value is eq. 6 + λ × rim.patch_bias_term of the same estimates; λ = 0 trains the same weights as
+    the default config; the card records λ, the validation bias term and eq. 6 alone; λ < 0,
+    λ > 1000, NaN and the ResNet are refused, by the CLI in one line."""
+    calls = []
+    orig = rim.rim_loss
+
+    def spy(est, target, weight=None, param_weight=None, voxel_weight=None, bias_weight=0.0):
+        out = orig(est, target, weight, param_weight, voxel_weight, bias_weight=bias_weight)
+        with torch.no_grad():
+            parts = (float(orig(est, target, weight, param_weight, voxel_weight)),
+                     float(rim.patch_bias_term(est, target, weight)))
+        calls.append((bias_weight, float(out.detach()), parts))
+        return out
+
+    monkeypatch.setattr(rim, "rim_loss", spy)
+    cfg = training.RelaxTrainConfig(method="rim", seed=3, bias_weight=40.0, **TINY)
+    _, card = training.train_relax_net("ir", TI, cfg)
+    trainer = [c for c in calls if c[0] != 0.0]
+    assert len(trainer) >= 3 and all(c[0] == 40.0 for c in trainer)
+    for _, total, (eq6, bias) in trainer:
+        assert bias > 0 and total == pytest.approx(eq6 + 40.0 * bias, rel=1e-6)
+    assert card["training"]["bias_weight"] == 40.0 and "40 x the mean squared patch bias" in card["training_data"]
+    assert card["validation"]["patch_bias_term"] > 0 and "loss_eq6" in card["validation"]
+    assert card["validation_loss"] == pytest.approx(card["validation"]["loss_eq6"]
+                                                    + 40.0 * card["validation"]["patch_bias_term"], rel=1e-3, abs=1e-6)
+    monkeypatch.setattr(rim, "rim_loss", orig)
+    off, _ = training.train_relax_net("ir", TI, training.RelaxTrainConfig(method="rim", seed=3, **TINY))
+    zero, card0 = training.train_relax_net("ir", TI, training.RelaxTrainConfig(method="rim", seed=3, bias_weight=0.0,
+                                                                                **TINY))
+    assert all(torch.equal(a, b) for a, b in zip(off.state_dict().values(), zero.state_dict().values()))
+    assert "patch_bias_term" not in card0["validation"] and "patch bias" not in card0["training_data"]
+    for bad in (-1.0, 1001.0, float("nan")):
+        with pytest.raises(ValueError, match="--rim-bias-weight"):
+            training.RelaxTrainConfig(method="rim", bias_weight=bad)
+    with pytest.raises(ValueError, match="RIM only"):
+        training.RelaxTrainConfig(method="resnet", bias_weight=1.0)
+    from bids_qmri.cli.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--method", "rim", "--modality", "irt1", "--times", *map(str, TI), "--rim-bias-weight", "nan",
+              "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exc.value.code != 0 and "--rim-bias-weight" in err and len(err.strip().splitlines()) == 1
 
 
 def _state(net):

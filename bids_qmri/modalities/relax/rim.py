@@ -53,6 +53,7 @@ __all__ = [
     "SEED_RESNET_CHANNELS",
     "initial_estimate",
     "nll_gradient",
+    "patch_bias_term",
     "scaled_nll_gradient",
     "rim_loss",
     "signal_model",
@@ -321,19 +322,42 @@ class RelaxResNet(nn.Module):
 
 def rim_loss(estimates: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
              param_weight: torch.Tensor | Sequence[float] | None = None,
-             voxel_weight: torch.Tensor | None = None) -> torch.Tensor:
+             voxel_weight: torch.Tensor | None = None, bias_weight: float = 0.0) -> torch.Tensor:
     """Seed 004 eq. 6: mean over the J estimates ``[J, batch, Q, H, W]`` of the squared error to
     ``target`` ``[batch, Q, H, W]`` (network coordinates), averaged over the voxels where ``weight``
     ``[batch, H, W]`` is 1 (default all) and the Q parameters. ``param_weight`` ``[Q]`` multiplies
     each parameter's squared error (default all 1: eq. 6). ``voxel_weight`` ``[batch, H, W]``
     multiplies each voxel's squared error without changing the divisor (the count of ``weight``'s
-    voxels), so only the up-weighted voxels' terms change (default all 1: eq. 6)."""
+    voxels), so only the up-weighted voxels' terms change (default all 1: eq. 6).
+
+    ``bias_weight`` λ > 0 adds λ × ``patch_bias_term``: the mean over steps, patches and parameters
+    of the squared mean error over each patch's loss voxels (an estimate of the patch's bias, since
+    a patch has one parameter draw per tissue and independent voxel noise; ln T's mean error is
+    about its relative bias). λ = 0 (default) returns eq. 6 exactly as without the argument."""
     err = (estimates - target[None]) ** 2
     if param_weight is not None:
         err = err * torch.as_tensor(param_weight, dtype=err.dtype, device=err.device)[:, None, None]
     if voxel_weight is not None:
         err = err * voxel_weight[None, :, None].to(err.dtype)
     if weight is None:
-        return err.mean()
-    w = weight[None, :, None].to(err.dtype)
-    return (err * w).sum() / (w.sum() * err.shape[0] * err.shape[2]).clamp_min(1.0)
+        loss = err.mean()
+    else:
+        w = weight[None, :, None].to(err.dtype)
+        loss = (err * w).sum() / (w.sum() * err.shape[0] * err.shape[2]).clamp_min(1.0)
+    if bias_weight:
+        loss = loss + bias_weight * patch_bias_term(estimates, target, weight)
+    return loss
+
+
+def patch_bias_term(estimates: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the J steps, the patches and the Q parameters of the squared patch bias: the mean of
+    the (unweighted) error ``estimates - target`` over each patch's voxels where ``weight``
+    ``[batch, H, W]`` is 1 (default all); a patch without loss voxels counts 0. Neither the parameter
+    nor the voxel weights of eq. 6 enter: it measures bias in network coordinates (A scaled, B, ln T)."""
+    diff = estimates - target[None]  # [J, batch, Q, H, W]
+    if weight is None:
+        mean_err = diff.mean(dim=(-2, -1))
+    else:
+        w = weight[None, :, None].to(diff.dtype)
+        mean_err = (diff * w).sum(dim=(-2, -1)) / w.sum(dim=(-2, -1)).clamp_min(1.0)
+    return (mean_err ** 2).mean()

@@ -65,6 +65,7 @@ class RelaxTrainConfig:
     b_weight: float = 1.0  # weight of B's squared error in the loss (IR; eq. 6: 1)
     structure_weight: float = 1.0  # weight of the structure voxels' squared error (needs structures; eq. 6: 1)
     snr_weight: float = 0.0  # P: each patch's squared error times (σ_min/σ)^P, σ its noise level (eq. 6: 0)
+    bias_weight: float = 0.0  # λ: + λ × mean squared patch bias (rim.patch_bias_term; eq. 6: 0)
     lr_schedule: str = "constant"
     keep: str = "best"
     average_last: int = 0  # > 0: the kept weights are the mean of the last N epochs' weights (RIM only)
@@ -84,6 +85,10 @@ class RelaxTrainConfig:
             raise ValueError("a structure loss weight needs the structures in the patches: add --relax-structures")
         if not (0.0 <= self.snr_weight <= 4.0):
             raise ValueError(f"--rim-snr-weight must be a power between 0 (off) and 4; got {self.snr_weight!r}")
+        if not (0.0 <= self.bias_weight <= 1000.0):
+            raise ValueError(f"--rim-bias-weight must be a weight between 0 (off) and 1000; got {self.bias_weight!r}")
+        if self.bias_weight and self.method != "rim":
+            raise ValueError("--rim-bias-weight is for the RIM only (its loss is rim.rim_loss over the J steps)")
         if self.average_last < 0:
             raise ValueError("--average-last must be ≥ 0 epochs (0: no averaging)")
         if self.average_last and self.method != "rim":
@@ -164,7 +169,8 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
         pw = cfg.param_weight(kind)
 
         def loss(model, p):
-            return rim.rim_loss(model(p.signal, tt), p.target, p.weight, pw, cfg.voxel_weight(p))
+            return rim.rim_loss(model(p.signal, tt), p.target, p.weight, pw, cfg.voxel_weight(p),
+                                bias_weight=cfg.bias_weight)
 
         def validate(model):
             return loss(model, val)
@@ -195,11 +201,16 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
                 kept_loss = float(validate(net))
             averaged = [e for e, _ in recent]
         metrics = evaluate_patches(net, val, times, kind)
-        if pw is not None or cfg.snr_weight:  # the kept weights on seed 004's unweighted eq. 6, comparable
-            # across B and SNR weights (the validation patches have no structures: the structure weight
-            # does not change their loss)
+        if pw is not None or cfg.snr_weight or cfg.bias_weight:  # the kept weights on seed 004's unweighted
+            # eq. 6, comparable across B, SNR and bias weights (the validation patches have no structures:
+            # the structure weight does not change their loss)
             with torch.no_grad():
-                metrics["loss_eq6"] = round(float(rim.rim_loss(net(val.signal, tt), val.target, val.weight)), 5)
+                val_est = net(val.signal, tt)
+                metrics["loss_eq6"] = round(float(rim.rim_loss(val_est, val.target, val.weight)), 5)
+                if cfg.bias_weight:  # the bias term alone (before λ), over the J steps and at the last step
+                    metrics["patch_bias_term"] = round(float(rim.patch_bias_term(val_est, val.target, val.weight)), 7)
+                    metrics["patch_bias_rms_T_last_step"] = round(float(
+                        rim.patch_bias_term(val_est[-1:, :, -1:], val.target[:, -1:], val.weight)) ** 0.5, 5)
     finally:
         torch.set_num_threads(old_threads)
     training = training_record(settings, result, n_train=n_per_epoch, n_val=cfg.n_val, simulation_s=t_sim,
@@ -233,7 +244,9 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
             + (f"; loss weight of B {cfg.b_weight:g}" if pw is not None else "")
             + (f"; loss weight of the structure voxels {cfg.structure_weight:g}" if cfg.structure_weight != 1.0
                else "")
-            + (f"; each patch's loss weighted by (sigma_min/sigma)^{cfg.snr_weight:g}" if cfg.snr_weight else "")),
+            + (f"; each patch's loss weighted by (sigma_min/sigma)^{cfg.snr_weight:g}" if cfg.snr_weight else "")
+            + (f"; plus {cfg.bias_weight:g} x the mean squared patch bias (rim.patch_bias_term)" if cfg.bias_weight
+               else "")),
         "validation_loss": kept_loss,
         "validation": {"n_patches": cfg.n_val, "sigma": "log-uniform as training", **metrics},
         "training": training,
