@@ -250,6 +250,43 @@ def test_rim_loss_constant_offset_raises_the_bias_term_by_its_square():
     assert float(rim.patch_bias_term(one, target, head)) == pytest.approx(c * c / 3, rel=1e-9)
 
 
+def test_patch_bias_term_per_group_against_a_hand_loop():
+    """bias_groups: the mean error per patch and label (labels < 0 and non-loss voxels left out),
+    squared, weighted by the pair's voxel count, averaged over steps and parameters — checked against a
+    hand loop; two groups whose biases cancel in the patch mean keep their bias here."""
+    gen = torch.Generator().manual_seed(3)
+    target = torch.rand(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    est = target[None] + 0.2 * torch.randn(3, 2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    head = torch.ones(2, 4, 5, dtype=torch.float64)
+    head[1, 0, :] = 0.0
+    labels = torch.randint(0, 3, (2, 4, 5), generator=gen)
+    labels[0, 3, :] = -1  # outside every tissue
+    labels[1, :, 4] = 4  # label 3 absent: a missing label counts nothing
+    num = den = 0.0
+    for b in range(2):
+        for g in range(5):
+            voxels = [(r, c) for r in range(4) for c in range(5) if head[b, r, c] and labels[b, r, c] == g]
+            if not voxels:
+                continue
+            for j in range(3):
+                for q in range(3):
+                    m = sum(float(est[j, b, q, r, c] - target[b, q, r, c]) for r, c in voxels) / len(voxels)
+                    num += len(voxels) * m * m
+            den += len(voxels)
+    hand = num / (den * 3 * 3)
+    assert float(rim.patch_bias_term(est, target, head, labels)) == pytest.approx(hand, rel=1e-12)
+    base = rim.rim_loss(est, target, head, (1.0, 10.0, 1.0))
+    assert float(rim.rim_loss(est, target, head, (1.0, 10.0, 1.0), bias_weight=3.0, bias_groups=labels)) == \
+        pytest.approx(float(base) + 3.0 * hand, rel=1e-12)
+    # opposite biases in two halves of a patch: zero per patch, c² per group
+    split = torch.zeros(1, 4, 4, dtype=torch.long)
+    split[0, :, 2:] = 1
+    t = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    e = (0.03 - 0.06 * split.to(torch.float64))[None, :, None]
+    assert float(rim.patch_bias_term(e, t)) == pytest.approx(0.0, abs=1e-30)
+    assert float(rim.patch_bias_term(e, t, None, split)) == pytest.approx(0.03**2, rel=1e-12)
+
+
 def _overfit(net, signal, target, times, steps):
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []

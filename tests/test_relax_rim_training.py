@@ -160,9 +160,9 @@ def _spy_voxel_weights(monkeypatch) -> list:
     seen = []
     orig = rim.rim_loss
 
-    def spy(est, target, weight=None, param_weight=None, voxel_weight=None, bias_weight=0.0):
+    def spy(est, target, weight=None, param_weight=None, voxel_weight=None, bias_weight=0.0, bias_groups=None):
         seen.append(voxel_weight)
-        return orig(est, target, weight, param_weight, voxel_weight, bias_weight=bias_weight)
+        return orig(est, target, weight, param_weight, voxel_weight, bias_weight=bias_weight, bias_groups=bias_groups)
 
     monkeypatch.setattr(rim, "rim_loss", spy)
     return seen
@@ -256,8 +256,8 @@ def test_bias_weight_reaches_training_loss_and_card_and_refuses_bad_values(monke
     calls = []
     orig = rim.rim_loss
 
-    def spy(est, target, weight=None, param_weight=None, voxel_weight=None, bias_weight=0.0):
-        out = orig(est, target, weight, param_weight, voxel_weight, bias_weight=bias_weight)
+    def spy(est, target, weight=None, param_weight=None, voxel_weight=None, bias_weight=0.0, bias_groups=None):
+        out = orig(est, target, weight, param_weight, voxel_weight, bias_weight=bias_weight, bias_groups=bias_groups)
         with torch.no_grad():
             parts = (float(orig(est, target, weight, param_weight, voxel_weight)),
                      float(rim.patch_bias_term(est, target, weight)))
@@ -286,6 +286,8 @@ def test_bias_weight_reaches_training_loss_and_card_and_refuses_bad_values(monke
             training.RelaxTrainConfig(method="rim", bias_weight=bad)
     with pytest.raises(ValueError, match="RIM only"):
         training.RelaxTrainConfig(method="resnet", bias_weight=1.0)
+    with pytest.raises(ValueError, match="--rim-bias-groups"):
+        training.RelaxTrainConfig(method="rim", bias_weight=1.0, bias_groups="voxel")
     from bids_qmri.cli.train import main
 
     with pytest.raises(SystemExit) as exc:
@@ -293,6 +295,37 @@ def test_bias_weight_reaches_training_loss_and_card_and_refuses_bad_values(monke
               "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert exc.value.code != 0 and "--rim-bias-weight" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bias_groups_tissue_hands_the_patches_dominant_tissue_to_the_loss(monkeypatch):
+    """--rim-bias-groups tissue: the patches carry each voxel's dominant tissue (argmax of the
+    phantom fractions, -1 where none; the simulated draws are unchanged) and the trainer hands these
+    labels to rim_loss with λ; the card says so; groups 'patch' (default) hands none."""
+    p = simulate.simulate_patches("ir", TI, 2, np.random.default_rng(0), resolution_mm=RES, size=20)
+    anat = simulate.anatomy(RES)
+    assert p.tissue.dtype == torch.int64 and p.tissue.shape == p.weight.shape
+    assert set(p.tissue.unique().tolist()) <= set(range(-1, len(simulate.PHANTOM_TISSUES)))
+    assert torch.all(p.tissue[p.weight > 0] >= 0) and anat.fractions.shape[0] == len(simulate.PHANTOM_TISSUES)
+    gm, wm = list(simulate.PHANTOM_TISSUES).index("GM"), list(simulate.PHANTOM_TISSUES).index("WM")
+    t1 = rim.to_physical(p.target, "ir")[:, 2]
+    # Table 1: WM T1 well below GM's; the labels pick them out of the drawn maps
+    assert float(t1[p.tissue == wm].median()) < 0.85 * float(t1[p.tissue == gm].median())
+    seen = []
+    orig = rim.rim_loss
+
+    def spy(est, target, weight=None, param_weight=None, voxel_weight=None, bias_weight=0.0, bias_groups=None):
+        seen.append((bias_weight, bias_groups))
+        return orig(est, target, weight, param_weight, voxel_weight, bias_weight=bias_weight, bias_groups=bias_groups)
+
+    monkeypatch.setattr(rim, "rim_loss", spy)
+    _, card = training.train_relax_net("ir", TI, training.RelaxTrainConfig(method="rim", seed=3, bias_weight=2.0,
+                                                                           bias_groups="tissue", **TINY))
+    trainer = [g for w, g in seen if w == 2.0]
+    assert trainer and all(g is not None and g.dtype == torch.int64 for g in trainer)
+    assert card["training"]["bias_groups"] == "tissue" and "per patch and dominant tissue" in card["training_data"]
+    seen.clear()
+    training.train_relax_net("ir", TI, training.RelaxTrainConfig(method="rim", seed=3, bias_weight=2.0, **TINY))
+    assert all(g is None for _, g in seen)
 
 
 def _state(net):

@@ -35,6 +35,7 @@ __all__ = ["LEARNED_METHODS", "RelaxTrainConfig", "build_net", "evaluate_patches
 log = logging.getLogger("bids_qmri.modalities.relax.training")
 
 LEARNED_METHODS = ("rim", "resnet")
+BIAS_GROUPS = ("patch", "tissue")  # RelaxTrainConfig.bias_groups
 MODALITY_OF_KIND = {"ir": "irt1", "t2": "mese"}
 
 
@@ -66,6 +67,7 @@ class RelaxTrainConfig:
     structure_weight: float = 1.0  # weight of the structure voxels' squared error (needs structures; eq. 6: 1)
     snr_weight: float = 0.0  # P: each patch's squared error times (σ_min/σ)^P, σ its noise level (eq. 6: 0)
     bias_weight: float = 0.0  # λ: + λ × mean squared patch bias (rim.patch_bias_term; eq. 6: 0)
+    bias_groups: str = "patch"  # the bias term's means: per patch, or per patch and dominant tissue (Patches.tissue)
     lr_schedule: str = "constant"
     keep: str = "best"
     average_last: int = 0  # > 0: the kept weights are the mean of the last N epochs' weights (RIM only)
@@ -87,6 +89,8 @@ class RelaxTrainConfig:
             raise ValueError(f"--rim-snr-weight must be a power between 0 (off) and 4; got {self.snr_weight!r}")
         if not (0.0 <= self.bias_weight <= 1000.0):
             raise ValueError(f"--rim-bias-weight must be a weight between 0 (off) and 1000; got {self.bias_weight!r}")
+        if self.bias_groups not in BIAS_GROUPS:
+            raise ValueError(f"--rim-bias-groups must be one of {', '.join(BIAS_GROUPS)}; got {self.bias_groups!r}")
         if self.bias_weight and self.method != "rim":
             raise ValueError("--rim-bias-weight is for the RIM only (its loss is rim.rim_loss over the J steps)")
         if self.average_last < 0:
@@ -115,6 +119,11 @@ class RelaxTrainConfig:
             per_patch = per_patch.to(patches.target.dtype)[:, None, None]
             weight = per_patch.expand(patches.weight.shape) if weight is None else weight * per_patch
         return weight
+
+
+    def bias_group_labels(self, patches) -> torch.Tensor | None:
+        """The ``bias_groups`` labels ``rim.rim_loss`` takes: None (per patch) or ``Patches.tissue``."""
+        return patches.tissue if self.bias_weight and self.bias_groups == "tissue" else None
 
 
 def build_net(method: str, kind: str, n_times: int, cfg: RelaxTrainConfig) -> torch.nn.Module:
@@ -170,7 +179,7 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
 
         def loss(model, p):
             return rim.rim_loss(model(p.signal, tt), p.target, p.weight, pw, cfg.voxel_weight(p),
-                                bias_weight=cfg.bias_weight)
+                                bias_weight=cfg.bias_weight, bias_groups=cfg.bias_group_labels(p))
 
         def validate(model):
             return loss(model, val)
@@ -208,9 +217,11 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
                 val_est = net(val.signal, tt)
                 metrics["loss_eq6"] = round(float(rim.rim_loss(val_est, val.target, val.weight)), 5)
                 if cfg.bias_weight:  # the bias term alone (before λ), over the J steps and at the last step
-                    metrics["patch_bias_term"] = round(float(rim.patch_bias_term(val_est, val.target, val.weight)), 7)
+                    groups = cfg.bias_group_labels(val)
+                    metrics["patch_bias_term"] = round(float(rim.patch_bias_term(val_est, val.target, val.weight,
+                                                                                 groups)), 7)
                     metrics["patch_bias_rms_T_last_step"] = round(float(
-                        rim.patch_bias_term(val_est[-1:, :, -1:], val.target[:, -1:], val.weight)) ** 0.5, 5)
+                        rim.patch_bias_term(val_est[-1:, :, -1:], val.target[:, -1:], val.weight, groups)) ** 0.5, 5)
     finally:
         torch.set_num_threads(old_threads)
     training = training_record(settings, result, n_train=n_per_epoch, n_val=cfg.n_val, simulation_s=t_sim,
@@ -245,7 +256,8 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
             + (f"; loss weight of the structure voxels {cfg.structure_weight:g}" if cfg.structure_weight != 1.0
                else "")
             + (f"; each patch's loss weighted by (sigma_min/sigma)^{cfg.snr_weight:g}" if cfg.snr_weight else "")
-            + (f"; plus {cfg.bias_weight:g} x the mean squared patch bias (rim.patch_bias_term)" if cfg.bias_weight
+            + (f"; plus {cfg.bias_weight:g} x the mean squared patch bias (rim.patch_bias_term"
+               + (", per patch and dominant tissue)" if cfg.bias_groups == "tissue" else ")") if cfg.bias_weight
                else "")),
         "validation_loss": kept_loss,
         "validation": {"n_patches": cfg.n_val, "sigma": "log-uniform as training", **metrics},
