@@ -199,6 +199,8 @@ def test_rim_loss_bias_term_against_a_hand_loop():
     pw = (1.0, 10.0, 1.0)
     vw = torch.ones(3, 4, 5, dtype=torch.float64)
     vw[1, 2, 2] = vw[2, 0, 0] = 300.0
+    patch_w = (1.0, 0.25, 1 / 39.2)  # (σ_min/σ)^1 at SNR 100, 25, 2.55
+    patch_w_t = torch.tensor(patch_w, dtype=torch.float64)
     for w, p, v in ((head, pw, vw), (head, None, None), (None, pw, None), (None, None, None)):
         base = rim.rim_loss(est, target, w, p, v)
         assert torch.equal(rim.rim_loss(est, target, w, p, v, bias_weight=0.0), base)
@@ -219,6 +221,14 @@ def test_rim_loss_bias_term_against_a_hand_loop():
         for lam in (0.5, 7.0):
             got = float(rim.rim_loss(est, target, w, p, v, bias_weight=lam))
             assert got == pytest.approx(float(base) + lam * hand, rel=1e-12)
+        # a patch weight (the trainer's SNR weight) multiplies each patch's squares, same divisor
+        hand_pw = sum(sq * patch_w[(i // 3) % 3] for i, sq in enumerate(squares)) / len(squares)
+        assert float(rim.patch_bias_term(est, target, w, None, patch_w_t)) == pytest.approx(hand_pw, rel=1e-12)
+        assert float(rim.rim_loss(est, target, w, p, v, bias_weight=2.0, bias_patch_weight=patch_w_t)) == \
+            pytest.approx(float(base) + 2.0 * hand_pw, rel=1e-12)
+        assert torch.equal(rim.patch_bias_term(est, target, w, None, torch.ones(3, dtype=torch.float64)),
+                           rim.patch_bias_term(est, target, w))
+        assert torch.equal(rim.rim_loss(est, target, w, p, v, bias_patch_weight=patch_w_t), base)  # λ = 0
     outside = est.clone()
     outside[:, 0, :, 0, :] += 5.0  # only voxels outside patch 0's loss voxels
     assert float(rim.patch_bias_term(outside, target, head)) == pytest.approx(float(rim.patch_bias_term(est, target, head)),
@@ -262,7 +272,8 @@ def test_patch_bias_term_per_group_against_a_hand_loop():
     labels = torch.randint(0, 3, (2, 4, 5), generator=gen)
     labels[0, 3, :] = -1  # outside every tissue
     labels[1, :, 4] = 4  # label 3 absent: a missing label counts nothing
-    num = den = 0.0
+    patch_w = (1.0, 0.1)
+    num = num_pw = den = 0.0
     for b in range(2):
         for g in range(5):
             voxels = [(r, c) for r in range(4) for c in range(5) if head[b, r, c] and labels[b, r, c] == g]
@@ -272,9 +283,18 @@ def test_patch_bias_term_per_group_against_a_hand_loop():
                 for q in range(3):
                     m = sum(float(est[j, b, q, r, c] - target[b, q, r, c]) for r, c in voxels) / len(voxels)
                     num += len(voxels) * m * m
+                    num_pw += patch_w[b] * len(voxels) * m * m
             den += len(voxels)
     hand = num / (den * 3 * 3)
     assert float(rim.patch_bias_term(est, target, head, labels)) == pytest.approx(hand, rel=1e-12)
+    # a patch weight multiplies its pairs' squares, the divisor (voxel count) unchanged
+    pw_t = torch.tensor(patch_w, dtype=torch.float64)
+    assert float(rim.patch_bias_term(est, target, head, labels, pw_t)) == pytest.approx(num_pw / (den * 3 * 3), rel=1e-12)
+    assert float(rim.rim_loss(est, target, head, (1.0, 10.0, 1.0), bias_weight=3.0, bias_groups=labels,
+                              bias_patch_weight=pw_t)) == \
+        pytest.approx(float(rim.rim_loss(est, target, head, (1.0, 10.0, 1.0))) + 3.0 * num_pw / (den * 3 * 3), rel=1e-12)
+    assert torch.equal(rim.patch_bias_term(est, target, head, labels, torch.ones(2, dtype=torch.float64)),
+                       rim.patch_bias_term(est, target, head, labels))
     base = rim.rim_loss(est, target, head, (1.0, 10.0, 1.0))
     assert float(rim.rim_loss(est, target, head, (1.0, 10.0, 1.0), bias_weight=3.0, bias_groups=labels)) == \
         pytest.approx(float(base) + 3.0 * hand, rel=1e-12)

@@ -45,7 +45,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rim-bias-weight", type=float, default=d.bias_weight, metavar="LAMBDA",
                    help="add LAMBDA x the mean over steps, patches and parameters of the squared mean error over "
                         "each patch's loss voxels (the patch's bias; ln T1's is about its relative bias) to the RIM "
-                        "loss; 0 <= LAMBDA <= 1000 (seed 004 eq. 6: 0)")
+                        "loss (with --rim-snr-weight P each patch's squares weighted as its voxels); 0 <= LAMBDA <= 1000 "
+                        "(seed 004 eq. 6: 0)")
     g.add_argument("--rim-bias-groups", choices=["patch", "tissue"], default=d.bias_groups,
                    help="the --rim-bias-weight term's means: over each patch's loss voxels (patch), or per patch "
                         "and dominant tissue, each weighted by its voxel count (tissue: the bias of one tissue "

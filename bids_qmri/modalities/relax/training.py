@@ -114,11 +114,18 @@ class RelaxTrainConfig:
         weight = None
         if self.structure_weight != 1.0 and patches.structure is not None:
             weight = torch.where(patches.structure, self.structure_weight, 1.0).to(patches.target.dtype)
-        if self.snr_weight:
-            per_patch = (SIGMA_RANGE[0] / patches.sigma.double()) ** self.snr_weight
-            per_patch = per_patch.to(patches.target.dtype)[:, None, None]
+        per_patch = self.snr_patch_weight(patches)
+        if per_patch is not None:
+            per_patch = per_patch[:, None, None]
             weight = per_patch.expand(patches.weight.shape) if weight is None else weight * per_patch
         return weight
+
+    def snr_patch_weight(self, patches) -> torch.Tensor | None:
+        """Each patch's ``(SIGMA_RANGE[0] / σ)^P`` ``[batch]`` for ``snr_weight`` P > 0 (the factor on its
+        voxels in ``voxel_weight`` and on its squared biases in the bias term), None for P = 0."""
+        if not self.snr_weight:
+            return None
+        return ((SIGMA_RANGE[0] / patches.sigma.double()) ** self.snr_weight).to(patches.target.dtype)
 
 
     def bias_group_labels(self, patches) -> torch.Tensor | None:
@@ -179,7 +186,8 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
 
         def loss(model, p):
             return rim.rim_loss(model(p.signal, tt), p.target, p.weight, pw, cfg.voxel_weight(p),
-                                bias_weight=cfg.bias_weight, bias_groups=cfg.bias_group_labels(p))
+                                bias_weight=cfg.bias_weight, bias_groups=cfg.bias_group_labels(p),
+                                bias_patch_weight=cfg.snr_patch_weight(p) if cfg.bias_weight else None)
 
         def validate(model):
             return loss(model, val)
@@ -257,8 +265,9 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
                else "")
             + (f"; each patch's loss weighted by (sigma_min/sigma)^{cfg.snr_weight:g}" if cfg.snr_weight else "")
             + (f"; plus {cfg.bias_weight:g} x the mean squared patch bias (rim.patch_bias_term"
-               + (", per patch and dominant tissue)" if cfg.bias_groups == "tissue" else ")") if cfg.bias_weight
-               else "")),
+               + (", per patch and dominant tissue" if cfg.bias_groups == "tissue" else "")
+               + (", each patch's squares weighted by its (sigma_min/sigma)^P)" if cfg.snr_weight else ")")
+               if cfg.bias_weight else "")),
         "validation_loss": kept_loss,
         "validation": {"n_patches": cfg.n_val, "sigma": "log-uniform as training", **metrics},
         "training": training,
