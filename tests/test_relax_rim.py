@@ -186,6 +186,127 @@ def test_rim_loss_voxel_weight_changes_only_the_weighted_voxels_terms():
     assert diff == pytest.approx(29.0 * own / (float(head.sum()) * 5 * 3), rel=1e-12)
 
 
+def test_rim_loss_bias_term_against_a_hand_loop():
+    """bias_weight λ: eq. 6 (with the B and voxel weights) + λ × the mean over steps, patches and
+    parameters of the squared mean error over each patch's loss voxels, checked against a hand loop;
+    λ = 0 is today's loss bit for bit; voxels outside the loss voxels do not enter the bias."""
+    gen = torch.Generator().manual_seed(1)
+    target = torch.rand(3, 3, 4, 5, generator=gen, dtype=torch.float64)
+    est = target[None] + 0.3 * torch.randn(4, 3, 3, 4, 5, generator=gen, dtype=torch.float64) + 0.05
+    head = torch.ones(3, 4, 5, dtype=torch.float64)
+    head[0, 0, :] = 0.0
+    head[2, :, 3:] = 0.0
+    pw = (1.0, 10.0, 1.0)
+    vw = torch.ones(3, 4, 5, dtype=torch.float64)
+    vw[1, 2, 2] = vw[2, 0, 0] = 300.0
+    patch_w = (1.0, 0.25, 1 / 39.2)  # (σ_min/σ)^1 at SNR 100, 25, 2.55
+    patch_w_t = torch.tensor(patch_w, dtype=torch.float64)
+    for w, p, v in ((head, pw, vw), (head, None, None), (None, pw, None), (None, None, None)):
+        base = rim.rim_loss(est, target, w, p, v)
+        assert torch.equal(rim.rim_loss(est, target, w, p, v, bias_weight=0.0), base)
+        mask = torch.ones(3, 4, 5, dtype=torch.float64) if w is None else w
+        squares = []
+        for j in range(4):
+            for b in range(3):
+                for q in range(3):
+                    s = n = 0.0
+                    for r in range(4):
+                        for c in range(5):
+                            if mask[b, r, c]:
+                                s += float(est[j, b, q, r, c] - target[b, q, r, c])
+                                n += 1
+                    squares.append((s / n) ** 2)
+        hand = sum(squares) / len(squares)  # no parameter or voxel weights in the bias term
+        assert float(rim.patch_bias_term(est, target, w)) == pytest.approx(hand, rel=1e-12)
+        for lam in (0.5, 7.0):
+            got = float(rim.rim_loss(est, target, w, p, v, bias_weight=lam))
+            assert got == pytest.approx(float(base) + lam * hand, rel=1e-12)
+        # a patch weight (the trainer's SNR weight) multiplies each patch's squares, same divisor
+        hand_pw = sum(sq * patch_w[(i // 3) % 3] for i, sq in enumerate(squares)) / len(squares)
+        assert float(rim.patch_bias_term(est, target, w, None, patch_w_t)) == pytest.approx(hand_pw, rel=1e-12)
+        assert float(rim.rim_loss(est, target, w, p, v, bias_weight=2.0, bias_patch_weight=patch_w_t)) == \
+            pytest.approx(float(base) + 2.0 * hand_pw, rel=1e-12)
+        assert torch.equal(rim.patch_bias_term(est, target, w, None, torch.ones(3, dtype=torch.float64)),
+                           rim.patch_bias_term(est, target, w))
+        assert torch.equal(rim.rim_loss(est, target, w, p, v, bias_patch_weight=patch_w_t), base)  # λ = 0
+    outside = est.clone()
+    outside[:, 0, :, 0, :] += 5.0  # only voxels outside patch 0's loss voxels
+    assert float(rim.patch_bias_term(outside, target, head)) == pytest.approx(float(rim.patch_bias_term(est, target, head)),
+                                                                                rel=1e-12)
+
+
+def test_rim_loss_constant_offset_raises_the_bias_term_by_its_square():
+    """Estimates whose error has zero mean over every patch's loss voxels have no bias term; shifting
+    them by a constant c adds c² (λc² to the loss) — or c²/Q when only one of the Q parameters shifts —
+    while eq. 6 (no weights) rises by the same c² the MSE's bias² part predicts."""
+    gen = torch.Generator().manual_seed(2)
+    target = torch.rand(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    head = torch.ones(2, 6, 6, dtype=torch.float64)
+    head[1, :2, :] = 0.0
+    e = torch.randn(5, 2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    e = e * head[None, :, None]
+    e = e - (e.sum((-2, -1), keepdim=True) / head.sum((-2, -1))[None, :, None, None, None]) * head[None, :, None]
+    zero_mean = target[None] + e
+    assert float(rim.patch_bias_term(zero_mean, target, head)) < 1e-28
+    c, lam = 0.04, 25.0
+    eq6 = float(rim.rim_loss(zero_mean, target, head))
+    shifted = zero_mean + c
+    assert float(rim.patch_bias_term(shifted, target, head)) == pytest.approx(c * c, rel=1e-9)
+    assert float(rim.rim_loss(shifted, target, head)) == pytest.approx(eq6 + c * c, rel=1e-9)
+    assert float(rim.rim_loss(shifted, target, head, bias_weight=lam)) == pytest.approx(eq6 + c * c + lam * c * c,
+                                                                                       rel=1e-9)
+    one = zero_mean.clone()
+    one[:, :, 2] += c  # T only
+    assert float(rim.patch_bias_term(one, target, head)) == pytest.approx(c * c / 3, rel=1e-9)
+
+
+def test_patch_bias_term_per_group_against_a_hand_loop():
+    """bias_groups: the mean error per patch and label (labels < 0 and non-loss voxels left out),
+    squared, weighted by the pair's voxel count, averaged over steps and parameters — checked against a
+    hand loop; two groups whose biases cancel in the patch mean keep their bias here."""
+    gen = torch.Generator().manual_seed(3)
+    target = torch.rand(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    est = target[None] + 0.2 * torch.randn(3, 2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    head = torch.ones(2, 4, 5, dtype=torch.float64)
+    head[1, 0, :] = 0.0
+    labels = torch.randint(0, 3, (2, 4, 5), generator=gen)
+    labels[0, 3, :] = -1  # outside every tissue
+    labels[1, :, 4] = 4  # label 3 absent: a missing label counts nothing
+    patch_w = (1.0, 0.1)
+    num = num_pw = den = 0.0
+    for b in range(2):
+        for g in range(5):
+            voxels = [(r, c) for r in range(4) for c in range(5) if head[b, r, c] and labels[b, r, c] == g]
+            if not voxels:
+                continue
+            for j in range(3):
+                for q in range(3):
+                    m = sum(float(est[j, b, q, r, c] - target[b, q, r, c]) for r, c in voxels) / len(voxels)
+                    num += len(voxels) * m * m
+                    num_pw += patch_w[b] * len(voxels) * m * m
+            den += len(voxels)
+    hand = num / (den * 3 * 3)
+    assert float(rim.patch_bias_term(est, target, head, labels)) == pytest.approx(hand, rel=1e-12)
+    # a patch weight multiplies its pairs' squares, the divisor (voxel count) unchanged
+    pw_t = torch.tensor(patch_w, dtype=torch.float64)
+    assert float(rim.patch_bias_term(est, target, head, labels, pw_t)) == pytest.approx(num_pw / (den * 3 * 3), rel=1e-12)
+    assert float(rim.rim_loss(est, target, head, (1.0, 10.0, 1.0), bias_weight=3.0, bias_groups=labels,
+                              bias_patch_weight=pw_t)) == \
+        pytest.approx(float(rim.rim_loss(est, target, head, (1.0, 10.0, 1.0))) + 3.0 * num_pw / (den * 3 * 3), rel=1e-12)
+    assert torch.equal(rim.patch_bias_term(est, target, head, labels, torch.ones(2, dtype=torch.float64)),
+                       rim.patch_bias_term(est, target, head, labels))
+    base = rim.rim_loss(est, target, head, (1.0, 10.0, 1.0))
+    assert float(rim.rim_loss(est, target, head, (1.0, 10.0, 1.0), bias_weight=3.0, bias_groups=labels)) == \
+        pytest.approx(float(base) + 3.0 * hand, rel=1e-12)
+    # opposite biases in two halves of a patch: zero per patch, c² per group
+    split = torch.zeros(1, 4, 4, dtype=torch.long)
+    split[0, :, 2:] = 1
+    t = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    e = (0.03 - 0.06 * split.to(torch.float64))[None, :, None]
+    assert float(rim.patch_bias_term(e, t)) == pytest.approx(0.0, abs=1e-30)
+    assert float(rim.patch_bias_term(e, t, None, split)) == pytest.approx(0.03**2, rel=1e-12)
+
+
 def _overfit(net, signal, target, times, steps):
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []

@@ -160,9 +160,11 @@ def _spy_voxel_weights(monkeypatch) -> list:
     seen = []
     orig = rim.rim_loss
 
-    def spy(est, target, weight=None, param_weight=None, voxel_weight=None):
+    def spy(est, target, weight=None, param_weight=None, voxel_weight=None, bias_weight=0.0, bias_groups=None,
+            bias_patch_weight=None):
         seen.append(voxel_weight)
-        return orig(est, target, weight, param_weight, voxel_weight)
+        return orig(est, target, weight, param_weight, voxel_weight, bias_weight=bias_weight, bias_groups=bias_groups,
+                    bias_patch_weight=bias_patch_weight)
 
     monkeypatch.setattr(rim, "rim_loss", spy)
     return seen
@@ -246,6 +248,105 @@ def test_snr_weight_reaches_training_card_and_refuses_bad_values(monkeypatch, tm
               "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert exc.value.code != 0 and "--rim-snr-weight" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bias_weight_reaches_training_loss_and_card_and_refuses_bad_values(monkeypatch, tmp_path, capsys):
+    """--rim-bias-weight λ: every loss call of the trainer (training and validation) gets λ, and its
+    value is eq. 6 + λ × rim.patch_bias_term of the same estimates; λ = 0 trains the same weights as
+    the default config; the card records λ, the validation bias term and eq. 6 alone; λ < 0,
+    λ > 1000, NaN and the ResNet are refused, by the CLI in one line. With --rim-snr-weight P the
+    bias term weighs each patch's squares by the same (σ_min/σ)^P its voxels get in eq. 6 (and by
+    nothing with P = 0)."""
+    calls = []
+    orig = rim.rim_loss
+
+    def spy(est, target, weight=None, param_weight=None, voxel_weight=None, bias_weight=0.0, bias_groups=None,
+            bias_patch_weight=None):
+        out = orig(est, target, weight, param_weight, voxel_weight, bias_weight=bias_weight, bias_groups=bias_groups,
+                   bias_patch_weight=bias_patch_weight)
+        with torch.no_grad():
+            parts = (float(orig(est, target, weight, param_weight, voxel_weight)),
+                     float(rim.patch_bias_term(est, target, weight)))
+            if bias_patch_weight is not None:  # the SNR-weighted term, and the factor on each patch's voxels
+                parts += (float(rim.patch_bias_term(est, target, weight, bias_groups, bias_patch_weight)),
+                          float(rim.patch_bias_term(est, target, weight, bias_groups)), voxel_weight, bias_patch_weight)
+        calls.append((bias_weight, float(out.detach()), parts))
+        return out
+
+    monkeypatch.setattr(rim, "rim_loss", spy)
+    cfg = training.RelaxTrainConfig(method="rim", seed=3, bias_weight=40.0, **TINY)
+    _, card = training.train_relax_net("ir", TI, cfg)
+    trainer = [c for c in calls if c[0] != 0.0]
+    assert len(trainer) >= 3 and all(c[0] == 40.0 for c in trainer)
+    for _, total, (eq6, bias) in trainer:  # P = 0: no patch weight reaches the term
+        assert bias > 0 and total == pytest.approx(eq6 + 40.0 * bias, rel=1e-6)
+    assert card["training"]["bias_weight"] == 40.0 and "40 x the mean squared patch bias" in card["training_data"]
+    calls.clear()
+    _, card_p = training.train_relax_net("ir", TI, training.RelaxTrainConfig(
+        method="rim", seed=3, bias_weight=40.0, bias_groups="tissue", snr_weight=1.0, **TINY))
+    trainer = [c for c in calls if c[0] != 0.0]
+    assert len(trainer) >= 3 and all(len(c[2]) == 6 for c in trainer)
+    for _, total, (eq6, _, snr_term, plain_term, vw, bpw) in trainer:
+        torch.testing.assert_close(bpw, vw[:, 0, 0], rtol=0, atol=0)  # the same factor as the patch's voxels
+        assert bool(((bpw > 0) & (bpw <= 1)).all()) and float(bpw.min()) < 1
+        assert 0 < snr_term < plain_term and total == pytest.approx(eq6 + 40.0 * snr_term, rel=1e-6)
+    assert "each patch's squares weighted by its (sigma_min/sigma)^P" in card_p["training_data"]
+    assert card["validation"]["patch_bias_term"] > 0 and "loss_eq6" in card["validation"]
+    assert card["validation_loss"] == pytest.approx(card["validation"]["loss_eq6"]
+                                                    + 40.0 * card["validation"]["patch_bias_term"], rel=1e-3, abs=1e-6)
+    monkeypatch.setattr(rim, "rim_loss", orig)
+    off, _ = training.train_relax_net("ir", TI, training.RelaxTrainConfig(method="rim", seed=3, **TINY))
+    zero, card0 = training.train_relax_net("ir", TI, training.RelaxTrainConfig(method="rim", seed=3, bias_weight=0.0,
+                                                                                **TINY))
+    assert all(torch.equal(a, b) for a, b in zip(off.state_dict().values(), zero.state_dict().values()))
+    assert "patch_bias_term" not in card0["validation"] and "patch bias" not in card0["training_data"]
+    for bad in (-1.0, 1001.0, float("nan")):
+        with pytest.raises(ValueError, match="--rim-bias-weight"):
+            training.RelaxTrainConfig(method="rim", bias_weight=bad)
+    with pytest.raises(ValueError, match="RIM only"):
+        training.RelaxTrainConfig(method="resnet", bias_weight=1.0)
+    with pytest.raises(ValueError, match="--rim-bias-groups"):
+        training.RelaxTrainConfig(method="rim", bias_weight=1.0, bias_groups="voxel")
+    from bids_qmri.cli.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--method", "rim", "--modality", "irt1", "--times", *map(str, TI), "--rim-bias-weight", "nan",
+              "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exc.value.code != 0 and "--rim-bias-weight" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bias_groups_tissue_hands_the_patches_dominant_tissue_to_the_loss(monkeypatch):
+    """--rim-bias-groups tissue: the patches carry each voxel's dominant tissue (argmax of the
+    phantom fractions, -1 where none; the simulated draws are unchanged) and the trainer hands these
+    labels to rim_loss with λ; the card says so; groups 'patch' (default) hands none."""
+    p = simulate.simulate_patches("ir", TI, 2, np.random.default_rng(0), resolution_mm=RES, size=20)
+    anat = simulate.anatomy(RES)
+    assert p.tissue.dtype == torch.int64 and p.tissue.shape == p.weight.shape
+    assert set(p.tissue.unique().tolist()) <= set(range(-1, len(simulate.PHANTOM_TISSUES)))
+    assert torch.all(p.tissue[p.weight > 0] >= 0) and anat.fractions.shape[0] == len(simulate.PHANTOM_TISSUES)
+    gm, wm = list(simulate.PHANTOM_TISSUES).index("GM"), list(simulate.PHANTOM_TISSUES).index("WM")
+    t1 = rim.to_physical(p.target, "ir")[:, 2]
+    # Table 1: WM T1 well below GM's; the labels pick them out of the drawn maps
+    assert float(t1[p.tissue == wm].median()) < 0.85 * float(t1[p.tissue == gm].median())
+    seen = []
+    orig = rim.rim_loss
+
+    def spy(est, target, weight=None, param_weight=None, voxel_weight=None, bias_weight=0.0, bias_groups=None,
+            bias_patch_weight=None):
+        seen.append((bias_weight, bias_groups))
+        return orig(est, target, weight, param_weight, voxel_weight, bias_weight=bias_weight, bias_groups=bias_groups,
+                    bias_patch_weight=bias_patch_weight)
+
+    monkeypatch.setattr(rim, "rim_loss", spy)
+    _, card = training.train_relax_net("ir", TI, training.RelaxTrainConfig(method="rim", seed=3, bias_weight=2.0,
+                                                                           bias_groups="tissue", **TINY))
+    trainer = [g for w, g in seen if w == 2.0]
+    assert trainer and all(g is not None and g.dtype == torch.int64 for g in trainer)
+    assert card["training"]["bias_groups"] == "tissue" and "per patch and dominant tissue" in card["training_data"]
+    seen.clear()
+    training.train_relax_net("ir", TI, training.RelaxTrainConfig(method="rim", seed=3, bias_weight=2.0, **TINY))
+    assert all(g is None for _, g in seen)
 
 
 def _state(net):

@@ -42,6 +42,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="weight each training patch's squared error by (sigma_min/sigma)^P, sigma its noise level "
                         "(1 at SNR 100, 1/39^P at SNR 3): less weight on the low-SNR patches' large errors; "
                         "0 <= P <= 4 (seed 004 eq. 6: 0)")
+    g.add_argument("--rim-bias-weight", type=float, default=d.bias_weight, metavar="LAMBDA",
+                   help="add LAMBDA x the mean over steps, patches and parameters of the squared mean error over "
+                        "each patch's loss voxels (the patch's bias; ln T1's is about its relative bias) to the RIM "
+                        "loss (with --rim-snr-weight P each patch's squares weighted as its voxels); 0 <= LAMBDA <= 1000 "
+                        "(seed 004 eq. 6: 0)")
+    g.add_argument("--rim-bias-groups", choices=["patch", "tissue"], default=d.bias_groups,
+                   help="the --rim-bias-weight term's means: over each patch's loss voxels (patch), or per patch "
+                        "and dominant tissue, each weighted by its voxel count (tissue: the bias of one tissue "
+                        "draw, not a mix in which tissues' biases of opposite sign cancel)")
     g.add_argument("--average-last", type=int, default=d.average_last, metavar="N",
                    help="keep the arithmetic mean of the last N epochs' RIM weights instead of one epoch's "
                         "(smooths the epoch-to-epoch swing of a constant learning rate; 0: off)")
@@ -89,7 +98,8 @@ def train_from_args_for(modality: str):
                 hidden=args.rim_hidden, steps=args.rim_steps, gru_kernel=args.rim_gru_kernel,
                 rim_gradient=args.rim_gradient, structures=args.relax_structures,
                 structure_weight=args.relax_structure_weight, b_weight=args.rim_b_weight,
-                snr_weight=args.rim_snr_weight,
+                snr_weight=args.rim_snr_weight, bias_weight=args.rim_bias_weight,
+                bias_groups=args.rim_bias_groups,
                 average_last=args.average_last,
                 init_from=str(args.init_from) if args.init_from else None,
                 resnet_channels=tuple(args.resnet_channels), **{k: v for k, v in given.items() if v is not None})

@@ -53,6 +53,7 @@ __all__ = [
     "SEED_RESNET_CHANNELS",
     "initial_estimate",
     "nll_gradient",
+    "patch_bias_term",
     "scaled_nll_gradient",
     "rim_loss",
     "signal_model",
@@ -321,19 +322,66 @@ class RelaxResNet(nn.Module):
 
 def rim_loss(estimates: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
              param_weight: torch.Tensor | Sequence[float] | None = None,
-             voxel_weight: torch.Tensor | None = None) -> torch.Tensor:
+             voxel_weight: torch.Tensor | None = None, bias_weight: float = 0.0,
+             bias_groups: torch.Tensor | None = None, bias_patch_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Seed 004 eq. 6: mean over the J estimates ``[J, batch, Q, H, W]`` of the squared error to
     ``target`` ``[batch, Q, H, W]`` (network coordinates), averaged over the voxels where ``weight``
     ``[batch, H, W]`` is 1 (default all) and the Q parameters. ``param_weight`` ``[Q]`` multiplies
     each parameter's squared error (default all 1: eq. 6). ``voxel_weight`` ``[batch, H, W]``
     multiplies each voxel's squared error without changing the divisor (the count of ``weight``'s
-    voxels), so only the up-weighted voxels' terms change (default all 1: eq. 6)."""
+    voxels), so only the up-weighted voxels' terms change (default all 1: eq. 6).
+
+    ``bias_weight`` λ > 0 adds λ × ``patch_bias_term``: the mean over steps, patches and parameters
+    of the squared mean error over each patch's loss voxels (an estimate of the patch's bias, since
+    a patch has one parameter draw per tissue and independent voxel noise; ln T's mean error is
+    about its relative bias); with ``bias_groups`` ``[batch, H, W]`` (integer labels, e.g. each voxel's
+    dominant tissue, ``Patches.tissue``) per patch and group instead; ``bias_patch_weight`` ``[batch]``
+    multiplies each patch's squared biases (the trainer passes the SNR weight it puts on the patch's
+    voxels, so a patch counts in the term as in eq. 6). λ = 0 (default) returns eq. 6 exactly as
+    without the arguments."""
     err = (estimates - target[None]) ** 2
     if param_weight is not None:
         err = err * torch.as_tensor(param_weight, dtype=err.dtype, device=err.device)[:, None, None]
     if voxel_weight is not None:
         err = err * voxel_weight[None, :, None].to(err.dtype)
     if weight is None:
-        return err.mean()
-    w = weight[None, :, None].to(err.dtype)
-    return (err * w).sum() / (w.sum() * err.shape[0] * err.shape[2]).clamp_min(1.0)
+        loss = err.mean()
+    else:
+        w = weight[None, :, None].to(err.dtype)
+        loss = (err * w).sum() / (w.sum() * err.shape[0] * err.shape[2]).clamp_min(1.0)
+    if bias_weight:
+        loss = loss + bias_weight * patch_bias_term(estimates, target, weight, bias_groups, bias_patch_weight)
+    return loss
+
+
+def patch_bias_term(estimates: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                    groups: torch.Tensor | None = None, patch_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared patch bias: the mean of the (unweighted) error ``estimates - target`` over each patch's
+    voxels where ``weight`` ``[batch, H, W]`` is 1 (default all), squared, and averaged over the J
+    steps, the patches and the Q parameters (a patch without loss voxels counts 0). With ``groups``
+    ``[batch, H, W]`` (integer labels ≥ 0; < 0 leaves a voxel out) the mean error is taken per patch
+    and label instead, and the squares are averaged over steps, parameters and (patch, label) pairs
+    weighted by the pair's count of loss voxels (a label on a handful of voxels weighs little: its mean
+    is mostly noise). ``patch_weight`` ``[batch]`` multiplies each patch's squares without changing the
+    divisor (as ``rim_loss``'s ``voxel_weight`` does in eq. 6; default all 1). Neither the parameter nor
+    the per-voxel weights of eq. 6 enter: it measures bias in network coordinates (A scaled, B, ln T)."""
+    diff = estimates - target[None]  # [J, batch, Q, H, W]
+    if weight is None:
+        weight = torch.ones(diff.shape[1:2] + diff.shape[-2:], dtype=diff.dtype, device=diff.device)
+    w = weight.to(diff.dtype)
+    if groups is None:
+        mean_err = (diff * w[None, :, None]).sum(dim=(-2, -1)) / w.sum(dim=(-2, -1)).clamp_min(1.0)[None, :, None]
+        sq = mean_err ** 2
+        if patch_weight is not None:
+            sq = sq * patch_weight.to(sq.dtype)[None, :, None]
+        return sq.mean()
+    groups = groups.long()
+    n_groups = int(groups.max()) + 1 if groups.numel() else 0
+    if n_groups <= 0:
+        return diff.new_zeros(())
+    member = torch.nn.functional.one_hot(groups.clamp_min(0), n_groups).to(diff.dtype)  # [batch, H, W, G]
+    member = member * ((groups >= 0).to(diff.dtype) * w)[..., None]
+    count = member.sum(dim=(1, 2))  # [batch, G]
+    mean_err = torch.einsum("jbqhw,bhwg->jbqg", diff, member) / count.clamp_min(1.0)[None, :, None]
+    pair_weight = count if patch_weight is None else count * patch_weight.to(count.dtype)[:, None]
+    return ((mean_err ** 2) * pair_weight[None, :, None]).sum() / (count.sum() * diff.shape[0] * diff.shape[2]).clamp_min(1.0)

@@ -118,6 +118,7 @@ class Patches:
     scale: torch.Tensor  # [batch]
     sigma: torch.Tensor  # [batch] noise σ before scaling (Table 1 units)
     structure: torch.Tensor | None = None  # [batch, H, W] bool: voxels add_structures changed (structures=True)
+    tissue: torch.Tensor | None = None  # [batch, H, W] int64: index in PHANTOM_TISSUES of the largest fraction, -1 outside
 
 
 def tissue_maps(frac: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -187,7 +188,7 @@ def simulate_patches(kind: str, times, n: int, rng: np.random.Generator, *, reso
     anat = anatomy(resolution_mm)
     times = np.asarray(times, dtype=np.float64)
     brain_idx = np.argwhere(anat.brain)
-    sig_n, tgt_n, w_n, br_n, sd_n, st_n = [], [], [], [], [], []
+    sig_n, tgt_n, w_n, br_n, sd_n, st_n, ti_n = [], [], [], [], [], [], []
     for _ in range(n):
         centre = brain_idx[rng.integers(len(brain_idx))]
         axis = int(rng.integers(3))
@@ -218,6 +219,7 @@ def simulate_patches(kind: str, times, n: int, rng: np.random.Generator, *, reso
         sig_n.append(np.moveaxis(noisy, -1, 0))
         tgt_n.append(params)
         w_n.append(frac.sum(0) > 0.5)
+        ti_n.append(np.where(frac.sum(0) > 0, frac.argmax(0), -1))
         br_n.append(np.ascontiguousarray(brain))
         sd_n.append(sd)
     signal = torch.as_tensor(np.stack(sig_n), dtype=dtype)
@@ -227,4 +229,5 @@ def simulate_patches(kind: str, times, n: int, rng: np.random.Generator, *, reso
     params = torch.as_tensor(np.stack(tgt_n), dtype=dtype)
     params[:, 0] = params[:, 0] / scale[:, None, None]
     return Patches(signal, rim.to_network(params, kind), torch.as_tensor(np.stack(w_n), dtype=dtype), brain, scale,
-                   torch.as_tensor(sd_n, dtype=dtype), torch.as_tensor(np.stack(st_n)) if structures else None)
+                   torch.as_tensor(sd_n, dtype=dtype), torch.as_tensor(np.stack(st_n)) if structures else None,
+                   torch.as_tensor(np.stack(ti_n), dtype=torch.int64))

@@ -35,6 +35,7 @@ __all__ = ["LEARNED_METHODS", "RelaxTrainConfig", "build_net", "evaluate_patches
 log = logging.getLogger("bids_qmri.modalities.relax.training")
 
 LEARNED_METHODS = ("rim", "resnet")
+BIAS_GROUPS = ("patch", "tissue")  # RelaxTrainConfig.bias_groups
 MODALITY_OF_KIND = {"ir": "irt1", "t2": "mese"}
 
 
@@ -65,6 +66,8 @@ class RelaxTrainConfig:
     b_weight: float = 1.0  # weight of B's squared error in the loss (IR; eq. 6: 1)
     structure_weight: float = 1.0  # weight of the structure voxels' squared error (needs structures; eq. 6: 1)
     snr_weight: float = 0.0  # P: each patch's squared error times (σ_min/σ)^P, σ its noise level (eq. 6: 0)
+    bias_weight: float = 0.0  # λ: + λ × mean squared patch bias (rim.patch_bias_term; eq. 6: 0)
+    bias_groups: str = "patch"  # the bias term's means: per patch, or per patch and dominant tissue (Patches.tissue)
     lr_schedule: str = "constant"
     keep: str = "best"
     average_last: int = 0  # > 0: the kept weights are the mean of the last N epochs' weights (RIM only)
@@ -84,6 +87,12 @@ class RelaxTrainConfig:
             raise ValueError("a structure loss weight needs the structures in the patches: add --relax-structures")
         if not (0.0 <= self.snr_weight <= 4.0):
             raise ValueError(f"--rim-snr-weight must be a power between 0 (off) and 4; got {self.snr_weight!r}")
+        if not (0.0 <= self.bias_weight <= 1000.0):
+            raise ValueError(f"--rim-bias-weight must be a weight between 0 (off) and 1000; got {self.bias_weight!r}")
+        if self.bias_groups not in BIAS_GROUPS:
+            raise ValueError(f"--rim-bias-groups must be one of {', '.join(BIAS_GROUPS)}; got {self.bias_groups!r}")
+        if self.bias_weight and self.method != "rim":
+            raise ValueError("--rim-bias-weight is for the RIM only (its loss is rim.rim_loss over the J steps)")
         if self.average_last < 0:
             raise ValueError("--average-last must be ≥ 0 epochs (0: no averaging)")
         if self.average_last and self.method != "rim":
@@ -105,11 +114,23 @@ class RelaxTrainConfig:
         weight = None
         if self.structure_weight != 1.0 and patches.structure is not None:
             weight = torch.where(patches.structure, self.structure_weight, 1.0).to(patches.target.dtype)
-        if self.snr_weight:
-            per_patch = (SIGMA_RANGE[0] / patches.sigma.double()) ** self.snr_weight
-            per_patch = per_patch.to(patches.target.dtype)[:, None, None]
+        per_patch = self.snr_patch_weight(patches)
+        if per_patch is not None:
+            per_patch = per_patch[:, None, None]
             weight = per_patch.expand(patches.weight.shape) if weight is None else weight * per_patch
         return weight
+
+    def snr_patch_weight(self, patches) -> torch.Tensor | None:
+        """Each patch's ``(SIGMA_RANGE[0] / σ)^P`` ``[batch]`` for ``snr_weight`` P > 0 (the factor on its
+        voxels in ``voxel_weight`` and on its squared biases in the bias term), None for P = 0."""
+        if not self.snr_weight:
+            return None
+        return ((SIGMA_RANGE[0] / patches.sigma.double()) ** self.snr_weight).to(patches.target.dtype)
+
+
+    def bias_group_labels(self, patches) -> torch.Tensor | None:
+        """The ``bias_groups`` labels ``rim.rim_loss`` takes: None (per patch) or ``Patches.tissue``."""
+        return patches.tissue if self.bias_weight and self.bias_groups == "tissue" else None
 
 
 def build_net(method: str, kind: str, n_times: int, cfg: RelaxTrainConfig) -> torch.nn.Module:
@@ -164,7 +185,9 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
         pw = cfg.param_weight(kind)
 
         def loss(model, p):
-            return rim.rim_loss(model(p.signal, tt), p.target, p.weight, pw, cfg.voxel_weight(p))
+            return rim.rim_loss(model(p.signal, tt), p.target, p.weight, pw, cfg.voxel_weight(p),
+                                bias_weight=cfg.bias_weight, bias_groups=cfg.bias_group_labels(p),
+                                bias_patch_weight=cfg.snr_patch_weight(p) if cfg.bias_weight else None)
 
         def validate(model):
             return loss(model, val)
@@ -195,11 +218,18 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
                 kept_loss = float(validate(net))
             averaged = [e for e, _ in recent]
         metrics = evaluate_patches(net, val, times, kind)
-        if pw is not None or cfg.snr_weight:  # the kept weights on seed 004's unweighted eq. 6, comparable
-            # across B and SNR weights (the validation patches have no structures: the structure weight
-            # does not change their loss)
+        if pw is not None or cfg.snr_weight or cfg.bias_weight:  # the kept weights on seed 004's unweighted
+            # eq. 6, comparable across B, SNR and bias weights (the validation patches have no structures:
+            # the structure weight does not change their loss)
             with torch.no_grad():
-                metrics["loss_eq6"] = round(float(rim.rim_loss(net(val.signal, tt), val.target, val.weight)), 5)
+                val_est = net(val.signal, tt)
+                metrics["loss_eq6"] = round(float(rim.rim_loss(val_est, val.target, val.weight)), 5)
+                if cfg.bias_weight:  # the bias term alone (before λ), over the J steps and at the last step
+                    groups = cfg.bias_group_labels(val)
+                    metrics["patch_bias_term"] = round(float(rim.patch_bias_term(val_est, val.target, val.weight,
+                                                                                 groups)), 7)
+                    metrics["patch_bias_rms_T_last_step"] = round(float(
+                        rim.patch_bias_term(val_est[-1:, :, -1:], val.target[:, -1:], val.weight, groups)) ** 0.5, 5)
     finally:
         torch.set_num_threads(old_threads)
     training = training_record(settings, result, n_train=n_per_epoch, n_val=cfg.n_val, simulation_s=t_sim,
@@ -233,7 +263,11 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
             + (f"; loss weight of B {cfg.b_weight:g}" if pw is not None else "")
             + (f"; loss weight of the structure voxels {cfg.structure_weight:g}" if cfg.structure_weight != 1.0
                else "")
-            + (f"; each patch's loss weighted by (sigma_min/sigma)^{cfg.snr_weight:g}" if cfg.snr_weight else "")),
+            + (f"; each patch's loss weighted by (sigma_min/sigma)^{cfg.snr_weight:g}" if cfg.snr_weight else "")
+            + (f"; plus {cfg.bias_weight:g} x the mean squared patch bias (rim.patch_bias_term"
+               + (", per patch and dominant tissue" if cfg.bias_groups == "tissue" else "")
+               + (", each patch's squares weighted by its (sigma_min/sigma)^P)" if cfg.snr_weight else ")")
+               if cfg.bias_weight else "")),
         "validation_loss": kept_loss,
         "validation": {"n_patches": cfg.n_val, "sigma": "log-uniform as training", **metrics},
         "training": training,
