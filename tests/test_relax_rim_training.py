@@ -194,8 +194,7 @@ def test_snr_weight_is_a_per_patch_weighted_mean_of_the_squared_errors():
     """--rim-snr-weight P: the loss the trainer hands to rim_loss equals a weighted mean computed
     here by hand in NumPy (each patch's squared error times (0.0065/σ)^P, σ the noise level the
     patch was simulated with, times the structure weight on its structure voxels; divided by the
-    count of brain voxels, steps and parameters as eq. 6; with --rim-snr-knee K the saturated
-    ((0.0065² + σ_K²)/(σ² + σ_K²))^(P/2), σ_K = 0.65/K); P = 0 is today's loss exactly."""
+    count of brain voxels, steps and parameters as eq. 6); P = 0 is today's loss exactly."""
     sigmas = (0.0065, 0.026, 0.255)  # SNR 100, 25, 2.5: weights 1, 1/4^P, 1/39.2^P
     p = [simulate.simulate_patches("ir", TI, 1, np.random.default_rng(k), resolution_mm=RES, size=12,
                                    sigma=s, dtype=torch.float64, structures=True) for k, s in enumerate(sigmas)]
@@ -206,23 +205,15 @@ def test_snr_weight_is_a_per_patch_weighted_mean_of_the_squared_errors():
                                                dtype=torch.float64)
     e, t = est.numpy(), cat.target.numpy()
     mask, struct = cat.weight.numpy(), cat.structure.numpy()
-    for power, w_struct, knee in ((1.0, 1.0, None), (2.0, 300.0, None), (0.5, 30.0, None), (2.0, 300.0, 10.0),
-                                  (1.0, 30.0, 20.0)):
-        cfg = training.RelaxTrainConfig(method="rim", structures=True, structure_weight=w_struct, snr_weight=power,
-                                        snr_knee=knee)
-        if knee is None:
-            per_patch = np.array([(0.0065 / s) ** power for s in sigmas])
-        else:  # the saturated form: σ_K = 0.65 / K (A_REFERENCE 0.65)
-            per_patch = np.array([((0.0065**2 + (0.65 / knee) ** 2) / (s**2 + (0.65 / knee) ** 2)) ** (power / 2)
-                                  for s in sigmas])
+    for power, w_struct in ((1.0, 1.0), (2.0, 300.0), (0.5, 30.0)):
+        cfg = training.RelaxTrainConfig(method="rim", structures=True, structure_weight=w_struct, snr_weight=power)
+        per_patch = np.array([(0.0065 / s) ** power for s in sigmas])
         vox = per_patch[:, None, None] * np.where(struct, w_struct, 1.0) * mask
         hand = (((e - t[None]) ** 2) * vox[None, :, None]).sum() / (mask.sum() * e.shape[0] * e.shape[2])
         got = rim.rim_loss(est, cat.target, cat.weight, None, cfg.voxel_weight(cat))
         assert float(got) == pytest.approx(hand, rel=1e-12)
-        if power == 2.0 and knee is None:  # the SNR-2.5 patch counts 1/39.2² of the SNR-100 one
+        if power == 2.0:  # the SNR-2.5 patch counts 1/39.2² of the SNR-100 one
             assert per_patch[2] == pytest.approx(1 / 39.23**2, rel=1e-3)
-        if knee == 10.0:  # 1/(σ² + σ_10²) normalised: SNR 100 / 25 / 2.5 weigh 1 / 0.87 / 0.062
-            np.testing.assert_allclose(per_patch, [1.0, 0.8707, 0.06162], rtol=1e-3)
     for w_struct in (1.0, 300.0):  # P = 0: the weights (and the loss) of today's trainer, bit for bit
         off = training.RelaxTrainConfig(method="rim", structures=True, structure_weight=w_struct)
         assert off.snr_weight == 0.0
@@ -236,8 +227,7 @@ def test_snr_weight_is_a_per_patch_weighted_mean_of_the_squared_errors():
 
 def test_snr_weight_reaches_training_card_and_refuses_bad_values(monkeypatch, tmp_path, capsys):
     """The trainer passes the SNR weights (one value per patch, ≤ 1) to the loss, the card records P
-    (and the knee K) and the unweighted eq. 6 loss; P < 0, P > 4 or NaN is refused, and so is a knee
-    outside the training SNRs or without P, by the CLI in one line."""
+    and the unweighted eq. 6 loss; P < 0, P > 4 or NaN is refused, by the CLI in one line."""
     cfg = training.RelaxTrainConfig(method="rim", seed=3, snr_weight=1.5, **TINY)
     seen = _spy_voxel_weights(monkeypatch)
     _, card = training.train_relax_net("ir", TI, cfg)
@@ -246,19 +236,9 @@ def test_snr_weight_reaches_training_card_and_refuses_bad_values(monkeypatch, tm
     assert all(torch.equal(v, v[:, :1, :1].expand_as(v)) for v in calls)  # constant within each patch
     assert card["training"]["snr_weight"] == 1.5 and "(sigma_min/sigma)^1.5" in card["training_data"]
     assert "loss_eq6" in card["validation"]
-    seen.clear()  # the saturated form (--rim-snr-knee) reaches the loss and the card as well
-    _, card = training.train_relax_net("ir", TI, training.RelaxTrainConfig(method="rim", seed=3, snr_weight=2.0,
-                                                                           snr_knee=10.0, **TINY))
-    calls = [v for v in seen if v is not None]
-    assert calls and all(((v > 0) & (v <= 1)).all() for v in calls)
-    assert card["training"]["snr_knee"] == 10.0 and "sigma_K = 0.65/10 (SNR 10)" in card["training_data"]
-    assert "(sigma_min/sigma)^" not in card["training_data"]
     for bad in (-1.0, 4.5, float("nan")):
         with pytest.raises(ValueError, match="--rim-snr-weight"):
             training.RelaxTrainConfig(method="rim", snr_weight=bad)
-    for power, knee in ((1.0, 1.0), (1.0, 200.0), (1.0, float("nan")), (0.0, 10.0)):  # out of SNR 2.55-100, or no P
-        with pytest.raises(ValueError, match="--rim-snr-knee"):
-            training.RelaxTrainConfig(method="rim", snr_weight=power, snr_knee=knee)
     from bids_qmri.cli.train import main
 
     with pytest.raises(SystemExit) as exc:
@@ -266,11 +246,6 @@ def test_snr_weight_reaches_training_card_and_refuses_bad_values(monkeypatch, tm
               "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert exc.value.code != 0 and "--rim-snr-weight" in err and len(err.strip().splitlines()) == 1
-    with pytest.raises(SystemExit) as exc:
-        main(["--method", "rim", "--modality", "irt1", "--times", *map(str, TI), "--rim-snr-knee", "10",
-              "--out-dir", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert exc.value.code != 0 and "--rim-snr-knee" in err and len(err.strip().splitlines()) == 1
 
 
 def _state(net):

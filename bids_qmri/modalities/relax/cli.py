@@ -42,10 +42,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="weight each training patch's squared error by (sigma_min/sigma)^P, sigma its noise level "
                         "(1 at SNR 100, 1/39^P at SNR 3): less weight on the low-SNR patches' large errors; "
                         "0 <= P <= 4 (seed 004 eq. 6: 0)")
-    g.add_argument("--rim-snr-knee", type=float, default=d.snr_knee, metavar="K",
-                   help="with --rim-snr-weight P: the saturated form ((sigma_min^2 + sigma_K^2) / (sigma^2 + sigma_K^2))^(P/2), "
-                        "sigma_K the noise level of SNR K: about 1 above SNR K, (sigma_K/sigma)^P below it "
-                        "(P = 2, K = 10: 1/(sigma^2 + sigma_K^2), normalised); default: the power form")
     g.add_argument("--average-last", type=int, default=d.average_last, metavar="N",
                    help="keep the arithmetic mean of the last N epochs' RIM weights instead of one epoch's "
                         "(smooths the epoch-to-epoch swing of a constant learning rate; 0: off)")
@@ -93,7 +89,7 @@ def train_from_args_for(modality: str):
                 hidden=args.rim_hidden, steps=args.rim_steps, gru_kernel=args.rim_gru_kernel,
                 rim_gradient=args.rim_gradient, structures=args.relax_structures,
                 structure_weight=args.relax_structure_weight, b_weight=args.rim_b_weight,
-                snr_weight=args.rim_snr_weight, snr_knee=args.rim_snr_knee,
+                snr_weight=args.rim_snr_weight,
                 average_last=args.average_last,
                 init_from=str(args.init_from) if args.init_from else None,
                 resnet_channels=tuple(args.resnet_channels), **{k: v for k, v in given.items() if v is not None})

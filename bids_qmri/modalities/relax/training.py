@@ -65,7 +65,6 @@ class RelaxTrainConfig:
     b_weight: float = 1.0  # weight of B's squared error in the loss (IR; eq. 6: 1)
     structure_weight: float = 1.0  # weight of the structure voxels' squared error (needs structures; eq. 6: 1)
     snr_weight: float = 0.0  # P: each patch's squared error times (σ_min/σ)^P, σ its noise level (eq. 6: 0)
-    snr_knee: float | None = None  # SNR K: the saturated form ((σ_min² + σ_K²) / (σ² + σ_K²))^(P/2), σ_K = A/K
     lr_schedule: str = "constant"
     keep: str = "best"
     average_last: int = 0  # > 0: the kept weights are the mean of the last N epochs' weights (RIM only)
@@ -85,12 +84,6 @@ class RelaxTrainConfig:
             raise ValueError("a structure loss weight needs the structures in the patches: add --relax-structures")
         if not (0.0 <= self.snr_weight <= 4.0):
             raise ValueError(f"--rim-snr-weight must be a power between 0 (off) and 4; got {self.snr_weight!r}")
-        if self.snr_knee is not None:
-            if not self.snr_weight:
-                raise ValueError("--rim-snr-knee shapes the SNR weight: give --rim-snr-weight P > 0 too")
-            if not (A_REFERENCE / SIGMA_RANGE[1] <= self.snr_knee <= A_REFERENCE / SIGMA_RANGE[0]):
-                raise ValueError(f"--rim-snr-knee must be an SNR in the training range "
-                                 f"{A_REFERENCE / SIGMA_RANGE[1]:.2f}-{A_REFERENCE / SIGMA_RANGE[0]:.0f}; got {self.snr_knee!r}")
         if self.average_last < 0:
             raise ValueError("--average-last must be ≥ 0 epochs (0: no averaging)")
         if self.average_last and self.method != "rim":
@@ -108,20 +101,12 @@ class RelaxTrainConfig:
         """Per-voxel loss weights (``rim.rim_loss``) ``[batch, H, W]``: ``structure_weight`` on the
         voxels ``simulate.add_structures`` changed, 1 elsewhere, times, with ``snr_weight`` P > 0,
         each patch's ``(SIGMA_RANGE[0] / σ)^P`` (σ the patch's noise level: 1 at SNR 100, 1/39^P at
-        SNR 3, so the low-SNR patches' large errors dominate the mean less); with ``snr_knee`` K the
-        saturated form ``((σ_min² + σ_K²) / (σ² + σ_K²))^(P/2)``, σ_K = A_REFERENCE / K (≈ 1 above
-        SNR K, ½^(P/2) at K, the power form's slope below it: P = 2, K = 10 weighs SNR 100 / 30 / 10 / 3
-        by 1 / 0.91 / 0.50 / 0.08); None for eq. 6's plain mean."""
+        SNR 3, so the low-SNR patches' large errors dominate the mean less); None for eq. 6's plain mean."""
         weight = None
         if self.structure_weight != 1.0 and patches.structure is not None:
             weight = torch.where(patches.structure, self.structure_weight, 1.0).to(patches.target.dtype)
         if self.snr_weight:
-            sigma = patches.sigma.double()
-            if self.snr_knee is None:
-                per_patch = (SIGMA_RANGE[0] / sigma) ** self.snr_weight
-            else:
-                knee2 = (A_REFERENCE / self.snr_knee) ** 2
-                per_patch = ((SIGMA_RANGE[0] ** 2 + knee2) / (sigma ** 2 + knee2)) ** (self.snr_weight / 2)
+            per_patch = (SIGMA_RANGE[0] / patches.sigma.double()) ** self.snr_weight
             per_patch = per_patch.to(patches.target.dtype)[:, None, None]
             weight = per_patch.expand(patches.weight.shape) if weight is None else weight * per_patch
         return weight
@@ -248,10 +233,7 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
             + (f"; loss weight of B {cfg.b_weight:g}" if pw is not None else "")
             + (f"; loss weight of the structure voxels {cfg.structure_weight:g}" if cfg.structure_weight != 1.0
                else "")
-            + (f"; each patch's loss weighted by (sigma_min/sigma)^{cfg.snr_weight:g}"
-               if cfg.snr_weight and cfg.snr_knee is None else "")
-            + (f"; each patch's loss weighted by ((sigma_min^2 + sigma_K^2)/(sigma^2 + sigma_K^2))^{cfg.snr_weight / 2:g}, "
-               f"sigma_K = {A_REFERENCE:g}/{cfg.snr_knee:g} (SNR {cfg.snr_knee:g})" if cfg.snr_knee is not None else "")),
+            + (f"; each patch's loss weighted by (sigma_min/sigma)^{cfg.snr_weight:g}" if cfg.snr_weight else "")),
         "validation_loss": kept_loss,
         "validation": {"n_patches": cfg.n_val, "sigma": "log-uniform as training", **metrics},
         "training": training,
