@@ -355,7 +355,7 @@ def test_training_learns_and_is_reproducible(tiny_sets, schedule_and_basis, meth
     if method == "qmtnet":  # CRB-normalised error, one noise draw over the training SNR range
         got = evaluate(net, val_set, snr_max=None, seed=9)["normalised_crb_loss"]
         ref = evaluate(const, val_set, snr_max=None, seed=9)["normalised_crb_loss"]
-        assert got < 0.2 * ref
+        assert got < 0.2 * ref  # seeded; measured 0.194 x on schedule C's 48-TR cut (2026-12-04)
     else:  # squared error of (m0s, log T1, log T2f) in units of the training SD (the MSE twin's loss)
         def param(d):
             return torch.where(net.is_log, d["theta"][:, OUT_INDEX].float().log(), d["theta"][:, OUT_INDEX].float())
@@ -364,9 +364,10 @@ def test_training_learns_and_is_reproducible(tiny_sets, schedule_and_basis, meth
         ref = float((((u_train.mean(0) - u_val) / u_train.std(0)) ** 2).mean())
         got_t2f = evaluate(net, val_set, snr_max=None, seed=9)["mean_abs_error_T2f"]
         ref_t2f = evaluate(const, val_set, snr_max=None, seed=9)["mean_abs_error_T2f"]
-        # seeded, so deterministic; measured 0.995 x ref and T2f 0.945 x the constant's mean |error| on
-        # the 48-TR cut of the seed 003-like schedule (linear outputs: 0.982 x; 0.95 x on the previous
-        # schedule): m0s and T1 are weakly encoded by 48 strided pulses and this tiny net barely learns them
+        # seeded, so deterministic; measured 0.974 x ref and T2f 0.968 x the constant's mean |error| on
+        # the 48-TR cut of schedule C (2026-12-04; the previous seed 003-like train: 0.995 x and 0.945 x,
+        # linear outputs 0.982 x; 0.95 x on the six-lobe schedule): m0s and T1 are weakly encoded by 48
+        # strided pulses and this tiny net barely learns them
         assert card["validation_loss"] < 0.999 * ref and got_t2f < 0.97 * ref_t2f
     net2, _ = train_qmtnet(method, proto, **kw)
     for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
