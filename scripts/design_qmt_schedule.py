@@ -12,13 +12,16 @@ over all 8 parameters (``modalities.qmt.simulate.crb_from_jacobian``). Prints ev
 at the end, the same bounds on a rank-13 SVD basis of 192 random training fingerprints.
 A poor man's version of the optimal control seed 003's group uses (its ref. 38); not a substitute.
 
-The bundled ``SCHEDULE_KNOTS`` came from 127 iterations of this search (seed 2, ~150 CPU-s at load
+The bundled ``SCHEDULE_KNOTS`` are, since 2026-12-04, candidate C of ``--objective efficiency``
+(below; issue 16, models/bundled/qmt/TRAINING.md), which started from the previous knots. Those came
+from 127 iterations of this search (seed 2, ~150 CPU-s at load
 ~14) started from hand-drawn knots (flips 90, 40, 10, 4, 3, 20, 60, 90, 60, 30, 60, 90, 60, 20, 8°;
 durations 300 ×5, 100, 100, 500, 500, 100, 100, 500, 500, 300, 300 µs): full-signal √CRB/θ at
 SNR_max 50 went from m0s 0.63/1.19/0.96, T1 0.07/0.11/0.18, T2f 0.06/0.06/0.14 (WM/GM/prior mean)
 to 0.18/0.34/0.24, 0.05/0.08/0.12, 0.027/0.026/0.042 (rank 13: 0.32/0.73/0.55, 0.15/0.20/0.32,
 0.07/0.10/0.15); the previous six-lobe train had 0.52/1.07/0.75, 0.49/0.82/1.30, 0.03/0.04/0.07
-(rank 13: 6.9/4.5/4.5, 6.6/3.1/7.8, 0.26/0.34/0.63). Rerunning it continues from the bundled knots.
+(rank 13: 6.9/4.5/4.5, 6.6/3.1/7.8, 0.26/0.34/0.63). Rerunning it continues from the bundled knots
+(now C's; ``--max-sar``, ``--max-crb-growth`` and ``--hold-efficiency`` then compare with C).
 ``--rank 13`` scores every candidate on that rank-13 SVD bound instead (issue 16: seed 5, 373
 iterations in ~270 CPU-s took the rank-13 m0s bound from 0.32/0.72/0.54 to 0.19/0.37/0.26 and T1 from
 0.15/0.19/0.31 to 0.07/0.10/0.15, T2f 0.07/0.09/0.15 to 0.05/0.05/0.07; not adopted: keeping the

@@ -262,10 +262,11 @@ def test_effective_directions_give_the_crb_and_fisher_basis_keeps_it(schedule_an
         return simulate.crb_from_jacobian(st @ b, (jt.transpose(-1, -2) @ b).transpose(-1, -2))[:, :3]
 
     assert (crb(u) >= full[:, :3] * (1 - 1e-6)).all()
-    # median CRB ratio plain / fisher_basis: measured 16.9 (m0s), 20.9 (T1), 1.97 (T2f) on 2026-12-03
-    # (deterministic: fixed draws, float64); the bounds are ~1.5x below
+    # median CRB ratio plain / fisher_basis: measured 6.79 (m0s), 7.37 (T1), 2.52 (T2f) on 2026-12-04 on
+    # the 48-TR cut of schedule C (issue 16; on the previous train 16.9, 20.9, 1.97) (deterministic:
+    # fixed draws, float64); the bounds are ~1.5x below
     gain = (crb(plain) / crb(u)).median(0).values
-    assert (gain > torch.tensor([11.0, 13.0, 1.3], dtype=D)).all(), gain
+    assert (gain > torch.tensor([4.5, 4.9, 1.68], dtype=D)).all(), gain
 
 
 # ---- networks ---------------------------------------------------------------------------------
@@ -354,7 +355,7 @@ def test_training_learns_and_is_reproducible(tiny_sets, schedule_and_basis, meth
     if method == "qmtnet":  # CRB-normalised error, one noise draw over the training SNR range
         got = evaluate(net, val_set, snr_max=None, seed=9)["normalised_crb_loss"]
         ref = evaluate(const, val_set, snr_max=None, seed=9)["normalised_crb_loss"]
-        assert got < 0.2 * ref
+        assert got < 0.2 * ref  # seeded; measured 0.194 x on schedule C's 48-TR cut (2026-12-04)
     else:  # squared error of (m0s, log T1, log T2f) in units of the training SD (the MSE twin's loss)
         def param(d):
             return torch.where(net.is_log, d["theta"][:, OUT_INDEX].float().log(), d["theta"][:, OUT_INDEX].float())
@@ -363,9 +364,10 @@ def test_training_learns_and_is_reproducible(tiny_sets, schedule_and_basis, meth
         ref = float((((u_train.mean(0) - u_val) / u_train.std(0)) ** 2).mean())
         got_t2f = evaluate(net, val_set, snr_max=None, seed=9)["mean_abs_error_T2f"]
         ref_t2f = evaluate(const, val_set, snr_max=None, seed=9)["mean_abs_error_T2f"]
-        # seeded, so deterministic; measured 0.995 x ref and T2f 0.945 x the constant's mean |error| on
-        # the 48-TR cut of the seed 003-like schedule (linear outputs: 0.982 x; 0.95 x on the previous
-        # schedule): m0s and T1 are weakly encoded by 48 strided pulses and this tiny net barely learns them
+        # seeded, so deterministic; measured 0.974 x ref and T2f 0.968 x the constant's mean |error| on
+        # the 48-TR cut of schedule C (2026-12-04; the previous seed 003-like train: 0.995 x and 0.945 x,
+        # linear outputs 0.982 x; 0.95 x on the six-lobe schedule): m0s and T1 are weakly encoded by 48
+        # strided pulses and this tiny net barely learns them
         assert card["validation_loss"] < 0.999 * ref and got_t2f < 0.97 * ref_t2f
     net2, _ = train_qmtnet(method, proto, **kw)
     for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
@@ -458,7 +460,11 @@ def test_nls_recovers_truth_and_matches_scipy(schedule_and_basis):
 
     th0 = torch.tensor(np.concatenate([p0 / scale, [float(truth[0, 6])]]))[None]
     m0_start, _ = nls._best_m0(simulate.fingerprints(th0, sched, basis, dtype=D), y)
+    # the same box as ours (unbounded, scipy's trf left the physical range on schedule C's 48-TR cut)
+    box = np.array([nls.BOUNDS[k] for k in simulate.PARAMETERS[:6]]) * scale[:, None]
+    box[5] = [-1 / sched["tr"], 1 / sched["tr"]]
     sol = least_squares(resid, np.concatenate([p0, [m0_start.real.item(), m0_start.imag.item()]]),
+                        bounds=(np.r_[box[:, 0], -np.inf, -np.inf], np.r_[box[:, 1], np.inf, np.inf]),
                         x_scale="jac", xtol=1e-12, ftol=1e-12, gtol=1e-12)
     np.testing.assert_allclose(sol.x[:6] / scale, truth[0, :6].numpy(), rtol=1e-4)
     assert float(out["cost"][0]) <= 0.5 * float(np.sum(sol.fun**2)) + 1e-20

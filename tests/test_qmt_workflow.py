@@ -86,7 +86,9 @@ def test_unusable_schedules_are_skipped_with_one_line(tmp_path):
 def test_qmtnls_recovers_the_truth_at_high_snr(monkeypatch, tmp_path):
     """Four voxels simulated directly (complex M0, B1 from a 'map', off-resonance), SNR_max 10⁷:
     qmtnls through the contract from a network start 10 % off (ΔB0, T2s, Rx started at the
-    training means) reaches the truth (about a minute of CPU)."""
+    training means) and one grid start reaches the truth (about a minute of CPU). On schedule C's
+    48-TR cut the network start alone ends in a local minimum for the fourth voxel (m0s 0.49 for 0.11,
+    also with 200 iterations; issue 16, 2026-12-04): the grid start is what qmtnls has it for."""
     proto = short_protocol()
     sched = proto.schedule()
     gen = torch.Generator().manual_seed(2)
@@ -110,10 +112,10 @@ def test_qmtnls_recovers_the_truth_at_high_snr(monkeypatch, tmp_path):
     monkeypatch.setattr(estimate, "get_net", lambda *a, **k: (StartNet(), {"name": "start"}))
     data = {"signal": y.numpy().reshape(4, 1, 1, -1), "b1": truth[:, 6].numpy().reshape(4, 1, 1),
             "basis": basis.numpy()}
-    ctx = EstimateContext(model_dir=tmp_path, options={"qmt_b1_from_map": True, "qmt_nls_starts": 0,
+    ctx = EstimateContext(model_dir=tmp_path, options={"qmt_b1_from_map": True, "qmt_nls_starts": 1,
                                                        "qmt_nls_iterations": 60})
     maps, prov = modalities.get("qmt").method("qmtnls").estimate(data, np.ones((4, 1, 1), bool), proto, ctx)
-    assert "TB1map" not in maps and prov["B1"] == "fixed (map)" and prov["GridStarts"] == 0
+    assert "TB1map" not in maps and prov["B1"] == "fixed (map)" and prov["GridStarts"] == 1
     for suffix, i, tol in (("m0smap", 0, 1e-2), ("T1map", 1, 1e-2), ("T2map", 2, 1e-2), ("T2smap", 3, 5e-2),
                            ("Rxmap", 4, 5e-2)):
         np.testing.assert_allclose(maps[suffix].ravel(), truth[:, i].numpy(), rtol=tol, err_msg=suffix)
@@ -243,18 +245,20 @@ def test_maps_are_the_bundled_networks_on_the_raw_coefficients(qmt_run):
 
 
 #: 1.3 x the median |relative error| (GM, WM) measured at 12 mm (seed 1, SNR 25, i.e. SNR_max = PD/σ
-#: ≈ 370-420) with the bundled networks of the seed 003-like schedule, rounded up at the 3rd decimal
-#: (issue 16, information-keeping basis `simulate.fisher_basis`, nets fine-tuned on 51 200 samples;
-#: measured 2026-12-03 on this test's outputs: qmtnet m0s 0.0905/0.0577, T1 0.0202/0.0175, T2f
-#: 0.0086/0.0089; qmtnetmse m0s 0.0999/0.0515, T1 0.0250/0.0222, T2f 0.0121/0.0209. Before, on the
-#: plain SVD basis, stage 3: qmtnet 0.144/0.094, 0.045/0.036, 0.034/0.021; qmtnetmse 0.133/0.066,
-#: 0.041/0.039, 0.025/0.019; stage 2: qmtnet 0.173/0.142, 0.065/0.072, 0.031/0.039; qmtnetmse
-#: 0.131/0.079, 0.041/0.048, 0.029/0.022; the nets before, 28 672 samples: qmtnet 0.293/0.156,
-#: 0.152/0.136, 0.046/0.059; qmtnetmse 0.165/0.120, 0.083/0.060, 0.062/0.040):
+#: ≈ 370-420) with the bundled networks of the synthetic schedule, rounded up at the 3rd decimal
+#: (issue 16, schedule C designed for std/√CRB → 1, information-keeping basis, nets trained from
+#: scratch on 65 536 samples; measured 2026-12-04 on this test's outputs: qmtnet m0s 0.0467/0.0305,
+#: T1 0.0161/0.0129, T2f 0.0060/0.0071; qmtnetmse m0s 0.1011/0.0377, T1 0.0177/0.0174, T2f
+#: 0.0231/0.0205. Before, the previous schedule's stage-4 nets: qmtnet 0.0905/0.0577, 0.0202/0.0175,
+#: 0.0086/0.0089; qmtnetmse 0.0999/0.0515, 0.0250/0.0222, 0.0121/0.0209; on the plain SVD basis,
+#: stage 3: qmtnet 0.144/0.094, 0.045/0.036, 0.034/0.021; qmtnetmse 0.133/0.066, 0.041/0.039,
+#: 0.025/0.019; stage 2: qmtnet 0.173/0.142, 0.065/0.072, 0.031/0.039; qmtnetmse 0.131/0.079,
+#: 0.041/0.048, 0.029/0.022; the nets before, 28 672 samples: qmtnet 0.293/0.156, 0.152/0.136,
+#: 0.046/0.059; qmtnetmse 0.165/0.120, 0.083/0.060, 0.062/0.040):
 #: regression guards, not targets (models/bundled/qmt/TRAINING.md, README qMT section).
-LIMITS = {("qmtnet", "m0smap"): (0.118, 0.075), ("qmtnet", "T1map"): (0.027, 0.023),
-          ("qmtnet", "T2map"): (0.012, 0.012), ("qmtnetmse", "m0smap"): (0.13, 0.067),
-          ("qmtnetmse", "T1map"): (0.033, 0.029), ("qmtnetmse", "T2map"): (0.016, 0.028)}
+LIMITS = {("qmtnet", "m0smap"): (0.061, 0.040), ("qmtnet", "T1map"): (0.021, 0.017),
+          ("qmtnet", "T2map"): (0.008, 0.010), ("qmtnetmse", "m0smap"): (0.132, 0.049),
+          ("qmtnetmse", "T1map"): (0.024, 0.023), ("qmtnetmse", "T2map"): (0.030, 0.027)}
 
 
 @pytest.mark.slow

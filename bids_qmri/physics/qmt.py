@@ -142,10 +142,15 @@ def saturation_rate(
 
 #: Knots of the synthetic dataset's schedule: flip angles (degrees) and pulse durations (µs), each
 #: spread evenly over the cycle and joined by monotone cubic (PCHIP) interpolation. Chosen with
-#: ``scripts/design_qmt_schedule.py`` (a random search on the Cramér–Rao bounds of m0s, T1 and T2f).
+#: ``scripts/design_qmt_schedule.py --objective efficiency --max-sar 1.25 --max-crb-growth 1.15
+#: --hold-efficiency`` (issue 16, candidate C: the predicted std/√CRB of a prior-using estimator, with
+#: the CRBs of T1 and T2f held), started from the previous knots (flips 63.8, 56.7, 13.1, 2.0, 2.4, 1.7,
+#: 76.2, 180, 80.3, 14.8, 74.3, 22.8, 8.1, 19.4, 4.6°; durations 220, 126, 296, 362, 455, 204, 479,
+#: 471, 312, 151, 170, 315, 428, 100, 125 µs; a search on the Cramér–Rao bounds). SAR-like Σα²/τ 0.70×
+#: the previous train's; models/bundled/qmt/TRAINING.md.
 SCHEDULE_KNOTS = (
-    (63.8, 56.7, 13.1, 2.0, 2.4, 1.7, 76.2, 180.0, 80.3, 14.8, 74.3, 22.8, 8.1, 19.4, 4.6),
-    (220.0, 126.0, 296.0, 362.0, 455.0, 204.0, 479.0, 471.0, 312.0, 151.0, 170.0, 315.0, 428.0, 100.0, 125.0),
+    (5.9, 32.7, 8.0, 4.8, 1.0, 1.2, 31.6, 180.0, 11.0, 44.7, 158.7, 40.2, 1.4, 11.0, 1.2),
+    (500.0, 500.0, 500.0, 362.0, 229.0, 441.0, 270.0, 446.0, 240.0, 500.0, 145.0, 100.0, 119.0, 100.0, 115.0),
 )
 #: Bounds of the schedule (those of seed 003's group's optimal-control example, MRIgeneralizedBloch.jl
 #: ``docs/src/OCT.jl``): pulse durations 100-500 µs, RF amplitude ω1 ≤ 2π·1 kHz (23.5 µT).
