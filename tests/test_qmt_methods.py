@@ -355,7 +355,10 @@ def test_training_learns_and_is_reproducible(tiny_sets, schedule_and_basis, meth
     if method == "qmtnet":  # CRB-normalised error, one noise draw over the training SNR range
         got = evaluate(net, val_set, snr_max=None, seed=9)["normalised_crb_loss"]
         ref = evaluate(const, val_set, snr_max=None, seed=9)["normalised_crb_loss"]
-        assert got < 0.2 * ref  # seeded; measured 0.194 x on schedule C's 48-TR cut (2026-12-04)
+        # seeded, so deterministic on one thread; measured 0.194 x on schedule C's 48-TR cut (2026-12-04),
+        # 0.05-0.22 x over training seeds 4-8: the bound sits above that spread, so a change of CPU or BLAS
+        # rounding cannot flip it, while a net that learns nothing reads ~1
+        assert got < 0.3 * ref
     else:  # squared error of (m0s, log T1, log T2f) in units of the training SD (the MSE twin's loss)
         def param(d):
             return torch.where(net.is_log, d["theta"][:, OUT_INDEX].float().log(), d["theta"][:, OUT_INDEX].float())
@@ -367,8 +370,9 @@ def test_training_learns_and_is_reproducible(tiny_sets, schedule_and_basis, meth
         # seeded, so deterministic; measured 0.974 x ref and T2f 0.968 x the constant's mean |error| on
         # the 48-TR cut of schedule C (2026-12-04; the previous seed 003-like train: 0.995 x and 0.945 x,
         # linear outputs 0.982 x; 0.95 x on the six-lobe schedule): m0s and T1 are weakly encoded by 48
-        # strided pulses and this tiny net barely learns them
-        assert card["validation_loss"] < 0.999 * ref and got_t2f < 0.97 * ref_t2f
+        # strided pulses and this tiny net barely learns them. Over training seeds 4-8 (one thread) 0.91-0.974 x
+        # and 0.935-0.985 x: the bounds sit above that spread (rounding on another CPU moves less than a seed)
+        assert card["validation_loss"] < 0.99 * ref and got_t2f < 0.99 * ref_t2f
     net2, _ = train_qmtnet(method, proto, **kw)
     for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
         assert torch.equal(a, b)
