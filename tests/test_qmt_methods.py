@@ -172,6 +172,30 @@ def test_design_efficiency_objective_is_the_prior_informed_ratio():
     assert proc.returncode == 2 and "drop --rank" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_design_searches_from_a_start_the_constraints_reject(tmp_path):
+    """``design_qmt_schedule.py --knots`` (issue 16, more knots): the previous train's knots (before
+    schedule C) have a lower T1/T2f efficiency than the bundled C, so ``--hold-efficiency`` rejects
+    them; the script says so in one line, keeps searching (none here: 0 CPU-s) and still writes the
+    knots instead of failing."""
+    import json
+    import subprocess
+    import sys
+
+    _, path = _design_script()
+    prev = {"flip_deg": [63.8, 56.7, 13.1, 2.0, 2.4, 1.7, 76.2, 180.0, 80.3, 14.8, 74.3, 22.8, 8.1, 19.4, 4.6],
+            "duration_us": [220.0, 126.0, 296.0, 362.0, 455.0, 204.0, 479.0, 471.0, 312.0, 151.0, 170.0, 315.0,
+                            428.0, 100.0, 125.0]}
+    (tmp_path / "prev.json").write_text(json.dumps(prev))
+    proc = subprocess.run([sys.executable, str(path), "0", "1", "--objective", "efficiency", "--draws", "8",
+                           "--hold-efficiency", "--knots", str(tmp_path / "prev.json"), "--out", str(tmp_path / "o.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "start rejected by the constraints" in proc.stdout
+    assert "full signal (efficiency) rejected by the constraints" in proc.stdout
+    out = json.loads((tmp_path / "o.json").read_text())
+    assert out["flip_deg"] == prev["flip_deg"] and out["iterations"] == 0 and out["score"] == float("inf")
+
+
 def test_prior_bound_at_scales_the_sets_fisher_matrix(schedule_and_basis):
     """``insilico.prior_bound_at``: the set's ``fisher_unit`` scaled to SNR_max; without a prior it is
     the CRB of the set (``crb_unit / SNR²``, computed separately), with one it is smaller."""
