@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -257,7 +258,9 @@ def main() -> None:
     print("iterations", it, "rejected by the constraints", rejected, "score", round(best, 4))
     if a.out:
         Path(a.out).write_text(json.dumps({"flip_deg": flips.round(1).tolist(), "duration_us": durs.round(0).tolist(),
-                                           "objective": a.objective, "score": best, "iterations": it}, indent=1))
+                                           "objective": a.objective, "iterations": it,
+                                           # null, not the non-standard Infinity, when no knots met the constraints
+                                           "score": best if math.isfinite(best) else None}, indent=1))
     if a.evaluate:
         evaluate({"bundled SCHEDULE_KNOTS": qmt.SCHEDULE_KNOTS,
                   "final knots (rounded as printed)": (flips.round(1), durs.round(0))}, a.evaluate)
