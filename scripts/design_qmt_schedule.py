@@ -142,7 +142,7 @@ def evaluate(knots: dict[str, tuple], n: int) -> None:
     """Print the rank-13 (information-keeping basis) predictions of each schedule on dataset #1's first ``n`` draws."""
     from bids_qmri.synth.dataset import qmt_basis_for
 
-    ref = qmt.schedule_from_knots(*qmt.SCHEDULE_KNOTS)
+    ref = qmt.default_qmt_schedule()
     for name, (f, d) in knots.items():
         t0 = time.process_time()
         sched = qmt.schedule_from_knots(f, d)
@@ -207,12 +207,12 @@ def main() -> None:
         flips, durs = load_knots(a.knots) if a.knots else (np.array(v, dtype=float) for v in qmt.SCHEDULE_KNOTS)
     except (OSError, ValueError, KeyError) as exc:
         p.error(f"--knots {a.knots}: {exc}")
-    sar_limit = None if a.max_sar is None else a.max_sar * sar(qmt.schedule_from_knots(*qmt.SCHEDULE_KNOTS))
+    ref_sched = qmt.default_qmt_schedule()  # the bundled knots: what every constraint compares with
+    sar_limit = None if a.max_sar is None else a.max_sar * sar(ref_sched)
     tr = qmt.schedule_from_knots(flips, durs)["tr"]
     draws = simulate.sample_parameters(a.draws, tr, torch.Generator().manual_seed(a.draw_seed))
     prec = simulate.prior_precision(tr)
 
-    ref_sched = qmt.schedule_from_knots(*qmt.SCHEDULE_KNOTS)
     ref_tissues = relative_bounds(ref_sched) if a.max_crb_growth else None
     ref_eff = None
     if a.hold_efficiency:
