@@ -15,7 +15,10 @@ at SNR_max 50, prints per target (m0s, T1, T2f) the quartiles of
   nuisances only, the targets only).
 
 ``--widen``: also the linearised Bayes std/√CRB for a prior widened as
-``simulate.widened_distributions`` (the test samples stay seed 003's). About 15 CPU-ms per sample.
+``simulate.widened_distributions`` (the test samples stay seed 003's). ``--known B1`` (or any nuisance):
+the parameter is known exactly (e.g. B1 from a B1 map given to the net as an input), so its row and
+column leave the Fisher and prior matrices; the CRB, B and every ratio are then those of the smaller
+model. About 15 CPU-ms per sample.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def main() -> None:
     p.add_argument("n", type=int, nargs="?", default=2048)
     p.add_argument("--snr", type=float, default=50.0)
     p.add_argument("--widen", nargs="+", default=[], metavar="NAME=FACTOR")
+    p.add_argument("--known", nargs="+", default=[], choices=simulate.PARAMETERS[3:], metavar="NAME",
+                   help="nuisance parameters known exactly (dropped from the Fisher and prior matrices)")
     a = p.parse_args()
     try:
         widen = simulate.parse_widen(a.widen)
@@ -62,23 +67,28 @@ def main() -> None:
     c, j = simulate.coefficient_jacobian(theta, sched, basis)
     sigma, m0 = simulate.NOISE_SIGMA, a.snr * simulate.NOISE_SIGMA
     fisher = simulate.fisher_from_jacobian(c, j, sigma, m0)
-    crb = simulate.crb_from_jacobian(c, j, sigma, m0)[:, :3]
     prec = simulate.prior_precision(sched["tr"])
+    keep = [i for i in range(fisher.shape[-1])
+            if i >= len(simulate.PARAMETERS) or simulate.PARAMETERS[i] not in a.known]
+    fisher, prec = fisher[:, keep][:, :, keep], prec[keep]  # the targets stay first: [:, :3] below
+    crb = simulate._inverse_diagonal(fisher)[:, :3]  # as crb_from_jacobian, on the kept parameters
     bound = simulate.prior_informed_bound(fisher, prec)[:, :3]
-    print(f"dataset #1, first {a.n} samples, SNR_max {a.snr:g}; prior SD:",
-          {k: f"{float(v):.3g}" for k, v in zip(simulate.PARAMETERS, 1 / prec[:7].sqrt())})
+    names = [k for k in simulate.PARAMETERS if k not in a.known]
+    print(f"dataset #1, first {a.n} samples, SNR_max {a.snr:g}, known: {a.known or 'none'}; median sqrt(CRB):",
+          [f"{float(v):.4g}" for v in crb.sqrt().median(0).values], "; prior SD:",
+          {k: f"{float(v):.3g}" for k, v in zip(names, 1 / prec[:len(names)].sqrt())})
     print("quartiles (25/50/75 %)     ", "  ".join(f"{k:>14s}" for k in TARGETS))
     print("sqrt(B/CRB)                ", "  ".join(f"{quartiles((bound / crb)[:, i].sqrt()):>14s}" for i in range(3)))
     lin = linear_bayes_ratio(fisher, prec, crb)
     print("linear Bayes std/sqrt(CRB) ", "  ".join(f"{quartiles(lin[:, i]):>14s}" for i in range(3)))
     if widen:
-        wl = linear_bayes_ratio(fisher, simulate.prior_precision(sched["tr"], widen), crb)
+        wl = linear_bayes_ratio(fisher, simulate.prior_precision(sched["tr"], widen)[keep], crb)
         print(f"  ... prior widened {widen}", "  ".join(f"{quartiles(wl[:, i]):>14s}" for i in range(3)))
     print("attribution: median sqrt(B_k/CRB) with the prior of k only")
-    groups = {**{k: [i] for i, k in enumerate(simulate.PARAMETERS)}, "nuisances only": [3, 4, 5, 6],
-              "targets only": [0, 1, 2], "all": list(range(7))}
+    groups = {**{k: [i] for i, k in enumerate(names)}, "nuisances only": list(range(3, len(names))),
+              "targets only": [0, 1, 2], "all": list(range(len(names)))}
     for name, ks in groups.items():
-        pk = torch.zeros(9, dtype=torch.float64)
+        pk = torch.zeros(len(keep), dtype=torch.float64)
         pk[ks] = prec[ks]
         bk = simulate.prior_informed_bound(fisher, pk)[:, :3]
         print(f"  {name:15s}", "  ".join(f"{float(v):6.3f}" for v in (bk / crb).sqrt().median(0).values))
