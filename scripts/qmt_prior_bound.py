@@ -71,7 +71,7 @@ def main() -> None:
     keep = [i for i in range(fisher.shape[-1])
             if i >= len(simulate.PARAMETERS) or simulate.PARAMETERS[i] not in a.known]
     fisher, prec = fisher[:, keep][:, :, keep], prec[keep]  # the targets stay first: [:, :3] below
-    crb = simulate._inverse_diagonal(fisher)[:, :3]  # as crb_from_jacobian, on the kept parameters
+    crb = simulate.prior_informed_bound(fisher, torch.zeros_like(prec))[:, :3]  # precision 0: the CRB
     bound = simulate.prior_informed_bound(fisher, prec)[:, :3]
     names = [k for k in simulate.PARAMETERS if k not in a.known]
     print(f"dataset #1, first {a.n} samples, SNR_max {a.snr:g}, known: {a.known or 'none'}; median sqrt(CRB):",
