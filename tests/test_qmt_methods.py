@@ -498,6 +498,27 @@ def test_nls_recovers_truth_and_matches_scipy(schedule_and_basis):
     assert float(out["cost"][0]) <= 0.5 * float(np.sum(sol.fun**2)) + 1e-20
 
 
+def test_shipped_synthetic_basis_is_what_the_construction_gives(tmp_path, monkeypatch):
+    """The shipped qMT basis (what keys the bundled nets on every machine) equals the basis built from
+    scratch here (float32 physics: the last bits may differ between CPUs, hence the tolerance; a stale
+    file for another schedule would differ at O(0.1)); another schedule does not get it."""
+    from bids_qmri.physics import qmt
+    from bids_qmri.synth import dataset
+
+    schedule = qmt.default_qmt_schedule()
+    shipped, _ = dataset.qmt_basis()
+    assert shipped.shape == (len(schedule["flip_rad"]), dataset.QMT_RANK)
+    assert torch.equal(shipped, dataset._shipped_qmt_basis(schedule, dataset.QMT_RANK))  # qmt_basis uses the file
+    monkeypatch.setenv("BIDS_QMRI_SYNTH_CACHE", str(tmp_path))
+    monkeypatch.setattr(dataset, "_shipped_qmt_basis", lambda *a: None)
+    fresh, _ = dataset.qmt_basis_for(schedule, dataset.QMT_RANK)  # ~15 CPU-s
+    assert float((fresh - shipped).abs().max()) < 1e-4
+    monkeypatch.undo()
+    other = dict(schedule, flip_rad=schedule["flip_rad"] * 1.01)
+    assert dataset._shipped_qmt_basis(other, dataset.QMT_RANK) is None
+    assert dataset._shipped_qmt_basis(schedule, dataset.QMT_RANK - 1) is None
+
+
 def test_bundled_models_are_found_for_the_synthetic_schedule():
     from bids_qmri.modalities.qmt.protocol import QMTProtocol
     from bids_qmri.models.registry import get_model
