@@ -369,7 +369,8 @@ def _shipped_qmt_basis(schedule: dict, rank: int) -> torch.Tensor | None:
     same = (int(ship["rank"]) == rank and int(ship["atoms"]) == QMT_BASIS_ATOMS and ship["kind"] == QMT_BASIS_KIND
             and ship["ranges"] == repr(sorted(QMT_BASIS_RANGES.items()))
             and float(ship["tr"]) == float(schedule["tr"])
-            and float(ship["inversion_dur"]) == float(schedule.get("inversion_dur"))
+            and schedule.get("inversion_dur") is not None
+            and float(ship["inversion_dur"]) == float(schedule["inversion_dur"])
             and all(len(ship[k]) == len(schedule[k]) and np.allclose(np.asarray(ship[k]), np.asarray(schedule[k]),
                                                                       rtol=1e-9, atol=0)
                     for k in ("flip_rad", "pulse_dur")))
