@@ -18,17 +18,11 @@ from bids_qmri.synth import dataset
 
 def main() -> None:
     schedule = qmt.default_qmt_schedule()
+    basis, _ = dataset.qmt_basis_for(schedule, dataset.QMT_RANK, shipped=False)
     out = resources.files("bids_qmri") / "data" / dataset.SHIPPED_QMT_BASIS
     with resources.as_file(out) as path:
-        if path.exists():
-            path.unlink()  # compute, do not load the old file
-        basis, _ = dataset.qmt_basis_for(schedule, dataset.QMT_RANK)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"basis": basis, "rank": dataset.QMT_RANK, "atoms": dataset.QMT_BASIS_ATOMS,
-                    "kind": dataset.QMT_BASIS_KIND, "ranges": repr(sorted(dataset.QMT_BASIS_RANGES.items())),
-                    "tr": float(schedule["tr"]), "inversion_dur": float(schedule["inversion_dur"]),
-                    "flip_rad": torch.as_tensor(schedule["flip_rad"], dtype=torch.float64),
-                    "pulse_dur": torch.as_tensor(schedule["pulse_dur"], dtype=torch.float64)}, path)
+        torch.save({"basis": basis, **dataset.qmt_basis_identity(schedule, dataset.QMT_RANK)}, path)
         print(path, tuple(basis.shape), basis.dtype)
 
 

@@ -325,9 +325,11 @@ def qmt_basis(rank: int = QMT_RANK) -> tuple[torch.Tensor, dict]:
     return qmt_basis_for(qmt.default_qmt_schedule(), rank)
 
 
-def qmt_basis_for(schedule: dict, rank: int = QMT_RANK) -> tuple[torch.Tensor, dict]:
+def qmt_basis_for(schedule: dict, rank: int = QMT_RANK, *, shipped: bool = True) -> tuple[torch.Tensor, dict]:
     """``qmt_basis``'s construction for another hybrid-state train ``schedule`` (e.g. a candidate
-    of ``scripts/design_qmt_schedule.py``), disk-cached by the schedule: ``(basis [Nt, rank], schedule)``."""
+    of ``scripts/design_qmt_schedule.py``), disk-cached by the schedule: ``(basis [Nt, rank], schedule)``.
+    The shipped basis (``SHIPPED_QMT_BASIS``) is returned for the schedule it was made for, unless
+    ``shipped=False`` (build it here: ``scripts/ship_qmt_basis.py``, the test that checks the file)."""
     from ..modalities.qmt.simulate import coefficient_jacobian, fisher_basis
 
     def compute():
@@ -342,9 +344,9 @@ def qmt_basis_for(schedule: dict, rank: int = QMT_RANK) -> tuple[torch.Tensor, d
         plain = svd.svd_basis(sig, rank).to(torch.complex128)
         return {"basis": fisher_basis(sig, jac, rank, reference=plain)}
 
-    shipped = _shipped_qmt_basis(schedule, rank)
-    if shipped is not None:
-        return shipped, schedule
+    stored = _shipped_qmt_basis(schedule, rank) if shipped else None
+    if stored is not None:
+        return stored, schedule
     stored = _disk_cached("qmt-basis", (schedule["flip_rad"], schedule["pulse_dur"], schedule["tr"],
                                         schedule.get("inversion_dur"), rank, QMT_BASIS_ATOMS,
                                         sorted(QMT_BASIS_RANGES.items()), QMT_BASIS_KIND), compute)
@@ -359,21 +361,26 @@ def qmt_basis_for(schedule: dict, rank: int = QMT_RANK) -> tuple[torch.Tensor, d
 SHIPPED_QMT_BASIS = "qmt/synthetic_basis.pt"
 
 
+def qmt_basis_identity(schedule: dict, rank: int) -> dict:
+    """What a basis built by ``qmt_basis_for`` depends on (stored with the shipped basis, compared on load)."""
+    return {"rank": rank, "atoms": QMT_BASIS_ATOMS, "kind": QMT_BASIS_KIND,
+            "ranges": repr(sorted(QMT_BASIS_RANGES.items())), "tr": float(schedule["tr"]),
+            "inversion_dur": float(schedule.get("inversion_dur") or 0.0),
+            "flip_rad": torch.as_tensor(schedule["flip_rad"], dtype=torch.float64),
+            "pulse_dur": torch.as_tensor(schedule["pulse_dur"], dtype=torch.float64)}
+
+
 def _shipped_qmt_basis(schedule: dict, rank: int) -> torch.Tensor | None:
-    """The shipped basis if it was made for exactly this schedule, rank and atom dictionary, else None."""
+    """The shipped basis if it was made for exactly this schedule, rank and atom dictionary, else None
+    (the schedule's arrays compared to 1e-9, not bit for bit: they too are computed)."""
     path = resources.files("bids_qmri") / "data" / SHIPPED_QMT_BASIS
     if not path.is_file():
         return None
     with resources.as_file(path) as f:
         ship = torch.load(f, weights_only=True)
-    same = (int(ship["rank"]) == rank and int(ship["atoms"]) == QMT_BASIS_ATOMS and ship["kind"] == QMT_BASIS_KIND
-            and ship["ranges"] == repr(sorted(QMT_BASIS_RANGES.items()))
-            and float(ship["tr"]) == float(schedule["tr"])
-            and schedule.get("inversion_dur") is not None
-            and float(ship["inversion_dur"]) == float(schedule["inversion_dur"])
-            and all(len(ship[k]) == len(schedule[k]) and np.allclose(np.asarray(ship[k]), np.asarray(schedule[k]),
-                                                                      rtol=1e-9, atol=0)
-                    for k in ("flip_rad", "pulse_dur")))
+    want = qmt_basis_identity(schedule, rank)
+    same = all(ship[k].shape == v.shape and torch.allclose(ship[k], v, rtol=1e-9, atol=0)
+               if isinstance(v, torch.Tensor) else ship[k] == v for k, v in want.items())
     return ship["basis"] if same else None
 
 
