@@ -344,12 +344,10 @@ def qmt_basis_for(schedule: dict, rank: int = QMT_RANK, *, shipped: bool = True)
         plain = svd.svd_basis(sig, rank).to(torch.complex128)
         return {"basis": fisher_basis(sig, jac, rank, reference=plain)}
 
-    stored = _shipped_qmt_basis(schedule, rank) if shipped else None
-    if stored is not None:
-        return stored, schedule
-    stored = _disk_cached("qmt-basis", (schedule["flip_rad"], schedule["pulse_dur"], schedule["tr"],
-                                        schedule.get("inversion_dur"), rank, QMT_BASIS_ATOMS,
-                                        sorted(QMT_BASIS_RANGES.items()), QMT_BASIS_KIND), compute)
+    shipped_basis = _shipped_qmt_basis(schedule, rank) if shipped else None
+    if shipped_basis is not None:
+        return shipped_basis, schedule
+    stored = _disk_cached("qmt-basis", list(qmt_basis_identity(schedule, rank).values()), compute)
     return stored["basis"], schedule
 
 
@@ -362,7 +360,8 @@ SHIPPED_QMT_BASIS = "qmt/synthetic_basis.pt"
 
 
 def qmt_basis_identity(schedule: dict, rank: int) -> dict:
-    """What a basis built by ``qmt_basis_for`` depends on (stored with the shipped basis, compared on load)."""
+    """What a basis built by ``qmt_basis_for`` depends on: its disk-cache key, and the record stored with
+    the shipped basis and compared on load."""
     return {"rank": rank, "atoms": QMT_BASIS_ATOMS, "kind": QMT_BASIS_KIND,
             "ranges": repr(sorted(QMT_BASIS_RANGES.items())), "tr": float(schedule["tr"]),
             "inversion_dur": float(schedule.get("inversion_dur") or 0.0),
