@@ -7,6 +7,7 @@ Training here is tiny (seconds); accuracy of real training is measured by
 """
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -496,7 +497,7 @@ def test_train_cli_for_a_series(tmp_path, capsys):
     assert card["times_s"] == list(TI) and card["architecture"]["channels"] == [4]
 
 
-def test_insilico_tables_and_the_mle_cv_scales_with_sigma(tmp_path, monkeypatch):
+def test_insilico_tables_and_the_mle_cv_scales_with_sigma(tmp_path, monkeypatch, caplog):
     """``bids_qmri-insilico rim``: files and columns; the MLE's CV falls as 1/SNR at high SNR and
     its bias vanishes (asymptotic efficiency) — a check of the Monte Carlo harness itself."""
     import pandas as pd
@@ -525,11 +526,26 @@ def test_insilico_tables_and_the_mle_cv_scales_with_sigma(tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as exc:
         main(["rim", str(out), "--blur-mc", "1"])
     assert exc.value.code != 0
-    assert main(["rim", str(out), "--models", "ir", "--methods", "rim", "mle", "--snr", "30", "--mc", "4",
-                 "--size", "40", "--model-dir", str(tmp_path / "models")]) == 0
+    with caplog.at_level(logging.INFO, logger="bids_qmri"):
+        assert main(["-v", "rim", str(out), "--models", "ir", "--methods", "rim", "mle", "--snr", "30", "--mc", "4",
+                     "--size", "40", "--model-dir", str(tmp_path / "models")]) == 0
+    # -v logs every estimation step: 1 SNR × 2 methods, E1/E2 × 2, 3 TI lists × (rim, mle)
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(steps) == 12 and steps[-1].startswith("step 12/12 ") and steps[-1].endswith("ir 31 times, SNR 10: mle"), steps
     lists = pd.read_csv(out / "relax_ti_lists.tsv", sep="\t")
     assert set(lists["ti_list"]) == {"model", "seed23", "seed31"}
     assert set(lists["n_times"]) == {6, 23, 31}
+
+
+def test_insilico_progress_bar_counts_every_estimation_step(tmp_path, capsys):
+    """The progress bar's total is the number of estimation steps it then counts (MLE only: no TI
+    lists; 2 SNRs + E1 + E2 per series)."""
+    from bids_qmri.modalities.relax import insilico
+
+    insilico.run_relax_insilico(tmp_path, models={"ir": TI, "t2": TE}, methods=("mle",), snrs=(20, 200), n_mc=3,
+                                size=32, blur_n_mc=3, progress=True)
+    err = capsys.readouterr().err
+    assert "IRT1/MESE in silico" in err and "8/8" in err and "9/8" not in err
 
 
 def test_blur_point_standard_error_matches_the_spread_over_noise_seeds():

@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -175,8 +177,9 @@ def _summary(values: np.ndarray) -> dict:
 
 def monte_carlo(kind: str, times, nets: dict, *, snrs=DEFAULT_SNRS, n_mc: int = 100, size: int | None = 64,
                 seed: int = 0, image: dict | None = None, noise: str = "rician",
-                mle_lambda_b: float = 0.0) -> pd.DataFrame:
-    """Fig. 2 rows: method, snr, parameter, bias and CV (median, quartiles over brain voxels)."""
+                mle_lambda_b: float = 0.0, on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Fig. 2 rows: method, snr, parameter, bias and CV (median, quartiles over brain voxels).
+    ``on_step(label)`` is called after each method's estimates at each SNR (progress)."""
     image = image or test_image(kind, size, seed)
     params, brain = image["params"], image["brain"].numpy()
     clean = _signal(params, times, kind)
@@ -187,6 +190,8 @@ def monte_carlo(kind: str, times, nets: dict, *, snrs=DEFAULT_SNRS, n_mc: int = 
         noisy = _noisy(clean, A_REFERENCE / snr, n_mc, gen, noise)
         for method, net in nets.items():
             est = _estimate(method, net, noisy, brain, times, kind, mle_lambda_b)
+            if on_step is not None:
+                on_step(f"{kind} {len(times)} times, SNR {snr:g}: {method}")
             bias, cv = _voxel_stats(est, truth, brain)
             failed = float(np.isnan(est[:, -1][:, brain]).mean())
             for q, name in enumerate(rim.PARAMETERS[kind]):
@@ -233,7 +238,7 @@ def _structures(image: dict) -> dict[str, np.ndarray]:
 
 def blur_test(kind: str, times, nets: dict, *, snr: float = 10, n_mc: int = 100, size: int | None = 64,
               seed: int = 0, noise: str = "rician", mle_lambda_b: float = 0.0,
-              mle_n_mc: int | None = None) -> pd.DataFrame:
+              mle_n_mc: int | None = None, on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Fig. 3 rows: structure, region (structure / neighbourhood), scenario E1/E2, method; per-voxel
     relative bias and CV over the realisations, their median (seed 004) and mean over the region.
 
@@ -241,7 +246,8 @@ def blur_test(kind: str, times, nets: dict, *, snr: float = 10, n_mc: int = 100,
     them (default all). ``rel_bias_se``: the standard error of a voxel's relative bias,
     SD/(√n_mc·truth) over the realisations, median over the region's voxels; for the 1-voxel points
     it is exactly the standard error of ``rel_bias_median`` (seed 004's hypo point: one pixel's mean
-    over the realisations, ≈ CV/√n_mc)."""
+    over the realisations, ≈ CV/√n_mc). ``on_step(label)`` is called after each method's estimates
+    of each scenario (progress)."""
     from scipy import ndimage
 
     image = test_image(kind, size, seed)
@@ -258,6 +264,8 @@ def blur_test(kind: str, times, nets: dict, *, snr: float = 10, n_mc: int = 100,
         for method, net in nets.items():
             n = min(n_mc, mle_n_mc or n_mc) if method == "mle" else n_mc
             est = _estimate(method, net, noisy[:n], brain, times, kind, mle_lambda_b)
+            if on_step is not None:
+                on_step(f"{kind} blur test {scenario}: {method}")
             for name, m in structs.items():
                 ring = ndimage.binary_dilation(m, np.ones((3, 3), bool)) & ~m & brain
                 for region, where in (("structure", m), ("neighbourhood", ring)):
@@ -278,14 +286,15 @@ def blur_test(kind: str, times, nets: dict, *, snr: float = 10, n_mc: int = 100,
 
 
 def ti_lists(net, model_times, *, snr: float = 10, n_mc: int = 50, size: int | None = 64, seed: int = 0,
-             noise: str = "rician", mle_lambda_b: float = 0.0) -> pd.DataFrame:
+             noise: str = "rician", mle_lambda_b: float = 0.0,
+             on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Fig. 9 rows: the RIM trained for ``model_times`` on other TI lists, beside the MLE."""
     lists = {"model": tuple(model_times), **SEED_TI_LISTS}
     image = test_image("ir", size, seed)
     rows = []
     for label, times in lists.items():
         df = monte_carlo("ir", times, {"rim": net, "mle": None}, snrs=(snr,), n_mc=n_mc, seed=seed, image=image,
-                         noise=noise, mle_lambda_b=mle_lambda_b)
+                         noise=noise, mle_lambda_b=mle_lambda_b, on_step=on_step)
         df = df[df["parameter"] == "T1"].assign(ti_list=label, n_times=len(times))
         rows.append(df)
     return pd.concat(rows, ignore_index=True)
@@ -323,16 +332,36 @@ def _plot_bias_cv(df: pd.DataFrame, path: Path) -> Path:
 def run_relax_insilico(out_dir, *, models: dict, methods=("rim", "resnet", "mle"), snrs=DEFAULT_SNRS, n_mc: int = 100,
                        size: int | None = 64, blur_snr: float = 10, lists_snr: float = 10, model_dir=None,
                        seed: int = 0, allow_training: bool = True, noise: str = "rician",
-                       mle_lambda_b: float = 0.0, blur_n_mc: int | None = None) -> list[Path]:
+                       mle_lambda_b: float = 0.0, blur_n_mc: int | None = None,
+                       progress: bool | None = None) -> list[Path]:
     """``models``: ``{"ir": times, "t2": times}`` (seconds) — the series to test; the networks come
     from the model registry (bundled, ``model_dir`` or trained on the fly). ``blur_n_mc``: the blur
-    test's realisations for the learned methods (default ``n_mc``); the MLE keeps ``n_mc`` there."""
+    test's realisations for the learned methods (default ``n_mc``); the MLE keeps ``n_mc`` there.
+    ``progress``: a bar over the estimation steps (``None``: on a terminal only); every step is also
+    logged at INFO with its time (``-v``), since the defaults take tens of CPU minutes."""
+    from tqdm.auto import tqdm
+
     from bids_qmri.modalities.bssfp.insilico import _save_tsv
 
     from .models import get_model
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    n_lists = 1 + len(SEED_TI_LISTS)
+    total = sum(len(snrs) * len(methods) + 2 * len(methods) + (2 * n_lists if kind == "ir" and "rim" in methods else 0)
+                for kind in models)
+    bar = tqdm(total=total, desc="IRT1/MESE in silico", unit="step",
+               disable=None if progress is None else not progress)
+    done, started = [0], [time.perf_counter()]  # a disabled bar does not count
+
+    def on_step(label: str) -> None:
+        now = time.perf_counter()
+        done[0] += 1
+        bar.update(1)
+        bar.set_postfix_str(label, refresh=False)
+        log.info("step %d/%d (%.0f s): %s", done[0], total, now - started[0], label)
+        started[0] = now
+
     mc, blur, lists = [], [], []
     for kind, times in models.items():
         protocol = SeriesProtocol("InversionTime" if kind == "ir" else "EchoTime", tuple(float(t) for t in times))
@@ -345,11 +374,13 @@ def run_relax_insilico(out_dir, *, models: dict, methods=("rim", "resnet", "mle"
                                                allow_training=allow_training)
                 log.info("%s %s: %s", kind, method, card.get("path"))
         opts = {"size": size, "seed": seed, "noise": noise, "mle_lambda_b": mle_lambda_b}
-        mc.append(monte_carlo(kind, protocol.times, nets, snrs=snrs, n_mc=n_mc, **opts))
+        mc.append(monte_carlo(kind, protocol.times, nets, snrs=snrs, n_mc=n_mc, on_step=on_step, **opts))
         blur.append(blur_test(kind, protocol.times, nets, snr=blur_snr, n_mc=blur_n_mc or n_mc, mle_n_mc=n_mc,
-                              **opts))
+                              on_step=on_step, **opts))
         if kind == "ir" and "rim" in nets:
-            lists.append(ti_lists(nets["rim"], protocol.times, snr=lists_snr, n_mc=max(2, n_mc // 2), **opts))
+            lists.append(ti_lists(nets["rim"], protocol.times, snr=lists_snr, n_mc=max(2, n_mc // 2),
+                                  on_step=on_step, **opts))
+    bar.close()
     mc_df = pd.concat(mc, ignore_index=True)
     written = [_save_tsv(mc_df, out_dir / "relax_bias_cv.tsv"), _plot_bias_cv(mc_df, out_dir / "relax_bias_cv.png"),
                _save_tsv(pd.concat(blur, ignore_index=True), out_dir / "relax_blur.tsv")]
