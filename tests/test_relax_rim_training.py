@@ -531,7 +531,8 @@ def test_insilico_tables_and_the_mle_cv_scales_with_sigma(tmp_path, monkeypatch,
                      "--size", "40", "--model-dir", str(tmp_path / "models")]) == 0
     # -v logs every estimation step: 1 SNR × 2 methods, E1/E2 × 2, 3 TI lists × (rim, mle)
     steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
-    assert len(steps) == 12 and steps[-1].startswith("step 12/12 ") and steps[-1].endswith("ir 31 times, SNR 10: mle"), steps
+    assert len(steps) == 12 and steps[-1].startswith("step 12/12 "), steps
+    assert steps[-1].endswith("ir 31 times, SNR 10: mle"), steps
     lists = pd.read_csv(out / "relax_ti_lists.tsv", sep="\t")
     assert set(lists["ti_list"]) == {"model", "seed23", "seed31"}
     assert set(lists["n_times"]) == {6, 23, 31}
