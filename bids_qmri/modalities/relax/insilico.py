@@ -350,37 +350,35 @@ def run_relax_insilico(out_dir, *, models: dict, methods=("rim", "resnet", "mle"
     n_lists = 1 + len(SEED_TI_LISTS)
     total = sum(len(snrs) * len(methods) + 2 * len(methods) + (2 * n_lists if kind == "ir" and "rim" in methods else 0)
                 for kind in models)
-    bar = tqdm(total=total, desc="IRT1/MESE in silico", unit="step",
-               disable=None if progress is None else not progress)
-    done, started = [0], [time.perf_counter()]  # a disabled bar does not count
+    done, last = 0, time.perf_counter()  # our own count: a disabled bar does not count
 
     def on_step(label: str) -> None:
-        now = time.perf_counter()
-        done[0] += 1
+        nonlocal done, last
+        now, done = time.perf_counter(), done + 1
         bar.update(1)
         bar.set_postfix_str(label, refresh=False)
-        log.info("step %d/%d (%.0f s): %s", done[0], total, now - started[0], label)
-        started[0] = now
+        log.info("step %d/%d (%.0f s): %s", done, total, now - last, label)
+        last = now
 
     mc, blur, lists = [], [], []
-    for kind, times in models.items():
-        protocol = SeriesProtocol("InversionTime" if kind == "ir" else "EchoTime", tuple(float(t) for t in times))
-        nets = {}
-        for method in methods:
-            if method == "mle":
-                nets[method] = None
-            else:
-                nets[method], card = get_model(method, protocol, model_dir=model_dir, seed=seed,
-                                               allow_training=allow_training)
-                log.info("%s %s: %s", kind, method, card.get("path"))
-        opts = {"size": size, "seed": seed, "noise": noise, "mle_lambda_b": mle_lambda_b}
-        mc.append(monte_carlo(kind, protocol.times, nets, snrs=snrs, n_mc=n_mc, on_step=on_step, **opts))
-        blur.append(blur_test(kind, protocol.times, nets, snr=blur_snr, n_mc=blur_n_mc or n_mc, mle_n_mc=n_mc,
-                              on_step=on_step, **opts))
-        if kind == "ir" and "rim" in nets:
-            lists.append(ti_lists(nets["rim"], protocol.times, snr=lists_snr, n_mc=max(2, n_mc // 2),
-                                  on_step=on_step, **opts))
-    bar.close()
+    with tqdm(total=total, desc="IRT1/MESE in silico", unit="step",
+              disable=None if progress is None else not progress) as bar:
+        for kind, times in models.items():
+            protocol = SeriesProtocol("InversionTime" if kind == "ir" else "EchoTime", tuple(float(t) for t in times))
+            nets = {}
+            for method in methods:
+                if method == "mle":
+                    nets[method] = None
+                else:
+                    nets[method], card = get_model(method, protocol, model_dir=model_dir, seed=seed,
+                                                   allow_training=allow_training)
+                    log.info("%s %s: %s", kind, method, card.get("path"))
+            opts = {"size": size, "seed": seed, "noise": noise, "mle_lambda_b": mle_lambda_b, "on_step": on_step}
+            mc.append(monte_carlo(kind, protocol.times, nets, snrs=snrs, n_mc=n_mc, **opts))
+            blur.append(blur_test(kind, protocol.times, nets, snr=blur_snr, n_mc=blur_n_mc or n_mc, mle_n_mc=n_mc,
+                                  **opts))
+            if kind == "ir" and "rim" in nets:
+                lists.append(ti_lists(nets["rim"], protocol.times, snr=lists_snr, n_mc=max(2, n_mc // 2), **opts))
     mc_df = pd.concat(mc, ignore_index=True)
     written = [_save_tsv(mc_df, out_dir / "relax_bias_cv.tsv"), _plot_bias_cv(mc_df, out_dir / "relax_bias_cv.png"),
                _save_tsv(pd.concat(blur, ignore_index=True), out_dir / "relax_blur.tsv")]
