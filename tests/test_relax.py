@@ -384,6 +384,7 @@ def test_learned_maps_through_the_workflow(noisy):
 #: the IRT1 RIM with the structure voxels weighted 30x (2026-12-03 11:40): rim T1 2.25 % (bound +~30 %);
 #: weighted 100x (2026-12-03 12:31, epoch 40): rim T1 2.49 %, mle 2.67 % (bound +~30 %);
 #: the blend of 2026-12-04 (0.26 of that file + two epoch means of its W = 300 continuation): rim T1 2.10 %
+#: the blend of 2026-12-05 (0.5 of it + its low-SNR-weighted continuation): rim T1 2.23 %, mle 2.67 %
 LEARNED_BOUNDS = {("T1map", "rim"): 0.028, ("T1map", "resnet"): 0.065, ("T2map", "rim"): 0.046,
                   ("T2map", "resnet"): 0.085}
 

@@ -208,7 +208,7 @@ def test_snr_weight_is_a_per_patch_weighted_mean_of_the_squared_errors():
                                                dtype=torch.float64)
     e, t = est.numpy(), cat.target.numpy()
     mask, struct = cat.weight.numpy(), cat.structure.numpy()
-    for power, w_struct in ((1.0, 1.0), (2.0, 300.0), (0.5, 30.0)):
+    for power, w_struct in ((1.0, 1.0), (2.0, 300.0), (0.5, 30.0), (-1.0, 300.0)):
         cfg = training.RelaxTrainConfig(method="rim", structures=True, structure_weight=w_struct, snr_weight=power)
         per_patch = np.array([(0.0065 / s) ** power for s in sigmas])
         vox = per_patch[:, None, None] * np.where(struct, w_struct, 1.0) * mask
@@ -217,6 +217,8 @@ def test_snr_weight_is_a_per_patch_weighted_mean_of_the_squared_errors():
         assert float(got) == pytest.approx(hand, rel=1e-12)
         if power == 2.0:  # the SNR-2.5 patch counts 1/39.2² of the SNR-100 one
             assert per_patch[2] == pytest.approx(1 / 39.23**2, rel=1e-3)
+        if power == -1.0:  # P < 0 favours low SNR: the SNR-2.5 patch counts 39.2× the SNR-100 one
+            assert per_patch[2] == pytest.approx(39.23, rel=1e-3)
     for w_struct in (1.0, 300.0):  # P = 0: the weights (and the loss) of today's trainer, bit for bit
         off = training.RelaxTrainConfig(method="rim", structures=True, structure_weight=w_struct)
         assert off.snr_weight == 0.0
@@ -229,23 +231,26 @@ def test_snr_weight_is_a_per_patch_weighted_mean_of_the_squared_errors():
 
 
 def test_snr_weight_reaches_training_card_and_refuses_bad_values(monkeypatch, tmp_path, capsys):
-    """The trainer passes the SNR weights (one value per patch, ≤ 1) to the loss, the card records P
-    and the unweighted eq. 6 loss; P < 0, P > 4 or NaN is refused, by the CLI in one line."""
-    cfg = training.RelaxTrainConfig(method="rim", seed=3, snr_weight=1.5, **TINY)
-    seen = _spy_voxel_weights(monkeypatch)
-    _, card = training.train_relax_net("ir", TI, cfg)
-    calls = [v for v in seen if v is not None]
-    assert calls and all(((v > 0) & (v <= 1)).all() for v in calls)
-    assert all(torch.equal(v, v[:, :1, :1].expand_as(v)) for v in calls)  # constant within each patch
-    assert card["training"]["snr_weight"] == 1.5 and "(sigma_min/sigma)^1.5" in card["training_data"]
-    assert "loss_eq6" in card["validation"]
-    for bad in (-1.0, 4.5, float("nan")):
+    """The trainer passes the SNR weights (one value per patch, ≤ 1 for P > 0, ≥ 1 for P < 0) to the
+    loss, the card records P and the unweighted eq. 6 loss; |P| > 4 or NaN is refused, by the CLI in
+    one line."""
+    for power in (1.5, -1.0):
+        cfg = training.RelaxTrainConfig(method="rim", seed=3, snr_weight=power, **TINY)
+        seen = _spy_voxel_weights(monkeypatch)
+        _, card = training.train_relax_net("ir", TI, cfg)
+        calls = [v for v in seen if v is not None]
+        assert calls and all(((v > 0) & (v <= 1)).all() if power > 0 else (v >= 1).all() for v in calls)
+        assert any((v > 1).any() for v in calls) == (power < 0)
+        assert all(torch.equal(v, v[:, :1, :1].expand_as(v)) for v in calls)  # constant within each patch
+        assert card["training"]["snr_weight"] == power and f"(sigma_min/sigma)^{power:g}" in card["training_data"]
+        assert "loss_eq6" in card["validation"]
+    for bad in (-4.5, 4.5, float("nan")):
         with pytest.raises(ValueError, match="--rim-snr-weight"):
             training.RelaxTrainConfig(method="rim", snr_weight=bad)
     from bids_qmri.cli.train import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["--method", "rim", "--modality", "irt1", "--times", *map(str, TI), "--rim-snr-weight", "-1",
+        main(["--method", "rim", "--modality", "irt1", "--times", *map(str, TI), "--rim-snr-weight", "-5",
               "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert exc.value.code != 0 and "--rim-snr-weight" in err and len(err.strip().splitlines()) == 1
@@ -658,8 +663,8 @@ def test_bundled_models_for_the_synthetic_lists(method, kind, times):
     start = rim.to_physical(rim.initial_estimate(patches.signal, kind), kind)[:, -1]
     truth = rim.to_physical(patches.target, kind)[:, -1]
     err0 = float((start / truth - 1)[patches.brain].abs().median())
-    # measured (SNR 30; start 21 % / 18 %): rim 2.61 % / 5.3 % (IR: the IRT1 RIM blend of 2026-12-04,
-    # before it 2.95 % (structure weight 100), 2.8 % (weight 30), 3.2 % and 3.9 %; T2: the 2026-12-03
+    # measured (SNR 30; start 21 % / 18 %): rim 2.55 % / 5.3 % (IR: the IRT1 RIM blend of 2026-12-05,
+    # before it 2.61 % (the blend of 2026-12-04), 2.95 % (structure weight 100), 2.8 % (weight 30), 3.2 % and 3.9 %; T2: the 2026-12-03
     # issue-17 RIM; the models before them 6.3 % and 8.6 % / 6.6 %), resnet 5.8 % / 7.2 % (IR / T2);
     # bounds +~30 %
     bound = {("rim", "ir"): 0.034, ("rim", "t2"): 0.07, ("resnet", "ir"): 0.08, ("resnet", "t2"): 0.095}[method, kind]

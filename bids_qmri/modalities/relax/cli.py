@@ -40,8 +40,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "seed 004 eq. 6: 1)")
     g.add_argument("--rim-snr-weight", type=float, default=d.snr_weight, metavar="P",
                    help="weight each training patch's squared error by (sigma_min/sigma)^P, sigma its noise level "
-                        "(1 at SNR 100, 1/39^P at SNR 3): less weight on the low-SNR patches' large errors; "
-                        "0 <= P <= 4 (seed 004 eq. 6: 0)")
+                        "(1 at SNR 100, 1/39^P at SNR 3): P > 0 gives the low-SNR patches' large errors less weight, "
+                        "P < 0 more; -4 <= P <= 4 (seed 004 eq. 6: 0)")
     g.add_argument("--rim-bias-weight", type=float, default=d.bias_weight, metavar="LAMBDA",
                    help="add LAMBDA x the mean over steps, patches and parameters of the squared mean error over "
                         "each patch's loss voxels (the patch's bias; ln T1's is about its relative bias) to the RIM "

@@ -65,7 +65,7 @@ class RelaxTrainConfig:
     structures: bool = False  # one-voxel points and lines in every training patch (simulate.add_structures)
     b_weight: float = 1.0  # weight of B's squared error in the loss (IR; eq. 6: 1)
     structure_weight: float = 1.0  # weight of the structure voxels' squared error (needs structures; eq. 6: 1)
-    snr_weight: float = 0.0  # P: each patch's squared error times (σ_min/σ)^P, σ its noise level (eq. 6: 0)
+    snr_weight: float = 0.0  # P: each patch's squared error times (σ_min/σ)^P, σ its noise level (eq. 6: 0; < 0 favours low SNR)
     bias_weight: float = 0.0  # λ: + λ × mean squared patch bias (rim.patch_bias_term; eq. 6: 0)
     bias_groups: str = "patch"  # the bias term's means: per patch, or per patch and dominant tissue (Patches.tissue)
     lr_schedule: str = "constant"
@@ -85,8 +85,8 @@ class RelaxTrainConfig:
             raise ValueError("the structure loss weight must be > 0")
         if self.structure_weight != 1.0 and not self.structures:
             raise ValueError("a structure loss weight needs the structures in the patches: add --relax-structures")
-        if not (0.0 <= self.snr_weight <= 4.0):
-            raise ValueError(f"--rim-snr-weight must be a power between 0 (off) and 4; got {self.snr_weight!r}")
+        if not (-4.0 <= self.snr_weight <= 4.0):
+            raise ValueError(f"--rim-snr-weight must be a power between -4 and 4 (0: off); got {self.snr_weight!r}")
         if not (0.0 <= self.bias_weight <= 1000.0):
             raise ValueError(f"--rim-bias-weight must be a weight between 0 (off) and 1000; got {self.bias_weight!r}")
         if self.bias_groups not in BIAS_GROUPS:
@@ -108,9 +108,10 @@ class RelaxTrainConfig:
 
     def voxel_weight(self, patches) -> torch.Tensor | None:
         """Per-voxel loss weights (``rim.rim_loss``) ``[batch, H, W]``: ``structure_weight`` on the
-        voxels ``simulate.add_structures`` changed, 1 elsewhere, times, with ``snr_weight`` P > 0,
+        voxels ``simulate.add_structures`` changed, 1 elsewhere, times, with ``snr_weight`` P ≠ 0,
         each patch's ``(SIGMA_RANGE[0] / σ)^P`` (σ the patch's noise level: 1 at SNR 100, 1/39^P at
-        SNR 3, so the low-SNR patches' large errors dominate the mean less); None for eq. 6's plain mean."""
+        SNR 3; P > 0: the low-SNR patches' large errors dominate the mean less, P < 0: more); None for
+        eq. 6's plain mean."""
         weight = None
         if self.structure_weight != 1.0 and patches.structure is not None:
             weight = torch.where(patches.structure, self.structure_weight, 1.0).to(patches.target.dtype)
@@ -121,7 +122,7 @@ class RelaxTrainConfig:
         return weight
 
     def snr_patch_weight(self, patches) -> torch.Tensor | None:
-        """Each patch's ``(SIGMA_RANGE[0] / σ)^P`` ``[batch]`` for ``snr_weight`` P > 0 (the factor on its
+        """Each patch's ``(SIGMA_RANGE[0] / σ)^P`` ``[batch]`` for ``snr_weight`` P ≠ 0 (the factor on its
         voxels in ``voxel_weight`` and on its squared biases in the bias term), None for P = 0."""
         if not self.snr_weight:
             return None
