@@ -664,8 +664,8 @@ def test_bundled_models_for_the_synthetic_lists(method, kind, times):
     truth = rim.to_physical(patches.target, kind)[:, -1]
     err0 = float((start / truth - 1)[patches.brain].abs().median())
     # measured (SNR 30; start 21 % / 18 %): rim 2.55 % / 5.3 % (IR: the IRT1 RIM blend of 2026-12-05,
-    # before it 2.61 % (the blend of 2026-12-04), 2.95 % (structure weight 100), 2.8 % (weight 30), 3.2 % and 3.9 %; T2: the 2026-12-03
-    # issue-17 RIM; the models before them 6.3 % and 8.6 % / 6.6 %), resnet 5.8 % / 7.2 % (IR / T2);
+    # before it 2.61 % (the blend of 2026-12-04), 2.95 % (structure weight 100), 2.8 % (weight 30),
+    # 3.2 % and 3.9 %; T2: the 2026-12-03 issue-17 RIM; the models before them 6.3 % and 8.6 % / 6.6 %), resnet 5.8 % / 7.2 % (IR / T2);
     # bounds +~30 %
     bound = {("rim", "ir"): 0.034, ("rim", "t2"): 0.07, ("resnet", "ir"): 0.08, ("resnet", "t2"): 0.095}[method, kind]
     assert err < bound and err < 0.5 * err0, (err, err0)

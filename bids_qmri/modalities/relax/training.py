@@ -65,7 +65,8 @@ class RelaxTrainConfig:
     structures: bool = False  # one-voxel points and lines in every training patch (simulate.add_structures)
     b_weight: float = 1.0  # weight of B's squared error in the loss (IR; eq. 6: 1)
     structure_weight: float = 1.0  # weight of the structure voxels' squared error (needs structures; eq. 6: 1)
-    snr_weight: float = 0.0  # P: each patch's squared error times (σ_min/σ)^P, σ its noise level (eq. 6: 0; < 0 favours low SNR)
+    # P: each patch's squared error times (σ_min/σ)^P, σ its noise level (eq. 6: 0); P < 0 favours low SNR
+    snr_weight: float = 0.0
     bias_weight: float = 0.0  # λ: + λ × mean squared patch bias (rim.patch_bias_term; eq. 6: 0)
     bias_groups: str = "patch"  # the bias term's means: per patch, or per patch and dominant tissue (Patches.tissue)
     lr_schedule: str = "constant"
