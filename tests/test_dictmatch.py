@@ -56,8 +56,15 @@ def test_chunked_gram_basis_equals_direct_svd():
 
 
 def brute_force(signals, atoms):
-    unit = atoms / np.linalg.norm(atoms, axis=1, keepdims=True)
-    power = np.abs(signals @ unit.conj().T) ** 2
+    """Index of the atom of greatest normalised power per signal, by explicit element-wise sums over
+    the basis: bitwise-equal atoms get bitwise-equal scores wherever they sit. (A BLAS GEMM may round
+    the columns of one product differently from block to block, which breaks exact ties.)"""
+    inner = np.zeros((signals.shape[0], atoms.shape[0]), dtype=np.result_type(signals, atoms))
+    energy = np.zeros(atoms.shape[0])
+    for k in range(atoms.shape[1]):
+        inner += signals[:, k, None] * atoms[None, :, k].conj()
+        energy += np.abs(atoms[:, k]) ** 2
+    power = np.abs(inner) ** 2 / energy
     return power.argmax(axis=1)  # numpy: first maximum on ties
 
 
