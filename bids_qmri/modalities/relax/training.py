@@ -30,7 +30,7 @@ from .simulate import (
     simulate_patches,
 )
 
-__all__ = ["LEARNED_METHODS", "RelaxTrainConfig", "build_net", "evaluate_patches", "train_relax_net"]
+__all__ = ["LEARNED_METHODS", "RelaxTrainConfig", "blend_state_dicts", "build_net", "evaluate_patches", "train_relax_net"]
 
 log = logging.getLogger("bids_qmri.modalities.relax.training")
 
@@ -135,6 +135,22 @@ class RelaxTrainConfig:
         return patches.tissue if self.bias_weight and self.bias_groups == "tissue" else None
 
 
+def blend_state_dicts(states, weights=None) -> dict[str, torch.Tensor]:
+    """The weight-space mean of RIM state dicts (no normalisation buffers: every entry is a
+    convolution weight or bias), summed in double precision and cast back to each entry's dtype:
+    the arithmetic mean (``--average-last``) without ``weights``, else Σ wᵢ·stateᵢ with Σ wᵢ = 1
+    (how the bundled IRT1 RIMs were blended with their continuations, TRAINING.md)."""
+    states = list(states)
+    if not states or any(s.keys() != states[0].keys() for s in states):
+        raise ValueError("blend at least one state dict, all with the same entries (same method and architecture)")
+    if weights is None:
+        return {k: torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype) for k, v in states[-1].items()}
+    weights = [float(w) for w in weights]
+    if len(weights) != len(states) or abs(sum(weights) - 1.0) > 1e-9:
+        raise ValueError(f"blend weights must be one per state dict and sum to 1; got {weights}")
+    return {k: sum(w * s[k].double() for w, s in zip(weights, states)).to(v.dtype) for k, v in states[0].items()}
+
+
 def build_net(method: str, kind: str, n_times: int, cfg: RelaxTrainConfig) -> torch.nn.Module:
     if method == "rim":
         return rim.RIM(kind, hidden=cfg.hidden, steps=cfg.steps, gru_kernel=cfg.gru_kernel, gradient=cfg.rim_gradient)
@@ -211,10 +227,8 @@ def train_relax_net(kind: str, times, cfg: RelaxTrainConfig, *, epoch_callback=N
                             generator=torch.Generator().manual_seed(cfg.seed), epoch_callback=after_epoch, log=log)
         kept_loss, averaged = result.best_loss, None
         if cfg.average_last:
-            # the arithmetic mean of the last epochs' weights replaces `keep`'s choice (the RIM has no
-            # normalisation buffers: every state-dict entry is a convolution weight or bias)
-            net.load_state_dict({k: torch.stack([w[k].double() for _, w in recent]).mean(0).to(v.dtype)
-                                 for k, v in recent[-1][1].items()})
+            # the arithmetic mean of the last epochs' weights replaces `keep`'s choice
+            net.load_state_dict(blend_state_dicts(w for _, w in recent))
             net.eval()
             with torch.no_grad():
                 kept_loss = float(validate(net))
