@@ -498,6 +498,23 @@ def test_nls_recovers_truth_and_matches_scipy(schedule_and_basis):
     assert float(out["cost"][0]) <= 0.5 * float(np.sum(sol.fun**2)) + 1e-20
 
 
+def test_nls_takes_a_start_of_all_seven_parameters(schedule_and_basis):
+    """``x_net`` with 7 columns is the whole start (the in-silico local-MLE study starts at the
+    truth): noise-free data fitted from the truth stay there after one LM step, while the same
+    m0s, T1, T2f with the nuisances at the training means are still far off after one step."""
+    from bids_qmri.modalities.qmt import nls
+
+    sched, basis = schedule_and_basis
+    truth = torch.tensor([[0.17, 1.21, 0.073, 9.1e-6, 31.0, -40.0, 0.83]], dtype=D)
+    y = simulate.fingerprints(truth, sched, basis, dtype=D) * torch.tensor([0.4 - 0.3j])[:, None]
+    whole = nls.fit_nls(y, sched, basis, x_net=truth, n_grid_starts=0, dtype=D, max_iter=1)
+    for i, k in enumerate(simulate.PARAMETERS):
+        np.testing.assert_allclose(float(whole[k][0]), float(truth[0, i]), rtol=1e-6, err_msg=k)
+    assert float(whole["cost"][0]) < 1e-20
+    three = nls.fit_nls(y, sched, basis, x_net=truth[:, :3], n_grid_starts=0, dtype=D, max_iter=1)
+    assert float(three["cost"][0]) > 1e6 * max(float(whole["cost"][0]), 1e-30)
+
+
 def test_shipped_synthetic_basis_is_what_the_construction_gives(tmp_path, monkeypatch):
     """The shipped qMT basis (what keys the bundled nets on every machine) equals the basis built from
     scratch here (float32 physics: the last bits may differ between CPUs, hence the tolerance; a stale
@@ -634,6 +651,25 @@ def test_insilico_cli_writes_tables_and_figure(tmp_path, capsys):
     curves = pd.read_csv(tmp_path / "ins" / "qmt_insilico_curves.tsv", sep="\t")
     assert set(curves.model) == {"qmtnet", "qmtnetmse"} and curves.epoch.max() > 1
     assert (tmp_path / "ins" / "qmt_insilico.png").stat().st_size > 10_000
+
+
+def test_insilico_evaluates_any_named_nets(tmp_path):
+    """``models=`` (candidate weights, e.g. a net trained on a wider prior) is measured under its own
+    name on the same draws: a copy of the bundled qmtnet gives the bundled net's numbers exactly."""
+    import pandas as pd
+
+    from bids_qmri.models.registry import get_model
+    from bids_qmri.modalities.qmt.cli import synthetic_protocol
+    from bids_qmri.modalities.qmt.insilico import run_qmt_insilico
+
+    proto, _ = synthetic_protocol()
+    net, card = get_model("qmt", "qmtnet", proto, model_dir=None, trainer=None, allow_training=False)
+    models = {"qmtnet": (net, card), "candidate": (net, {})}
+    run_qmt_insilico(tmp_path, n_test=3, n_noise=4, snrs=(50.0,), n_grid=0, models=models)
+    t = pd.read_csv(tmp_path / "qmt_insilico.tsv", sep="\t").set_index("model")
+    assert list(t.index) == ["qmtnet", "candidate"]
+    pd.testing.assert_series_equal(t.loc["qmtnet"], t.loc["candidate"], check_names=False)
+    assert (tmp_path / "qmt_insilico.png").is_file()
 
 
 def test_training_set_is_cached_once(schedule_and_basis, tmp_path, monkeypatch):

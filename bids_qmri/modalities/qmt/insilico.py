@@ -2,10 +2,11 @@
 
 ``noise_realisations(net, data, snr_max, n_noise)``: estimates ``[n_noise, S, P]`` of every
 test sample under ``n_noise`` complex Gaussian noise draws at ``SNR_max = |M0|/σ`` (random M0
-phase per draw). ``decompose(estimates, truth, crb)``: per sample and parameter the bias (Eq. 2),
-the standard deviation and ``std/√CRB``, and the CRB-normalised loss split into its bias part
-``(θ̄ − θ)²/CRB`` and its variance part ``Σ(θ̂ − θ̄)²/(N·CRB)`` (Eq. 4; their sum is the mean
-loss over the draws exactly, Eq. 5).
+phase per draw; the draws are ``noisy_coefficients``', for any other estimator, e.g. ``qmtnls``
+in ``scripts/qmt_nls_efficiency.py``). ``decompose(estimates, truth, crb)``: per sample and
+parameter the bias (Eq. 2), the standard deviation and ``std/√CRB``, and the CRB-normalised loss
+split into its bias part ``(θ̄ − θ)²/CRB`` and its variance part ``Σ(θ̂ − θ̄)²/(N·CRB)`` (Eq. 4;
+their sum is the mean loss over the draws exactly, Eq. 5).
 
 Test sets, as seed 003 §2.4: dataset #1 is random draws from the training distributions
 (``simulate.simulate_set``; the seed's Figs. 5–8, 9 056 samples there); dataset #2 is regular grids
@@ -28,7 +29,8 @@ from . import simulate
 from .net import OUTPUTS, features
 from .training import OUT_INDEX
 
-__all__ = ["noise_realisations", "decompose", "grid_theta", "summarise", "crb_at", "prior_bound_at", "GRID_SLICES"]
+__all__ = ["noisy_coefficients", "noise_realisations", "decompose", "grid_theta", "summarise", "crb_at",
+           "prior_bound_at", "GRID_SLICES"]
 
 #: seed 003 test dataset #2: slice name -> the two varied parameters and their ranges (SI units). The
 #: seed gives no ranges; ours are the prior mean ± 1 SD (m0s 0.04–0.20, T1 0.8–2.4 s) and, for T2f,
@@ -37,20 +39,26 @@ GRID_SLICES = {"T1_T2f": (("T1", 0.8, 2.4), ("T2f", 0.02, 0.2)),
                "m0s_T1": (("m0s", 0.04, 0.2), ("T1", 0.8, 2.4))}
 
 
-def noise_realisations(net, data: dict, snr_max: float, n_noise: int = 300, *, seed: int = 0) -> torch.Tensor:
+def noisy_coefficients(data: dict, snr_max: float, n_noise: int = 300, *, seed: int = 0):
+    """Yield ``n_noise`` noisy copies ``[S, R]`` (complex128) of the set's coefficients: |M0| =
+    SNR_max·σ with a random phase per sample and draw, plus complex Gaussian noise of SD σ per part.
+    Every estimator measured with the same ``seed`` sees the same draws."""
     gen = torch.Generator().manual_seed(int(seed))
     c = data["coeffs"].to(torch.complex128)
     s = len(c)
-    out = []
     sigma = simulate.NOISE_SIGMA
+    for _ in range(n_noise):
+        m0 = torch.polar(torch.full((s,), snr_max * sigma, dtype=torch.float64),
+                         2 * math.pi * torch.rand(s, generator=gen, dtype=torch.float64))
+        noise = torch.complex(torch.randn(c.shape, generator=gen, dtype=torch.float64),
+                              torch.randn(c.shape, generator=gen, dtype=torch.float64))
+        yield c * m0[:, None] + sigma * noise
+
+
+def noise_realisations(net, data: dict, snr_max: float, n_noise: int = 300, *, seed: int = 0) -> torch.Tensor:
+    """The net's estimates ``[n_noise, S, P]`` on ``noisy_coefficients``' draws."""
     with torch.no_grad():
-        for _ in range(n_noise):
-            m0 = torch.polar(torch.full((s,), snr_max * sigma, dtype=torch.float64),
-                             2 * math.pi * torch.rand(s, generator=gen, dtype=torch.float64))
-            noise = torch.complex(torch.randn(c.shape, generator=gen, dtype=torch.float64),
-                                  torch.randn(c.shape, generator=gen, dtype=torch.float64))
-            out.append(net(features(c * m0[:, None] + sigma * noise)).double())
-    return torch.stack(out)
+        return torch.stack([net(features(y)).double() for y in noisy_coefficients(data, snr_max, n_noise, seed=seed)])
 
 
 def decompose(estimates: torch.Tensor, truth: torch.Tensor, crb: torch.Tensor,
@@ -196,7 +204,7 @@ def run_qmt_insilico(out_dir, *, n_test: int = 64, n_noise: int = 300, snrs=(10.
         pd.DataFrame(curves).to_csv(ctsv, sep="\t", index=False, float_format="%.6g")
         paths.append(ctsv)
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
-    for method, style in (("qmtnet", "-"), ("qmtnetmse", "--")):
+    for method, style in zip(models, ("-", "--", ":", "-.") * len(models)):
         c = [r for r in curves if r["model"] == method]
         if c:
             ax[0].semilogy([r["epoch"] for r in c], [r["val_normalised_crb_loss"] for r in c], style, label=method)

@@ -50,7 +50,8 @@ def fit_nls(y: torch.Tensor, schedule: dict, basis: torch.Tensor, *, b1: torch.T
             dtype=torch.float32, chunk: int = 256) -> dict:
     """Fit coefficients ``y`` ``[N, R]`` -> dict of ``[N]`` tensors (``simulate.PARAMETERS`` plus
     ``M0`` (complex), ``cost``, ``converged``, ``seconds``). ``b1`` ``[N]`` fixes B1; ``x_net`` ``[N, 3]``
-    (m0s, T1, T2f) adds the network's start."""
+    (m0s, T1, T2f; the rest at the training means) adds the network's start; ``[N, 7]`` gives every
+    parameter of that start (e.g. the truth, to measure the local MLE's spread in silico)."""
     t0 = time.perf_counter()
     y = torch.as_tensor(y).to(torch.complex128)
     n = len(y)
@@ -109,8 +110,9 @@ def fit_nls(y: torch.Tensor, schedule: dict, basis: torch.Tensor, *, b1: torch.T
         idx = torch.arange(n) * g + best[:, k]
         starts.append((th[idx], m0[idx]))
     if x_net is not None:
+        x_net = torch.as_tensor(x_net, dtype=torch.float64)
         th = means.repeat(n, 1)
-        th[:, :3] = torch.as_tensor(x_net, dtype=torch.float64)
+        th[:, :x_net.shape[1]] = x_net
         if fixed_b1:
             th[:, 6] = b1v
         th = torch.minimum(torch.maximum(th, lo), hi)
