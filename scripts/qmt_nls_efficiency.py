@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from bids_qmri.modalities.qmt import estimate, simulate
-from bids_qmri.modalities.qmt.cli import synthetic_protocol
 from bids_qmri.modalities.qmt.insilico import crb_at, decompose, noise_realisations, noisy_coefficients
 from bids_qmri.modalities.qmt.net import OUTPUTS
 from bids_qmri.modalities.qmt.nls import fit_nls
+from bids_qmri.modalities.qmt.protocol import synthetic_protocol
 from bids_qmri.modalities.qmt.training import OUT_INDEX
 from bids_qmri.models.registry import get_model
 
@@ -102,10 +102,10 @@ def report(out: Path):
     print("| | " + " | ".join(OUTPUTS) + " |")
     print("|---|" + "---|" * len(OUTPUTS))
     nls = decompose(est_of["qmtnls"], truth, crb)
+    low = [crb[:, i] <= torch.quantile(crb[:, i], 0.25) for i in range(3)]
     for name, o in (("qmtnls", nls), ("qmtnet", nets)):
         r = o["std_over_sqrt_crb"].numpy()
         print(f"| {name} std/√CRB quartiles | " + " | ".join(_quart(r[:, i]) for i in range(3)) + " |")
-        low = [crb[:, i] <= torch.quantile(crb[:, i], 0.25) for i in range(3)]
         print(f"| {name} lowest-CRB quarter median | "
               + " | ".join(f"{np.median(r[low[i].numpy(), i]):.2f}" for i in range(3)) + " |")
         b = (o["bias"] / crb.sqrt()).numpy()

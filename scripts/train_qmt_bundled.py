@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from bids_qmri.modalities.qmt.cli import _read_sets, synthetic_protocol
+from bids_qmri.modalities.qmt.cli import _read_sets
+from bids_qmri.modalities.qmt.protocol import synthetic_protocol
 from bids_qmri.modalities.qmt.training import train_qmtnet
 from bids_qmri.models.registry import bundled_dir, model_stem, save_model
 

@@ -659,8 +659,8 @@ def test_insilico_evaluates_any_named_nets(tmp_path):
     import pandas as pd
 
     from bids_qmri.models.registry import get_model
-    from bids_qmri.modalities.qmt.cli import synthetic_protocol
     from bids_qmri.modalities.qmt.insilico import run_qmt_insilico
+    from bids_qmri.modalities.qmt.protocol import synthetic_protocol
 
     proto, _ = synthetic_protocol()
     net, card = get_model("qmt", "qmtnet", proto, model_dir=None, trainer=None, allow_training=False)
@@ -703,7 +703,8 @@ def _train_args(*extra, **shared):
 def test_train_cli_writes_loadable_weights_and_card(tmp_path):
     """The qMT hook of bids_qmri-train on the synthetic schedule, from simulation and from saved
     set parts: the weights load with their card and give 3 finite outputs per voxel."""
-    from bids_qmri.modalities.qmt.cli import synthetic_protocol, train_from_args
+    from bids_qmri.modalities.qmt.cli import train_from_args
+    from bids_qmri.modalities.qmt.protocol import synthetic_protocol
     from bids_qmri.modalities.qmt.net import features
     from bids_qmri.models.registry import load_model, model_stem, save_model
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from bids_qmri.errors import EXIT_USAGE
 
+from .protocol import synthetic_protocol
+
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("qMT: qmtnet, qmtnetmse (--modality qmt; --sidecar: the qMT series' JSON)")
@@ -40,18 +42,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _fail(parser, text: str):
     parser.exit(EXIT_USAGE, f"bids_qmri-train: error: {text}\n")
-
-
-def synthetic_protocol():
-    """``(QMTProtocol, basis)`` of the synthetic dataset (the bundled networks')."""
-    from bids_qmri.synth.dataset import _degrees, qmt_basis
-
-    from .protocol import QMTProtocol
-
-    basis, s = qmt_basis()
-    meta = {"FlipAngle": _degrees(s["flip_rad"]), "RFPulseDuration": [round(float(t), 10) for t in s["pulse_dur"]],
-            "RepetitionTimeExcitation": s["tr"], "InversionPulseDuration": s.get("inversion_dur", 1e-3)}
-    return QMTProtocol.from_dict(meta, basis=basis), basis
 
 
 def _protocol_and_basis(args, parser):

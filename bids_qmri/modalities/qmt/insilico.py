@@ -21,6 +21,7 @@ any such estimator has std ≪ √CRB).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -147,17 +148,14 @@ def run_qmt_insilico(out_dir, *, n_test: int = 64, n_noise: int = 300, snrs=(10.
     import pandas as pd
 
     from bids_qmri.models.registry import get_model
-    from bids_qmri.synth.dataset import _degrees, qmt_basis
+    from bids_qmri.synth.dataset import qmt_basis
 
-    from .protocol import QMTProtocol
+    from .protocol import synthetic_protocol
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    basis, sched = qmt_basis()
-    meta = {"FlipAngle": _degrees(sched["flip_rad"]),
-            "RFPulseDuration": [round(float(t), 10) for t in sched["pulse_dur"]],
-            "RepetitionTimeExcitation": sched["tr"], "InversionPulseDuration": sched["inversion_dur"]}
-    proto = QMTProtocol.from_dict(meta, basis=basis)
+    basis, sched = qmt_basis()  # the test sets are simulated on this schedule; the protocol keys the nets
+    proto, _ = synthetic_protocol()
     data = test_set if test_set is not None else simulate.simulate_set(n_test, sched, basis, seed=seed + 777,
                                                                        with_fisher=True, log=None)
     precision = simulate.prior_precision(sched["tr"]) if "fisher_unit" in data else None
@@ -204,7 +202,7 @@ def run_qmt_insilico(out_dir, *, n_test: int = 64, n_noise: int = 300, snrs=(10.
         pd.DataFrame(curves).to_csv(ctsv, sep="\t", index=False, float_format="%.6g")
         paths.append(ctsv)
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
-    for method, style in zip(models, ("-", "--", ":", "-.") * len(models)):
+    for method, style in zip(models, itertools.cycle(("-", "--", ":", "-."))):
         c = [r for r in curves if r["model"] == method]
         if c:
             ax[0].semilogy([r["epoch"] for r in c], [r["val_normalised_crb_loss"] for r in c], style, label=method)

@@ -3,6 +3,7 @@
 ``QMTProtocol`` is the modality's protocol object (``key()``, ``slug()``, ``describe()``,
 ``as_dict()``); the networks depend on both the schedule and the basis, so both are in the key.
 ``schedule_problem(meta)`` says in one line why a sidecar's schedule cannot be used (or None).
+``synthetic_protocol()`` is the synthetic dataset's protocol and basis (the bundled networks' key).
 """
 
 from __future__ import annotations
@@ -107,3 +108,14 @@ class QMTProtocol:
         return {"flip_rad": torch.tensor(self.flip_deg, dtype=torch.float64) * (math.pi / 180),
                 "pulse_dur": torch.tensor(self.pulse_dur, dtype=torch.float64), "tr": self.tr,
                 "inversion_dur": self.inversion_dur}
+
+
+def synthetic_protocol() -> tuple:
+    """``(QMTProtocol, basis)`` of the synthetic dataset (the bundled networks')."""
+    from bids_qmri.synth.dataset import _degrees, qmt_basis
+
+    basis, s = qmt_basis()
+    meta = {"FlipAngle": _degrees(s["flip_rad"]), "RFPulseDuration": [round(float(t), 10) for t in s["pulse_dur"]],
+            "RepetitionTimeExcitation": s["tr"],
+            "InversionPulseDuration": s.get("inversion_dur", DEFAULT_INVERSION_DUR)}
+    return QMTProtocol.from_dict(meta, basis=basis), basis
